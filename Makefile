@@ -1,0 +1,64 @@
+# husk: build, guest image, demo, tests, benchmarks. Run as root on Debian
+# bookworm; `deps` installs everything else (apt packages, the vhost-user
+# daemons from crates.io).
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PREFIX ?= /usr/local
+GUEST := target/guest
+AGENT_TARGET := x86_64-unknown-linux-gnu
+AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
+# Build (kernel, static agent), run (QEMU, containerd) and daemon build deps.
+APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev \
+	cpio file gcc libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd
+DAEMONS := virtiofsd vhost-device-vsock
+
+.PHONY: all deps build guest-image install demo test unit lint bench clean
+
+all: build guest-image
+
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do \
+		dpkg-query -W -f '$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "deps: apt-get install $$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@for d in $(DAEMONS); do \
+		[ -x $(PREFIX)/bin/$$d ] || $(CARGO) install --locked --root $(PREFIX) $$d; done
+
+build: deps
+	$(CARGO) build --release --workspace --bins
+
+# Guest kernel (cached by content hash in /var/cache/husk) and the initramfs
+# with the statically linked agent as /init.
+guest-image: deps
+	bash guest-image/build-kernel.sh $(GUEST)
+	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
+	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs.cpio
+
+install: build guest-image
+	install -D -m 0755 -t $(PREFIX)/bin target/release/husk target/release/husk-vmm target/release/containerd-shim-husk-v2
+	install -D -m 0644 -t $(PREFIX)/share/husk $(GUEST)/vmlinux $(GUEST)/initramfs.cpio
+
+demo: build guest-image
+	./target/release/husk check
+	./target/release/husk vm-ping
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+
+# Unit tests only: no root, no KVM, no guest.
+unit:
+	$(CARGO) test --workspace
+
+# Everything: lint, unit tests, and end-to-end tests against real guests.
+test: build guest-image lint
+	HUSK_E2E=1 $(CARGO) test --release --workspace
+
+bench: build guest-image
+	$(CARGO) bench -p husk-tests --bench boot
+
+clean:
+	$(CARGO) clean

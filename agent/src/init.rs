@@ -1,0 +1,258 @@
+//! PID 1 duties: the guest's mounts, and the way out of the VM.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use nix::mount::{mount, MsFlags};
+use nix::sys::reboot::{reboot, RebootMode};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::stat::Mode;
+use nix::time::{clock_gettime, ClockId};
+use nix::unistd::{sync, Pid};
+
+/// Mount point of the pod's virtio-fs share (tag [`SHARE_TAG`]).
+pub const SHARE_DIR: &str = "/run/husk/shared";
+/// virtio-fs tag the host gives the pod's share.
+pub const SHARE_TAG: &str = "husk";
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("mkdir {path}")]
+    Mkdir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {fstype} on {target}")]
+    Mount {
+        fstype: &'static str,
+        target: &'static str,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: Option<&'static str>,
+}
+
+const NOSUID_NODEV_NOEXEC: MsFlags = MsFlags::MS_NOSUID
+    .union(MsFlags::MS_NODEV)
+    .union(MsFlags::MS_NOEXEC);
+
+/// Mounted in order; a failure is fatal, since a guest without them cannot
+/// run containers.
+const MOUNTS: &[Mount] = &[
+    Mount {
+        source: "proc",
+        target: "/proc",
+        fstype: "proc",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        source: "sysfs",
+        target: "/sys",
+        fstype: "sysfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: None,
+    },
+    Mount {
+        source: "devtmpfs",
+        target: "/dev",
+        fstype: "devtmpfs",
+        flags: MsFlags::MS_NOSUID,
+        data: Some("mode=0755"),
+    },
+    Mount {
+        source: "devpts",
+        target: "/dev/pts",
+        fstype: "devpts",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NOEXEC),
+        data: Some("newinstance,ptmxmode=0666,mode=0620"),
+    },
+    Mount {
+        source: "shm",
+        target: "/dev/shm",
+        fstype: "tmpfs",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "tmpfs",
+        target: "/run",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=0755"),
+    },
+    Mount {
+        source: "tmpfs",
+        target: "/tmp",
+        fstype: "tmpfs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: Some("mode=1777"),
+    },
+    Mount {
+        source: "cgroup2",
+        target: "/sys/fs/cgroup",
+        fstype: "cgroup2",
+        flags: NOSUID_NODEV_NOEXEC,
+        data: Some("nsdelegate"),
+    },
+    Mount {
+        source: SHARE_TAG,
+        target: SHARE_DIR,
+        fstype: "virtiofs",
+        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        data: None,
+    },
+];
+
+/// Sets up the guest as PID 1: pseudo filesystems, cgroup v2, the share.
+pub fn setup() -> Result<(), InitError> {
+    for m in MOUNTS {
+        mkdir_p(m.target)?;
+        mount(Some(m.source), m.target, Some(m.fstype), m.flags, m.data).map_err(|source| {
+            InitError::Mount {
+                fstype: m.fstype,
+                target: m.target,
+                source,
+            }
+        })?;
+    }
+    // Hand the common controllers to child cgroups (containers). A kernel
+    // without one of them still boots; containers then lack that limit.
+    let controllers = "+cpu +cpuset +memory +pids +io";
+    if let Err(e) = fs::write("/sys/fs/cgroup/cgroup.subtree_control", controllers) {
+        crate::log_error!("enabling cgroup controllers {controllers:?}: {e}");
+    }
+    Ok(())
+}
+
+fn mkdir_p(path: &str) -> Result<(), InitError> {
+    if Path::new(path).is_dir() {
+        return Ok(());
+    }
+    fs::create_dir_all(path).map_err(|source| InitError::Mkdir {
+        path: path.to_owned(),
+        source,
+    })?;
+    let _ = nix::sys::stat::fchmodat(
+        None,
+        path,
+        Mode::from_bits_truncate(0o755),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    );
+    Ok(())
+}
+
+/// Time since the guest kernel started, on the printk clock.
+///
+/// CLOCK_BOOTTIME starts only when timekeeping is initialised, and under TCG
+/// the boot before that can take a second; the printk clock (sched_clock)
+/// runs from the first instructions. The kernel logs `Run /init as init
+/// process` with that clock just before exec'ing us; it is in the kernel log
+/// buffer even with `quiet`.
+pub struct BootClock {
+    init_ns: u64,
+    boottime_at_init: u64,
+}
+
+impl BootClock {
+    /// Call first thing in main.
+    pub fn start() -> Self {
+        let boottime_at_init = boottime_ns();
+        let init_ns = kmsg_timestamp_ns("Run /init as init process").unwrap_or(boottime_at_init);
+        Self {
+            init_ns,
+            boottime_at_init,
+        }
+    }
+
+    /// Kernel start to /init.
+    pub fn init_ns(&self) -> u64 {
+        self.init_ns
+    }
+
+    /// Kernel start to now.
+    pub fn now_ns(&self) -> u64 {
+        self.init_ns + boottime_ns().saturating_sub(self.boottime_at_init)
+    }
+}
+
+/// Timestamp of the first kernel log record whose text starts with `prefix`.
+fn kmsg_timestamp_ns(prefix: &str) -> Option<u64> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Runs before /dev is mounted: the initramfs carries a /dev/kmsg node.
+    let mut f = fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+        .ok()?;
+    let mut buf = vec![0u8; 8192];
+    loop {
+        // One record per read: "prio,seq,usec,flags;text\n".
+        let n = match f.read(&mut buf) {
+            Ok(0) => return None,
+            Ok(n) => n,
+            Err(e) if e.raw_os_error() == Some(libc::EPIPE) => continue, // overwritten records
+            Err(_) => return None,                                       // EAGAIN: no more records
+        };
+        if let Some(ts) = parse_kmsg_record(&buf[..n], prefix) {
+            return Some(ts);
+        }
+    }
+}
+
+fn parse_kmsg_record(record: &[u8], prefix: &str) -> Option<u64> {
+    let rec = std::str::from_utf8(record).ok()?;
+    let (head, text) = rec.split_once(';')?;
+    if !text.starts_with(prefix) {
+        return None;
+    }
+    let usec: u64 = head.split(',').nth(2)?.parse().ok()?;
+    Some(usec * 1000)
+}
+
+/// Guest CLOCK_BOOTTIME in nanoseconds.
+pub fn boottime_ns() -> u64 {
+    clock_gettime(ClockId::CLOCK_BOOTTIME)
+        .map(|t| t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64)
+        .unwrap_or(0)
+}
+
+/// Ends the VM: stops every other process, flushes, and reboots, which the
+/// VMM treats as power-off (QEMU `-no-reboot`, husk-vmm's i8042 reset).
+/// A power-off proper would only halt a microvm without ACPI.
+pub fn power_off() -> ! {
+    // kill(-1) from PID 1 reaches every process but itself.
+    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    sync();
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // Only reached if reboot(2) failed, e.g. when not running as init.
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kmsg_record_timestamp() {
+        let rec = b"6,321,1736248,-;Run /init as init process\n";
+        assert_eq!(
+            parse_kmsg_record(rec, "Run /init as init process"),
+            Some(1_736_248_000)
+        );
+        assert_eq!(parse_kmsg_record(rec, "Freeing"), None);
+        assert_eq!(parse_kmsg_record(b"garbage", "Run"), None);
+    }
+}

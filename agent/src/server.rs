@@ -1,0 +1,137 @@
+//! The agent's ttrpc services on vsock.
+
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use husk_protocol::agent::{Empty, ShutdownRequest};
+use husk_protocol::health::check_response::ServingStatus;
+use husk_protocol::health::{CheckRequest, CheckResponse, VersionResponse};
+use husk_protocol::{agent_ttrpc, health_ttrpc, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use ttrpc::TtrpcContext;
+
+use crate::reaper::Reaper;
+
+/// Time left for the Shutdown reply to reach the host before the VM ends.
+const REPLY_GRACE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listen on vsock port {port}")]
+    Listen {
+        port: u32,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("start ttrpc server")]
+    Start(#[source] ttrpc::Error),
+}
+
+/// Identity and boot timings the Health service reports.
+pub struct HealthService {
+    init_started_ns: u64,
+    listening_ns: u64,
+    kernel_release: String,
+}
+
+impl HealthService {
+    fn check(&self) -> CheckResponse {
+        let mut resp = CheckResponse::new();
+        resp.status = ServingStatus::SERVING.into();
+        resp
+    }
+
+    fn version(&self) -> VersionResponse {
+        let mut resp = VersionResponse::new();
+        resp.agent_version = env!("CARGO_PKG_VERSION").to_owned();
+        resp.protocol_version = PROTOCOL_VERSION;
+        resp.init_started_ns = self.init_started_ns;
+        resp.listening_ns = self.listening_ns;
+        resp.kernel_release = self.kernel_release.clone();
+        resp
+    }
+}
+
+impl health_ttrpc::Health for HealthService {
+    fn check(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<CheckResponse> {
+        Ok(HealthService::check(self))
+    }
+
+    fn version(&self, _ctx: &TtrpcContext, _req: CheckRequest) -> ttrpc::Result<VersionResponse> {
+        Ok(HealthService::version(self))
+    }
+}
+
+/// Sandbox-wide requests. Holds the reaper for the container manager.
+pub struct AgentService {
+    shutdown: Mutex<Sender<()>>,
+    #[allow(dead_code)] // used by the container manager
+    reaper: Reaper,
+}
+
+impl agent_ttrpc::Agent for AgentService {
+    fn shutdown(&self, _ctx: &TtrpcContext, _req: ShutdownRequest) -> ttrpc::Result<Empty> {
+        let _ = self
+            .shutdown
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(());
+        Ok(Empty::new())
+    }
+}
+
+/// Serves until a Shutdown request arrives.
+pub fn serve(clock: crate::init::BootClock, reaper: Reaper) -> Result<(), ServeError> {
+    let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
+    let (tx, rx) = mpsc::channel();
+    let kernel_release = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+
+    let server = ttrpc::Server::new()
+        .bind(&addr)
+        .map_err(|source| ServeError::Listen {
+            port: AGENT_VSOCK_PORT,
+            source,
+        })?;
+    let health = HealthService {
+        init_started_ns: clock.init_ns(),
+        listening_ns: clock.now_ns(),
+        kernel_release,
+    };
+    let agent = AgentService {
+        shutdown: Mutex::new(tx),
+        reaper,
+    };
+    let mut server = server
+        .register_service(health_ttrpc::create_health(Arc::new(health)))
+        .register_service(agent_ttrpc::create_agent(Arc::new(agent)));
+    server.start().map_err(ServeError::Start)?;
+    crate::log_info!("listening on vsock port {AGENT_VSOCK_PORT}");
+
+    // A closed channel cannot happen while `server` holds the sender; treat
+    // it as a shutdown request all the same.
+    let _ = rx.recv();
+    std::thread::sleep(REPLY_GRACE);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_reports_protocol_and_timings() {
+        let svc = HealthService {
+            init_started_ns: 5,
+            listening_ns: 9,
+            kernel_release: "6.1.0-husk".into(),
+        };
+        let v = svc.version();
+        assert_eq!(v.protocol_version, PROTOCOL_VERSION);
+        assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
+        assert_eq!((v.init_started_ns, v.listening_ns), (5, 9));
+        assert_eq!(v.kernel_release, "6.1.0-husk");
+        assert_eq!(svc.check().status.enum_value(), Ok(ServingStatus::SERVING));
+    }
+}

@@ -1,0 +1,400 @@
+//! Client for husk-agent over the hybrid vsock socket of vhost-device-vsock.
+//!
+//! A host-initiated connection is a unix connection to the daemon's socket on
+//! which the host writes `CONNECT <port>\n` and reads `OK <n>\n`; the rest of
+//! the stream is the guest connection. Until the agent listens, the daemon
+//! closes such connections, so readiness is retried under a deadline.
+//! Everything the guest says is validated: the guest is untrusted.
+
+use std::io::{Read, Write};
+use std::os::fd::IntoRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_protocol::agent::ShutdownRequest;
+use husk_protocol::agent_ttrpc::AgentClient as AgentRpc;
+use husk_protocol::health::check_response::ServingStatus;
+use husk_protocol::health::{CheckRequest, VersionResponse};
+use husk_protocol::health_ttrpc::HealthClient;
+use husk_protocol::PROTOCOL_VERSION;
+
+/// Longest acceptable handshake reply line (`OK 4294967295\n` is 14).
+const MAX_REPLY: usize = 32;
+/// Longest acceptable string field from the agent.
+const MAX_FIELD: usize = 128;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("connect to {path}")]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("vsock handshake on {path}: guest closed the connection (agent not listening on port {port})")]
+    NotListening { path: PathBuf, port: u32 },
+    #[error("vsock handshake on {path}: unexpected reply {reply:?}")]
+    Handshake { path: PathBuf, reply: String },
+    #[error("agent did not answer on vsock port {port} within {timeout:?}{last}")]
+    Timeout {
+        port: u32,
+        timeout: Duration,
+        last: String,
+    },
+    #[error("{rpc} rpc failed")]
+    Rpc {
+        rpc: &'static str,
+        #[source]
+        source: ttrpc::Error,
+    },
+    #[error("agent sent an invalid {rpc} reply: {why}")]
+    Invalid { rpc: &'static str, why: String },
+}
+
+/// Opens a guest vsock connection to `port` through the hybrid socket.
+pub fn hybrid_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
+    let io = |source| AgentError::Connect {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut stream = UnixStream::connect(path).map_err(io)?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    stream
+        .write_all(format!("CONNECT {port}\n").as_bytes())
+        .map_err(io)?;
+    // Byte by byte: whatever follows the newline belongs to the guest stream.
+    let mut line = Vec::with_capacity(MAX_REPLY);
+    loop {
+        let mut b = [0u8; 1];
+        match stream.read(&mut b) {
+            Ok(0) => {
+                return Err(AgentError::NotListening {
+                    path: path.to_path_buf(),
+                    port,
+                })
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) if line.len() < MAX_REPLY => line.push(b[0]),
+            Ok(_) => {
+                return Err(AgentError::Handshake {
+                    path: path.to_path_buf(),
+                    reply: String::from_utf8_lossy(&line).into_owned(),
+                })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(AgentError::NotListening {
+                    path: path.to_path_buf(),
+                    port,
+                })
+            }
+            Err(e) => return Err(io(e)),
+        }
+    }
+    parse_ok(&line).ok_or_else(|| AgentError::Handshake {
+        path: path.to_path_buf(),
+        reply: String::from_utf8_lossy(&line).into_owned(),
+    })?;
+    stream.set_read_timeout(None).map_err(io)?;
+    stream.set_write_timeout(None).map_err(io)?;
+    Ok(stream)
+}
+
+/// Parses `OK <host port>` strictly.
+fn parse_ok(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let n = text.strip_prefix("OK ")?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// Retries [`hybrid_connect`] until it succeeds or `timeout` passes.
+/// `alive` is asked between attempts and ends the wait with its error (e.g.
+/// the VM has exited).
+pub fn wait_ready<E>(
+    path: &Path,
+    port: u32,
+    timeout: Duration,
+    mut alive: impl FnMut() -> Result<(), E>,
+) -> Result<Result<(UnixStream, u32), AgentError>, E> {
+    let start = Instant::now();
+    let mut attempts = 0u32;
+    loop {
+        alive()?;
+        attempts += 1;
+        let left = timeout.saturating_sub(start.elapsed());
+        match hybrid_connect(path, port, left.min(Duration::from_secs(2))) {
+            Ok(s) => return Ok(Ok((s, attempts))),
+            Err(e @ AgentError::Handshake { .. }) => return Ok(Err(e)),
+            Err(e) if start.elapsed() >= timeout => {
+                return Ok(Err(AgentError::Timeout {
+                    port,
+                    timeout,
+                    last: format!(" (last attempt: {e})"),
+                }))
+            }
+            Err(_) => {}
+        }
+        std::thread::sleep(Duration::from_millis(5).min(timeout.saturating_sub(start.elapsed())));
+    }
+}
+
+/// What the agent says about itself, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub agent_version: String,
+    pub kernel_release: String,
+    /// Guest kernel start to the agent running as /init.
+    pub kernel_to_init: Duration,
+    /// Guest kernel start to the agent listening on vsock.
+    pub kernel_to_listening: Duration,
+}
+
+/// A connected agent.
+pub struct Agent {
+    health: HealthClient,
+    agent: AgentRpc,
+    rpc_timeout: Duration,
+}
+
+impl Agent {
+    /// Wraps a connected guest stream in ttrpc clients.
+    pub fn new(stream: UnixStream, rpc_timeout: Duration) -> Result<Self, AgentError> {
+        let client =
+            ttrpc::Client::new(stream.into_raw_fd()).map_err(|source| AgentError::Rpc {
+                rpc: "connect",
+                source,
+            })?;
+        Ok(Self {
+            health: HealthClient::new(client.clone()),
+            agent: AgentRpc::new(client),
+            rpc_timeout,
+        })
+    }
+
+    fn ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_duration(self.rpc_timeout)
+    }
+
+    /// Health check; only SERVING is healthy.
+    pub fn check(&self) -> Result<(), AgentError> {
+        let resp = self
+            .health
+            .check(self.ctx(), &CheckRequest::new())
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Check",
+                source,
+            })?;
+        match resp.status.enum_value() {
+            Ok(ServingStatus::SERVING) => Ok(()),
+            other => Err(AgentError::Invalid {
+                rpc: "Check",
+                why: format!("status {other:?}, not SERVING"),
+            }),
+        }
+    }
+
+    /// Agent identity and boot timings. `guest_uptime_bound` is the host's
+    /// time since it started the VMM: the guest cannot have been up longer.
+    pub fn version(&self, guest_uptime_bound: Duration) -> Result<AgentInfo, AgentError> {
+        let resp = self
+            .health
+            .version(self.ctx(), &CheckRequest::new())
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Version",
+                source,
+            })?;
+        validate_version(&resp, guest_uptime_bound)
+    }
+
+    /// Asks the agent to end the VM. The VMM's exit is the real completion.
+    pub fn shutdown(&self) -> Result<(), AgentError> {
+        self.agent
+            .shutdown(self.ctx(), &ShutdownRequest::new())
+            .map(drop)
+            .map_err(|source| AgentError::Rpc {
+                rpc: "Shutdown",
+                source,
+            })
+    }
+}
+
+/// Checks a Version reply from the (untrusted) guest.
+pub fn validate_version(
+    resp: &VersionResponse,
+    guest_uptime_bound: Duration,
+) -> Result<AgentInfo, AgentError> {
+    let invalid = |why: String| AgentError::Invalid {
+        rpc: "Version",
+        why,
+    };
+    if resp.protocol_version != PROTOCOL_VERSION {
+        return Err(invalid(format!(
+            "protocol version {} (this host speaks {PROTOCOL_VERSION}); rebuild the guest image with `make guest-image`",
+            resp.protocol_version
+        )));
+    }
+    for (name, value) in [
+        ("agent_version", &resp.agent_version),
+        ("kernel_release", &resp.kernel_release),
+    ] {
+        if value.is_empty()
+            || value.len() > MAX_FIELD
+            || !value.chars().all(|c| c.is_ascii_graphic())
+        {
+            return Err(invalid(format!(
+                "{name} is empty, longer than {MAX_FIELD} or not printable"
+            )));
+        }
+    }
+    let init = Duration::from_nanos(resp.init_started_ns);
+    let listening = Duration::from_nanos(resp.listening_ns);
+    // Guest and host clocks differ a little in rate; allow 10% and 250 ms.
+    let bound = guest_uptime_bound + guest_uptime_bound / 10 + Duration::from_millis(250);
+    if init > listening || listening > bound || init.is_zero() {
+        return Err(invalid(format!(
+            "boot timings init={init:?} listening={listening:?} are impossible for a guest up at most {guest_uptime_bound:?}"
+        )));
+    }
+    Ok(AgentInfo {
+        agent_version: resp.agent_version.clone(),
+        kernel_release: resp.kernel_release.clone(),
+        kernel_to_init: init,
+        kernel_to_listening: listening,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+
+    fn version(init: u64, listening: u64) -> VersionResponse {
+        let mut v = VersionResponse::new();
+        v.protocol_version = PROTOCOL_VERSION;
+        v.agent_version = "0.1.0".into();
+        v.kernel_release = "6.1.0-husk".into();
+        v.init_started_ns = init;
+        v.listening_ns = listening;
+        v
+    }
+
+    #[test]
+    fn sane_version_is_accepted() {
+        let info =
+            validate_version(&version(1_000_000, 2_000_000), Duration::from_secs(1)).unwrap();
+        assert_eq!(info.kernel_to_init, Duration::from_millis(1));
+        assert_eq!(info.kernel_release, "6.1.0-husk");
+    }
+
+    #[test]
+    fn lying_guest_is_refused() {
+        let bound = Duration::from_secs(1);
+        let mut v = version(1, 2);
+        v.protocol_version = 99;
+        assert!(validate_version(&v, bound)
+            .unwrap_err()
+            .to_string()
+            .contains("protocol version 99"));
+        assert!(
+            validate_version(&version(5, 4), bound).is_err(),
+            "init after listening"
+        );
+        assert!(
+            validate_version(&version(1, 60_000_000_000), bound).is_err(),
+            "up longer than the VM"
+        );
+        let mut v = version(1, 2);
+        v.kernel_release = "x".repeat(4096);
+        assert!(validate_version(&v, bound).is_err(), "oversized field");
+        let mut v = version(1, 2);
+        v.agent_version = "1.0\n\x1b[2J".into();
+        assert!(validate_version(&v, bound).is_err(), "control characters");
+    }
+
+    #[test]
+    fn handshake_reply_is_parsed_strictly() {
+        assert_eq!(parse_ok(b"OK 1073741824"), Some(1_073_741_824));
+        for bad in [
+            &b"OK"[..],
+            b"OK ",
+            b"ok 5",
+            b"OK 5 ",
+            b"OK -5",
+            b"OK 99999999999",
+            b"FAIL",
+        ] {
+            assert_eq!(parse_ok(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    /// Plays vhost-device-vsock's side of the handshake with a scripted reply.
+    fn fake_daemon(
+        reply: &'static [u8],
+    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<String>) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 13];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(reply).unwrap();
+            String::from_utf8_lossy(&buf).into_owned()
+        });
+        (dir, path, t)
+    }
+
+    #[test]
+    fn handshake_keeps_bytes_after_the_reply_for_the_stream() {
+        let (_dir, path, t) = fake_daemon(b"OK 77\npayload");
+        let mut s = hybrid_connect(&path, 1024, Duration::from_secs(5)).unwrap();
+        assert_eq!(t.join().unwrap(), "CONNECT 1024\n");
+        let mut rest = String::new();
+        s.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "payload");
+    }
+
+    #[test]
+    fn closed_connection_means_not_listening() {
+        let (_dir, path, _t) = fake_daemon(b"");
+        let err = hybrid_connect(&path, 1024, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, AgentError::NotListening { .. }), "{err}");
+    }
+
+    #[test]
+    fn endless_reply_is_cut_off() {
+        let (_dir, path, _t) = fake_daemon(&[b'A'; 100]);
+        let err = hybrid_connect(&path, 1024, Duration::from_secs(5)).unwrap_err();
+        assert!(matches!(err, AgentError::Handshake { .. }), "{err}");
+    }
+
+    #[test]
+    fn wait_ready_gives_up_at_its_deadline() {
+        let start = Instant::now();
+        let r: Result<_, ()> = wait_ready(
+            Path::new("/nonexistent/agent.sock"),
+            1024,
+            Duration::from_millis(200),
+            || Ok(()),
+        );
+        let err = r.unwrap().unwrap_err();
+        assert!(matches!(err, AgentError::Timeout { .. }), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn wait_ready_stops_when_the_vm_dies() {
+        let r = wait_ready(
+            Path::new("/nonexistent/agent.sock"),
+            1024,
+            Duration::from_secs(10),
+            || Err("vm exited"),
+        );
+        assert_eq!(r.unwrap_err(), "vm exited");
+    }
+}

@@ -1,0 +1,191 @@
+//! `husk`: the operator CLI.
+//!
+//! - `husk check`: what this host can run, and which hypervisor `auto` picks.
+//! - `husk env`: the effective configuration.
+//! - `husk vm-ping`: boot a sandbox VM, wait for the agent, shut it down.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+use husk_runtime::config::Config;
+use husk_runtime::host;
+use husk_runtime::sandbox::{ms, Sandbox};
+
+#[derive(Parser)]
+#[command(name = "husk", version, about = "husk: microVM-isolated containers")]
+struct Cli {
+    /// Configuration file (default: $HUSK_CONFIG, then /etc/husk/config.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Report what this host has and which hypervisor backend husk will use.
+    Check,
+    /// Print the effective configuration, every key included.
+    Env,
+    /// Boot a sandbox VM, wait for its agent's health reply, shut it down.
+    VmPing {
+        /// Sandbox id (default: ping-<pid>).
+        #[arg(long)]
+        id: Option<String>,
+        /// Print one JSON object instead of text (for benchmarks).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("HUSK_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("husk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let (config, source) = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Check => Ok(check(&config, &source.to_string())),
+        Command::Env => {
+            println!("# husk configuration, from {source}");
+            print!("{}", config.to_toml());
+            println!(
+                "# resolved guest kernel: {}",
+                resolved(config.guest.kernel.as_deref(), host::KERNEL_NAME)
+            );
+            println!(
+                "# resolved guest initramfs: {}",
+                resolved(config.guest.initramfs.as_deref(), host::INITRAMFS_NAME)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::VmPing { id, json } => vm_ping(
+            &config,
+            id.unwrap_or_else(|| format!("ping-{}", std::process::id())),
+            json,
+        ),
+    }
+}
+
+fn resolved(configured: Option<&Path>, name: &str) -> String {
+    host::resolve_image(configured, name)
+        .map_or_else(|| "(none found)".into(), |p| p.display().to_string())
+}
+
+fn check(config: &Config, source: &str) -> ExitCode {
+    println!("config: {source}");
+    let (findings, choice) = host::check(config);
+    for f in &findings {
+        println!(
+            "{:<20} {:<4} {}",
+            f.item,
+            if f.ok { "ok" } else { "MISSING" },
+            f.detail
+        );
+    }
+    let needed_ok = findings
+        .iter()
+        .filter(|f| f.item != "containerd")
+        .all(|f| f.ok);
+    match choice {
+        Ok((backend, why)) => {
+            println!("hypervisor: {backend}");
+            println!("because: {why}");
+            if needed_ok {
+                ExitCode::SUCCESS
+            } else {
+                println!("husk cannot boot sandboxes until the MISSING items above are fixed");
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            println!("hypervisor: none: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn vm_ping(config: &Config, id: String, json: bool) -> Result<ExitCode> {
+    let t0 = Instant::now();
+    let sb = Sandbox::boot(config, &id).with_context(|| format!("booting sandbox {id}"))?;
+    let timings = sb.timings().clone();
+    let info = sb
+        .agent_info()
+        .cloned()
+        .context("agent info missing after boot")?;
+    let backend = sb.backend().to_owned();
+    let dir = sb.dir().to_path_buf();
+    let pids = sb.pids();
+    if !json {
+        println!(
+            "agent ready in {} on {backend}: {timings}; host overhead outside the guest's boot {}",
+            ms(timings.total),
+            ms(timings.host_overhead())
+        );
+        println!(
+            "guest kernel {}, husk-agent {}",
+            info.kernel_release, info.agent_version
+        );
+    }
+    let report = sb.shutdown().context("shutting the sandbox down")?;
+    let left: Vec<u32> = pids
+        .iter()
+        .copied()
+        .filter(|p| Path::new(&format!("/proc/{p}")).exists())
+        .collect();
+    if !left.is_empty() || dir.exists() {
+        bail!(
+            "sandbox {id} left processes {left:?} or directory {} behind",
+            dir.display()
+        );
+    }
+    if json {
+        let t = &timings;
+        let v = serde_json::json!({
+            "id": id,
+            "backend": backend,
+            "kernel_release": info.kernel_release,
+            "total_ms": t.total.as_secs_f64() * 1e3,
+            "daemons_ms": t.daemons.as_secs_f64() * 1e3,
+            "vmm_spawn_ms": t.vmm_spawn.as_secs_f64() * 1e3,
+            "kernel_to_init_ms": t.kernel_to_init.as_secs_f64() * 1e3,
+            "init_to_listening_ms": t.init_to_listening.as_secs_f64() * 1e3,
+            "vmm_and_connect_ms": t.vmm_and_connect.as_secs_f64() * 1e3,
+            "first_rpc_ms": t.first_rpc.as_secs_f64() * 1e3,
+            "host_overhead_ms": t.host_overhead().as_secs_f64() * 1e3,
+            "connect_attempts": t.connect_attempts,
+            "shutdown_ms": report.duration.as_secs_f64() * 1e3,
+            "shutdown_forced": report.forced,
+        });
+        println!("{v}");
+    } else {
+        println!(
+            "sandbox {id} stopped in {}{}; no process, socket or directory left ({} total)",
+            ms(report.duration),
+            if report.forced {
+                " (VM had to be killed)"
+            } else {
+                ""
+            },
+            ms(t0.elapsed())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

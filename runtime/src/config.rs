@@ -1,0 +1,363 @@
+//! `/etc/husk/config.toml`: every key has a working default.
+//!
+//! Precedence: an explicit path (containerd's `ConfigPath` runtime option,
+//! `husk --config`), then `$HUSK_CONFIG`, then `/etc/husk/config.toml` if it
+//! exists, then the built-in defaults.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/husk/config.toml";
+/// Environment variable naming a configuration file.
+pub const ENV_VAR: &str = "HUSK_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("config {path}: {key} = {value} is out of range ({hint})")]
+    Range {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        hint: &'static str,
+    },
+}
+
+/// Which VMM boots sandboxes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HypervisorChoice {
+    /// husk-vmm where KVM can run a standard guest, else QEMU with TCG.
+    Auto,
+    /// QEMU `-M microvm`, with KVM when usable, TCG otherwise.
+    Qemu,
+    /// husk-vmm (needs KVM with VMX or SVM, or a PVM-enlightened kernel).
+    HuskVmm,
+}
+
+/// QEMU acceleration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accel {
+    /// KVM when it can run the guest kernel, TCG otherwise.
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `auto`, `qemu` or `husk-vmm`.
+    pub hypervisor: HypervisorChoice,
+    /// Per-sandbox runtime state: sockets, the share, logs.
+    pub state_dir: PathBuf,
+    pub guest: GuestConfig,
+    pub qemu: QemuConfig,
+    pub virtiofsd: VirtiofsdConfig,
+    pub vsock: VsockConfig,
+    pub agent: AgentConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuestConfig {
+    /// Guest kernel (ELF with PVH entry). Unset: searched in the install
+    /// locations (see `husk env`).
+    pub kernel: Option<PathBuf>,
+    /// Guest initramfs holding husk-agent as /init. Unset: searched.
+    pub initramfs: Option<PathBuf>,
+    pub vcpus: u32,
+    pub memory_mib: u32,
+    /// Appended to the kernel command line husk builds.
+    pub kernel_params: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QemuConfig {
+    /// Binary name (searched in PATH) or absolute path.
+    pub path: PathBuf,
+    pub accel: Accel,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VirtiofsdConfig {
+    pub path: PathBuf,
+    /// `--sandbox` mode: `namespace`, `chroot` or `none`.
+    pub sandbox: String,
+    /// `--cache` policy: `auto`, `always`, `metadata` or `never`.
+    pub cache: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VsockConfig {
+    /// vhost-device-vsock binary.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// From VMM start until the agent must have answered.
+    pub boot_timeout_ms: u64,
+    /// Deadline for one RPC.
+    pub rpc_timeout_ms: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            hypervisor: HypervisorChoice::Auto,
+            state_dir: PathBuf::from("/run/husk"),
+            guest: GuestConfig::default(),
+            qemu: QemuConfig::default(),
+            virtiofsd: VirtiofsdConfig::default(),
+            vsock: VsockConfig::default(),
+            agent: AgentConfig::default(),
+        }
+    }
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        Self {
+            kernel: None,
+            initramfs: None,
+            vcpus: 1,
+            memory_mib: 512,
+            kernel_params: String::new(),
+        }
+    }
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Auto,
+        }
+    }
+}
+
+impl Default for VirtiofsdConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("virtiofsd"),
+            sandbox: "chroot".into(),
+            cache: "auto".into(),
+        }
+    }
+}
+
+impl Default for VsockConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("vhost-device-vsock"),
+        }
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        Self {
+            boot_timeout_ms: 30_000,
+            rpc_timeout_ms: 5_000,
+        }
+    }
+}
+
+impl AgentConfig {
+    pub fn boot_timeout(&self) -> Duration {
+        Duration::from_millis(self.boot_timeout_ms)
+    }
+
+    pub fn rpc_timeout(&self) -> Duration {
+        Duration::from_millis(self.rpc_timeout_ms)
+    }
+}
+
+/// Where the effective configuration came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    Defaults,
+    File(PathBuf),
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Defaults => write!(f, "built-in defaults ({DEFAULT_PATH} absent)"),
+            Source::File(p) => write!(f, "{}", p.display()),
+        }
+    }
+}
+
+impl Config {
+    /// Loads the effective configuration (see the module docs for precedence).
+    pub fn load(explicit: Option<&Path>) -> Result<(Self, Source), ConfigError> {
+        let env = std::env::var_os(ENV_VAR)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from);
+        let path = match (explicit, env) {
+            (Some(p), _) => Some(p.to_path_buf()),
+            (None, Some(p)) => Some(p),
+            (None, None) => Some(PathBuf::from(DEFAULT_PATH)).filter(|p| p.exists()),
+        };
+        match path {
+            None => Ok((Self::default(), Source::Defaults)),
+            Some(path) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let cfg = Self::parse(&text, &path)?;
+                Ok((cfg, Source::File(path)))
+            }
+        }
+    }
+
+    /// Parses and range-checks a configuration text; `path` names it in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.message().to_owned(),
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let range = |key, value: String, hint| ConfigError::Range {
+            path: path.to_path_buf(),
+            key,
+            value,
+            hint,
+        };
+        if !(1..=32).contains(&self.guest.vcpus) {
+            return Err(range(
+                "guest.vcpus",
+                self.guest.vcpus.to_string(),
+                "1 to 32",
+            ));
+        }
+        if !(64..=65536).contains(&self.guest.memory_mib) {
+            return Err(range(
+                "guest.memory_mib",
+                self.guest.memory_mib.to_string(),
+                "64 to 65536",
+            ));
+        }
+        if self.agent.boot_timeout_ms < 100 {
+            return Err(range(
+                "agent.boot_timeout_ms",
+                self.agent.boot_timeout_ms.to_string(),
+                "at least 100",
+            ));
+        }
+        if self.agent.rpc_timeout_ms < 10 {
+            return Err(range(
+                "agent.rpc_timeout_ms",
+                self.agent.rpc_timeout_ms.to_string(),
+                "at least 10",
+            ));
+        }
+        if !["namespace", "chroot", "none"].contains(&self.virtiofsd.sandbox.as_str()) {
+            return Err(range(
+                "virtiofsd.sandbox",
+                self.virtiofsd.sandbox.clone(),
+                "namespace, chroot or none",
+            ));
+        }
+        if !["auto", "always", "metadata", "never"].contains(&self.virtiofsd.cache.as_str()) {
+            return Err(range(
+                "virtiofsd.cache",
+                self.virtiofsd.cache.clone(),
+                "auto, always, metadata or never",
+            ));
+        }
+        if !self.state_dir.is_absolute() {
+            return Err(range(
+                "state_dir",
+                self.state_dir.display().to_string(),
+                "an absolute path",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, every key present.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let cfg = Config::parse("", Path::new("x.toml")).unwrap();
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn partial_file_overrides_only_its_keys() {
+        let cfg = Config::parse(
+            "hypervisor = \"qemu\"\n[guest]\nmemory_mib = 256\n",
+            Path::new("x"),
+        )
+        .unwrap();
+        assert_eq!(cfg.hypervisor, HypervisorChoice::Qemu);
+        assert_eq!(cfg.guest.memory_mib, 256);
+        assert_eq!(cfg.guest.vcpus, 1);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err =
+            Config::parse("[guest]\nmemory = 5\n", Path::new("/etc/husk/config.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("/etc/husk/config.toml") && msg.contains("memory"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_value_is_named_with_its_range() {
+        let err = Config::parse("[guest]\nvcpus = 0\n", Path::new("c.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config c.toml: guest.vcpus = 0 is out of range (1 to 32)"
+        );
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = Config::default().to_toml();
+        assert_eq!(
+            Config::parse(&text, Path::new("x")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn explicit_missing_path_is_an_error_naming_it() {
+        let err = Config::load(Some(Path::new("/nonexistent/husk.toml"))).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/husk.toml"));
+    }
+}

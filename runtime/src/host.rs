@@ -1,0 +1,337 @@
+//! What this host can run: KVM and its kind, the helper binaries, the guest
+//! image; and which backend `hypervisor = "auto"` picks, with the reason.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use crate::config::{Accel, Config, HypervisorChoice};
+use crate::process::find_binary;
+
+/// How `/dev/kvm` is served on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KvmKind {
+    /// No /dev/kvm.
+    Absent,
+    /// /dev/kvm exists but cannot be used (permissions, wrong API version).
+    Unusable(String),
+    /// Hardware-assisted, Intel VT-x.
+    Vmx,
+    /// Hardware-assisted, AMD-V.
+    Svm,
+    /// Pagetable-based software-assisted KVM (`kvm_pvm`): runs only
+    /// PVM-enlightened guest kernels.
+    Pvm,
+    /// KVM answers but the CPU shows neither VMX nor SVM and no PVM module is
+    /// loaded (e.g. an unusual nested setup).
+    Unknown,
+}
+
+impl KvmKind {
+    /// Whether KVM can run a standard (non-PVM) guest kernel.
+    pub fn runs_standard_guest(&self) -> bool {
+        matches!(self, KvmKind::Vmx | KvmKind::Svm)
+    }
+}
+
+impl std::fmt::Display for KvmKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvmKind::Absent => write!(f, "absent (no /dev/kvm)"),
+            KvmKind::Unusable(why) => write!(f, "unusable: {why}"),
+            KvmKind::Vmx => write!(f, "VMX (Intel VT-x, hardware-assisted)"),
+            KvmKind::Svm => write!(f, "SVM (AMD-V, hardware-assisted)"),
+            KvmKind::Pvm => write!(
+                f,
+                "PVM (kvm_pvm, software-assisted; runs only PVM-enlightened guest kernels)"
+            ),
+            KvmKind::Unknown => write!(f, "present, but the CPU shows neither VMX nor SVM"),
+        }
+    }
+}
+
+/// KVM_GET_API_VERSION: _IO(0xAE, 0x00).
+const KVM_GET_API_VERSION: libc::c_ulong = 0xAE00;
+const KVM_API_VERSION: libc::c_int = 12;
+
+/// Finds out how `/dev/kvm` is served.
+pub fn detect_kvm() -> KvmKind {
+    let dev = Path::new("/dev/kvm");
+    if !dev.exists() {
+        return KvmKind::Absent;
+    }
+    let file = match File::options().read(true).write(true).open(dev) {
+        Ok(f) => f,
+        Err(e) => return KvmKind::Unusable(format!("cannot open /dev/kvm: {e}")),
+    };
+    // SAFETY: KVM_GET_API_VERSION takes no argument and only returns an int;
+    // the fd is a valid open /dev/kvm for the duration of the call.
+    let version = unsafe { libc::ioctl(file.as_raw_fd(), KVM_GET_API_VERSION as _, 0) };
+    if version != KVM_API_VERSION {
+        return KvmKind::Unusable(format!(
+            "KVM API version {version}, expected {KVM_API_VERSION}"
+        ));
+    }
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    classify(&cpuinfo, Path::new("/sys/module/kvm_pvm").exists())
+}
+
+/// Classifies a usable KVM from the CPU flags and whether `kvm_pvm` is loaded.
+pub fn classify(cpuinfo: &str, pvm_loaded: bool) -> KvmKind {
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, f)| f.split_whitespace().collect::<Vec<_>>())
+        .unwrap_or_default();
+    if pvm_loaded {
+        KvmKind::Pvm
+    } else if flags.contains(&"vmx") {
+        KvmKind::Vmx
+    } else if flags.contains(&"svm") {
+        KvmKind::Svm
+    } else {
+        KvmKind::Unknown
+    }
+}
+
+/// A backend as resolved for this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    Qemu { accel: ResolvedAccel },
+    HuskVmm,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResolvedAccel {
+    Kvm,
+    Tcg,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::Qemu {
+                accel: ResolvedAccel::Kvm,
+            } => write!(f, "qemu (KVM)"),
+            Backend::Qemu {
+                accel: ResolvedAccel::Tcg,
+            } => write!(f, "qemu (TCG)"),
+            Backend::HuskVmm => write!(f, "husk-vmm"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ChoiceError {
+    #[error("hypervisor = \"husk-vmm\" is configured, but the husk-vmm backend is not implemented in this build; set hypervisor = \"qemu\" or \"auto\"")]
+    HuskVmmUnavailable,
+    #[error("qemu.accel = \"kvm\" is configured, but KVM here is {0}; set qemu.accel = \"tcg\" or \"auto\"")]
+    KvmUnfit(KvmKind),
+}
+
+/// Picks the backend for `config` on a host with `kvm`, and says why.
+pub fn choose_backend(config: &Config, kvm: &KvmKind) -> Result<(Backend, String), ChoiceError> {
+    let qemu_accel = |why_prefix: &str| -> Result<(Backend, String), ChoiceError> {
+        match (config.qemu.accel, kvm.runs_standard_guest()) {
+            (Accel::Kvm, true) | (Accel::Auto, true) => {
+                Ok((Backend::Qemu { accel: ResolvedAccel::Kvm }, format!("{why_prefix}KVM is {kvm}")))
+            }
+            (Accel::Kvm, false) => Err(ChoiceError::KvmUnfit(kvm.clone())),
+            (Accel::Tcg, _) => Ok((
+                Backend::Qemu { accel: ResolvedAccel::Tcg },
+                format!("{why_prefix}qemu.accel = \"tcg\" is configured"),
+            )),
+            (Accel::Auto, false) => Ok((
+                Backend::Qemu { accel: ResolvedAccel::Tcg },
+                format!("{why_prefix}KVM here is {kvm}, which cannot run the standard guest kernel, so QEMU emulates the CPU (TCG)"),
+            )),
+        }
+    };
+    match config.hypervisor {
+        HypervisorChoice::HuskVmm => Err(ChoiceError::HuskVmmUnavailable),
+        HypervisorChoice::Qemu => qemu_accel("hypervisor = \"qemu\" is configured; "),
+        HypervisorChoice::Auto => {
+            if kvm.runs_standard_guest() {
+                qemu_accel("auto: husk-vmm is not yet a runtime backend, so QEMU with KVM; ")
+            } else {
+                qemu_accel("auto: ")
+            }
+        }
+    }
+}
+
+/// Install locations searched for the guest image, in order.
+pub fn guest_image_dirs() -> Vec<PathBuf> {
+    let mut dirs = Vec::new();
+    // A build tree: target/release/husk -> target/guest/.
+    if let Some(dir) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().and_then(Path::parent).map(Path::to_path_buf))
+    {
+        dirs.push(dir.join("guest"));
+    }
+    dirs.push(PathBuf::from("/usr/local/share/husk"));
+    dirs.push(PathBuf::from("/usr/share/husk"));
+    dirs
+}
+
+/// Guest kernel file name in the install locations.
+pub const KERNEL_NAME: &str = "vmlinux";
+/// Guest initramfs file name in the install locations.
+pub const INITRAMFS_NAME: &str = "initramfs.cpio";
+
+/// The configured path, or the first install location that has `name`.
+pub fn resolve_image(configured: Option<&Path>, name: &str) -> Option<PathBuf> {
+    match configured {
+        Some(p) => Some(p.to_path_buf()),
+        None => guest_image_dirs()
+            .into_iter()
+            .map(|d| d.join(name))
+            .find(|p| p.is_file()),
+    }
+}
+
+/// One line of `husk check`.
+#[derive(Debug, Clone)]
+pub struct Finding {
+    pub item: &'static str,
+    pub ok: bool,
+    pub detail: String,
+}
+
+/// Everything `husk check` reports.
+pub fn check(config: &Config) -> (Vec<Finding>, Result<(Backend, String), ChoiceError>) {
+    let kvm = detect_kvm();
+    let mut out = vec![Finding {
+        item: "kvm",
+        ok: !matches!(kvm, KvmKind::Absent | KvmKind::Unusable(_)),
+        detail: kvm.to_string(),
+    }];
+    let binaries: [(&'static str, &Path, &str); 4] = [
+        ("qemu", &config.qemu.path, "apt-get install qemu-system-x86"),
+        (
+            "virtiofsd",
+            &config.virtiofsd.path,
+            "cargo install --root /usr/local virtiofsd",
+        ),
+        (
+            "vhost-device-vsock",
+            &config.vsock.path,
+            "cargo install --root /usr/local vhost-device-vsock",
+        ),
+        (
+            "containerd",
+            Path::new("containerd"),
+            "apt-get install containerd",
+        ),
+    ];
+    for (item, path, fix) in binaries {
+        out.push(match find_binary(path) {
+            Some(p) => Finding {
+                item,
+                ok: true,
+                detail: p.display().to_string(),
+            },
+            None => Finding {
+                item,
+                ok: false,
+                detail: format!("{} not found; {fix}", path.display()),
+            },
+        });
+    }
+    for (item, configured, name) in [
+        ("guest kernel", config.guest.kernel.as_deref(), KERNEL_NAME),
+        (
+            "guest initramfs",
+            config.guest.initramfs.as_deref(),
+            INITRAMFS_NAME,
+        ),
+    ] {
+        out.push(match resolve_image(configured, name) {
+            Some(p) if p.is_file() => Finding {
+                item,
+                ok: true,
+                detail: p.display().to_string(),
+            },
+            Some(p) => Finding {
+                item,
+                ok: false,
+                detail: format!("{} does not exist; run `make guest-image`", p.display()),
+            },
+            None => Finding {
+                item,
+                ok: false,
+                detail: format!(
+                    "no {name} in {}; run `make guest-image install`",
+                    display_dirs()
+                ),
+            },
+        });
+    }
+    (out, choose_backend(config, &kvm))
+}
+
+fn display_dirs() -> String {
+    guest_image_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTEL: &str = "processor\t: 0\nflags\t\t: fpu vme vmx sse\n";
+    const AMD: &str = "flags\t\t: fpu svm sse\n";
+    const PLAIN: &str = "flags\t\t: fpu hypervisor sse\n";
+
+    #[test]
+    fn classifies_cpu_flags_and_pvm() {
+        assert_eq!(classify(INTEL, false), KvmKind::Vmx);
+        assert_eq!(classify(AMD, false), KvmKind::Svm);
+        assert_eq!(classify(PLAIN, true), KvmKind::Pvm);
+        assert_eq!(classify(PLAIN, false), KvmKind::Unknown);
+    }
+
+    #[test]
+    fn auto_on_pvm_picks_qemu_tcg_and_says_why() {
+        let (backend, why) = choose_backend(&Config::default(), &KvmKind::Pvm).unwrap();
+        assert_eq!(
+            backend,
+            Backend::Qemu {
+                accel: ResolvedAccel::Tcg
+            }
+        );
+        assert!(why.contains("PVM") && why.contains("TCG"), "{why}");
+    }
+
+    #[test]
+    fn auto_on_hardware_kvm_uses_kvm() {
+        let (backend, _) = choose_backend(&Config::default(), &KvmKind::Svm).unwrap();
+        assert_eq!(
+            backend,
+            Backend::Qemu {
+                accel: ResolvedAccel::Kvm
+            }
+        );
+    }
+
+    #[test]
+    fn forced_kvm_on_pvm_is_refused_with_a_fix() {
+        let mut cfg = Config::default();
+        cfg.qemu.accel = Accel::Kvm;
+        let err = choose_backend(&cfg, &KvmKind::Pvm).unwrap_err().to_string();
+        assert!(err.contains("qemu.accel") && err.contains("tcg"), "{err}");
+    }
+
+    #[test]
+    fn configured_image_path_wins() {
+        assert_eq!(
+            resolve_image(Some(Path::new("/x/k")), KERNEL_NAME),
+            Some(PathBuf::from("/x/k"))
+        );
+    }
+}

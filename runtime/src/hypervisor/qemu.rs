@@ -1,0 +1,211 @@
+//! QEMU `-M microvm` backend: TCG or KVM, memfd-shared memory for the
+//! vhost-user devices, PVH kernel boot, serial console to a file.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use super::{Hypervisor, HypervisorError, VmSpec, SHARE_TAG};
+use crate::host::ResolvedAccel;
+use crate::process::Process;
+
+/// QEMU microvm with vhost-user-fs and vhost-user-vsock devices.
+pub struct Qemu {
+    binary: PathBuf,
+    accel: ResolvedAccel,
+    process: Option<Process>,
+}
+
+impl Qemu {
+    pub fn new(binary: &Path, accel: ResolvedAccel) -> Self {
+        Self {
+            binary: binary.to_path_buf(),
+            accel,
+            process: None,
+        }
+    }
+
+    /// The QEMU command line for `spec`.
+    pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
+        let (accel, cpu) = match self.accel {
+            ResolvedAccel::Kvm => ("kvm", "host"),
+            ResolvedAccel::Tcg => ("tcg", "max"),
+        };
+        let mem = format!("{}M", spec.memory_mib);
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &str| args.push(a.into());
+        // microvm without ACPI: QEMU appends virtio_mmio.device= entries for
+        // each device to the command line (auto-kernel-cmdline) and writes an
+        // MP table for the IOAPIC. No PCI, no firmware option ROMs. The RTC
+        // stays: without it the guest spins 1 s in its wall-clock read and
+        // containers would start in 1970.
+        push("-machine");
+        push(&format!(
+            "microvm,accel={accel},acpi=off,rtc=on,x-option-roms=off,isa-serial=on,memory-backend=mem"
+        ));
+        push("-cpu");
+        push(cpu);
+        push("-smp");
+        push(&spec.vcpus.to_string());
+        push("-m");
+        push(&mem);
+        // vhost-user back-ends map guest memory: it must be a shareable memfd.
+        push("-object");
+        push(&format!("memory-backend-memfd,id=mem,size={mem},share=on"));
+        push("-name");
+        push(&format!("husk-{}", spec.id));
+        for a in [
+            "-nodefaults",
+            "-no-user-config",
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-no-reboot",
+        ] {
+            push(a);
+        }
+        // QEMU's own seccomp filter: no spawning, no privilege changes.
+        push("-sandbox");
+        push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
+        push("-serial");
+        args.push(prefixed("file:", &spec.console_log));
+        args.push("-kernel".into());
+        args.push(spec.kernel.clone().into());
+        args.push("-initrd".into());
+        args.push(spec.initramfs.clone().into());
+        args.push("-append".into());
+        args.push(spec.cmdline.clone().into());
+        args.push("-chardev".into());
+        args.push(prefixed("socket,id=fs0,path=", &spec.fs_socket));
+        args.push("-device".into());
+        args.push(format!("vhost-user-fs-device,chardev=fs0,tag={SHARE_TAG}").into());
+        args.push("-chardev".into());
+        args.push(prefixed("socket,id=vsock0,path=", &spec.vsock_socket));
+        args.push("-device".into());
+        args.push("vhost-user-vsock-device,chardev=vsock0".into());
+        args
+    }
+
+    fn process(&mut self) -> Result<&mut Process, HypervisorError> {
+        self.process.as_mut().ok_or(HypervisorError::NotStarted)
+    }
+}
+
+fn prefixed(prefix: &str, path: &Path) -> OsString {
+    let mut s = OsString::from(prefix);
+    s.push(path.as_os_str());
+    s
+}
+
+impl Hypervisor for Qemu {
+    fn name(&self) -> String {
+        match self.accel {
+            ResolvedAccel::Kvm => "qemu (KVM)".into(),
+            ResolvedAccel::Tcg => "qemu (TCG)".into(),
+        }
+    }
+
+    /// microvm has no i8042: `reboot=k` would poll a missing keyboard
+    /// controller for over a second under TCG. A triple fault resets at once,
+    /// and `-no-reboot` turns the reset into QEMU's exit.
+    fn kernel_params(&self) -> &'static str {
+        "reboot=t"
+    }
+
+    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let args = self.args(spec);
+        self.process = Some(Process::spawn("qemu", &self.binary, args, &spec.vmm_log)?);
+        Ok(())
+    }
+
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
+        Ok(self.process()?.try_wait()?)
+    }
+
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, HypervisorError> {
+        Ok(self.process()?.wait_timeout(timeout)?)
+    }
+
+    fn kill(&mut self) -> Result<(), HypervisorError> {
+        if let Some(p) = self.process.as_mut() {
+            p.kill()?;
+        }
+        Ok(())
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.process.iter().map(Process::pid).collect()
+    }
+
+    fn log_tail(&self, max: usize) -> String {
+        self.process
+            .as_ref()
+            .map(|p| p.log_tail(max))
+            .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> VmSpec {
+        VmSpec {
+            id: "t1".into(),
+            kernel: "/k/vmlinux".into(),
+            initramfs: "/k/initramfs.cpio".into(),
+            cmdline: "console=ttyS0".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            console_log: "/s/console.log".into(),
+            vmm_log: "/s/vmm.log".into(),
+            fs_socket: "/s/fs.sock".into(),
+            vsock_socket: "/s/vsock.sock".into(),
+        }
+    }
+
+    fn joined(q: &Qemu) -> String {
+        q.args(&spec())
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    #[test]
+    fn tcg_command_line_shares_memfd_memory_with_the_daemons() {
+        let line = joined(&Qemu::new(
+            Path::new("qemu-system-x86_64"),
+            ResolvedAccel::Tcg,
+        ));
+        assert!(line.contains("microvm,accel=tcg,"), "{line}");
+        assert!(line.contains("-cpu max"), "{line}");
+        assert!(
+            line.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
+            "{line}"
+        );
+        assert!(line.contains("memory-backend=mem"), "{line}");
+        assert!(line.contains("-smp 2 -m 256M"), "{line}");
+        assert!(line.contains("-no-reboot"), "{line}");
+        assert!(
+            line.contains("vhost-user-fs-device,chardev=fs0,tag=husk"),
+            "{line}"
+        );
+        assert!(
+            line.contains("socket,id=vsock0,path=/s/vsock.sock"),
+            "{line}"
+        );
+        assert!(line.contains("-serial file:/s/console.log"), "{line}");
+    }
+
+    #[test]
+    fn kvm_command_line_uses_the_host_cpu() {
+        let line = joined(&Qemu::new(Path::new("q"), ResolvedAccel::Kvm));
+        assert!(
+            line.contains("accel=kvm") && line.contains("-cpu host"),
+            "{line}"
+        );
+    }
+}

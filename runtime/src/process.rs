@@ -1,0 +1,330 @@
+//! Child processes that cannot outlive their owner.
+//!
+//! Every helper (VMM, device daemons) runs in its own process group, dies with
+//! the thread that spawned it (`PR_SET_PDEATHSIG`), and is killed with its
+//! whole group when its [`Process`] is dropped, so no failure path leaks one.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    #[error("{name}: binary {path} not found; install it or set its path in the husk config")]
+    NotFound { name: &'static str, path: PathBuf },
+    #[error("{name}: cannot create log {path}")]
+    Log {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name}: cannot start {path}")]
+    Spawn {
+        name: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name}: waiting for exit")]
+    Wait {
+        name: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running helper process and the log that holds its stdout and stderr.
+#[derive(Debug)]
+pub struct Process {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    exited: Option<ExitStatus>,
+}
+
+/// Finds `program` the way a shell would: a path with a slash is taken as is,
+/// a bare name is searched in `$PATH` and then in `/usr/local/bin`, where
+/// `make install` puts the device daemons.
+pub fn find_binary(program: &Path) -> Option<PathBuf> {
+    if program.as_os_str().is_empty() {
+        return None;
+    }
+    if program.components().count() > 1 || program.is_absolute() {
+        return is_executable(program).then(|| program.to_path_buf());
+    }
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain([PathBuf::from("/usr/local/bin")])
+        .map(|dir| dir.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+impl Process {
+    /// Starts `program` with `args`, output appended to `log`.
+    pub fn spawn<I, S>(
+        name: &'static str,
+        program: &Path,
+        args: I,
+        log: &Path,
+    ) -> Result<Self, ProcessError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let path = find_binary(program).ok_or_else(|| ProcessError::NotFound {
+            name,
+            path: program.to_path_buf(),
+        })?;
+        let out = File::options()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|source| ProcessError::Log {
+                name,
+                path: log.to_path_buf(),
+                source,
+            })?;
+        let err = out.try_clone().map_err(|source| ProcessError::Log {
+            name,
+            path: log.to_path_buf(),
+            source,
+        })?;
+        let mut cmd = Command::new(&path);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        // SAFETY: the closure runs in the child between fork and exec and only
+        // calls prctl(2), which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .map_err(|source| ProcessError::Spawn { name, path, source })?;
+        tracing::debug!(name, pid = child.id(), "spawned");
+        Ok(Self {
+            name,
+            child,
+            log: log.to_path_buf(),
+            exited: None,
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The exit status if the process has ended, without blocking.
+    pub fn try_wait(&mut self) -> Result<Option<ExitStatus>, ProcessError> {
+        if self.exited.is_none() {
+            self.exited = self.child.try_wait().map_err(|source| ProcessError::Wait {
+                name: self.name,
+                source,
+            })?;
+        }
+        Ok(self.exited)
+    }
+
+    /// Waits until the process ends or `timeout` passes.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ProcessError> {
+        let deadline = Instant::now() + timeout;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            if let Some(status) = self.try_wait()? {
+                return Ok(Some(status));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(pause.min(deadline - now));
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGTERM to the group, SIGKILL after `grace`; reaps the process.
+    pub fn terminate(&mut self, grace: Duration) -> Result<ExitStatus, ProcessError> {
+        if let Some(status) = self.try_wait()? {
+            self.kill_group(Signal::SIGKILL);
+            return Ok(status);
+        }
+        self.kill_group(Signal::SIGTERM);
+        if let Some(status) = self.wait_timeout(grace)? {
+            self.kill_group(Signal::SIGKILL);
+            return Ok(status);
+        }
+        self.kill()
+    }
+
+    /// SIGKILL to the group; reaps the process.
+    pub fn kill(&mut self) -> Result<ExitStatus, ProcessError> {
+        self.kill_group(Signal::SIGKILL);
+        let status = self.child.wait().map_err(|source| ProcessError::Wait {
+            name: self.name,
+            source,
+        })?;
+        self.exited = Some(status);
+        Ok(status)
+    }
+
+    /// Signals the whole group: a daemon that forked (virtiofsd's sandbox
+    /// does) is stopped with all its children.
+    fn kill_group(&self, signal: Signal) {
+        let pgid = Pid::from_raw(self.child.id() as i32);
+        match killpg(pgid, signal) {
+            Ok(()) | Err(nix::Error::ESRCH) => {}
+            Err(e) => {
+                tracing::warn!(name = self.name, %pgid, %signal, error = %e, "cannot signal process group")
+            }
+        }
+    }
+
+    /// The last `max` bytes of the process log, for error messages.
+    pub fn log_tail(&self, max: usize) -> String {
+        tail_of_file(&self.log, max)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.exited.is_none() {
+            let _ = self.kill();
+        } else {
+            // The leader is gone; make sure nothing of its group outlives it.
+            self.kill_group(Signal::SIGKILL);
+        }
+    }
+}
+
+/// The last `max` bytes of a text file, trimmed to whole lines; empty if the
+/// file cannot be read.
+pub fn tail_of_file(path: &Path, max: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(max);
+    let text = String::from_utf8_lossy(&bytes[start..]);
+    let text = if start > 0 {
+        text.split_once('\n').map_or(&*text, |(_, rest)| rest)
+    } else {
+        &text
+    };
+    text.trim_end().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_binary_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Process::spawn(
+            "virtiofsd",
+            Path::new("/nonexistent/virtiofsd"),
+            ["x"],
+            &dir.path().join("log"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/virtiofsd"), "{err}");
+    }
+
+    #[test]
+    fn drop_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let pidfile = dir.path().join("grandchild");
+        let script = format!("sleep 60 & echo $! > {}; wait", pidfile.display());
+        let p = Process::spawn("sh", Path::new("sh"), ["-c", &script], &log).unwrap();
+        let leader = p.pid();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let grandchild: i32 = loop {
+            if let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break pid;
+            }
+            assert!(Instant::now() < deadline, "grandchild never started");
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        drop(p);
+        assert!(!Path::new(&format!("/proc/{leader}")).exists());
+        // The grandchild is reparented and reaped by init; wait for it to go.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while nix::sys::signal::kill(Pid::from_raw(grandchild), None).is_ok() {
+            let zombie =
+                std::fs::read_to_string(format!("/proc/{grandchild}/stat")).is_ok_and(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                });
+            if zombie {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "grandchild {grandchild} survived its group"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn terminate_reports_exit_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Process::spawn(
+            "sh",
+            Path::new("sh"),
+            ["-c", "exit 3"],
+            &dir.path().join("log"),
+        )
+        .unwrap();
+        let status = p
+            .wait_timeout(Duration::from_secs(5))
+            .unwrap()
+            .expect("exited");
+        assert_eq!(status.code(), Some(3));
+        assert_eq!(
+            p.terminate(Duration::from_millis(10)).unwrap().code(),
+            Some(3)
+        );
+    }
+
+    #[test]
+    fn tail_keeps_whole_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t");
+        std::fs::write(&f, "first line\nsecond\nthird\n").unwrap();
+        assert_eq!(tail_of_file(&f, 12), "third");
+        assert_eq!(tail_of_file(&f, 1000), "first line\nsecond\nthird");
+        assert_eq!(tail_of_file(&dir.path().join("none"), 10), "");
+    }
+}

@@ -1,0 +1,495 @@
+//! One sandbox: its state directory, device daemons, VM and agent.
+//!
+//! [`Sandbox::boot`] brings all of it up and returns only when the agent has
+//! answered; [`Sandbox::shutdown`] takes it down in order. Whatever happens in
+//! between, dropping a [`Sandbox`] kills what it started and removes its
+//! directory, so no failure path leaves a VM, daemon, socket or directory.
+
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
+
+use husk_protocol::AGENT_VSOCK_PORT;
+
+use crate::agent::{self, Agent, AgentError, AgentInfo};
+use crate::config::Config;
+use crate::daemons::{self, DaemonError, DaemonPaths};
+use crate::host::{self, Backend, ChoiceError};
+use crate::hypervisor::{Hypervisor, HypervisorError, Qemu, VmSpec};
+use crate::process::{tail_of_file, Process};
+
+/// Kernel command line husk always passes; then the backend's own parameters
+/// (how a guest reboot reaches the VMM), then `guest.kernel_params`.
+/// `panic=-1` turns a guest panic into a reboot, which ends the VM.
+pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet";
+
+/// Longest sandbox id: unix socket paths in the state dir must stay short.
+pub const MAX_ID_LEN: usize = 64;
+
+/// How long the daemons get to listen on their sockets.
+const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the VM gets to end after the agent's Shutdown reply.
+const VM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// SIGTERM to SIGKILL for the daemons.
+const DAEMON_GRACE: Duration = Duration::from_secs(2);
+/// Bytes of console and VMM output quoted in errors.
+const LOG_TAIL: usize = 3000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("sandbox id {0:?} is invalid: use 1 to {MAX_ID_LEN} of [A-Za-z0-9_.-], starting with a letter or digit")]
+    InvalidId(String),
+    #[error("sandbox {id} already exists at {dir}; stop it first or remove the stale directory")]
+    Exists { id: String, dir: PathBuf },
+    #[error("creating sandbox directory {dir}")]
+    StateDir {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Backend(#[from] ChoiceError),
+    #[error("no {what} configured and none installed in {searched}; run `make guest-image` or set guest.{key} in the husk config")]
+    NoImage {
+        what: &'static str,
+        key: &'static str,
+        searched: String,
+    },
+    #[error("{what} {path} is missing, empty or unreadable; run `make guest-image` or fix guest.{key} in the husk config")]
+    BadImage {
+        what: &'static str,
+        key: &'static str,
+        path: PathBuf,
+    },
+    #[error("starting the device daemons")]
+    Daemon(#[source] DaemonError),
+    #[error(transparent)]
+    Hypervisor(#[from] HypervisorError),
+    #[error("VM exited ({status}) before the agent answered\n--- guest console (tail) ---\n{console}\n--- VMM output (tail) ---\n{vmm}")]
+    VmExited {
+        status: ExitStatus,
+        console: String,
+        vmm: String,
+    },
+    #[error("agent: {source}\n--- guest console (tail) ---\n{console}")]
+    Agent {
+        #[source]
+        source: AgentError,
+        console: String,
+    },
+}
+
+/// Where the time of one boot went, measured on the host except the two
+/// guest figures, which come from the guest's own clock (CLOCK_BOOTTIME).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BootTimings {
+    /// Spawning virtiofsd and vhost-device-vsock until both listen.
+    pub daemons: Duration,
+    /// Spawning the VMM process.
+    pub vmm_spawn: Duration,
+    /// Guest: kernel start to the agent running as /init.
+    pub kernel_to_init: Duration,
+    /// Guest: /init to the agent listening on vsock.
+    pub init_to_listening: Duration,
+    /// Host time from VMM spawned to agent connected, less the guest's own
+    /// boot: VMM start-up, firmware-less loading, and connect polling.
+    pub vmm_and_connect: Duration,
+    /// The first RPC (Version) round trip.
+    pub first_rpc: Duration,
+    /// Boot call to agent ready, end to end.
+    pub total: Duration,
+    /// Handshake attempts until the agent answered.
+    pub connect_attempts: u32,
+}
+
+impl BootTimings {
+    /// Host-side time outside the guest's own boot.
+    pub fn host_overhead(&self) -> Duration {
+        self.total
+            .saturating_sub(self.kernel_to_init + self.init_to_listening)
+    }
+}
+
+impl std::fmt::Display for BootTimings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "daemons up {}, vmm spawned {}, guest kernel to /init {}, /init to agent listening {}, \
+             vmm start + connect {} ({} attempts), first rpc {}",
+            ms(self.daemons),
+            ms(self.vmm_spawn),
+            ms(self.kernel_to_init),
+            ms(self.init_to_listening),
+            ms(self.vmm_and_connect),
+            self.connect_attempts,
+            ms(self.first_rpc),
+        )
+    }
+}
+
+/// Milliseconds with one decimal, for humans.
+pub fn ms(d: Duration) -> String {
+    format!("{:.1} ms", d.as_secs_f64() * 1e3)
+}
+
+/// How a sandbox ended.
+#[derive(Debug, Clone)]
+pub struct ShutdownReport {
+    pub vm_exit: Option<ExitStatus>,
+    /// The VM had to be killed: it did not end by itself in time.
+    pub forced: bool,
+    pub duration: Duration,
+}
+
+/// A running sandbox VM with a connected agent.
+pub struct Sandbox {
+    id: String,
+    dir: PathBuf,
+    backend: String,
+    hypervisor: Option<Box<dyn Hypervisor>>,
+    daemons: Vec<Process>,
+    agent: Option<Agent>,
+    info: Option<AgentInfo>,
+    timings: BootTimings,
+    done: bool,
+}
+
+/// Checks a sandbox id: it becomes a directory name and part of socket paths.
+pub fn validate_id(id: &str) -> Result<(), SandboxError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(SandboxError::InvalidId(id.to_owned()))
+    }
+}
+
+/// The state directory of sandbox `id`.
+pub fn sandbox_dir(config: &Config, id: &str) -> PathBuf {
+    config.state_dir.join(id)
+}
+
+impl Sandbox {
+    /// Boots sandbox `id` and waits for its agent.
+    pub fn boot(config: &Config, id: &str) -> Result<Self, SandboxError> {
+        let t0 = Instant::now();
+        validate_id(id)?;
+        let (backend, why) = host::choose_backend(config, &host::detect_kvm())?;
+        tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
+        let kernel = image(
+            config.guest.kernel.as_deref(),
+            host::KERNEL_NAME,
+            "guest kernel",
+            "kernel",
+        )?;
+        let initramfs = image(
+            config.guest.initramfs.as_deref(),
+            host::INITRAMFS_NAME,
+            "guest initramfs",
+            "initramfs",
+        )?;
+
+        let dir = sandbox_dir(config, id);
+        std::fs::create_dir_all(&config.state_dir).map_err(|source| SandboxError::StateDir {
+            dir: config.state_dir.clone(),
+            source,
+        })?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(SandboxError::Exists {
+                    id: id.to_owned(),
+                    dir,
+                })
+            }
+            Err(source) => return Err(SandboxError::StateDir { dir, source }),
+        }
+        // From here on, Drop cleans up.
+        let mut sb = Self {
+            id: id.to_owned(),
+            dir: dir.clone(),
+            backend: backend.to_string(),
+            hypervisor: None,
+            daemons: Vec::new(),
+            agent: None,
+            info: None,
+            timings: BootTimings::default(),
+            done: false,
+        };
+        let paths = DaemonPaths {
+            shared_dir: dir.join("shared"),
+            fs_socket: dir.join("fs.sock"),
+            vsock_socket: dir.join("vsock.sock"),
+            agent_socket: dir.join("agent.sock"),
+            log_dir: dir.clone(),
+        };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&paths.shared_dir)
+            .map_err(|source| SandboxError::StateDir {
+                dir: paths.shared_dir.clone(),
+                source,
+            })?;
+
+        let t = Instant::now();
+        sb.daemons =
+            daemons::start(config, &paths, DAEMON_TIMEOUT).map_err(SandboxError::Daemon)?;
+        sb.timings.daemons = t.elapsed();
+
+        let mut hv: Box<dyn Hypervisor> = match backend {
+            Backend::Qemu { accel } => Box::new(Qemu::new(&config.qemu.path, accel)),
+            Backend::HuskVmm => return Err(ChoiceError::HuskVmmUnavailable.into()),
+        };
+        let cmdline = [
+            BASE_CMDLINE,
+            hv.kernel_params(),
+            config.guest.kernel_params.trim(),
+        ]
+        .iter()
+        .filter(|p| !p.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ");
+        let spec = VmSpec {
+            id: id.to_owned(),
+            kernel,
+            initramfs,
+            cmdline,
+            vcpus: config.guest.vcpus,
+            memory_mib: config.guest.memory_mib,
+            console_log: dir.join("console.log"),
+            vmm_log: dir.join("vmm.log"),
+            fs_socket: paths.fs_socket.clone(),
+            vsock_socket: paths.vsock_socket.clone(),
+        };
+        let t = Instant::now();
+        let started = hv.start(&spec);
+        sb.hypervisor = Some(hv);
+        started?;
+        let spawned = Instant::now();
+        sb.timings.vmm_spawn = spawned - t;
+
+        let console = spec.console_log.clone();
+        let hv = sb.hypervisor.as_mut().expect("set above");
+        let ready = agent::wait_ready(
+            &paths.agent_socket,
+            AGENT_VSOCK_PORT,
+            config.agent.boot_timeout(),
+            || match hv.try_wait() {
+                Ok(None) => Ok(()),
+                Ok(Some(status)) => Err(SandboxError::VmExited {
+                    status,
+                    console: tail_of_file(&console, LOG_TAIL),
+                    vmm: hv.log_tail(LOG_TAIL),
+                }),
+                Err(e) => Err(e.into()),
+            },
+        )?;
+        let agent_err = |source| SandboxError::Agent {
+            source,
+            console: tail_of_file(&console, LOG_TAIL),
+        };
+        let (stream, attempts) = ready.map_err(agent_err)?;
+        let connected = Instant::now();
+        let agent = Agent::new(stream, config.agent.rpc_timeout()).map_err(agent_err)?;
+        let info = agent.version(spawned.elapsed()).map_err(agent_err)?;
+        sb.timings.first_rpc = connected.elapsed();
+        agent.check().map_err(agent_err)?;
+
+        sb.timings.kernel_to_init = info.kernel_to_init;
+        sb.timings.init_to_listening = info.kernel_to_listening - info.kernel_to_init;
+        sb.timings.vmm_and_connect = (connected - spawned).saturating_sub(info.kernel_to_listening);
+        sb.timings.connect_attempts = attempts;
+        sb.timings.total = t0.elapsed();
+        tracing::info!(sandbox = id, backend = %sb.backend, kernel = %info.kernel_release, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
+        sb.agent = Some(agent);
+        sb.info = Some(info);
+        Ok(sb)
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The backend that runs the VM, e.g. `qemu (TCG)`.
+    pub fn backend(&self) -> &str {
+        &self.backend
+    }
+
+    pub fn timings(&self) -> &BootTimings {
+        &self.timings
+    }
+
+    /// What the agent reported at boot.
+    pub fn agent_info(&self) -> Option<&AgentInfo> {
+        self.info.as_ref()
+    }
+
+    pub fn agent(&self) -> Option<&Agent> {
+        self.agent.as_ref()
+    }
+
+    /// PIDs of every host process of this sandbox (VMM and daemons).
+    pub fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.hypervisor.iter().flat_map(|h| h.pids()).collect();
+        pids.extend(self.daemons.iter().map(Process::pid));
+        pids
+    }
+
+    /// Asks the agent to end the VM, waits for the VMM to exit (killing it
+    /// if it does not), stops the daemons and removes the state directory.
+    pub fn shutdown(mut self) -> Result<ShutdownReport, SandboxError> {
+        let t = Instant::now();
+        if let Some(agent) = self.agent.take() {
+            if let Err(e) = agent.shutdown() {
+                // The VM may have gone down before the reply; its exit decides.
+                tracing::debug!(sandbox = %self.id, error = %e, "shutdown rpc");
+            }
+        }
+        let mut report = ShutdownReport {
+            vm_exit: None,
+            forced: false,
+            duration: Duration::ZERO,
+        };
+        if let Some(hv) = self.hypervisor.as_mut() {
+            report.vm_exit = hv.wait_timeout(VM_EXIT_TIMEOUT)?;
+            if report.vm_exit.is_none() {
+                tracing::warn!(sandbox = %self.id, "VM did not end after shutdown; killing it");
+                hv.kill()?;
+                report.forced = true;
+            }
+        }
+        self.teardown();
+        report.duration = t.elapsed();
+        tracing::info!(sandbox = %self.id, forced = report.forced, "sandbox stopped");
+        Ok(report)
+    }
+
+    /// Kills everything that is still running and removes the directory.
+    fn teardown(&mut self) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        self.agent = None;
+        if let Some(hv) = self.hypervisor.as_mut() {
+            if let Err(e) = hv.kill() {
+                tracing::warn!(sandbox = %self.id, error = %e, "killing the VMM");
+            }
+        }
+        for d in &mut self.daemons {
+            if let Err(e) = d.terminate(DAEMON_GRACE) {
+                tracing::warn!(sandbox = %self.id, daemon = d.name(), error = %e, "stopping daemon");
+            }
+        }
+        self.daemons.clear();
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(sandbox = %self.id, dir = %self.dir.display(), error = %e, "removing sandbox directory");
+            }
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Resolves a guest image file and checks it is a readable, non-empty file
+/// before anything is started. (Whether its content boots, the VM tells.)
+fn image(
+    configured: Option<&Path>,
+    name: &str,
+    what: &'static str,
+    key: &'static str,
+) -> Result<PathBuf, SandboxError> {
+    let path = host::resolve_image(configured, name).ok_or_else(|| SandboxError::NoImage {
+        what,
+        key,
+        searched: host::guest_image_dirs()
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    match std::fs::File::open(&path) {
+        Ok(f) if f.metadata().is_ok_and(|m| m.is_file() && m.len() > 0) => Ok(path),
+        _ => Err(SandboxError::BadImage { what, key, path }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_checked() {
+        for ok in ["a", "pod-1", "0f3a9c", "x.y_z", &"a".repeat(MAX_ID_LEN)] {
+            assert!(validate_id(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "-a",
+            ".hidden",
+            "a/b",
+            "..",
+            "a b",
+            &"a".repeat(MAX_ID_LEN + 1),
+            "é",
+        ] {
+            assert!(validate_id(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn invalid_id_fails_before_touching_the_state_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config {
+            state_dir: dir.path().join("state"),
+            ..Config::default()
+        };
+        let err = Sandbox::boot(&cfg, "../escape").err().expect("refused");
+        assert!(matches!(err, SandboxError::InvalidId(_)), "{err}");
+        assert!(!cfg.state_dir.exists());
+    }
+
+    #[test]
+    fn missing_kernel_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = Config {
+            state_dir: dir.path().join("state"),
+            ..Config::default()
+        };
+        cfg.hypervisor = crate::config::HypervisorChoice::Qemu;
+        cfg.qemu.accel = crate::config::Accel::Tcg;
+        cfg.guest.kernel = Some(dir.path().join("no-vmlinux"));
+        cfg.guest.initramfs = Some(dir.path().join("no-initramfs"));
+        let err = Sandbox::boot(&cfg, "t").err().expect("fails");
+        assert!(matches!(err, SandboxError::BadImage { .. }), "{err}");
+        assert!(err.to_string().contains("no-vmlinux"), "{err}");
+        assert!(!cfg.state_dir.join("t").exists(), "sandbox dir left behind");
+    }
+
+    #[test]
+    fn host_overhead_excludes_the_guest_boot() {
+        let t = BootTimings {
+            total: Duration::from_millis(3000),
+            kernel_to_init: Duration::from_millis(2000),
+            init_to_listening: Duration::from_millis(500),
+            ..BootTimings::default()
+        };
+        assert_eq!(t.host_overhead(), Duration::from_millis(500));
+    }
+}

@@ -1,0 +1,159 @@
+//! Boot benchmark: husk sandbox boot to agent-ready, phase by phase, against
+//! a baseline measured in the same run: bare QEMU microvm booting the same
+//! kernel with an /init that reboots at once (no daemons, no vhost-user
+//! devices, no agent), timed from spawn to QEMU's exit.
+//!
+//! `make bench` (or `cargo bench -p husk-tests --bench boot`);
+//! HUSK_BENCH_RUNS sets the number of boots of each kind (default 10).
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_runtime::host::{self, Backend, ResolvedAccel};
+use husk_runtime::Sandbox;
+use husk_tests::{guest_dir, initramfs_with_init, TestEnv};
+
+fn main() {
+    let runs: usize = std::env::var("HUSK_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+        .max(1);
+    let env = TestEnv::new();
+    let (backend, why) = host::choose_backend(&env.config, &host::detect_kvm()).expect("backend");
+    println!("husk boot benchmark: {runs} boots each; backend {backend} ({why})");
+
+    let mut rows: Vec<(&str, Vec<Duration>)> = [
+        "daemons up",
+        "vmm spawned",
+        "guest kernel to /init",
+        "/init to agent listening",
+        "vmm start + connect",
+        "first rpc",
+        "host overhead (total - guest boot)",
+        "guest boot to agent ready (kernel start to first reply)",
+        "total: boot() to agent ready",
+        "shutdown",
+    ]
+    .into_iter()
+    .map(|n| (n, Vec::new()))
+    .collect();
+    for i in 0..runs {
+        let sb = Sandbox::boot(&env.config, &format!("bench{i}")).expect("boot");
+        let t = sb.timings().clone();
+        let report = sb.shutdown().expect("shutdown");
+        let guest_ready = t.kernel_to_init + t.init_to_listening + t.first_rpc;
+        let values = [
+            t.daemons,
+            t.vmm_spawn,
+            t.kernel_to_init,
+            t.init_to_listening,
+            t.vmm_and_connect,
+            t.first_rpc,
+            t.host_overhead(),
+            guest_ready,
+            t.total,
+            report.duration,
+        ];
+        for (row, v) in rows.iter_mut().zip(values) {
+            row.1.push(v);
+        }
+    }
+
+    // Baseline: the same kernel under bare QEMU, /init reboots immediately.
+    let reboot_init = initramfs_with_init(
+        &env,
+        "reboot",
+        "#include <sys/reboot.h>\n#include <unistd.h>\nint main(void) { reboot(RB_AUTOBOOT); for (;;) pause(); }\n",
+    );
+    let accel = match backend {
+        Backend::Qemu {
+            accel: ResolvedAccel::Kvm,
+        } => "kvm",
+        _ => "tcg",
+    };
+    let mut bare = Vec::new();
+    for _ in 0..runs {
+        let t = Instant::now();
+        let status = Command::new("qemu-system-x86_64")
+            .args([
+                "-machine",
+                &format!("microvm,accel={accel},acpi=off,rtc=on,x-option-roms=off,isa-serial=on"),
+                "-cpu",
+                if accel == "kvm" { "host" } else { "max" },
+                "-m",
+                &format!("{}M", env.config.guest.memory_mib),
+                "-nodefaults",
+                "-no-user-config",
+                "-display",
+                "none",
+                "-no-reboot",
+                "-serial",
+                "null",
+                "-kernel",
+            ])
+            .arg(guest_dir().join("vmlinux"))
+            .arg("-initrd")
+            .arg(&reboot_init)
+            .args(["-append", "console=ttyS0 panic=-1 quiet reboot=t"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("run qemu");
+        assert!(status.success(), "bare qemu baseline failed: {status}");
+        bare.push(t.elapsed());
+    }
+    rows.push(("baseline: bare QEMU, same kernel, spawn to exit", bare));
+
+    println!();
+    println!(
+        "| {:<56} | {:>10} | {:>10} | {:>10} | {:>10} |",
+        "phase", "median ms", "p95 ms", "min ms", "max ms"
+    );
+    println!(
+        "|{:-<58}|{:-<12}|{:-<12}|{:-<12}|{:-<12}|",
+        "", "", "", "", ""
+    );
+    for (name, mut v) in rows.iter().cloned() {
+        v.sort();
+        println!(
+            "| {:<56} | {:>10.1} | {:>10.1} | {:>10.1} | {:>10.1} |",
+            name,
+            ms(percentile(&v, 50)),
+            ms(percentile(&v, 95)),
+            ms(v[0]),
+            ms(v[v.len() - 1])
+        );
+    }
+    let median = |name: &str| {
+        rows.iter()
+            .find(|r| r.0 == name)
+            .map(|r| percentile(&sorted(&r.1), 50))
+            .unwrap_or_default()
+    };
+    let husk = median("total: boot() to agent ready");
+    let base = median("baseline: bare QEMU, same kernel, spawn to exit");
+    println!();
+    println!(
+        "husk boot to agent ready / bare QEMU boot to exit (medians): {:.2}x ({:.1} ms / {:.1} ms)",
+        husk.as_secs_f64() / base.as_secs_f64(),
+        ms(husk),
+        ms(base)
+    );
+}
+
+fn sorted(v: &[Duration]) -> Vec<Duration> {
+    let mut v = v.to_vec();
+    v.sort();
+    v
+}
+
+/// Nearest-rank percentile of a sorted, non-empty slice.
+fn percentile(sorted: &[Duration], p: usize) -> Duration {
+    let rank = (p * sorted.len()).div_ceil(100).max(1);
+    sorted[rank - 1]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}

@@ -1,0 +1,159 @@
+//! Shared helpers for husk's end-to-end tests: configurations that point at
+//! the freshly built guest image, guest images made for failure cases, and
+//! the leak checks every test ends with.
+//!
+//! End-to-end tests boot real guests; they run when `HUSK_E2E=1` (as
+//! `make test` and CI do) and otherwise skip with a one-line reason, so that
+//! `cargo test` stays the fast unit tier.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use husk_runtime::config::{Accel, HypervisorChoice};
+use husk_runtime::Config;
+
+/// Guest image directory written by `make guest-image`.
+pub fn guest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest")
+}
+
+/// Whether end-to-end tests should run; prints the reason when not.
+/// With `HUSK_E2E=1` a missing guest image is a failure, not a skip.
+pub fn e2e(test: &str) -> bool {
+    if std::env::var("HUSK_E2E").as_deref() != Ok("1") {
+        eprintln!("skipping {test}: end-to-end tests run with HUSK_E2E=1 (make test)");
+        return false;
+    }
+    for f in ["vmlinux", "initramfs.cpio"] {
+        let p = guest_dir().join(f);
+        assert!(
+            p.is_file(),
+            "{} is missing: run `make guest-image`",
+            p.display()
+        );
+    }
+    true
+}
+
+/// Serialises VM boots: two cores, TCG guests, deadlines that must hold.
+pub fn vm_lock() -> MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A configuration with a private state dir and the built guest image.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub config: Config,
+}
+
+impl TestEnv {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("husk-e2e")
+            .tempdir_in("/tmp")
+            .expect("tempdir");
+        let mut config = Config {
+            state_dir: dir.path().join("run"),
+            ..Config::default()
+        };
+        config.hypervisor = HypervisorChoice::Auto;
+        config.qemu.accel = Accel::Auto;
+        config.guest.kernel = Some(guest_dir().join("vmlinux"));
+        config.guest.initramfs = Some(guest_dir().join("initramfs.cpio"));
+        Self { dir, config }
+    }
+
+    /// Writes a file into the test's temp dir.
+    pub fn file(&self, name: &str, contents: &[u8]) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, contents).expect("write test file");
+        p
+    }
+}
+
+impl Default for TestEnv {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Every trace of a sandbox is gone: its processes, its state directory, and
+/// any process whose command line mentions that directory.
+pub fn assert_nothing_left(state_dir: &Path, id: &str, pids: &[u32]) {
+    let dir = state_dir.join(id);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let alive: Vec<u32> = pids.iter().copied().filter(|p| is_running(*p)).collect();
+        let mentioning = processes_mentioning(&dir);
+        if alive.is_empty() && mentioning.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sandbox {id} left processes: pids {alive:?}, mentioning {mentioning:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !dir.exists(),
+        "sandbox directory {} left behind",
+        dir.display()
+    );
+}
+
+/// Running (not a zombie awaiting its parent).
+fn is_running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, r)| !r.trim_start().starts_with('Z'))
+    })
+}
+
+/// PIDs of live processes whose command line contains `needle`.
+pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
+    let needle = needle.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != std::process::id() && is_running(*pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                String::from_utf8_lossy(&c)
+                    .replace('\0', " ")
+                    .contains(&needle)
+            })
+        })
+        .collect()
+}
+
+/// Builds an initramfs whose /init is a static C program, for guests that
+/// misbehave on purpose. Needs gcc with glibc's static libraries.
+pub fn initramfs_with_init(env: &TestEnv, name: &str, c_source: &str) -> PathBuf {
+    let stage = env.dir.path().join(format!("{name}-stage"));
+    std::fs::create_dir_all(&stage).expect("stage dir");
+    let src = env.file(&format!("{name}.c"), c_source.as_bytes());
+    let status = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(stage.join("init"))
+        .arg(&src)
+        .status()
+        .expect("run gcc");
+    assert!(status.success(), "gcc -static failed for {name}");
+    let out = env.dir.path().join(format!("{name}.cpio"));
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cd '{}' && echo init | cpio --quiet -o -H newc -R 0:0 > '{}'",
+            stage.display(),
+            out.display()
+        ))
+        .status()
+        .expect("run cpio");
+    assert!(status.success(), "cpio failed for {name}");
+    out
+}

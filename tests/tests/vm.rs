@@ -1,0 +1,221 @@
+//! The sandbox VM end to end: real QEMU, virtiofsd, vhost-device-vsock and
+//! guest; and each way a boot can fail, with its error and cleanup.
+
+use std::time::{Duration, Instant};
+
+use husk_runtime::sandbox::SandboxError;
+use husk_runtime::Sandbox;
+use husk_tests::{assert_nothing_left, e2e, initramfs_with_init, vm_lock, TestEnv};
+
+#[test]
+fn boots_answers_health_and_leaves_nothing() {
+    if !e2e("boots_answers_health_and_leaves_nothing") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let sb = Sandbox::boot(&env.config, "ping").expect("boot");
+    let pids = sb.pids();
+    assert_eq!(pids.len(), 3, "VMM and two daemons: {pids:?}");
+    let agent = sb.agent().expect("connected agent");
+    agent.check().expect("health check");
+    let info = sb.agent_info().expect("agent info");
+    assert!(
+        info.kernel_release.ends_with("-husk"),
+        "guest kernel {}",
+        info.kernel_release
+    );
+    let host_release = nix_release();
+    assert_ne!(
+        info.kernel_release, host_release,
+        "the agent must run on the guest kernel"
+    );
+    let t = sb.timings();
+    assert!(
+        t.kernel_to_init > Duration::ZERO && t.total >= t.kernel_to_init,
+        "{t:?}"
+    );
+    // The share is mounted from this host directory.
+    assert!(sb.dir().join("shared").is_dir());
+    let report = sb.shutdown().expect("shutdown");
+    assert!(!report.forced, "the VM should end by itself after Shutdown");
+    assert!(
+        report.vm_exit.is_some_and(|s| s.success()),
+        "QEMU exit: {:?}",
+        report.vm_exit
+    );
+    assert_nothing_left(&env.config.state_dir, "ping", &pids);
+}
+
+#[test]
+fn dropping_a_sandbox_kills_everything() {
+    if !e2e("dropping_a_sandbox_kills_everything") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let sb = Sandbox::boot(&env.config, "dropped").expect("boot");
+    let pids = sb.pids();
+    drop(sb);
+    assert_nothing_left(&env.config.state_dir, "dropped", &pids);
+}
+
+#[test]
+fn missing_kernel_is_named_and_nothing_starts() {
+    if !e2e("missing_kernel_is_named_and_nothing_starts") {
+        return;
+    }
+    let mut env = TestEnv::new();
+    env.config.guest.kernel = Some(env.dir.path().join("no-such-vmlinux"));
+    let t = Instant::now();
+    let err = Sandbox::boot(&env.config, "nokernel")
+        .err()
+        .expect("must fail");
+    assert!(t.elapsed() < Duration::from_secs(2));
+    let msg = err.to_string();
+    assert!(
+        msg.contains("no-such-vmlinux") && msg.contains("make guest-image"),
+        "{msg}"
+    );
+    assert_nothing_left(&env.config.state_dir, "nokernel", &[]);
+}
+
+#[test]
+fn corrupt_kernel_fails_fast_with_qemus_reason() {
+    if !e2e("corrupt_kernel_fails_fast_with_qemus_reason") {
+        return;
+    }
+    let _vm = vm_lock();
+    let mut env = TestEnv::new();
+    let junk: Vec<u8> = (0..1_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    env.config.guest.kernel = Some(env.file("junk-vmlinux", &junk));
+    let t = Instant::now();
+    let err = Sandbox::boot(&env.config, "badkernel")
+        .err()
+        .expect("must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert!(matches!(err, SandboxError::VmExited { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("junk-vmlinux") || msg.to_lowercase().contains("kernel"),
+        "QEMU's reason missing: {msg}"
+    );
+    assert_nothing_left(&env.config.state_dir, "badkernel", &[]);
+}
+
+#[test]
+fn corrupt_initramfs_ends_the_vm_with_the_guest_console() {
+    if !e2e("corrupt_initramfs_ends_the_vm_with_the_guest_console") {
+        return;
+    }
+    let _vm = vm_lock();
+    let mut env = TestEnv::new();
+    env.config.guest.initramfs = Some(env.file("junk.cpio", &vec![0x5a; 64 * 1024]));
+    env.config.agent.boot_timeout_ms = 60_000;
+    let t = Instant::now();
+    let err = Sandbox::boot(&env.config, "badinitrd")
+        .err()
+        .expect("must fail");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "took {:?}",
+        t.elapsed()
+    );
+    // The guest panics (no init), panic=-1 reboots, QEMU exits: the error
+    // comes from the VM's exit, well before the agent deadline.
+    let SandboxError::VmExited { console, .. } = &err else {
+        panic!("expected VmExited: {err}")
+    };
+    assert!(
+        console.contains("Kernel panic"),
+        "console tail lacks the panic: {console}"
+    );
+    assert_nothing_left(&env.config.state_dir, "badinitrd", &[]);
+}
+
+#[test]
+fn missing_daemon_binary_is_named() {
+    if !e2e("missing_daemon_binary_is_named") {
+        return;
+    }
+    let mut env = TestEnv::new();
+    env.config.vsock.path = "/nonexistent/vhost-device-vsock".into();
+    let t = Instant::now();
+    let err = Sandbox::boot(&env.config, "nodaemon")
+        .err()
+        .expect("must fail");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let msg = format!(
+        "{err}: {}",
+        std::error::Error::source(&err)
+            .map(|s| s.to_string())
+            .unwrap_or_default()
+    );
+    assert!(msg.contains("/nonexistent/vhost-device-vsock"), "{msg}");
+    // virtiofsd had already started; it must be gone too.
+    assert_nothing_left(&env.config.state_dir, "nodaemon", &[]);
+}
+
+#[test]
+fn agent_that_never_answers_times_out_and_leaves_nothing() {
+    if !e2e("agent_that_never_answers_times_out_and_leaves_nothing") {
+        return;
+    }
+    let _vm = vm_lock();
+    let mut env = TestEnv::new();
+    // A guest whose /init lives but never listens on vsock.
+    let initrd = initramfs_with_init(
+        &env,
+        "silent",
+        "#include <unistd.h>\nint main(void) { for (;;) pause(); }\n",
+    );
+    env.config.guest.initramfs = Some(initrd);
+    env.config.agent.boot_timeout_ms = 6_000;
+    let t = Instant::now();
+    let err = Sandbox::boot(&env.config, "silent")
+        .err()
+        .expect("must fail");
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(6) && took < Duration::from_secs(12),
+        "took {took:?}"
+    );
+    let msg = err.to_string();
+    assert!(
+        msg.contains("did not answer") && msg.contains("1024"),
+        "{msg}"
+    );
+    assert_nothing_left(&env.config.state_dir, "silent", &[]);
+}
+
+#[test]
+fn second_sandbox_with_the_same_id_is_refused() {
+    if !e2e("second_sandbox_with_the_same_id_is_refused") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let sb = Sandbox::boot(&env.config, "twin").expect("boot");
+    let err = Sandbox::boot(&env.config, "twin")
+        .err()
+        .expect("duplicate refused");
+    assert!(matches!(err, SandboxError::Exists { .. }), "{err}");
+    // The refusal must not have touched the running sandbox.
+    sb.agent().expect("agent").check().expect("still healthy");
+    let pids = sb.pids();
+    sb.shutdown().expect("shutdown");
+    assert_nothing_left(&env.config.state_dir, "twin", &pids);
+}
+
+fn nix_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
