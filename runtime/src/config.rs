@@ -233,7 +233,7 @@ impl Config {
     pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
         let cfg: Self = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
-            message: e.message().to_owned(),
+            message: e.to_string().trim_end().to_owned(),
         })?;
         cfg.validate(path)?;
         Ok(cfg)

@@ -1,0 +1,174 @@
+//! The `husk` CLI as an operator runs it: the real binary, real guests.
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use husk_tests::{assert_nothing_left, e2e, guest_dir, processes_mentioning, vm_lock, TestEnv};
+
+/// The `husk` binary of the same build profile as this test.
+fn husk() -> Command {
+    let exe = std::env::current_exe().expect("test exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .expect("target/<profile>");
+    let bin: PathBuf = profile_dir.join("husk");
+    assert!(
+        bin.is_file(),
+        "{} missing: build it with `cargo build --bins` (make test does)",
+        bin.display()
+    );
+    let mut c = Command::new(bin);
+    c.env_remove("HUSK_CONFIG");
+    c
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn config_file(env: &TestEnv) -> PathBuf {
+    let toml = format!(
+        "state_dir = \"{}\"\n[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+        env.config.state_dir.display(),
+        guest_dir().join("vmlinux").display(),
+        guest_dir().join("initramfs.cpio").display()
+    );
+    env.file("config.toml", toml.as_bytes())
+}
+
+#[test]
+fn check_names_the_kvm_kind_and_the_chosen_backend() {
+    if !e2e("check_names_the_kvm_kind_and_the_chosen_backend") {
+        return;
+    }
+    let env = TestEnv::new();
+    let out = husk()
+        .arg("check")
+        .env("HUSK_CONFIG", config_file(&env))
+        .output()
+        .expect("run husk check");
+    let s = text(&out);
+    assert!(out.status.success(), "husk check failed:\n{s}");
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let flags = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("flags"))
+        .unwrap_or_default();
+    if std::path::Path::new("/sys/module/kvm_pvm").exists() {
+        assert!(s.contains("PVM"), "PVM host not named:\n{s}");
+        assert!(
+            s.contains("hypervisor: qemu (TCG)"),
+            "PVM must fall back to TCG:\n{s}"
+        );
+    } else if flags.split_whitespace().any(|f| f == "vmx" || f == "svm") {
+        assert!(s.contains("hypervisor: qemu (KVM)"), "{s}");
+    }
+    assert!(
+        s.contains("because: "),
+        "the choice must be explained:\n{s}"
+    );
+    for item in [
+        "qemu",
+        "virtiofsd",
+        "vhost-device-vsock",
+        "guest kernel",
+        "guest initramfs",
+        "containerd",
+    ] {
+        assert!(
+            s.lines().any(|l| l.starts_with(item)),
+            "{item} not reported:\n{s}"
+        );
+    }
+}
+
+#[test]
+fn vm_ping_prints_agent_ready_and_leaves_nothing() {
+    if !e2e("vm_ping_prints_agent_ready_and_leaves_nothing") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let out = husk()
+        .args(["vm-ping", "--id", "cliping"])
+        .env("HUSK_CONFIG", config_file(&env))
+        .output()
+        .expect("run husk vm-ping");
+    let s = text(&out);
+    assert!(out.status.success(), "vm-ping failed:\n{s}");
+    assert!(s.contains("agent ready in"), "{s}");
+    for phase in [
+        "daemons up",
+        "vmm spawned",
+        "guest kernel to /init",
+        "agent listening",
+        "first rpc",
+    ] {
+        assert!(s.contains(phase), "timing breakdown lacks {phase:?}:\n{s}");
+    }
+    assert!(s.contains("-husk"), "guest kernel release missing:\n{s}");
+    assert_nothing_left(&env.config.state_dir, "cliping", &[]);
+    assert!(processes_mentioning(&env.config.state_dir).is_empty());
+}
+
+#[test]
+fn env_prints_every_key_and_bad_config_is_named() {
+    let env = TestEnv::new();
+    let out = husk()
+        .arg("env")
+        .env("HUSK_CONFIG", config_file(&env))
+        .output()
+        .expect("run husk env");
+    let s = text(&out);
+    assert!(out.status.success(), "{s}");
+    for key in [
+        "hypervisor",
+        "state_dir",
+        "[guest]",
+        "memory_mib",
+        "[qemu]",
+        "[virtiofsd]",
+        "[agent]",
+        "boot_timeout_ms",
+    ] {
+        assert!(s.contains(key), "husk env lacks {key}:\n{s}");
+    }
+    let bad = env.file("bad.toml", b"[guest]\nvcpus = \"two\"\n");
+    let out = husk()
+        .arg("env")
+        .env("HUSK_CONFIG", &bad)
+        .output()
+        .expect("run husk env");
+    let s = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        s.contains("bad.toml") && s.contains("vcpus"),
+        "error must name file and key:\n{s}"
+    );
+}
+
+#[test]
+fn vm_ping_with_a_missing_kernel_says_what_to_do() {
+    let env = TestEnv::new();
+    let cfg = env.file(
+        "nokernel.toml",
+        b"state_dir = \"/tmp/husk-cli-nokernel\"\n[guest]\nkernel = \"/nonexistent/vmlinux\"\n",
+    );
+    let out = husk()
+        .args(["vm-ping", "--id", "nok"])
+        .env("HUSK_CONFIG", &cfg)
+        .output()
+        .expect("run husk");
+    let s = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        s.contains("/nonexistent/vmlinux") && s.contains("make guest-image"),
+        "{s}"
+    );
+    assert_nothing_left(std::path::Path::new("/tmp/husk-cli-nokernel"), "nok", &[]);
+}
