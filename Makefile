@@ -10,7 +10,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 # Build (kernel, static agent), run (QEMU, containerd) and daemon build deps.
 APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev \
-	cpio file gcc libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd
+	cpio file gcc libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static
 DAEMONS := virtiofsd vhost-device-vsock
 
 .PHONY: all deps build guest-image install demo test unit lint bench clean
@@ -34,7 +34,9 @@ build: deps
 # with the statically linked agent as /init.
 guest-image: deps
 	bash guest-image/build-kernel.sh $(GUEST)
-	RUSTFLAGS="-C target-feature=+crt-static" $(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+		$(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
 	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs.cpio
 
 install: build guest-image

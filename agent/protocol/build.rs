@@ -8,7 +8,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-const PROTOS: &[&str] = &["protos/health.proto", "protos/agent.proto"];
+const PROTOS: &[&str] = &[
+    "protos/health.proto",
+    "protos/agent.proto",
+    "protos/containers.proto",
+];
 
 fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -113,6 +113,87 @@ const MOUNTS: &[Mount] = &[
     },
 ];
 
+/// argv[1] of the agent after it moved itself off the initramfs.
+pub const SWITCHED_ARG: &str = "--switched-root";
+
+/// Moves PID 1 off the initramfs onto a tmpfs root and re-executes it there.
+///
+/// pivot_root(2), which containers need, refuses to move the initramfs
+/// ("rootfs"); a tmpfs root has no such limit. Same idea as switch_root(8):
+/// copy /init to a tmpfs, free the initramfs copy, make the tmpfs `/`, exec.
+/// Returns only on failure.
+pub fn switch_root(started_ns: u64) -> InitError {
+    let step = |what: &'static str, r: nix::Result<()>| {
+        r.map_err(|source| InitError::Mount {
+            fstype: "tmpfs",
+            target: what,
+            source,
+        })
+    };
+    let run = || -> Result<std::convert::Infallible, InitError> {
+        mkdir_p("/newroot")?;
+        step(
+            "/newroot",
+            mount(
+                Some("rootfs"),
+                "/newroot",
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=0755"),
+            ),
+        )?;
+        fs::copy("/init", "/newroot/init").map_err(|source| InitError::Mkdir {
+            path: "/newroot/init".into(),
+            source,
+        })?;
+        // The initramfs stays allocated under the new root; drop the big file.
+        let _ = fs::remove_file("/init");
+        for d in [
+            "/newroot/dev",
+            "/newroot/proc",
+            "/newroot/sys",
+            "/newroot/run",
+            "/newroot/tmp",
+        ] {
+            mkdir_p(d)?;
+        }
+        // The boot clock reads /dev/kmsg before /dev is mounted.
+        let kmsg = nix::sys::stat::makedev(1, 11);
+        step(
+            "/newroot/dev/kmsg",
+            nix::sys::stat::mknod(
+                "/newroot/dev/kmsg",
+                nix::sys::stat::SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o644),
+                kmsg,
+            ),
+        )?;
+        step("chdir", nix::unistd::chdir("/newroot"))?;
+        step(
+            "/",
+            mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+        )?;
+        step("chroot", nix::unistd::chroot("."))?;
+        step("chdir", nix::unistd::chdir("/"))?;
+        let init = std::ffi::CString::new("/init").expect("no nul");
+        let args = [
+            init.clone(),
+            std::ffi::CString::new(SWITCHED_ARG).expect("no nul"),
+            std::ffi::CString::new(started_ns.to_string()).expect("no nul"),
+        ];
+        let err = nix::unistd::execv(&init, &args).unwrap_err();
+        Err(InitError::Mount {
+            fstype: "tmpfs",
+            target: "exec /init",
+            source: err,
+        })
+    };
+    match run() {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
 /// Sets up the guest as PID 1: pseudo filesystems, cgroup v2, the share.
 pub fn setup() -> Result<(), InitError> {
     for m in MOUNTS {
@@ -164,9 +245,9 @@ pub struct BootClock {
 }
 
 impl BootClock {
-    /// Call first thing in main.
-    pub fn start() -> Self {
-        let boottime_at_init = boottime_ns();
+    /// Call first thing in main; `boottime_at_init` is CLOCK_BOOTTIME when
+    /// the kernel started /init (before any re-exec).
+    pub fn start(boottime_at_init: u64) -> Self {
         let init_ns = kmsg_timestamp_ns("Run /init as init process").unwrap_or(boottime_at_init);
         Self {
             init_ns,

@@ -7,16 +7,46 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod containers;
 mod init;
 mod log;
 mod reaper;
 mod server;
+mod stdio;
 
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let clock = init::BootClock::start();
     let is_init = std::process::id() == 1;
+    let args: Vec<String> = std::env::args().collect();
+    let switched = args.get(1).is_some_and(|a| a == init::SWITCHED_ARG);
+    let boottime_at_init = if switched {
+        args.get(2)
+            .and_then(|t| t.parse().ok())
+            .unwrap_or_else(init::boottime_ns)
+    } else {
+        init::boottime_ns()
+    };
+    if is_init && !switched {
+        let e = init::switch_root(boottime_at_init);
+        eprintln!("husk-agent: error: moving off the initramfs: {e}");
+        init::power_off();
+    }
+    let clock = init::BootClock::start(boottime_at_init);
+    // libcontainer reports through `tracing`; send it to the console.
+    // `husk.debug` on the kernel command line raises the level.
+    let debug = std::fs::read_to_string("/proc/cmdline")
+        .is_ok_and(|c| c.split_whitespace().any(|w| w == "husk.debug"));
+    tracing_subscriber::fmt()
+        .with_max_level(if debug {
+            tracing_subscriber::filter::LevelFilter::DEBUG
+        } else {
+            tracing_subscriber::filter::LevelFilter::WARN
+        })
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .init();
     if is_init {
         std::panic::set_hook(Box::new(|info| {
             log_error!("panic: {info}");

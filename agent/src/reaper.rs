@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::sys::signal::{SigSet, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -20,6 +20,10 @@ type Watchers = Arc<Mutex<HashMap<i32, Sender<WaitStatus>>>>;
 #[derive(Clone)]
 pub struct Reaper {
     watchers: Watchers,
+    /// Held by the reaper while it reaps, and by code that forks and waits
+    /// for its own children (libcontainer), so the reaper cannot take an exit
+    /// status someone else is about to wait for.
+    fork_lock: Arc<Mutex<()>>,
 }
 
 impl Reaper {
@@ -31,17 +35,25 @@ impl Reaper {
         mask.thread_block()?;
         let fd = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC)?;
         let watchers = Watchers::default();
-        let w = watchers.clone();
+        let fork_lock = Arc::new(Mutex::new(()));
+        let (w, l) = (watchers.clone(), fork_lock.clone());
         std::thread::Builder::new()
             .name("reaper".into())
-            .spawn(move || run(fd, w))
+            .spawn(move || run(fd, w, l))
             .map_err(|_| nix::Error::EAGAIN)?;
-        Ok(Self { watchers })
+        Ok(Self {
+            watchers,
+            fork_lock,
+        })
+    }
+
+    /// Keeps the reaper from reaping while the guard lives.
+    pub fn hold(&self) -> MutexGuard<'_, ()> {
+        self.fork_lock.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Delivers the exit status of `pid` on the returned channel. Register
     /// before the process can exit (e.g. while it is stopped or before exec).
-    #[allow(dead_code)] // used by the container manager
     pub fn watch(&self, pid: i32) -> Receiver<WaitStatus> {
         let (tx, rx) = mpsc::channel();
         self.watchers
@@ -52,7 +64,7 @@ impl Reaper {
     }
 }
 
-fn run(fd: SignalFd, watchers: Watchers) {
+fn run(fd: SignalFd, watchers: Watchers, fork_lock: Arc<Mutex<()>>) {
     loop {
         match fd.read_signal() {
             Ok(_) => {}
@@ -62,6 +74,7 @@ fn run(fd: SignalFd, watchers: Watchers) {
                 return;
             }
         }
+        let _held = fork_lock.lock().unwrap_or_else(|e| e.into_inner());
         // One SIGCHLD may stand for several exits.
         loop {
             match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {

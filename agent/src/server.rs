@@ -5,12 +5,20 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_protocol::agent::{Empty, ShutdownRequest};
+use husk_protocol::containers::{
+    ContainerRequest, CreateContainerRequest, ProcessRequest, SignalRequest, StartResponse,
+    WaitResponse,
+};
 use husk_protocol::health::check_response::ServingStatus;
 use husk_protocol::health::{CheckRequest, CheckResponse, VersionResponse};
-use husk_protocol::{agent_ttrpc, health_ttrpc, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+use husk_protocol::{
+    agent_ttrpc, containers, containers_ttrpc, health_ttrpc, AGENT_VSOCK_PORT, PROTOCOL_VERSION,
+};
 use ttrpc::TtrpcContext;
 
+use crate::containers::{ContainerError, Manager};
 use crate::reaper::Reaper;
+use crate::stdio::StreamHub;
 
 /// Time left for the Shutdown reply to reach the host before the VM ends.
 const REPLY_GRACE: Duration = Duration::from_millis(20);
@@ -25,6 +33,8 @@ pub enum ServeError {
     },
     #[error("start ttrpc server")]
     Start(#[source] ttrpc::Error),
+    #[error("listen for stdio streams")]
+    Stdio(#[source] nix::Error),
 }
 
 /// Identity and boot timings the Health service reports.
@@ -62,11 +72,87 @@ impl health_ttrpc::Health for HealthService {
     }
 }
 
-/// Sandbox-wide requests. Holds the reaper for the container manager.
+/// Sandbox-wide requests.
 pub struct AgentService {
     shutdown: Mutex<Sender<()>>,
-    #[allow(dead_code)] // used by the container manager
-    reaper: Reaper,
+}
+
+/// Container lifecycle requests.
+pub struct ContainersService {
+    manager: Manager,
+}
+
+/// Maps container errors to ttrpc codes, in one place.
+fn rpc_error(e: ContainerError) -> ttrpc::Error {
+    use ttrpc::Code;
+    let code = match &e {
+        ContainerError::NotFound(_) => Code::NOT_FOUND,
+        ContainerError::Exists(_) => Code::ALREADY_EXISTS,
+        ContainerError::InvalidId(_) | ContainerError::Spec { .. } | ContainerError::Rootfs(_) => {
+            Code::INVALID_ARGUMENT
+        }
+        ContainerError::StreamMissing { .. } => Code::DEADLINE_EXCEEDED,
+        ContainerError::NotStarted(_) => Code::FAILED_PRECONDITION,
+        ContainerError::Io { .. } | ContainerError::Runtime { .. } => Code::INTERNAL,
+    };
+    crate::log_error!("{e}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+impl containers_ttrpc::Containers for ContainersService {
+    fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        let stdio = req.stdio.into_option().unwrap_or_default();
+        self.manager
+            .create(&req.container_id, &req.spec_json, &stdio)
+            .map_err(rpc_error)?;
+        Ok(containers::Empty::new())
+    }
+
+    fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StartResponse> {
+        let pid = self.manager.start(&req.container_id).map_err(rpc_error)?;
+        let mut resp = StartResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<WaitResponse> {
+        let status = self.manager.wait(&req.container_id).map_err(rpc_error)?;
+        let mut resp = WaitResponse::new();
+        resp.exit_status = status;
+        Ok(resp)
+    }
+
+    fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        self.manager
+            .signal(&req.container_id, req.signal, req.all)
+            .map_err(rpc_error)?;
+        Ok(containers::Empty::new())
+    }
+
+    fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        self.manager.remove(&req.container_id).map_err(rpc_error)?;
+        Ok(containers::Empty::new())
+    }
 }
 
 impl agent_ttrpc::Agent for AgentService {
@@ -99,13 +185,20 @@ pub fn serve(clock: crate::init::BootClock, reaper: Reaper) -> Result<(), ServeE
         listening_ns: clock.now_ns(),
         kernel_release,
     };
+    let hub = Arc::new(StreamHub::default());
+    hub.listen().map_err(ServeError::Stdio)?;
     let agent = AgentService {
         shutdown: Mutex::new(tx),
-        reaper,
     };
+    let containers = ContainersService {
+        manager: Manager::new(reaper, hub),
+    };
+    // Wait requests block for a process's lifetime, each on its own thread.
     let mut server = server
+        .set_thread_count_max(256)
         .register_service(health_ttrpc::create_health(Arc::new(health)))
-        .register_service(agent_ttrpc::create_agent(Arc::new(agent)));
+        .register_service(agent_ttrpc::create_agent(Arc::new(agent)))
+        .register_service(containers_ttrpc::create_containers(Arc::new(containers)));
     server.start().map_err(ServeError::Start)?;
     crate::log_info!("listening on vsock port {AGENT_VSOCK_PORT}");
 

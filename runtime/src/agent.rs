@@ -14,10 +14,14 @@ use std::time::{Duration, Instant};
 
 use husk_protocol::agent::ShutdownRequest;
 use husk_protocol::agent_ttrpc::AgentClient as AgentRpc;
+use husk_protocol::containers::{
+    ContainerRequest, CreateContainerRequest, ProcessRequest, SignalRequest, Stdio,
+};
+use husk_protocol::containers_ttrpc::ContainersClient;
 use husk_protocol::health::check_response::ServingStatus;
 use husk_protocol::health::{CheckRequest, VersionResponse};
 use husk_protocol::health_ttrpc::HealthClient;
-use husk_protocol::PROTOCOL_VERSION;
+use husk_protocol::{StreamHeader, PROTOCOL_VERSION, STDIO_VSOCK_PORT};
 
 /// Longest acceptable handshake reply line (`OK 4294967295\n` is 14).
 const MAX_REPLY: usize = 32;
@@ -153,11 +157,30 @@ pub struct AgentInfo {
     pub kernel_to_listening: Duration,
 }
 
+/// Highest exit status a process can report (runc: code, or 128 + signal).
+const MAX_EXIT_STATUS: u32 = 255;
+
 /// A connected agent.
 pub struct Agent {
     health: HealthClient,
     agent: AgentRpc,
+    containers: ContainersClient,
     rpc_timeout: Duration,
+}
+
+/// Opens one stdio stream of a guest process (see containers.proto).
+pub fn open_stream(
+    agent_socket: &Path,
+    header: &StreamHeader,
+    timeout: Duration,
+) -> Result<UnixStream, AgentError> {
+    let mut s = hybrid_connect(agent_socket, STDIO_VSOCK_PORT, timeout)?;
+    s.write_all(header.encode().as_bytes())
+        .map_err(|source| AgentError::Connect {
+            path: agent_socket.to_path_buf(),
+            source,
+        })?;
+    Ok(s)
 }
 
 impl Agent {
@@ -170,7 +193,8 @@ impl Agent {
             })?;
         Ok(Self {
             health: HealthClient::new(client.clone()),
-            agent: AgentRpc::new(client),
+            agent: AgentRpc::new(client.clone()),
+            containers: ContainersClient::new(client),
             rpc_timeout,
         })
     }
@@ -217,6 +241,104 @@ impl Agent {
             .map(drop)
             .map_err(|source| AgentError::Rpc {
                 rpc: "Shutdown",
+                source,
+            })
+    }
+}
+
+impl Agent {
+    /// Creates a container from an OCI spec; its rootfs must already be in
+    /// the share at `<container_id>/rootfs`, and each requested stdio stream
+    /// already opened with [`open_stream`].
+    pub fn create_container(
+        &self,
+        container_id: &str,
+        spec_json: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<(), AgentError> {
+        let mut req = CreateContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        req.spec_json = spec_json;
+        req.stdio = Some(stdio).into();
+        self.containers
+            .create_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|source| AgentError::Rpc {
+                rpc: "CreateContainer",
+                source,
+            })
+    }
+
+    /// Starts a created container; returns its init's guest PID.
+    pub fn start_container(&self, container_id: &str) -> Result<u32, AgentError> {
+        let mut req = ContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        let resp = self
+            .containers
+            .start_container(self.ctx(), &req)
+            .map_err(|source| AgentError::Rpc {
+                rpc: "StartContainer",
+                source,
+            })?;
+        if resp.pid == 0 || resp.pid > i32::MAX as u32 {
+            return Err(AgentError::Invalid {
+                rpc: "StartContainer",
+                why: format!("pid {}", resp.pid),
+            });
+        }
+        Ok(resp.pid)
+    }
+
+    /// Waits, without deadline, until the container's init has exited and
+    /// its output has drained; returns its exit status.
+    pub fn wait_process(&self, container_id: &str) -> Result<u32, AgentError> {
+        let mut req = ProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        let resp = self
+            .containers
+            .wait_process(ttrpc::context::with_timeout(0), &req)
+            .map_err(|source| AgentError::Rpc {
+                rpc: "WaitProcess",
+                source,
+            })?;
+        if resp.exit_status > MAX_EXIT_STATUS {
+            return Err(AgentError::Invalid {
+                rpc: "WaitProcess",
+                why: format!("exit status {}", resp.exit_status),
+            });
+        }
+        Ok(resp.exit_status)
+    }
+
+    /// Sends `signal` to the container's init, or to all its processes.
+    pub fn signal_process(
+        &self,
+        container_id: &str,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), AgentError> {
+        let mut req = SignalRequest::new();
+        req.container_id = container_id.to_owned();
+        req.signal = signal;
+        req.all = all;
+        self.containers
+            .signal_process(self.ctx(), &req)
+            .map(drop)
+            .map_err(|source| AgentError::Rpc {
+                rpc: "SignalProcess",
+                source,
+            })
+    }
+
+    /// Kills what is left of a container and removes it from the guest.
+    pub fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let mut req = ContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.containers
+            .remove_container(self.ctx(), &req)
+            .map(drop)
+            .map_err(|source| AgentError::Rpc {
+                rpc: "RemoveContainer",
                 source,
             })
     }

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Builds a busybox OCI image archive from Debian's busybox-static, with no
+# registry: one uncompressed layer (busybox, its applet links, a minimal
+# /etc), an image config, a manifest and an index, packed as an OCI layout
+# tarball that `ctr images import` accepts. Output is reproducible.
+#
+#   build-busybox-image.sh OUT_TAR [IMAGE_NAME]
+set -euo pipefail
+
+out=$(realpath -m "${1:?usage: build-busybox-image.sh OUT_TAR [IMAGE_NAME]}")
+name=${2:-docker.io/husk/busybox:latest}
+busybox=/bin/busybox
+
+if ! file -L "$busybox" 2>/dev/null | grep -q 'statically linked'; then
+    echo "build-busybox-image: $busybox is missing or not static; apt-get install busybox-static" >&2
+    exit 1
+fi
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+root=$work/rootfs
+mkdir -p "$root"/{bin,etc,proc,sys,dev,tmp,root,run,var} "$work/oci/blobs/sha256"
+chmod 1777 "$root/tmp"
+install -m 0755 "$busybox" "$root/bin/busybox"
+for applet in $("$busybox" --list); do
+    [[ $applet == busybox ]] || ln -s busybox "$root/bin/$applet"
+done
+printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
+printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
+
+blob() { # file -> digest, moves it into the blob store
+    local d
+    d=$(sha256sum "$1" | cut -d' ' -f1)
+    mv "$1" "$work/oci/blobs/sha256/$d"
+    echo "$d"
+}
+size() { stat -c %s "$work/oci/blobs/sha256/$1"; }
+
+layer=$(blob "$work/layer.tar")
+cat > "$work/config.json" <<JSON
+{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$layer"]}}
+JSON
+config=$(blob "$work/config.json")
+cat > "$work/manifest.json" <<JSON
+{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:$config","size":$(size "$config")},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"sha256:$layer","size":$(size "$layer")}]}
+JSON
+manifest=$(blob "$work/manifest.json")
+cat > "$work/oci/index.json" <<JSON
+{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:$manifest","size":$(size "$manifest"),"platform":{"architecture":"amd64","os":"linux"},"annotations":{"io.containerd.image.name":"$name","org.opencontainers.image.ref.name":"${name##*:}"}}]}
+JSON
+echo '{"imageLayoutVersion":"1.0.0"}' > "$work/oci/oci-layout"
+tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$work/oci" -cf "$out.tmp" .
+mv "$out.tmp" "$out"
+echo "build-busybox-image: $out ($name)"
