@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -90,7 +90,11 @@ struct Entry {
     container: Container,
     pid: Option<i32>,
     exit: Arc<Exit>,
+    /// stdout and stderr copies; Wait drains them. (The stdin copy ends when
+    /// the host closes its side, which it may never do.)
     pumps: Vec<JoinHandle<()>>,
+    /// The stdin connection, shut down on removal to end its copy.
+    stdin_conn: Option<File>,
 }
 
 /// All containers of this guest.
@@ -185,6 +189,7 @@ impl Manager {
         ];
         let null = || File::options().read(true).write(true).open("/dev/null");
         let mut pumps = Vec::new();
+        let mut stdin_conn = None;
         let mut fds: Vec<OwnedFd> = Vec::new();
         for (i, conn) in conns.into_iter().enumerate() {
             let fd: OwnedFd = match conn {
@@ -192,7 +197,8 @@ impl Manager {
                 Some(conn) => {
                     let (r, w) = nix::unistd::pipe().map_err(|e| io("pipe", e.into()))?;
                     if i == 0 {
-                        pumps.push(pump("stdin", conn, File::from(w)));
+                        stdin_conn = conn.try_clone().ok();
+                        drop(pump("stdin", conn, File::from(w)));
                         r
                     } else {
                         pumps.push(pump(
@@ -231,6 +237,7 @@ impl Manager {
             why: e.to_string(),
         })?;
         let pid = container.pid().map(|p| p.as_raw());
+        tracing::debug!(container = id, ?pid, "created");
         let exit = Arc::new(Exit::default());
         if let Some(pid) = pid {
             // Registered before start: the init cannot exit unnoticed.
@@ -249,6 +256,7 @@ impl Manager {
                 pid,
                 exit,
                 pumps,
+                stdin_conn,
             },
         );
         Ok(())
@@ -281,7 +289,9 @@ impl Manager {
                 .ok_or_else(|| ContainerError::NotFound(id.to_owned()))?;
             (entry.exit.clone(), std::mem::take(&mut entry.pumps))
         };
+        tracing::debug!(container = id, "waiting");
         let status = exit.wait();
+        tracing::debug!(container = id, status, "exited");
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for p in pumps {
             while !p.is_finished() && Instant::now() < deadline {
@@ -331,6 +341,9 @@ impl Manager {
             .remove(id)
             .ok_or_else(|| ContainerError::NotFound(id.to_owned()))?;
         self.hub.discard(id);
+        if let Some(c) = entry.stdin_conn.take() {
+            let _ = nix::sys::socket::shutdown(c.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
         if let Some(pid) = entry.pid {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(pid),

@@ -33,7 +33,17 @@ fn main() -> ExitCode {
         init::power_off();
     }
     let clock = init::BootClock::start(boottime_at_init);
-    // libcontainer reports through `tracing`; send it to the console.
+    if is_init {
+        std::panic::set_hook(Box::new(|info| {
+            log_error!("panic: {info}");
+            init::power_off();
+        }));
+        if let Err(e) = init::setup() {
+            log_error!("guest setup failed: {e}");
+            init::power_off();
+        }
+    }
+    // After setup: /proc is mounted. libcontainer reports through `tracing`; send it to the console.
     // `husk.debug` on the kernel command line raises the level.
     let debug = std::fs::read_to_string("/proc/cmdline")
         .is_ok_and(|c| c.split_whitespace().any(|w| w == "husk.debug"));
@@ -47,16 +57,6 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .without_time()
         .init();
-    if is_init {
-        std::panic::set_hook(Box::new(|info| {
-            log_error!("panic: {info}");
-            init::power_off();
-        }));
-        if let Err(e) = init::setup() {
-            log_error!("guest setup failed: {e}");
-            init::power_off();
-        }
-    }
 
     // Blocked before any thread starts, so every thread inherits the mask and
     // SIGCHLD is only ever consumed through the reaper's signalfd.

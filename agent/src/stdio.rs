@@ -147,13 +147,14 @@ fn read_line(f: &mut File) -> Option<String> {
     None
 }
 
-/// Copies `from` into `to` until EOF or an error, then drops both, which
-/// signals EOF to the other side.
+/// Copies `from` into `to` until EOF or an error (see
+/// [`husk_protocol::copy_plain`]), then drops both, which signals EOF to the
+/// other side.
 pub fn pump(name: &'static str, mut from: File, mut to: File) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
-            let _ = std::io::copy(&mut from, &mut to);
+            let _ = husk_protocol::copy_plain(&mut from, &mut to);
         })
         .expect("spawn stdio thread")
 }

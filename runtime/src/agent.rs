@@ -160,7 +160,8 @@ pub struct AgentInfo {
 /// Highest exit status a process can report (runc: code, or 128 + signal).
 const MAX_EXIT_STATUS: u32 = 255;
 
-/// A connected agent.
+/// A connected agent. Clones share the connection.
+#[derive(Clone)]
 pub struct Agent {
     health: HealthClient,
     agent: AgentRpc,

@@ -118,9 +118,8 @@ impl Process {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|source| ProcessError::Spawn { name, path, source })?;
+        let child =
+            spawn_from_keeper(cmd).map_err(|source| ProcessError::Spawn { name, path, source })?;
         tracing::debug!(name, pid = child.id(), "spawned");
         Ok(Self {
             name,
@@ -211,6 +210,40 @@ impl Process {
     pub fn log_tail(&self, max: usize) -> String {
         tail_of_file(&self.log, max)
     }
+}
+
+/// Forks every helper from one thread that lives as long as the process.
+///
+/// `PR_SET_PDEATHSIG` fires when the *thread* that forked the child exits,
+/// not the process; callers such as tokio's blocking pool retire idle
+/// threads after seconds, which would kill a running VM. Forking from a
+/// thread that never exits makes the signal mean "the owner process died".
+fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
+    use std::sync::mpsc::{channel, Sender};
+    use std::sync::{Mutex, OnceLock};
+    type Request = (Command, Sender<std::io::Result<Child>>);
+    static KEEPER: OnceLock<Mutex<Sender<Request>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = channel::<Request>();
+        std::thread::Builder::new()
+            .name("husk-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("start the spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply, result) = channel();
+    keeper
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .send((cmd, reply))
+        .map_err(|_| std::io::Error::other("spawner thread is gone"))?;
+    result
+        .recv()
+        .map_err(|_| std::io::Error::other("spawner thread is gone"))?
 }
 
 impl Drop for Process {

@@ -393,6 +393,8 @@ impl Sandbox {
             }
         }
         self.daemons.clear();
+        // Never let removal reach into a container rootfs still mounted here.
+        crate::storage::unmount_all_under(&self.dir);
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(sandbox = %self.id, dir = %self.dir.display(), error = %e, "removing sandbox directory");

@@ -1,13 +1,12 @@
-//! containerd-shim-husk-v2: containerd's shim v2 for husk.
-//!
-//! Not implemented yet (issue: "containerd shim v2"); it refuses to start so
-//! containerd reports a clear error instead of hanging.
+//! containerd-shim-husk-v2: containerd's shim v2 for husk. One shim and one
+//! microVM per container (a `ctr run` is a one-container pod). The ttrpc Task
+//! service logs and delegates to plain functions in `task`.
 
-use std::process::ExitCode;
+#![deny(unsafe_op_in_unsafe_fn)]
 
-fn main() -> ExitCode {
-    eprintln!(
-        "containerd-shim-husk-v2: not implemented yet; `husk vm-ping` boots a sandbox VM today"
-    );
-    ExitCode::FAILURE
+mod task;
+
+#[tokio::main]
+async fn main() {
+    containerd_shim::asynchronous::run::<task::HuskShim>("io.containerd.husk.v2", None).await;
 }

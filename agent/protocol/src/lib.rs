@@ -34,6 +34,30 @@ pub fn valid_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
 }
 
+/// Copies `from` into `to` until EOF, with a plain read/write loop.
+///
+/// Stdio must not go through `std::io::copy`: between a socket and a pipe
+/// or FIFO it may use splice(2), which sleeps on the socket while holding the
+/// pipe's lock, so the other end closing the pipe hangs in D state.
+pub fn copy_plain(
+    from: &mut impl std::io::Read,
+    to: &mut impl std::io::Write,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut total = 0u64;
+    loop {
+        match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                to.write_all(&buf[..n])?;
+                total += n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// One stdio stream of a process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamKind {

@@ -1,0 +1,213 @@
+//! Container rootfs on the host: containerd's mounts are mounted in a
+//! host-private directory of the sandbox, then bind-mounted into the share.
+//! The bind goes through an `O_PATH | O_NOFOLLOW` descriptor of a directory
+//! the host has just created, so it never follows a path the guest (which
+//! can write the share) could have swapped for a symlink.
+
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("unsupported rootfs mount type {0:?} (expected overlay or bind)")]
+    Unsupported(String),
+    #[error("rootfs has {0} mounts; husk supports exactly one")]
+    Count(usize),
+    #[error("{what} {path}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mount {fstype} on {target}")]
+    Mount {
+        fstype: String,
+        target: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+}
+
+/// One mount as containerd describes it.
+fn io(what: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StorageError {
+    let path = path.to_path_buf();
+    move |source| StorageError::Io { what, path, source }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountSpec {
+    pub fstype: String,
+    pub source: String,
+    pub options: Vec<String>,
+}
+
+/// Splits containerd mount options into mount flags and filesystem data.
+fn flags_and_data(options: &[String]) -> (MsFlags, String) {
+    let mut flags = MsFlags::empty();
+    let mut data = Vec::new();
+    for o in options {
+        match o.as_str() {
+            "ro" => flags |= MsFlags::MS_RDONLY,
+            "rw" | "defaults" => {}
+            "bind" => flags |= MsFlags::MS_BIND,
+            "rbind" => flags |= MsFlags::MS_BIND | MsFlags::MS_REC,
+            "nosuid" => flags |= MsFlags::MS_NOSUID,
+            "nodev" => flags |= MsFlags::MS_NODEV,
+            "noexec" => flags |= MsFlags::MS_NOEXEC,
+            other => data.push(other),
+        }
+    }
+    (flags, data.join(","))
+}
+
+/// Mounts the rootfs into `host_dir` (created) and binds it to
+/// `share_target` (created, must not exist yet).
+pub fn mount_rootfs(
+    mounts: &[MountSpec],
+    host_dir: &Path,
+    share_target: &Path,
+) -> Result<(), StorageError> {
+    let [m] = mounts else {
+        return Err(StorageError::Count(mounts.len()));
+    };
+    std::fs::create_dir_all(host_dir).map_err(io("create", host_dir))?;
+    let (flags, data) = flags_and_data(&m.options);
+    let data = (!data.is_empty()).then_some(data.as_str());
+    match m.fstype.as_str() {
+        "overlay" => mount(Some("overlay"), host_dir, Some("overlay"), flags, data),
+        "bind" => mount(
+            Some(m.source.as_str()),
+            host_dir,
+            None::<&str>,
+            flags | MsFlags::MS_BIND,
+            data,
+        ),
+        other => return Err(StorageError::Unsupported(other.to_owned())),
+    }
+    .map_err(|source| StorageError::Mount {
+        fstype: m.fstype.clone(),
+        target: host_dir.to_path_buf(),
+        source,
+    })?;
+    if let Err(e) = bind_into_share(host_dir, share_target) {
+        let _ = umount2(host_dir, MntFlags::MNT_DETACH);
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn bind_into_share(host_dir: &Path, share_target: &Path) -> Result<(), StorageError> {
+    if let Some(parent) = share_target.parent() {
+        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
+    }
+    // create_dir fails if anything (a guest-made symlink included) is there.
+    std::fs::create_dir(share_target).map_err(io("create", share_target))?;
+    let target = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(share_target)
+        .map_err(io("open", share_target))?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+    mount(
+        Some(host_dir),
+        &via_fd,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|source| StorageError::Mount {
+        fstype: "bind".into(),
+        target: share_target.to_path_buf(),
+        source,
+    })
+}
+
+/// Detaches every mount at or below `dir`, deepest first. Run before
+/// removing a sandbox directory, so removal never reaches into a rootfs.
+pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    let mut points: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in &points {
+        if let Err(e) = umount2(p.as_path(), MntFlags::MNT_DETACH) {
+            tracing::warn!(path = %p.display(), error = %e, "unmounting");
+        }
+    }
+    points
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape(s: &str) -> PathBuf {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(
+        CString::new(out)
+            .map(|c| c.into_string().unwrap_or_default())
+            .unwrap_or_default(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_split_into_flags_and_data() {
+        let opts: Vec<String> = ["ro", "rbind", "index=off", "lowerdir=/a:/b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let (flags, data) = flags_and_data(&opts);
+        assert!(flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_BIND | MsFlags::MS_REC));
+        assert_eq!(data, "index=off,lowerdir=/a:/b");
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape("/run/a\\040b"), PathBuf::from("/run/a b"));
+        assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn more_than_one_mount_is_refused() {
+        let m = MountSpec {
+            fstype: "overlay".into(),
+            source: "overlay".into(),
+            options: vec![],
+        };
+        let err = mount_rootfs(
+            &[m.clone(), m],
+            Path::new("/nonexistent/a"),
+            Path::new("/nonexistent/b"),
+        )
+        .unwrap_err();
+        assert!(matches!(err, StorageError::Count(2)));
+    }
+}
