@@ -46,6 +46,7 @@ install: build guest-image
 demo: build guest-image
 	./target/release/husk check
 	./target/release/husk vm-ping
+	bash tests/demo.sh
 
 lint:
 	$(CARGO) fmt --all -- --check

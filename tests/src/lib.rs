@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use husk_runtime::config::{Accel, HypervisorChoice};
 use husk_runtime::Config;
 
+pub mod containerd;
+
 /// Guest image directory written by `make guest-image`.
 pub fn guest_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest")

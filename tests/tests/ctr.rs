@@ -1,0 +1,170 @@
+//! `ctr` against a real containerd with husk registered: the real shim
+//! binary, a real guest, a locally built busybox image.
+
+use std::io::Write;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use husk_tests::containerd::{Containerd, IMAGE};
+use husk_tests::{e2e, processes_mentioning, vm_lock};
+
+const RUNTIME: &str = "io.containerd.husk.v2";
+
+/// No husk process, sandbox directory or mount is left.
+fn assert_clean() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let shims = processes_mentioning(std::path::Path::new("containerd-shim-husk-v2"));
+        let vms = processes_mentioning(std::path::Path::new("/run/husk/"));
+        let dirs: Vec<_> = std::fs::read_dir("/run/husk")
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .matches("/run/husk/")
+            .count();
+        if shims.is_empty() && vms.is_empty() && dirs.is_empty() && mounts == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: shims {shims:?}, vm processes {vms:?}, dirs {dirs:?}, {mounts} mounts"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {
+    if !e2e("ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "uname1",
+        "uname",
+        "-r",
+    ]);
+    let release = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(
+        out.status.success(),
+        "ctr run failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctd.log()
+    );
+    let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("host release");
+    assert!(
+        release.ends_with("-husk"),
+        "not the guest kernel: {release:?}"
+    );
+    assert_ne!(
+        release,
+        host.trim(),
+        "the container must not see the host kernel"
+    );
+    assert_clean();
+
+    let out = ctd.ctr(&[
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "exit7",
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 7",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "exit code: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "err\n");
+    assert_clean();
+
+    let mut child = ctd
+        .ctr_cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "stdin1",
+            "sh",
+            "-c",
+            "read x; echo got: $x",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("ctr run");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(b"hello husk\n")
+        .expect("write stdin");
+    let out = child.wait_with_output().expect("ctr run");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got: hello husk\n");
+    assert_clean();
+}
+
+#[test]
+fn ctr_task_kill_stops_a_detached_container() {
+    if !e2e("ctr_task_kill_stops_a_detached_container") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "sleeper",
+        "sleep",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctd.log()
+    );
+    let out = ctd.ctr(&["task", "ls"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("RUNNING"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = ctd.ctr(&["task", "kill", "-s", "SIGKILL", "sleeper"]);
+    assert!(
+        out.status.success(),
+        "kill: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = String::from_utf8_lossy(&ctd.ctr(&["task", "ls"]).stdout).into_owned();
+        if ls.contains("STOPPED") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task did not stop: {ls}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(ctd.ctr(&["task", "rm", "sleeper"]).status.success());
+    assert!(ctd.ctr(&["container", "rm", "sleeper"]).status.success());
+    assert_clean();
+}
