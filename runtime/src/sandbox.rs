@@ -33,6 +33,8 @@ const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
 const VM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// SIGTERM to SIGKILL for the daemons.
 const DAEMON_GRACE: Duration = Duration::from_secs(2);
+/// What the agent prints on the console once it listens.
+const LISTENING_HINT: &[u8] = b"husk-agent: listening on vsock port";
 /// Bytes of console and VMM output quoted in errors.
 const LOG_TAIL: usize = 3000;
 
@@ -282,7 +284,10 @@ impl Sandbox {
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
             || match hv.try_wait() {
-                Ok(None) => Ok(()),
+                // The agent's console line is only a hint of when to start
+                // trying; the handshake and the RPCs decide.
+                Ok(None) => Ok(std::fs::read(&console)
+                    .is_ok_and(|c| c.windows(LISTENING_HINT.len()).any(|w| w == LISTENING_HINT))),
                 Ok(Some(status)) => Err(SandboxError::VmExited {
                     status,
                     console: tail_of_file(&console, LOG_TAIL),
