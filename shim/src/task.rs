@@ -138,8 +138,29 @@ impl HuskShim {
         }
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, Option<State>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs a blocking agent call off the async runtime; errors become INTERNAL.
+    async fn agent_call<T, E>(
+        &self,
+        call: impl FnOnce(Agent, String) -> Result<T, E> + Send + 'static,
+    ) -> TtrpcResult<T>
+    where
+        T: Send + 'static,
+        E: std::fmt::Display + Send + 'static,
+    {
+        let agent = self.agent()?;
+        let id = self.id.clone();
+        tokio::task::spawn_blocking(move || call(agent, id))
+            .await
+            .map_err(|e| err(Code::INTERNAL, e))?
+            .map_err(|e| err(Code::INTERNAL, e))
+    }
+
     fn agent(&self) -> Result<Agent, containerd_shim::protos::ttrpc::Error> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.state();
         st.as_ref()
             .and_then(|s| s.sandbox.as_ref())
             .and_then(|sb| sb.agent().cloned())
@@ -257,7 +278,7 @@ impl Task for HuskShim {
         ev.container_id = req.id.clone();
         ev.bundle = req.bundle.clone();
         ev.rootfs = req.rootfs.clone();
-        *self.state.lock().unwrap_or_else(|e| e.into_inner()) = Some(state);
+        *self.state() = Some(state);
         self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
             .await;
         Ok(api::CreateTaskResponse::new())
@@ -269,14 +290,9 @@ impl Task for HuskShim {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         log::info!("start {}", req.id);
-        let agent = self.agent()?;
-        let id = self.id.clone();
-        let pid = tokio::task::spawn_blocking(move || agent.start_container(&id))
-            .await
-            .map_err(|e| err(Code::INTERNAL, e))?
-            .map_err(|e| err(Code::INTERNAL, e))?;
+        let pid = self.agent_call(|a, id| a.start_container(&id)).await?;
         let (stdin_stream, stdin_path) = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let mut st = self.state();
             let s = st
                 .as_mut()
                 .ok_or_else(|| err(Code::NOT_FOUND, "no container"))?;
@@ -299,19 +315,18 @@ impl Task for HuskShim {
         let id = self.id.clone();
         tokio::spawn(async move {
             let status = tokio::task::spawn_blocking(move || agent.wait_process(&id)).await;
-            let status = match status {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    log::error!("wait for {}: {e}", me.id);
-                    255
-                }
+            let status = match status
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                Ok(s) => s,
                 Err(e) => {
                     log::error!("wait for {}: {e}", me.id);
                     255
                 }
             };
             let pumps = {
-                let mut st = me.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = me.state();
                 st.as_mut()
                     .map(|s| std::mem::take(&mut s.pumps))
                     .unwrap_or_default()
@@ -324,7 +339,7 @@ impl Task for HuskShim {
                 at: Some(now()),
             };
             {
-                let mut st = me.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut st = me.state();
                 if let Some(s) = st.as_mut() {
                     s.status = api::Status::STOPPED;
                     s.exit = Some(exit.clone());
@@ -355,7 +370,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.state();
         let s = st
             .as_ref()
             .ok_or_else(|| err(Code::NOT_FOUND, format!("container {} not created", req.id)))?;
@@ -394,21 +409,11 @@ impl Task for HuskShim {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         log::info!("kill {} signal {}", req.id, req.signal);
-        if self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_some_and(|s| s.exit.is_some())
-        {
+        if self.state().as_ref().is_some_and(|s| s.exit.is_some()) {
             return Ok(api::Empty::new());
         }
-        let agent = self.agent()?;
-        let id = self.id.clone();
-        tokio::task::spawn_blocking(move || agent.signal_process(&id, req.signal, req.all))
-            .await
-            .map_err(|e| err(Code::INTERNAL, e))?
-            .map_err(|e| err(Code::INTERNAL, e))?;
+        self.agent_call(move |a, id| a.signal_process(&id, req.signal, req.all))
+            .await?;
         Ok(api::Empty::new())
     }
 
@@ -417,7 +422,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         _req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let st = self.state();
         let mut resp = api::PidsResponse::new();
         if let Some(s) = st.as_ref().filter(|s| s.pid != 0 && s.exit.is_none()) {
             let mut p = containerd_shim::protos::types::task::ProcessInfo::new();
@@ -433,7 +438,7 @@ impl Task for HuskShim {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         log::info!("delete {}", req.id);
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let state = self.state().take();
         let mut resp = api::DeleteResponse::new();
         if let Some(mut s) = state {
             resp.pid = s.pid;
@@ -474,13 +479,7 @@ impl Task for HuskShim {
     ) -> TtrpcResult<api::ConnectResponse> {
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = self
-            .state
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|s| s.pid)
-            .unwrap_or(0);
+        resp.task_pid = self.state().as_ref().map(|s| s.pid).unwrap_or(0);
         resp.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(resp)
     }
@@ -491,7 +490,7 @@ impl Task for HuskShim {
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
         log::info!("shutdown");
-        let state = self.state.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let state = self.state().take();
         if let Some(mut s) = state {
             if let Some(sb) = s.sandbox.take() {
                 let _ = tokio::task::spawn_blocking(move || sb.shutdown()).await;
