@@ -1,50 +1,62 @@
 //! Containers in the guest, built by youki's libcontainer from the OCI spec
 //! the host forwards. The rootfs is always `<share>/<id>/rootfs`; the spec's
 //! own root path is ignored (the host's path means nothing here).
+//!
+//! Each container has its init process and any number of exec processes;
+//! each process has its own stdio streams (see `stdio.rs`) and, in terminal
+//! mode, a pty whose master stays in the agent.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use husk_protocol::containers::Stdio;
+use husk_protocol::containers::{StatsResponse, Stdio};
 use husk_protocol::{valid_id, StreamHeader, StreamKind};
 use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
-use libcontainer::oci_spec::runtime::Spec;
+use libcontainer::oci_spec::runtime::{LinuxResources, Process, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::WaitStatus;
 
+use crate::cgroup;
 use crate::init::SHARE_DIR;
 use crate::reaper::Reaper;
 use crate::stdio::{pump, StreamHub};
 
 /// libcontainer's state directory.
 const STATE_DIR: &str = "/run/husk/containers";
-/// Bundles (config.json) written for libcontainer.
+/// Bundles (config.json, exec process.json) written for libcontainer.
 const BUNDLE_DIR: &str = "/run/husk/bundles";
-/// How long CreateContainer waits for the host's stdio streams.
+/// Console sockets on which libcontainer hands over pty masters.
+const CONSOLE_DIR: &str = "/run/husk/console";
+/// How long a create or exec waits for the host's stdio streams.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent waits for libcontainer to hand over a pty master.
+const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After the process exits, how long output may still drain (a daemonised
 /// child holding stdout open must not hang Wait forever).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most exec processes one container may have at once.
+const MAX_EXECS: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("invalid container id {0:?}")]
+    #[error("invalid container or exec id {0:?}")]
     InvalidId(String),
-    #[error("container {0} already exists")]
+    #[error("{0} already exists")]
     Exists(String),
-    #[error("container {0} not found")]
+    #[error("{0} not found")]
     NotFound(String),
-    #[error("spec of container {id} is not valid OCI JSON: {why}")]
+    #[error("spec of container {id} is not valid: {why}")]
     Spec { id: String, why: String },
     #[error("rootfs {0} is missing or not a directory")]
     Rootfs(PathBuf),
-    #[error("stdio {stream} of container {id} did not arrive within {timeout:?}")]
+    #[error("stdio {stream} of {id} did not arrive within {timeout:?}")]
     StreamMissing {
         id: String,
         stream: &'static str,
@@ -60,6 +72,8 @@ pub enum ContainerError {
     Runtime { id: String, why: String },
     #[error("container {0} has not been started")]
     NotStarted(String),
+    #[error("container {id} has {MAX_EXECS} exec processes already")]
+    TooManyExecs { id: String },
 }
 
 /// Exit status of a process, once known.
@@ -75,6 +89,10 @@ impl Exit {
         self.done.notify_all();
     }
 
+    fn get(&self) -> Option<u32> {
+        *self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn wait(&self) -> u32 {
         let mut s = self.status.lock().unwrap_or_else(|e| e.into_inner());
         loop {
@@ -86,15 +104,44 @@ impl Exit {
     }
 }
 
-struct Entry {
-    container: Container,
-    pid: Option<i32>,
+/// One process of a container: its init or an exec.
+struct Proc {
+    pid: i32,
     exit: Arc<Exit>,
-    /// stdout and stderr copies; Wait drains them. (The stdin copy ends when
-    /// the host closes its side, which it may never do.)
+    /// Output copies; Wait drains them. (The stdin copy ends when the host
+    /// closes its side, which it may never do.)
     pumps: Vec<JoinHandle<()>>,
     /// The stdin connection, shut down on removal to end its copy.
     stdin_conn: Option<File>,
+    /// The pty master, in terminal mode, for resizing.
+    pty: Option<File>,
+}
+
+impl Proc {
+    fn kill(&self) {
+        if self.exit.get().is_none() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(self.pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    fn close_stdin(&mut self) {
+        if let Some(c) = self.stdin_conn.take() {
+            let _ = nix::sys::socket::shutdown(c.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        }
+    }
+}
+
+struct Entry {
+    container: Container,
+    /// Created but not yet started processes have a pid already.
+    init: Proc,
+    started: bool,
+    execs: HashMap<String, Proc>,
+    /// The container's cgroup, absolute.
+    cgroup: PathBuf,
 }
 
 /// All containers of this guest.
@@ -113,6 +160,32 @@ pub fn exit_status(ws: WaitStatus) -> Option<u32> {
     }
 }
 
+/// How a process's stdio is wired before libcontainer builds it.
+enum Wiring {
+    /// Pipes: the ends the process gets; the copies already run.
+    Pipes {
+        fds: [OwnedFd; 3],
+        pumps: Vec<JoinHandle<()>>,
+        stdin_conn: Option<File>,
+    },
+    /// A pty: libcontainer connects to the console socket and sends the
+    /// master, which is wired to the streams afterwards.
+    Pty {
+        listener: UnixListener,
+        path: PathBuf,
+        stdin: Option<File>,
+        stdout: Option<File>,
+    },
+}
+
+/// Names the process for errors and stream headers.
+fn label(id: &str, exec_id: Option<&str>) -> String {
+    match exec_id {
+        Some(e) => format!("exec {e} of container {id}"),
+        None => format!("container {id}"),
+    }
+}
+
 impl Manager {
     pub fn new(reaper: Reaper, hub: Arc<StreamHub>) -> Self {
         Self {
@@ -126,43 +199,26 @@ impl Manager {
         self.containers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    pub fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<(), ContainerError> {
-        if !valid_id(id) {
-            return Err(ContainerError::InvalidId(id.to_owned()));
-        }
-        if self.lock().contains_key(id) {
-            return Err(ContainerError::Exists(id.to_owned()));
-        }
+    /// Claims the process's streams and prepares pipes or a console socket.
+    fn wire(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        stdio: &Stdio,
+        terminal: bool,
+    ) -> Result<Wiring, ContainerError> {
         let io = |what, e: std::io::Error| ContainerError::Io {
             id: id.to_owned(),
             what,
             why: e.to_string(),
         };
-        let mut spec: Spec =
-            serde_json::from_slice(spec_json).map_err(|e| ContainerError::Spec {
+        if terminal && stdio.stderr {
+            return Err(ContainerError::Spec {
                 id: id.to_owned(),
-                why: e.to_string(),
-            })?;
-        let rootfs = Path::new(SHARE_DIR).join(id).join("rootfs");
-        match std::fs::symlink_metadata(&rootfs) {
-            Ok(m) if m.is_dir() => {}
-            _ => return Err(ContainerError::Rootfs(rootfs)),
+                why: "a terminal process has no separate stderr stream".into(),
+            });
         }
-        let mut root = spec.root().clone().unwrap_or_default();
-        root.set_path(rootfs);
-        spec.set_root(Some(root));
-        // Hooks would run host binaries; they have no meaning in the guest.
-        spec.set_hooks(None);
-        let bundle = Path::new(BUNDLE_DIR).join(id);
-        std::fs::create_dir_all(&bundle).map_err(|e| io("create bundle", e))?;
-        let json = serde_json::to_vec(&spec).map_err(|e| ContainerError::Spec {
-            id: id.to_owned(),
-            why: e.to_string(),
-        })?;
-        std::fs::write(bundle.join("config.json"), json).map_err(|e| io("write config.json", e))?;
-        std::fs::create_dir_all(STATE_DIR).map_err(|e| io("create state dir", e))?;
-
-        // Streams first: the host has opened them before this call.
+        // The host has opened the streams before this call.
         let deadline = Instant::now() + STREAM_TIMEOUT;
         let claim = |kind: StreamKind, wanted: bool| -> Result<Option<File>, ContainerError> {
             if !wanted {
@@ -170,28 +226,40 @@ impl Manager {
             }
             let h = StreamHeader {
                 container_id: id.to_owned(),
-                exec_id: None,
+                exec_id: exec_id.map(str::to_owned),
                 kind,
             };
             self.hub
                 .claim(&h, deadline)
                 .map(Some)
                 .ok_or(ContainerError::StreamMissing {
-                    id: id.to_owned(),
+                    id: label(id, exec_id),
                     stream: kind.as_str(),
                     timeout: STREAM_TIMEOUT,
                 })
         };
-        let conns = [
-            claim(StreamKind::Stdin, stdio.stdin)?,
-            claim(StreamKind::Stdout, stdio.stdout)?,
-            claim(StreamKind::Stderr, stdio.stderr)?,
-        ];
+        let stdin = claim(StreamKind::Stdin, stdio.stdin)?;
+        let stdout = claim(StreamKind::Stdout, stdio.stdout)?;
+        let stderr = claim(StreamKind::Stderr, stdio.stderr)?;
+
+        if terminal {
+            std::fs::create_dir_all(CONSOLE_DIR).map_err(|e| io("create console dir", e))?;
+            let path = Path::new(CONSOLE_DIR).join(format!("{id}.{}.sock", exec_id.unwrap_or("-")));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).map_err(|e| io("bind console socket", e))?;
+            return Ok(Wiring::Pty {
+                listener,
+                path,
+                stdin,
+                stdout,
+            });
+        }
+
         let null = || File::options().read(true).write(true).open("/dev/null");
         let mut pumps = Vec::new();
         let mut stdin_conn = None;
         let mut fds: Vec<OwnedFd> = Vec::new();
-        for (i, conn) in conns.into_iter().enumerate() {
+        for (i, conn) in [stdin, stdout, stderr].into_iter().enumerate() {
             let fd: OwnedFd = match conn {
                 None => null().map_err(|e| io("open /dev/null", e))?.into(),
                 Some(conn) => {
@@ -212,36 +280,49 @@ impl Manager {
             };
             fds.push(fd);
         }
-        let mut fds = fds.into_iter();
-        let (stdin, stdout, stderr) = (
-            fds.next().expect("3"),
-            fds.next().expect("3"),
-            fds.next().expect("3"),
-        );
-
-        let built = {
-            let _no_reaping = self.reaper.hold();
-            ContainerBuilder::new(id.to_owned(), SyscallType::default())
-                .with_root_path(STATE_DIR)
-                .and_then(|b| b.validate_id())
-                .map(|b| b.with_stdin(stdin).with_stdout(stdout).with_stderr(stderr))
-                .and_then(|b| {
-                    b.as_init(&bundle)
-                        .with_systemd(false)
-                        .with_detach(true)
-                        .build()
-                })
-        };
-        let container = built.map_err(|e| ContainerError::Runtime {
+        let fds: [OwnedFd; 3] = fds.try_into().map_err(|_| ContainerError::Runtime {
             id: id.to_owned(),
-            why: e.to_string(),
+            why: "stdio wiring".into(),
         })?;
-        let pid = container.pid().map(|p| p.as_raw());
-        tracing::debug!(container = id, ?pid, "created");
+        Ok(Wiring::Pipes {
+            fds,
+            pumps,
+            stdin_conn,
+        })
+    }
+
+    /// A builder with the process's stdio or console socket set.
+    fn builder(id: &str, wiring: &mut Wiring) -> Result<ContainerBuilder, ContainerError> {
+        let b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
+            .with_root_path(STATE_DIR)
+            .and_then(|b| b.validate_id())
+            .map_err(|e| ContainerError::Runtime {
+                id: id.to_owned(),
+                why: e.to_string(),
+            })?;
+        Ok(match wiring {
+            Wiring::Pipes { fds, .. } => {
+                let dup = |fd: &OwnedFd| {
+                    fd.try_clone().map_err(|e| ContainerError::Io {
+                        id: id.to_owned(),
+                        what: "dup stdio",
+                        why: e.to_string(),
+                    })
+                };
+                b.with_stdin(dup(&fds[0])?)
+                    .with_stdout(dup(&fds[1])?)
+                    .with_stderr(dup(&fds[2])?)
+            }
+            Wiring::Pty { path, .. } => b.with_console_socket(Some(path.clone())),
+        })
+    }
+
+    /// Finishes the wiring once the process exists, and registers it.
+    fn finish(&self, id: &str, pid: i32, wiring: Wiring) -> Result<Proc, ContainerError> {
+        // Registered at once: the process cannot exit unnoticed.
         let exit = Arc::new(Exit::default());
-        if let Some(pid) = pid {
-            // Registered before start: the init cannot exit unnoticed.
-            let rx = self.reaper.watch(pid);
+        let rx = self.reaper.watch(pid);
+        {
             let exit = exit.clone();
             std::thread::spawn(move || {
                 if let Ok(ws) = rx.recv() {
@@ -249,14 +330,127 @@ impl Manager {
                 }
             });
         }
-        self.lock().insert(
-            id.to_owned(),
-            Entry {
-                container,
+        match wiring {
+            Wiring::Pipes {
+                pumps, stdin_conn, ..
+            } => Ok(Proc {
                 pid,
                 exit,
                 pumps,
                 stdin_conn,
+                pty: None,
+            }),
+            Wiring::Pty {
+                listener,
+                path,
+                stdin,
+                stdout,
+            } => {
+                let master = receive_pty(&listener, CONSOLE_TIMEOUT);
+                drop(listener);
+                let _ = std::fs::remove_file(&path);
+                let master = master.map_err(|why| ContainerError::Runtime {
+                    id: id.to_owned(),
+                    why: format!("pty master: {why}"),
+                })?;
+                let io = |e: std::io::Error| ContainerError::Io {
+                    id: id.to_owned(),
+                    what: "dup pty master",
+                    why: e.to_string(),
+                };
+                let mut pumps = Vec::new();
+                if let Some(out) = stdout {
+                    pumps.push(pump("pty-out", master.try_clone().map_err(io)?, out));
+                }
+                let mut stdin_conn = None;
+                if let Some(input) = stdin {
+                    stdin_conn = input.try_clone().ok();
+                    drop(pump("pty-in", input, master.try_clone().map_err(io)?));
+                }
+                Ok(Proc {
+                    pid,
+                    exit,
+                    pumps,
+                    stdin_conn,
+                    pty: Some(master),
+                })
+            }
+        }
+    }
+
+    pub fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<(), ContainerError> {
+        if !valid_id(id) {
+            return Err(ContainerError::InvalidId(id.to_owned()));
+        }
+        if self.lock().contains_key(id) {
+            return Err(ContainerError::Exists(format!("container {id}")));
+        }
+        let io = |what, e: std::io::Error| ContainerError::Io {
+            id: id.to_owned(),
+            what,
+            why: e.to_string(),
+        };
+        let spec_error = |why: String| ContainerError::Spec {
+            id: id.to_owned(),
+            why,
+        };
+        let mut spec: Spec =
+            serde_json::from_slice(spec_json).map_err(|e| spec_error(e.to_string()))?;
+        let terminal = spec
+            .process()
+            .as_ref()
+            .ok_or_else(|| spec_error("it has no process".into()))?
+            .terminal()
+            .unwrap_or(false);
+        let rootfs = Path::new(SHARE_DIR).join(id).join("rootfs");
+        match std::fs::symlink_metadata(&rootfs) {
+            Ok(m) if m.is_dir() => {}
+            _ => return Err(ContainerError::Rootfs(rootfs)),
+        }
+        let mut root = spec.root().clone().unwrap_or_default();
+        root.set_path(rootfs);
+        spec.set_root(Some(root));
+        // Hooks would run host binaries; they have no meaning in the guest.
+        spec.set_hooks(None);
+        let bundle = Path::new(BUNDLE_DIR).join(id);
+        std::fs::create_dir_all(&bundle).map_err(|e| io("create bundle", e))?;
+        let json = serde_json::to_vec(&spec).map_err(|e| spec_error(e.to_string()))?;
+        std::fs::write(bundle.join("config.json"), json).map_err(|e| io("write config.json", e))?;
+        std::fs::create_dir_all(STATE_DIR).map_err(|e| io("create state dir", e))?;
+
+        let mut wiring = self.wire(id, None, stdio, terminal)?;
+        let built = {
+            let _no_reaping = self.reaper.hold();
+            Self::builder(id, &mut wiring)?
+                .as_init(&bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+        };
+        let container = match built {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&bundle);
+                return Err(ContainerError::Runtime {
+                    id: id.to_owned(),
+                    why: e.to_string(),
+                });
+            }
+        };
+        let Some(pid) = container.pid().map(|p| p.as_raw()) else {
+            return Err(ContainerError::NotStarted(id.to_owned()));
+        };
+        tracing::debug!(container = id, pid, "created");
+        let init = self.finish(id, pid, wiring)?;
+        let cgroup = cgroup::container_path(&container);
+        self.lock().insert(
+            id.to_owned(),
+            Entry {
+                container,
+                init,
+                started: false,
+                execs: HashMap::new(),
+                cgroup,
             },
         );
         Ok(())
@@ -266,7 +460,7 @@ impl Manager {
         let mut map = self.lock();
         let entry = map
             .get_mut(id)
-            .ok_or_else(|| ContainerError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
         entry
             .container
             .start()
@@ -274,24 +468,112 @@ impl Manager {
                 id: id.to_owned(),
                 why: e.to_string(),
             })?;
-        entry
-            .pid
-            .map(|p| p as u32)
-            .ok_or_else(|| ContainerError::NotStarted(id.to_owned()))
+        entry.started = true;
+        Ok(entry.init.pid as u32)
     }
 
-    /// Waits for the init process to exit and its output to drain.
-    pub fn wait(&self, id: &str) -> Result<u32, ContainerError> {
-        let (exit, pumps) = {
-            let mut map = self.lock();
+    /// Creates and starts an exec process in a running container.
+    pub fn exec(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process_json: &[u8],
+        stdio: &Stdio,
+    ) -> Result<u32, ContainerError> {
+        if !valid_id(exec_id) {
+            return Err(ContainerError::InvalidId(exec_id.to_owned()));
+        }
+        let process: Process =
+            serde_json::from_slice(process_json).map_err(|e| ContainerError::Spec {
+                id: id.to_owned(),
+                why: format!("exec {exec_id}: {e}"),
+            })?;
+        {
+            let map = self.lock();
             let entry = map
-                .get_mut(id)
-                .ok_or_else(|| ContainerError::NotFound(id.to_owned()))?;
-            (entry.exit.clone(), std::mem::take(&mut entry.pumps))
+                .get(id)
+                .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
+            if !entry.started || entry.init.exit.get().is_some() {
+                return Err(ContainerError::Runtime {
+                    id: id.to_owned(),
+                    why: format!("cannot exec {exec_id}: the container is not running"),
+                });
+            }
+            if entry.execs.contains_key(exec_id) {
+                return Err(ContainerError::Exists(label(id, Some(exec_id))));
+            }
+            if entry.execs.len() >= MAX_EXECS {
+                return Err(ContainerError::TooManyExecs { id: id.to_owned() });
+            }
+        }
+        let path = Path::new(BUNDLE_DIR)
+            .join(id)
+            .join(format!("exec-{exec_id}.json"));
+        std::fs::write(&path, process_json).map_err(|e| ContainerError::Io {
+            id: id.to_owned(),
+            what: "write exec process.json",
+            why: e.to_string(),
+        })?;
+        let terminal = process.terminal().unwrap_or(false);
+        let mut wiring = self.wire(id, Some(exec_id), stdio, terminal)?;
+        let built = {
+            let _no_reaping = self.reaper.hold();
+            Self::builder(id, &mut wiring)?
+                .as_tenant()
+                .with_detach(true)
+                .with_process(Some(&path))
+                .build()
         };
-        tracing::debug!(container = id, "waiting");
+        let _ = std::fs::remove_file(&path);
+        let pid = built
+            .map_err(|e| ContainerError::Runtime {
+                id: id.to_owned(),
+                why: format!("exec {exec_id}: {e}"),
+            })?
+            .as_raw();
+        tracing::debug!(container = id, exec = exec_id, pid, "exec started");
+        let proc = self.finish(id, pid, wiring)?;
+        let mut map = self.lock();
+        match map.get_mut(id) {
+            Some(entry) => {
+                entry.execs.insert(exec_id.to_owned(), proc);
+                Ok(pid as u32)
+            }
+            None => {
+                proc.kill();
+                Err(ContainerError::NotFound(format!("container {id}")))
+            }
+        }
+    }
+
+    /// Runs `f` on a process of a container.
+    fn with_proc<T>(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        f: impl FnOnce(&mut Proc) -> T,
+    ) -> Result<T, ContainerError> {
+        let mut map = self.lock();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
+        let proc = match exec_id {
+            None => &mut entry.init,
+            Some(e) => entry
+                .execs
+                .get_mut(e)
+                .ok_or_else(|| ContainerError::NotFound(label(id, Some(e))))?,
+        };
+        Ok(f(proc))
+    }
+
+    /// Waits for a process to exit and its output to drain.
+    pub fn wait(&self, id: &str, exec_id: Option<&str>) -> Result<u32, ContainerError> {
+        let (exit, pumps) = self.with_proc(id, exec_id, |p| {
+            (p.exit.clone(), std::mem::take(&mut p.pumps))
+        })?;
         let status = exit.wait();
-        tracing::debug!(container = id, status, "exited");
+        tracing::debug!(container = id, exec = exec_id, status, "exited");
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for p in pumps {
             while !p.is_finished() && Instant::now() < deadline {
@@ -304,26 +586,32 @@ impl Manager {
         Ok(status)
     }
 
-    pub fn signal(&self, id: &str, signal: u32, all: bool) -> Result<(), ContainerError> {
+    pub fn signal(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: u32,
+        all: bool,
+    ) -> Result<(), ContainerError> {
         let sig = nix::sys::signal::Signal::try_from(signal as i32).map_err(|_| {
             ContainerError::Runtime {
                 id: id.to_owned(),
                 why: format!("invalid signal {signal}"),
             }
         })?;
-        let map = self.lock();
-        let entry = map
-            .get(id)
-            .ok_or_else(|| ContainerError::NotFound(id.to_owned()))?;
-        let pid = entry
-            .pid
-            .ok_or_else(|| ContainerError::NotStarted(id.to_owned()))?;
-        if all {
-            if let Ok(procs) = std::fs::read_to_string(cgroup_procs(&entry.container)) {
-                for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), sig);
-                }
+        if all && exec_id.is_none() {
+            let cg = self
+                .lock()
+                .get(id)
+                .map(|e| e.cgroup.clone())
+                .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
+            for p in cgroup::pids(&cg) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(p as i32), sig);
             }
+        }
+        let (pid, exited) = self.with_proc(id, exec_id, |p| (p.pid, p.exit.get().is_some()))?;
+        if exited {
+            return Ok(());
         }
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
             Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
@@ -334,23 +622,131 @@ impl Manager {
         }
     }
 
+    pub fn resize(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        width: u32,
+        height: u32,
+    ) -> Result<(), ContainerError> {
+        let cap = |v: u32| v.min(u16::MAX as u32) as u16;
+        let ws = libc::winsize {
+            ws_row: cap(height),
+            ws_col: cap(width),
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        self.with_proc(id, exec_id, |p| match &p.pty {
+            None => Err(ContainerError::Runtime {
+                id: id.to_owned(),
+                why: format!("{} has no terminal", label(id, exec_id)),
+            }),
+            // SAFETY: TIOCSWINSZ reads one winsize from the pointer, which
+            // lives across the call.
+            Some(m) => match unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &ws) } {
+                0 => Ok(()),
+                _ => Err(ContainerError::Io {
+                    id: id.to_owned(),
+                    what: "resize pty",
+                    why: std::io::Error::last_os_error().to_string(),
+                }),
+            },
+        })?
+    }
+
+    /// Forgets an exec process, killing it first if it still runs.
+    pub fn remove_exec(&self, id: &str, exec_id: &str) -> Result<(), ContainerError> {
+        let mut proc = {
+            let mut map = self.lock();
+            let entry = map
+                .get_mut(id)
+                .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
+            entry
+                .execs
+                .remove(exec_id)
+                .ok_or_else(|| ContainerError::NotFound(label(id, Some(exec_id))))?
+        };
+        proc.close_stdin();
+        proc.kill();
+        Ok(())
+    }
+
+    pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
+        self.with_container(id, |c| c.pause())
+    }
+
+    pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
+        self.with_container(id, |c| c.resume())
+    }
+
+    fn with_container(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Container) -> Result<(), libcontainer::error::LibcontainerError>,
+    ) -> Result<(), ContainerError> {
+        let mut map = self.lock();
+        let entry = map
+            .get_mut(id)
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
+        f(&mut entry.container).map_err(|e| ContainerError::Runtime {
+            id: id.to_owned(),
+            why: e.to_string(),
+        })
+    }
+
+    fn cgroup_of(&self, id: &str) -> Result<PathBuf, ContainerError> {
+        self.lock()
+            .get(id)
+            .map(|e| e.cgroup.clone())
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))
+    }
+
+    pub fn processes(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
+        Ok(cgroup::pids(&self.cgroup_of(id)?))
+    }
+
+    pub fn stats(&self, id: &str) -> Result<StatsResponse, ContainerError> {
+        cgroup::stats(&self.cgroup_of(id)?).map_err(|e| ContainerError::Io {
+            id: id.to_owned(),
+            what: "read cgroup statistics",
+            why: e.to_string(),
+        })
+    }
+
+    pub fn update(&self, id: &str, resources_json: &[u8]) -> Result<(), ContainerError> {
+        let resources: LinuxResources =
+            serde_json::from_slice(resources_json).map_err(|e| ContainerError::Spec {
+                id: id.to_owned(),
+                why: format!("resources: {e}"),
+            })?;
+        cgroup::apply(&self.cgroup_of(id)?, &resources).map_err(|why| ContainerError::Runtime {
+            id: id.to_owned(),
+            why: format!("update resources: {why}"),
+        })
+    }
+
+    /// Blocks until the container's cgroup counts another OOM kill (true) or
+    /// the container is gone (false).
+    pub fn wait_oom(&self, id: &str) -> Result<bool, ContainerError> {
+        let cg = self.cgroup_of(id)?;
+        let gone = || !self.lock().contains_key(id);
+        Ok(cgroup::wait_oom_kill(&cg, gone))
+    }
+
     /// Kills what is left of the container and removes it.
     pub fn remove(&self, id: &str) -> Result<(), ContainerError> {
         let mut entry = self
             .lock()
             .remove(id)
-            .ok_or_else(|| ContainerError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
         self.hub.discard(id);
-        if let Some(c) = entry.stdin_conn.take() {
-            let _ = nix::sys::socket::shutdown(c.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        for p in entry.execs.values_mut() {
+            p.close_stdin();
+            p.kill();
         }
-        if let Some(pid) = entry.pid {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _ = entry.exit.wait();
-        }
+        entry.init.close_stdin();
+        entry.init.kill();
+        let _ = entry.init.exit.wait();
         let result = {
             let _no_reaping = self.reaper.hold();
             entry.container.delete(true)
@@ -363,13 +759,50 @@ impl Manager {
     }
 }
 
-fn cgroup_procs(c: &Container) -> PathBuf {
-    let path = c
-        .spec()
-        .ok()
-        .and_then(|s| s.cgroup_path.to_str().map(str::to_owned))
-        .unwrap_or_default();
-    Path::new("/sys/fs/cgroup")
-        .join(path.trim_start_matches('/'))
-        .join("cgroup.procs")
+/// Accepts libcontainer's connection on the console socket and receives the
+/// pty master it sends.
+fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, String> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + timeout;
+    let conn = loop {
+        match listener.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    return Err(format!(
+                        "no connection on the console socket in {timeout:?}"
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    };
+    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
+    conn.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let mut name = [0u8; 64];
+    let mut iov = [std::io::IoSliceMut::new(&mut name)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(|e| format!("recvmsg: {e}"))?;
+    for cmsg in msg.cmsgs().map_err(|e| e.to_string())? {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            let mut owned = fds.into_iter().map(|fd| {
+                // SAFETY: SCM_RIGHTS delivered fresh descriptors to this
+                // process; nothing else owns them.
+                unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            });
+            if let Some(master) = owned.next() {
+                return Ok(File::from(master));
+            }
+        }
+    }
+    Err("the console socket message carried no descriptor".into())
 }

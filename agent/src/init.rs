@@ -12,7 +12,7 @@ use nix::time::{clock_gettime, ClockId};
 use nix::unistd::{sync, Pid};
 
 /// Mount point of the pod's virtio-fs share (tag [`SHARE_TAG`]).
-pub const SHARE_DIR: &str = "/run/husk/shared";
+pub const SHARE_DIR: &str = husk_protocol::GUEST_SHARE_DIR;
 /// virtio-fs tag the host gives the pod's share.
 pub const SHARE_TAG: &str = "husk";
 

@@ -7,6 +7,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod cgroup;
 mod containers;
 mod init;
 mod log;

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use husk_protocol::agent::{Empty, ShutdownRequest};
 use husk_protocol::containers::{
-    ContainerRequest, CreateContainerRequest, ProcessRequest, SignalRequest, StartResponse,
-    WaitResponse,
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ListProcessesResponse,
+    OomResponse, ProcessRequest, ResizePtyRequest, SignalRequest, StartResponse, StatsResponse,
+    UpdateContainerRequest, WaitResponse,
 };
 use husk_protocol::health::check_response::ServingStatus;
 use husk_protocol::health::{CheckRequest, CheckResponse, VersionResponse};
@@ -93,10 +94,26 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
         }
         ContainerError::StreamMissing { .. } => Code::DEADLINE_EXCEEDED,
         ContainerError::NotStarted(_) => Code::FAILED_PRECONDITION,
+        ContainerError::TooManyExecs { .. } => Code::RESOURCE_EXHAUSTED,
         ContainerError::Io { .. } | ContainerError::Runtime { .. } => Code::INTERNAL,
     };
     crate::log_error!("{e}");
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+}
+
+/// The exec id of a request: empty means the container's init.
+fn exec_id(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+fn empty(r: Result<(), ContainerError>) -> ttrpc::Result<containers::Empty> {
+    r.map(|()| containers::Empty::new()).map_err(rpc_error)
+}
+
+fn started(r: Result<u32, ContainerError>) -> ttrpc::Result<StartResponse> {
+    let mut resp = StartResponse::new();
+    resp.pid = r.map_err(rpc_error)?;
+    Ok(resp)
 }
 
 impl containers_ttrpc::Containers for ContainersService {
@@ -106,10 +123,10 @@ impl containers_ttrpc::Containers for ContainersService {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<containers::Empty> {
         let stdio = req.stdio.into_option().unwrap_or_default();
-        self.manager
-            .create(&req.container_id, &req.spec_json, &stdio)
-            .map_err(rpc_error)?;
-        Ok(containers::Empty::new())
+        empty(
+            self.manager
+                .create(&req.container_id, &req.spec_json, &stdio),
+        )
     }
 
     fn start_container(
@@ -117,10 +134,19 @@ impl containers_ttrpc::Containers for ContainersService {
         _ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<StartResponse> {
-        let pid = self.manager.start(&req.container_id).map_err(rpc_error)?;
-        let mut resp = StartResponse::new();
-        resp.pid = pid;
-        Ok(resp)
+        started(self.manager.start(&req.container_id))
+    }
+
+    fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<StartResponse> {
+        let stdio = req.stdio.into_option().unwrap_or_default();
+        started(
+            self.manager
+                .exec(&req.container_id, &req.exec_id, &req.process_json, &stdio),
+        )
     }
 
     fn wait_process(
@@ -128,7 +154,10 @@ impl containers_ttrpc::Containers for ContainersService {
         _ctx: &TtrpcContext,
         req: ProcessRequest,
     ) -> ttrpc::Result<WaitResponse> {
-        let status = self.manager.wait(&req.container_id).map_err(rpc_error)?;
+        let status = self
+            .manager
+            .wait(&req.container_id, exec_id(&req.exec_id))
+            .map_err(rpc_error)?;
         let mut resp = WaitResponse::new();
         resp.exit_status = status;
         Ok(resp)
@@ -139,10 +168,87 @@ impl containers_ttrpc::Containers for ContainersService {
         _ctx: &TtrpcContext,
         req: SignalRequest,
     ) -> ttrpc::Result<containers::Empty> {
-        self.manager
-            .signal(&req.container_id, req.signal, req.all)
+        empty(self.manager.signal(
+            &req.container_id,
+            exec_id(&req.exec_id),
+            req.signal,
+            req.all,
+        ))
+    }
+
+    fn resize_pty(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResizePtyRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        empty(self.manager.resize(
+            &req.container_id,
+            exec_id(&req.exec_id),
+            req.width,
+            req.height,
+        ))
+    }
+
+    fn remove_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ProcessRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        empty(self.manager.remove_exec(&req.container_id, &req.exec_id))
+    }
+
+    fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        empty(self.manager.pause(&req.container_id))
+    }
+
+    fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        empty(self.manager.resume(&req.container_id))
+    }
+
+    fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let mut resp = ListProcessesResponse::new();
+        resp.pids = self
+            .manager
+            .processes(&req.container_id)
             .map_err(rpc_error)?;
-        Ok(containers::Empty::new())
+        Ok(resp)
+    }
+
+    fn container_stats(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ContainerRequest,
+    ) -> ttrpc::Result<StatsResponse> {
+        self.manager.stats(&req.container_id).map_err(rpc_error)
+    }
+
+    fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        empty(self.manager.update(&req.container_id, &req.resources_json))
+    }
+
+    fn wait_oom(&self, _ctx: &TtrpcContext, req: ContainerRequest) -> ttrpc::Result<OomResponse> {
+        let mut resp = OomResponse::new();
+        resp.oom = self
+            .manager
+            .wait_oom(&req.container_id)
+            .map_err(rpc_error)?;
+        Ok(resp)
     }
 
     fn remove_container(
@@ -150,8 +256,7 @@ impl containers_ttrpc::Containers for ContainersService {
         _ctx: &TtrpcContext,
         req: ContainerRequest,
     ) -> ttrpc::Result<containers::Empty> {
-        self.manager.remove(&req.container_id).map_err(rpc_error)?;
-        Ok(containers::Empty::new())
+        empty(self.manager.remove(&req.container_id))
     }
 }
 

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use husk_protocol::agent::ShutdownRequest;
 use husk_protocol::agent_ttrpc::AgentClient as AgentRpc;
 use husk_protocol::containers::{
-    ContainerRequest, CreateContainerRequest, ProcessRequest, SignalRequest, Stdio,
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, ResizePtyRequest,
+    SignalRequest, StatsResponse, Stdio, UpdateContainerRequest,
 };
 use husk_protocol::containers_ttrpc::ContainersClient;
 use husk_protocol::health::check_response::ServingStatus;
@@ -46,14 +47,23 @@ pub enum AgentError {
         timeout: Duration,
         last: String,
     },
-    #[error("{rpc} rpc failed")]
+    /// The agent's message is part of the text; `error` is not a `source`
+    /// so that chains do not repeat it.
+    #[error("{rpc} rpc failed: {}", rpc_message(.error))]
     Rpc {
         rpc: &'static str,
-        #[source]
-        source: ttrpc::Error,
+        error: ttrpc::Error,
     },
     #[error("agent sent an invalid {rpc} reply: {why}")]
     Invalid { rpc: &'static str, why: String },
+}
+
+/// The agent's own words for a failed call, or the transport's error.
+fn rpc_message(e: &ttrpc::Error) -> String {
+    match e {
+        ttrpc::Error::RpcStatus(s) => format!("{} ({:?})", s.message, s.code()),
+        other => other.to_string(),
+    }
 }
 
 /// Opens a guest vsock connection to `port` through the hybrid socket.
@@ -201,11 +211,10 @@ pub fn open_stream(
 impl Agent {
     /// Wraps a connected guest stream in ttrpc clients.
     pub fn new(stream: UnixStream, rpc_timeout: Duration) -> Result<Self, AgentError> {
-        let client =
-            ttrpc::Client::new(stream.into_raw_fd()).map_err(|source| AgentError::Rpc {
-                rpc: "connect",
-                source,
-            })?;
+        let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(|error| AgentError::Rpc {
+            rpc: "connect",
+            error,
+        })?;
         Ok(Self {
             health: HealthClient::new(client.clone()),
             agent: AgentRpc::new(client.clone()),
@@ -223,9 +232,9 @@ impl Agent {
         let resp = self
             .health
             .check(self.ctx(), &CheckRequest::new())
-            .map_err(|source| AgentError::Rpc {
+            .map_err(|error| AgentError::Rpc {
                 rpc: "Check",
-                source,
+                error,
             })?;
         match resp.status.enum_value() {
             Ok(ServingStatus::SERVING) => Ok(()),
@@ -242,9 +251,9 @@ impl Agent {
         let resp = self
             .health
             .version(self.ctx(), &CheckRequest::new())
-            .map_err(|source| AgentError::Rpc {
+            .map_err(|error| AgentError::Rpc {
                 rpc: "Version",
-                source,
+                error,
             })?;
         validate_version(&resp, guest_uptime_bound)
     }
@@ -254,11 +263,61 @@ impl Agent {
         self.agent
             .shutdown(self.ctx(), &ShutdownRequest::new())
             .map(drop)
-            .map_err(|source| AgentError::Rpc {
+            .map_err(|error| AgentError::Rpc {
                 rpc: "Shutdown",
-                source,
+                error,
             })
     }
+}
+
+/// Most processes a container may report; more is a lying guest.
+const MAX_PIDS: usize = 1 << 16;
+
+/// Checks a process list from the guest: real pids, each once.
+fn validate_pids(mut pids: Vec<u32>) -> Result<Vec<u32>, AgentError> {
+    let invalid = |why: String| AgentError::Invalid {
+        rpc: "ListProcesses",
+        why,
+    };
+    if pids.len() > MAX_PIDS {
+        return Err(invalid(format!("{} pids (at most {MAX_PIDS})", pids.len())));
+    }
+    if let Some(p) = pids.iter().find(|&&p| p == 0 || p > i32::MAX as u32) {
+        return Err(invalid(format!("pid {p}")));
+    }
+    pids.sort_unstable();
+    if pids.windows(2).any(|w| w[0] == w[1]) {
+        return Err(invalid("a pid listed twice".into()));
+    }
+    Ok(pids)
+}
+
+fn validate_pid(rpc: &'static str, pid: u32) -> Result<u32, AgentError> {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return Err(AgentError::Invalid {
+            rpc,
+            why: format!("pid {pid}"),
+        });
+    }
+    Ok(pid)
+}
+
+fn container_request(container_id: &str) -> ContainerRequest {
+    let mut req = ContainerRequest::new();
+    req.container_id = container_id.to_owned();
+    req
+}
+
+fn process_request(container_id: &str, exec_id: Option<&str>) -> ProcessRequest {
+    let mut req = ProcessRequest::new();
+    req.container_id = container_id.to_owned();
+    req.exec_id = exec_id.unwrap_or_default().to_owned();
+    req
+}
+
+/// Names the rpc in the error of a failed call.
+fn rpc<T>(rpc: &'static str, r: ttrpc::Result<T>) -> Result<T, AgentError> {
+    r.map_err(|error| AgentError::Rpc { rpc, error })
 }
 
 impl Agent {
@@ -275,47 +334,57 @@ impl Agent {
         req.container_id = container_id.to_owned();
         req.spec_json = spec_json;
         req.stdio = Some(stdio).into();
-        self.containers
-            .create_container(self.ctx(), &req)
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                rpc: "CreateContainer",
-                source,
-            })
+        rpc(
+            "CreateContainer",
+            self.containers.create_container(self.ctx(), &req),
+        )
+        .map(drop)
     }
 
     /// Starts a created container; returns its init's guest PID.
     pub fn start_container(&self, container_id: &str) -> Result<u32, AgentError> {
-        let mut req = ContainerRequest::new();
-        req.container_id = container_id.to_owned();
-        let resp = self
-            .containers
-            .start_container(self.ctx(), &req)
-            .map_err(|source| AgentError::Rpc {
-                rpc: "StartContainer",
-                source,
-            })?;
-        if resp.pid == 0 || resp.pid > i32::MAX as u32 {
-            return Err(AgentError::Invalid {
-                rpc: "StartContainer",
-                why: format!("pid {}", resp.pid),
-            });
-        }
-        Ok(resp.pid)
+        let req = container_request(container_id);
+        let resp = rpc(
+            "StartContainer",
+            self.containers.start_container(self.ctx(), &req),
+        )?;
+        validate_pid("StartContainer", resp.pid)
     }
 
-    /// Waits, without deadline, until the container's init has exited and
-    /// its output has drained; returns its exit status.
-    pub fn wait_process(&self, container_id: &str) -> Result<u32, AgentError> {
-        let mut req = ProcessRequest::new();
+    /// Creates and starts an exec process (`process_json`: an OCI Process);
+    /// its streams must already be open. Returns its guest PID.
+    pub fn exec_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        process_json: Vec<u8>,
+        stdio: Stdio,
+    ) -> Result<u32, AgentError> {
+        let mut req = ExecProcessRequest::new();
         req.container_id = container_id.to_owned();
-        let resp = self
-            .containers
-            .wait_process(ttrpc::context::with_timeout(0), &req)
-            .map_err(|source| AgentError::Rpc {
-                rpc: "WaitProcess",
-                source,
-            })?;
+        req.exec_id = exec_id.to_owned();
+        req.process_json = process_json;
+        req.stdio = Some(stdio).into();
+        let resp = rpc(
+            "ExecProcess",
+            self.containers.exec_process(self.ctx(), &req),
+        )?;
+        validate_pid("ExecProcess", resp.pid)
+    }
+
+    /// Waits, without deadline, until a process (the init when `exec_id` is
+    /// None) has exited and its output has drained; returns its exit status.
+    pub fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: Option<&str>,
+    ) -> Result<u32, AgentError> {
+        let req = process_request(container_id, exec_id);
+        let resp = rpc(
+            "WaitProcess",
+            self.containers
+                .wait_process(ttrpc::context::with_timeout(0), &req),
+        )?;
         if resp.exit_status > MAX_EXIT_STATUS {
             return Err(AgentError::Invalid {
                 rpc: "WaitProcess",
@@ -325,37 +394,127 @@ impl Agent {
         Ok(resp.exit_status)
     }
 
-    /// Sends `signal` to the container's init, or to all its processes.
+    /// Sends `signal` to a process, or with `all` to every process of the
+    /// container.
     pub fn signal_process(
         &self,
         container_id: &str,
+        exec_id: Option<&str>,
         signal: u32,
         all: bool,
     ) -> Result<(), AgentError> {
         let mut req = SignalRequest::new();
         req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.unwrap_or_default().to_owned();
         req.signal = signal;
         req.all = all;
-        self.containers
-            .signal_process(self.ctx(), &req)
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                rpc: "SignalProcess",
-                source,
-            })
+        rpc(
+            "SignalProcess",
+            self.containers.signal_process(self.ctx(), &req),
+        )
+        .map(drop)
+    }
+
+    /// Sets the window size of a process's terminal.
+    pub fn resize_pty(
+        &self,
+        container_id: &str,
+        exec_id: Option<&str>,
+        width: u32,
+        height: u32,
+    ) -> Result<(), AgentError> {
+        let mut req = ResizePtyRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.unwrap_or_default().to_owned();
+        req.width = width;
+        req.height = height;
+        rpc("ResizePty", self.containers.resize_pty(self.ctx(), &req)).map(drop)
+    }
+
+    /// Forgets an exec process, killing it if it still runs.
+    pub fn remove_process(&self, container_id: &str, exec_id: &str) -> Result<(), AgentError> {
+        let req = process_request(container_id, Some(exec_id));
+        rpc(
+            "RemoveProcess",
+            self.containers.remove_process(self.ctx(), &req),
+        )
+        .map(drop)
+    }
+
+    pub fn pause_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = container_request(container_id);
+        rpc(
+            "PauseContainer",
+            self.containers.pause_container(self.ctx(), &req),
+        )
+        .map(drop)
+    }
+
+    pub fn resume_container(&self, container_id: &str) -> Result<(), AgentError> {
+        let req = container_request(container_id);
+        rpc(
+            "ResumeContainer",
+            self.containers.resume_container(self.ctx(), &req),
+        )
+        .map(drop)
+    }
+
+    /// Guest PIDs of every process in the container, ascending, validated.
+    pub fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, AgentError> {
+        let req = container_request(container_id);
+        let resp = rpc(
+            "ListProcesses",
+            self.containers.list_processes(self.ctx(), &req),
+        )?;
+        validate_pids(resp.pids)
+    }
+
+    /// The container's cgroup figures as the guest reads them. They are
+    /// plain counters: any value is possible, none is trusted for a decision.
+    pub fn container_stats(&self, container_id: &str) -> Result<StatsResponse, AgentError> {
+        let req = container_request(container_id);
+        rpc(
+            "ContainerStats",
+            self.containers.container_stats(self.ctx(), &req),
+        )
+    }
+
+    /// Applies new resource limits (`resources_json`: an OCI LinuxResources).
+    pub fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<(), AgentError> {
+        let mut req = UpdateContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        req.resources_json = resources_json;
+        rpc(
+            "UpdateContainer",
+            self.containers.update_container(self.ctx(), &req),
+        )
+        .map(drop)
+    }
+
+    /// Blocks, without deadline, until the container has another OOM kill
+    /// (true) or is gone (false).
+    pub fn wait_oom(&self, container_id: &str) -> Result<bool, AgentError> {
+        let req = container_request(container_id);
+        rpc(
+            "WaitOom",
+            self.containers
+                .wait_oom(ttrpc::context::with_timeout(0), &req),
+        )
+        .map(|r| r.oom)
     }
 
     /// Kills what is left of a container and removes it from the guest.
     pub fn remove_container(&self, container_id: &str) -> Result<(), AgentError> {
-        let mut req = ContainerRequest::new();
-        req.container_id = container_id.to_owned();
-        self.containers
-            .remove_container(self.ctx(), &req)
-            .map(drop)
-            .map_err(|source| AgentError::Rpc {
-                rpc: "RemoveContainer",
-                source,
-            })
+        let req = container_request(container_id);
+        rpc(
+            "RemoveContainer",
+            self.containers.remove_container(self.ctx(), &req),
+        )
+        .map(drop)
     }
 }
 
@@ -451,6 +610,16 @@ mod tests {
         let mut v = version(1, 2);
         v.agent_version = "1.0\n\x1b[2J".into();
         assert!(validate_version(&v, bound).is_err(), "control characters");
+    }
+
+    #[test]
+    fn process_lists_are_checked() {
+        assert_eq!(validate_pids(vec![9, 1, 4]).unwrap(), vec![1, 4, 9]);
+        for bad in [vec![0], vec![1, 1], vec![u32::MAX], vec![1; MAX_PIDS + 1]] {
+            assert!(validate_pids(bad).is_err());
+        }
+        assert!(validate_pid("ExecProcess", 0).is_err());
+        assert_eq!(validate_pid("ExecProcess", 42).unwrap(), 42);
     }
 
     #[test]

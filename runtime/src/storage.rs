@@ -17,6 +17,8 @@ pub enum StorageError {
     Unsupported(String),
     #[error("rootfs has {0} mounts; husk supports exactly one")]
     Count(usize),
+    #[error("bind mount source {0:?} is not an absolute host path")]
+    BindSource(PathBuf),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -102,29 +104,123 @@ pub fn mount_rootfs(
 }
 
 fn bind_into_share(host_dir: &Path, share_target: &Path) -> Result<(), StorageError> {
-    if let Some(parent) = share_target.parent() {
+    bind_via_fd(host_dir, share_target, true, MsFlags::MS_REC)
+}
+
+/// Creates `target` (a directory or an empty file; it must not exist) and
+/// binds `source` onto it through an `O_PATH | O_NOFOLLOW` descriptor.
+fn bind_via_fd(
+    source: &Path,
+    target: &Path,
+    dir: bool,
+    extra: MsFlags,
+) -> Result<(), StorageError> {
+    if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(io("create", parent))?;
     }
-    // create_dir fails if anything (a guest-made symlink included) is there.
-    std::fs::create_dir(share_target).map_err(io("create", share_target))?;
-    let target = std::fs::File::options()
+    // Both fail if anything (a guest-made symlink included) is there.
+    if dir {
+        std::fs::create_dir(target).map_err(io("create", target))?;
+    } else {
+        std::fs::File::options()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(target)
+            .map_err(io("create", target))?;
+    }
+    let kind = if dir { libc::O_DIRECTORY } else { 0 };
+    let fd = std::fs::File::options()
         .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_DIRECTORY)
-        .open(share_target)
-        .map_err(io("open", share_target))?;
-    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", target.as_raw_fd()));
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | kind)
+        .open(target)
+        .map_err(io("open", target))?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
     mount(
-        Some(host_dir),
+        Some(source),
         &via_fd,
         None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
+        MsFlags::MS_BIND | extra,
         None::<&str>,
     )
     .map_err(|source| StorageError::Mount {
         fstype: "bind".into(),
-        target: share_target.to_path_buf(),
+        target: target.to_path_buf(),
         source,
     })
+}
+
+/// Whether an OCI mount is a bind mount of a host path.
+fn is_bind(m: &serde_json::Value) -> bool {
+    let opts = m.get("options").and_then(|o| o.as_array());
+    m.get("type").and_then(|t| t.as_str()) == Some("bind")
+        || opts.is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
+}
+
+/// Shares the host bind mounts of an OCI spec with the guest: each source
+/// is bound into `private_dir/<n>` (host-only; made read-only there when the
+/// mount says `ro`, so the guest cannot write through virtio-fs whatever its
+/// spec says), then into `share_dir/<n>`, and the spec's source becomes
+/// `guest_dir/<n>`. Returns how many were shared. On error, what was mounted
+/// stays under the two dirs for the caller's cleanup.
+pub fn share_bind_mounts(
+    spec: &mut serde_json::Value,
+    private_dir: &Path,
+    share_dir: &Path,
+    guest_dir: &Path,
+) -> Result<usize, StorageError> {
+    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+        return Ok(0);
+    };
+    let mut shared = 0;
+    for (n, m) in mounts.iter_mut().enumerate() {
+        if !is_bind(m) {
+            continue;
+        }
+        let source = PathBuf::from(m.get("source").and_then(|s| s.as_str()).unwrap_or(""));
+        if !source.is_absolute() {
+            return Err(StorageError::BindSource(source));
+        }
+        let meta = std::fs::metadata(&source).map_err(io("bind mount source", &source))?;
+        let opts: Vec<String> = m
+            .get("options")
+            .and_then(|o| o.as_array())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let recursive = opts.iter().any(|o| o == "rbind");
+        let read_only = opts.iter().any(|o| o == "ro");
+        let staging = private_dir.join(n.to_string());
+        let rec = if recursive {
+            MsFlags::MS_REC
+        } else {
+            MsFlags::empty()
+        };
+        bind_via_fd(&source, &staging, meta.is_dir(), rec)?;
+        if read_only {
+            mount(
+                None::<&str>,
+                &staging,
+                None::<&str>,
+                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(|source| StorageError::Mount {
+                fstype: "bind (read-only)".into(),
+                target: staging.clone(),
+                source,
+            })?;
+        }
+        // A bind of the read-only mount is read-only too.
+        bind_via_fd(&staging, &share_dir.join(n.to_string()), meta.is_dir(), rec)?;
+        m["source"] =
+            serde_json::Value::String(guest_dir.join(n.to_string()).display().to_string());
+        shared += 1;
+    }
+    Ok(shared)
 }
 
 /// Detaches every mount at or below `dir`, deepest first. Run before
@@ -193,6 +289,39 @@ mod tests {
     fn mountinfo_escapes_are_decoded() {
         assert_eq!(unescape("/run/a\\040b"), PathBuf::from("/run/a b"));
         assert_eq!(unescape("/plain"), PathBuf::from("/plain"));
+    }
+
+    #[test]
+    fn bind_mounts_are_recognised_by_type_or_option() {
+        let j = |v: serde_json::Value| is_bind(&v);
+        assert!(j(serde_json::json!({"type": "bind", "source": "/a"})));
+        assert!(j(
+            serde_json::json!({"type": "none", "options": ["rbind", "ro"]})
+        ));
+        assert!(!j(
+            serde_json::json!({"type": "tmpfs", "options": ["nosuid"]})
+        ));
+        assert!(!j(serde_json::json!({"type": "proc"})));
+    }
+
+    #[test]
+    fn relative_or_missing_bind_sources_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": "relative/dir", "options": ["rbind"]}
+        ]});
+        let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
+        assert!(e.to_string().contains("relative/dir"), "{e}");
+        let mut spec = serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "source": "/nonexistent/husk-src"}
+        ]});
+        let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/husk-src"), "{e}");
+        let mut none = serde_json::json!({"process": {}});
+        assert_eq!(
+            share_bind_mounts(&mut none, d.path(), d.path(), Path::new("/g")).unwrap(),
+            0
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod options;
 mod task;
 
 #[tokio::main]

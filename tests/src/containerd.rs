@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 /// Image reference the harness imports.
 pub const IMAGE: &str = "docker.io/husk/busybox:latest";
+/// The runtime name containerd knows husk by.
+pub const RUNTIME: &str = "io.containerd.husk.v2";
 /// containerd namespace the tests use.
 pub const NAMESPACE: &str = "husk-e2e";
 
@@ -111,6 +113,23 @@ impl Containerd {
         c
     }
 
+    /// A client of the task's shim, over the socket containerd recorded: for
+    /// task calls `ctr` 1.6 has no command for (Update).
+    pub fn shim_client(&self, id: &str) -> containerd_shim_protos::shim::shim_ttrpc::TaskClient {
+        let file = self
+            .dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(NAMESPACE)
+            .join(id)
+            .join("address");
+        let address =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let client = containerd_shim_protos::ttrpc::Client::connect(address.trim())
+            .unwrap_or_else(|e| panic!("connect to the shim at {address}: {e}"));
+        containerd_shim_protos::shim::shim_ttrpc::TaskClient::new(client)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
     }
@@ -118,6 +137,18 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A test that failed midway leaves tasks: end them through
+        // containerd, so their shims clean up, before containerd stops.
+        let tasks = String::from_utf8_lossy(&self.ctr(&["task", "ls", "-q"]).stdout).into_owned();
+        for t in tasks.split_whitespace() {
+            let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", t]);
+            let _ = self.ctr(&["task", "rm", "-f", t]);
+        }
+        let containers =
+            String::from_utf8_lossy(&self.ctr(&["container", "ls", "-q"]).stdout).into_owned();
+        for c in containers.split_whitespace() {
+            let _ = self.ctr(&["container", "rm", c]);
+        }
         let _ = nix_kill(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
@@ -148,5 +179,91 @@ fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Waits until no husk shim, VM process, sandbox directory or mount is left.
+pub fn assert_clean() {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let shims = crate::processes_mentioning(Path::new("containerd-shim-husk-v2"));
+        let vms = crate::processes_mentioning(Path::new("/run/husk/"));
+        let dirs: Vec<_> = std::fs::read_dir("/run/husk")
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .matches("/run/husk/")
+            .count();
+        if shims.is_empty() && vms.is_empty() && dirs.is_empty() && mounts == 0 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind: shims {shims:?}, vm processes {vms:?}, dirs {dirs:?}, {mounts} mounts"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `ctr events` running in the background, collecting what it prints.
+pub struct Events {
+    child: Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Events {
+    pub fn start(ctd: &Containerd) -> Self {
+        let mut child = ctd
+            .ctr_cmd(&["events"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("ctr events");
+        let out = child.stdout.take().expect("stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                sink.lock().unwrap_or_else(|e| e.into_inner()).push(l);
+            }
+        });
+        // ctr subscribes after it starts; give it a moment.
+        std::thread::sleep(Duration::from_millis(500));
+        Self { child, lines }
+    }
+
+    /// Task topics (`/tasks/...`) seen so far for `container`, in order.
+    pub fn task_topics(&self, container: &str) -> Vec<String> {
+        let needle = format!("\"{container}\"");
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|l| l.contains(&needle))
+            .filter_map(|l| l.split(' ').find(|w| w.starts_with("/tasks/")))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits until `topic` has been seen for `container`.
+    pub fn wait_for(&self, container: &str, topic: &str, timeout: Duration) -> Vec<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let t = self.task_topics(container);
+            if t.iter().any(|x| x == topic) || Instant::now() > deadline {
+                return t;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Events {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -68,7 +68,7 @@ fn start(sb: &Sandbox, cid: &str, args: &[&str], stdin: bool) -> Running {
 /// Waits for the process and removes the container: (status, stdout, stderr).
 fn finish(sb: &Sandbox, r: Running) -> (u32, Vec<u8>, Vec<u8>) {
     let agent = sb.agent().expect("agent");
-    let status = agent.wait_process(&r.cid).expect("wait");
+    let status = agent.wait_process(&r.cid, None).expect("wait");
     let (out, err) = (r.out.join().expect("stdout"), r.err.join().expect("stderr"));
     agent.remove_container(&r.cid).expect("remove");
     (status, out, err)
@@ -129,7 +129,7 @@ fn container_runs_on_the_guest_kernel_with_stdio_and_exit_codes() {
     let r = start(&sb, "killed", &["sleep", "1000"], false);
     sb.agent()
         .expect("agent")
-        .signal_process("killed", 9, false)
+        .signal_process("killed", None, 9, false)
         .expect("signal");
     let (status, _, _) = finish(&sb, r);
     assert_eq!(status, 128 + 9, "signals are reported as 128+n");
@@ -137,4 +137,44 @@ fn container_runs_on_the_guest_kernel_with_stdio_and_exit_codes() {
     let pids = sb.pids();
     sb.shutdown().expect("shutdown");
     assert_nothing_left(&env.config.state_dir, "ctr", &pids);
+}
+
+#[test]
+fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
+    if !e2e("malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let sb = Sandbox::boot(&env.config, "bad").expect("boot");
+    let agent = sb.agent().expect("agent").clone();
+    busybox_rootfs(&sb.dir().join("shared").join("c1").join("rootfs"));
+
+    let refused = |cid: &str, spec: &[u8]| -> String {
+        match agent.create_container(cid, spec.to_vec(), Stdio::new()) {
+            Ok(()) => panic!("spec {:?} was accepted", String::from_utf8_lossy(spec)),
+            Err(e) => format!("{e:#} {:?}", std::error::Error::source(&e)),
+        }
+    };
+    let e = refused("c1", b"{\"ociVersion\": \"1.0.2\", \"process\": ");
+    assert!(e.contains("spec of container c1 is not valid"), "{e}");
+    let e = refused(
+        "c1",
+        br#"{"ociVersion": "1.0.2", "root": {"path": "rootfs"}}"#,
+    );
+    assert!(e.contains("has no process"), "{e}");
+    let e = refused("c1", br#"{"ociVersion": 7}"#);
+    assert!(e.contains("not valid"), "{e}");
+    let e = refused("../escape", &oci_spec("c1", &["true"]));
+    assert!(e.contains("invalid container or exec id"), "{e}");
+    let e = refused("nosuchroot", &oci_spec("nosuchroot", &["true"]));
+    assert!(e.contains("rootfs") && e.contains("nosuchroot"), "{e}");
+
+    // Nothing of the refused creates stayed: the same id works now.
+    let (status, out, _) = run(&sb, "c1", &["echo", "still fine"], None);
+    assert_eq!((status, out.as_slice()), (0, &b"still fine\n"[..]));
+
+    let pids = sb.pids();
+    sb.shutdown().expect("shutdown");
+    assert_nothing_left(&env.config.state_dir, "bad", &pids);
 }

@@ -5,34 +5,8 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{Containerd, IMAGE};
-use husk_tests::{e2e, processes_mentioning, vm_lock};
-
-const RUNTIME: &str = "io.containerd.husk.v2";
-
-/// No husk process, sandbox directory or mount is left.
-fn assert_clean() {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let shims = processes_mentioning(std::path::Path::new("containerd-shim-husk-v2"));
-        let vms = processes_mentioning(std::path::Path::new("/run/husk/"));
-        let dirs: Vec<_> = std::fs::read_dir("/run/husk")
-            .map(|d| d.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
-            .unwrap_or_default()
-            .matches("/run/husk/")
-            .count();
-        if shims.is_empty() && vms.is_empty() && dirs.is_empty() && mounts == 0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "left behind: shims {shims:?}, vm processes {vms:?}, dirs {dirs:?}, {mounts} mounts"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
+use husk_tests::containerd::{assert_clean, Containerd, IMAGE, RUNTIME};
+use husk_tests::{e2e, vm_lock};
 
 #[test]
 fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {

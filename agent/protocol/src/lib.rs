@@ -11,7 +11,12 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision. Bumped on any incompatible change to `protos/`; the host
 /// refuses an agent that reports another value.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// Where the guest mounts the virtio-fs share. A container's rootfs is at
+/// `<share>/<container_id>/rootfs`, its host bind mounts at
+/// `<share>/<container_id>/binds/<n>`.
+pub const GUEST_SHARE_DIR: &str = "/run/husk/shared";
 
 /// vsock port on which the agent accepts stdio streams (see containers.proto).
 pub const STDIO_VSOCK_PORT: u32 = 1025;

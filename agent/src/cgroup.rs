@@ -1,0 +1,210 @@
+//! A container's cgroup v2 directory: its processes, statistics, resource
+//! updates and OOM kills.
+//!
+//! Statistics are read here rather than through libcgroups: its v2 reader
+//! fails as a whole when one file is missing (the guest kernel has no swap,
+//! so no `memory.swap.*`).
+
+use std::collections::HashMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use husk_protocol::containers::StatsResponse;
+use libcgroups::common::{CgroupManager, ControllerOpt};
+use libcontainer::container::Container;
+use libcontainer::oci_spec::runtime::LinuxResources;
+
+/// Where the cgroup v2 hierarchy is mounted in the guest.
+pub const ROOT: &str = "/sys/fs/cgroup";
+/// How often a WaitOom call looks whether its container is gone.
+const OOM_RECHECK: Duration = Duration::from_secs(1);
+
+/// The container's cgroup directory, absolute.
+pub fn container_path(c: &Container) -> PathBuf {
+    let rel = c
+        .spec()
+        .ok()
+        .and_then(|s| s.cgroup_path.to_str().map(str::to_owned))
+        .unwrap_or_default();
+    Path::new(ROOT).join(rel.trim_start_matches('/'))
+}
+
+/// Every process in the cgroup and its descendants, in ascending order.
+pub fn pids(cgroup: &Path) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut dirs = vec![cgroup.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        if let Ok(procs) = std::fs::read_to_string(d.join("cgroup.procs")) {
+            out.extend(procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+        }
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            dirs.extend(
+                rd.flatten()
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .map(|e| e.path()),
+            );
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// `key value` lines (cpu.stat, memory.stat, memory.events).
+fn flat_keyed(path: &Path) -> std::io::Result<HashMap<String, u64>> {
+    Ok(std::fs::read_to_string(path)?
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_owned(), v.trim().parse().ok()?))
+        })
+        .collect())
+}
+
+/// A single number, or 0 for "max" (no limit).
+fn single(path: &Path) -> std::io::Result<u64> {
+    let s = std::fs::read_to_string(path)?;
+    let s = s.trim();
+    if s == "max" {
+        return Ok(0);
+    }
+    s.parse().map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("{}: {s:?} is not a number", path.display()),
+        )
+    })
+}
+
+/// The cgroup's figures. CPU and memory are required; pids may be missing
+/// (controller not enabled) and then read as 0.
+pub fn stats(cgroup: &Path) -> std::io::Result<StatsResponse> {
+    let cpu = flat_keyed(&cgroup.join("cpu.stat"))?;
+    let mem = flat_keyed(&cgroup.join("memory.stat"))?;
+    let events = flat_keyed(&cgroup.join("memory.events")).unwrap_or_default();
+    let usec = |k: &str| cpu.get(k).copied().unwrap_or(0).saturating_mul(1000);
+    let mut s = StatsResponse::new();
+    s.cpu_usage_ns = usec("usage_usec");
+    s.cpu_user_ns = usec("user_usec");
+    s.cpu_kernel_ns = usec("system_usec");
+    s.cpu_throttled_periods = cpu.get("nr_throttled").copied().unwrap_or(0);
+    s.cpu_throttled_ns = usec("throttled_usec");
+    s.memory_usage = single(&cgroup.join("memory.current"))?;
+    s.memory_limit = single(&cgroup.join("memory.max"))?;
+    s.memory_cache = mem.get("file").copied().unwrap_or(0);
+    s.memory_rss = mem.get("anon").copied().unwrap_or(0);
+    s.pids_current = single(&cgroup.join("pids.current")).unwrap_or(0);
+    s.pids_limit = single(&cgroup.join("pids.max")).unwrap_or(0);
+    s.oom_kills = events.get("oom_kill").copied().unwrap_or(0);
+    Ok(s)
+}
+
+/// Applies new resource limits to the cgroup (libcgroups converts the OCI
+/// values to cgroup v2 files, as at create).
+pub fn apply(cgroup: &Path, resources: &LinuxResources) -> Result<(), String> {
+    let rel = cgroup.strip_prefix(ROOT).map_err(|e| e.to_string())?;
+    let manager = libcgroups::v2::manager::Manager::new(ROOT.into(), rel.to_path_buf())
+        .map_err(|e| e.to_string())?;
+    manager
+        .apply(&ControllerOpt {
+            resources,
+            disable_oom_killer: false,
+            oom_score_adj: None,
+            freezer_state: None,
+        })
+        .map_err(|e| e.to_string())
+}
+
+fn oom_kills(cgroup: &Path) -> Option<u64> {
+    flat_keyed(&cgroup.join("memory.events"))
+        .ok()
+        .map(|e| e.get("oom_kill").copied().unwrap_or(0))
+}
+
+/// Blocks until `memory.events` counts one more OOM kill than when called
+/// (true), or until the cgroup or the container (`gone`) goes away (false).
+/// kernfs wakes poll(2) with POLLPRI when the file changes.
+pub fn wait_oom_kill(cgroup: &Path, gone: impl Fn() -> bool) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let path = cgroup.join("memory.events");
+    let Some(start) = oom_kills(cgroup) else {
+        return false;
+    };
+    let Ok(file) = std::fs::File::open(&path) else {
+        return false;
+    };
+    let timeout = PollTimeout::try_from(OOM_RECHECK.as_millis() as i32).unwrap_or(PollTimeout::MAX);
+    loop {
+        match oom_kills(cgroup) {
+            Some(n) if n > start => return true,
+            None => return false,
+            Some(_) if gone() => return false,
+            Some(_) => {}
+        }
+        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
+        let _ = poll(&mut fds, timeout);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake_cgroup() -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        let w = |f: &str, s: &str| std::fs::write(d.path().join(f), s).unwrap();
+        w(
+            "cpu.stat",
+            "usage_usec 1500\nuser_usec 1000\nsystem_usec 500\nnr_periods 0\nnr_throttled 2\nthrottled_usec 7\n",
+        );
+        w("memory.stat", "anon 4096\nfile 8192\nkernel 100\n");
+        w("memory.current", "20480\n");
+        w("memory.max", "max\n");
+        w("memory.events", "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n");
+        w("pids.current", "3\n");
+        w("pids.max", "100\n");
+        w("cgroup.procs", "12\n7\n");
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        std::fs::write(d.path().join("sub/cgroup.procs"), "9\n7\n").unwrap();
+        d
+    }
+
+    #[test]
+    fn stats_are_read_in_nanoseconds_and_bytes() {
+        let d = fake_cgroup();
+        let s = stats(d.path()).unwrap();
+        assert_eq!(
+            (s.cpu_usage_ns, s.cpu_user_ns, s.cpu_kernel_ns),
+            (1_500_000, 1_000_000, 500_000)
+        );
+        assert_eq!((s.cpu_throttled_periods, s.cpu_throttled_ns), (2, 7000));
+        assert_eq!((s.memory_usage, s.memory_limit), (20480, 0));
+        assert_eq!((s.memory_rss, s.memory_cache), (4096, 8192));
+        assert_eq!((s.pids_current, s.pids_limit, s.oom_kills), (3, 100, 1));
+    }
+
+    #[test]
+    fn missing_or_garbled_required_files_fail() {
+        let d = fake_cgroup();
+        std::fs::write(d.path().join("memory.current"), "lots\n").unwrap();
+        let e = stats(d.path()).unwrap_err().to_string();
+        assert!(e.contains("memory.current") && e.contains("lots"), "{e}");
+        std::fs::remove_file(d.path().join("cpu.stat")).unwrap();
+        assert!(stats(d.path()).is_err());
+    }
+
+    #[test]
+    fn pids_cover_sub_cgroups_once_each() {
+        let d = fake_cgroup();
+        assert_eq!(pids(d.path()), vec![7, 9, 12]);
+    }
+
+    #[test]
+    fn oom_wait_ends_when_the_container_goes() {
+        let d = fake_cgroup();
+        let t = std::time::Instant::now();
+        assert!(!wait_oom_kill(d.path(), || t.elapsed() > Duration::from_millis(50)));
+        assert!(!wait_oom_kill(&d.path().join("nonexistent"), || false));
+    }
+}
