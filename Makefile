@@ -61,7 +61,7 @@ test: build guest-image lint
 	HUSK_E2E=1 $(CARGO) test --release --workspace
 
 bench: build guest-image
-	$(CARGO) bench -p husk-tests --bench boot
+	$(CARGO) bench -p husk-tests
 
 clean:
 	$(CARGO) clean

@@ -11,14 +11,11 @@ use std::time::{Duration, Instant};
 
 use husk_runtime::host::{self, Backend, ResolvedAccel};
 use husk_runtime::Sandbox;
+use husk_tests::bench::{self, median, ms};
 use husk_tests::{guest_dir, initramfs_with_init, TestEnv};
 
 fn main() {
-    let runs: usize = std::env::var("HUSK_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10)
-        .max(1);
+    let runs = bench::runs();
     let env = TestEnv::new();
     let (backend, why) = host::choose_backend(&env.config, &host::detect_kvm()).expect("backend");
     println!("husk boot benchmark: {runs} boots each; backend {backend} ({why})");
@@ -105,34 +102,17 @@ fn main() {
     }
     rows.push(("baseline: bare QEMU, same kernel, spawn to exit", bare));
 
-    println!();
-    println!(
-        "| {:<56} | {:>10} | {:>10} | {:>10} | {:>10} |",
-        "phase", "median ms", "p95 ms", "min ms", "max ms"
-    );
-    println!(
-        "|{:-<58}|{:-<12}|{:-<12}|{:-<12}|{:-<12}|",
-        "", "", "", "", ""
-    );
-    for (name, mut v) in rows.iter().cloned() {
-        v.sort();
-        println!(
-            "| {:<56} | {:>10.1} | {:>10.1} | {:>10.1} | {:>10.1} |",
-            name,
-            ms(percentile(&v, 50)),
-            ms(percentile(&v, 95)),
-            ms(v[0]),
-            ms(v[v.len() - 1])
-        );
-    }
-    let median = |name: &str| {
+    let rows: Vec<(String, Vec<Duration>)> =
+        rows.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+    bench::print_table("phase", &rows);
+    let row = |name: &str| {
         rows.iter()
             .find(|r| r.0 == name)
-            .map(|r| percentile(&sorted(&r.1), 50))
+            .map(|r| median(&r.1))
             .unwrap_or_default()
     };
-    let husk = median("total: boot() to agent ready");
-    let base = median("baseline: bare QEMU, same kernel, spawn to exit");
+    let husk = row("total: boot() to agent ready");
+    let base = row("baseline: bare QEMU, same kernel, spawn to exit");
     println!();
     println!(
         "husk boot to agent ready / bare QEMU boot to exit (medians): {:.2}x ({:.1} ms / {:.1} ms)",
@@ -140,20 +120,4 @@ fn main() {
         ms(husk),
         ms(base)
     );
-}
-
-fn sorted(v: &[Duration]) -> Vec<Duration> {
-    let mut v = v.to_vec();
-    v.sort();
-    v
-}
-
-/// Nearest-rank percentile of a sorted, non-empty slice.
-fn percentile(sorted: &[Duration], p: usize) -> Duration {
-    let rank = (p * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use husk_runtime::config::{Accel, HypervisorChoice};
 use husk_runtime::Config;
 
+pub mod bench;
 pub mod containerd;
 
 /// Guest image directory written by `make guest-image`.

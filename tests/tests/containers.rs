@@ -178,3 +178,115 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     sb.shutdown().expect("shutdown");
     assert_nothing_left(&env.config.state_dir, "bad", &pids);
 }
+
+/// A spec from `oci_spec` with `edit` applied.
+fn spec_with(cid: &str, args: &[&str], edit: impl FnOnce(&mut serde_json::Value)) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&oci_spec(cid, args)).expect("spec");
+    edit(&mut v);
+    serde_json::to_vec(&v).expect("json")
+}
+
+/// Runs a prepared spec to completion; returns (status, stdout, stderr).
+fn run_spec(sb: &Sandbox, cid: &str, spec: Vec<u8>) -> (u32, String, String) {
+    busybox_rootfs(&sb.dir().join("shared").join(cid).join("rootfs"));
+    std::fs::create_dir_all(sb.dir().join("shared").join(cid).join("rootfs/work")).expect("mkdir");
+    let sock = sb.dir().join("agent.sock");
+    let stdout = open_stream(&sock, &header(cid, StreamKind::Stdout), T).expect("stdout");
+    let stderr = open_stream(&sock, &header(cid, StreamKind::Stderr), T).expect("stderr");
+    let agent = sb.agent().expect("agent");
+    let mut stdio = Stdio::new();
+    stdio.stdout = true;
+    stdio.stderr = true;
+    agent
+        .create_container(cid, spec, stdio)
+        .unwrap_or_else(|e| panic!("create {cid}: {e}"));
+    let (out, err) = (reader(stdout), reader(stderr));
+    agent.start_container(cid).expect("start");
+    let status = agent.wait_process(cid, None).expect("wait");
+    let (out, err) = (out.join().expect("out"), err.join().expect("err"));
+    agent.remove_container(cid).expect("remove");
+    (
+        status,
+        String::from_utf8_lossy(&out).into_owned(),
+        String::from_utf8_lossy(&err).into_owned(),
+    )
+}
+
+#[test]
+fn the_spec_is_honoured_user_env_cwd_rlimits_caps_readonly_masked_seccomp() {
+    if !e2e("the_spec_is_honoured_user_env_cwd_rlimits_caps_readonly_masked_seccomp") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let sb = Sandbox::boot(&env.config, "spec").expect("boot");
+
+    // Process: user, groups, env, cwd, rlimits, no_new_privileges.
+    let spec = spec_with(
+        "proc",
+        &[
+            "sh",
+            "-c",
+            "echo $(id -u) $(id -g) $(id -G); echo $FOO; pwd; ulimit -n; grep NoNewPrivs /proc/self/status",
+        ],
+        |s| {
+            let p = &mut s["process"];
+            p["user"] = serde_json::json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20]});
+            p["env"]
+                .as_array_mut()
+                .expect("env")
+                .push("FOO=bar baz".into());
+            p["cwd"] = "/tmp".into();
+            p["rlimits"] = serde_json::json!([{"type": "RLIMIT_NOFILE", "hard": 123, "soft": 123}]);
+            p["noNewPrivileges"] = true.into();
+        },
+    );
+    let (status, out, err) = run_spec(&sb, "proc", spec);
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(
+        out,
+        "1000 1000 1000 10 20\nbar baz\n/tmp\n123\nNoNewPrivs:\t1\n"
+    );
+
+    // Filesystem and kernel surface: read-only root, a tmpfs mount, masked
+    // and read-only paths, a single capability, a seccomp filter.
+    let spec = spec_with(
+        "fs",
+        &[
+            "sh",
+            "-c",
+            "touch /rootfile 2>/dev/null && echo root-rw || echo root-ro; \
+             touch /work/f && echo tmpfs-rw; \
+             mkdir /work/d 2>/dev/null && echo mkdir-ok || echo mkdir-denied; \
+             wc -c < /proc/cpuinfo; \
+             (echo x > /proc/sys/kernel/domainname) 2>/dev/null && echo sys-rw || echo sys-ro; \
+             grep CapBnd /proc/self/status",
+        ],
+        |s| {
+            s["root"]["readonly"] = true.into();
+            s["mounts"].as_array_mut().expect("mounts").push(serde_json::json!(
+                {"destination": "/work", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "size=1m"]}
+            ));
+            s["linux"]["maskedPaths"] = serde_json::json!(["/proc/cpuinfo"]);
+            s["linux"]["readonlyPaths"] = serde_json::json!(["/proc/sys"]);
+            let caps = serde_json::json!(["CAP_CHOWN"]);
+            s["process"]["capabilities"] =
+                serde_json::json!({"bounding": caps, "effective": caps, "permitted": caps});
+            s["linux"]["seccomp"] = serde_json::json!({
+                "defaultAction": "SCMP_ACT_ALLOW",
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+            });
+        },
+    );
+    let (status, out, err) = run_spec(&sb, "fs", spec);
+    assert_eq!(status, 0, "{err}");
+    assert_eq!(
+        out,
+        "root-ro\ntmpfs-rw\nmkdir-denied\n0\nsys-ro\nCapBnd:\t0000000000000001\n"
+    );
+
+    let pids = sb.pids();
+    sb.shutdown().expect("shutdown");
+    assert_nothing_left(&env.config.state_dir, "spec", &pids);
+}

@@ -142,3 +142,51 @@ fn ctr_task_kill_stops_a_detached_container() {
     assert!(ctd.ctr(&["container", "rm", "sleeper"]).status.success());
     assert_clean();
 }
+
+#[test]
+fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
+    if !e2e("a_shim_killed_with_sigkill_is_cleaned_up_by_containerd") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let out = ctd.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "doomed",
+        "sleep",
+        "1000",
+    ]);
+    assert!(
+        out.status.success(),
+        "ctr run -d: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shims = husk_tests::processes_mentioning(std::path::Path::new(
+        "containerd-shim-husk-v2 -namespace husk-e2e -id doomed ",
+    ));
+    assert_eq!(shims.len(), 1, "one shim for the container: {shims:?}");
+    assert!(
+        std::path::Path::new("/run/husk/doomed").exists(),
+        "sandbox dir exists while running"
+    );
+    // SAFETY: kill(2) on the shim's pid with a valid signal.
+    assert_eq!(unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) }, 0);
+    // containerd sees the shim go, runs `containerd-shim-husk-v2 delete`,
+    // which removes the sandbox; the VM and daemons died with the shim.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ls = String::from_utf8_lossy(&ctd.ctr(&["task", "ls"]).stdout).into_owned();
+        if !ls.contains("RUNNING") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "task still running: {ls}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = ctd.ctr(&["task", "rm", "-f", "doomed"]);
+    assert!(ctd.ctr(&["container", "rm", "doomed"]).status.success());
+    assert_clean();
+}
