@@ -347,7 +347,9 @@ impl HuskShim {
             me.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
                 .await;
             if let Some(tx) = sender {
-                let _ = tx.send(Some(exit));
+                // send_replace: the value must stay for a Wait that subscribes later
+                // (send drops it when nobody listens yet).
+                tx.send_replace(Some(exit));
             }
         });
     }

@@ -71,6 +71,10 @@ fn shim_of(kind: &str, id: &str) -> Vec<u32> {
 fn main() {
     let runs = bench::runs();
     let ctd = Containerd::start();
+    // Unique names: runc keeps state per namespace outside containerd's dirs.
+    let tag = std::process::id();
+    let (hx, rx) = (format!("hx{tag}"), format!("rx{tag}"));
+    let (hx, rx) = (hx.as_str(), rx.as_str());
     println!("husk container benchmark: {runs} runs each, husk and runc interleaved");
     // Warm-up: page cache, snapshotter, first shim start.
     run_rm(&ctd, RUNTIME, "warm-husk");
@@ -98,11 +102,11 @@ fn main() {
             ],
         )
     };
-    sleeper(RUNTIME, "hx");
-    sleeper(RUNC, "rx");
+    sleeper(RUNTIME, hx);
+    sleeper(RUNC, rx);
     let (mut husk_exec, mut runc_exec) = (Vec::new(), Vec::new());
     for i in 0..runs {
-        for (id, v) in [("hx", &mut husk_exec), ("rx", &mut runc_exec)] {
+        for (id, v) in [(hx, &mut husk_exec), (rx, &mut runc_exec)] {
             let e = format!("e{i}");
             v.push(timed_ok(
                 &ctd,
@@ -113,8 +117,8 @@ fn main() {
 
     // Settle, then measure memory.
     std::thread::sleep(Duration::from_secs(2));
-    let mut husk_procs = shim_of("containerd-shim-husk-v2", "hx");
-    husk_procs.extend(processes_mentioning(Path::new("/run/husk/hx/")));
+    let mut husk_procs = shim_of("containerd-shim-husk-v2", hx);
+    husk_procs.extend(processes_mentioning(&Path::new("/run/husk").join(hx)));
     let mut table = Vec::new();
     let (mut own_total, mut guest_total) = (0, 0);
     for pid in &husk_procs {
@@ -124,12 +128,12 @@ fn main() {
         guest_total += guest;
         table.push((name.trim().to_owned(), own, guest));
     }
-    let runc_shim: u64 = shim_of("containerd-shim-runc-v2", "rx")
+    let runc_shim: u64 = shim_of("containerd-shim-runc-v2", rx)
         .iter()
         .map(|p| pss_kib(*p).0)
         .sum();
 
-    for id in ["hx", "rx"] {
+    for id in [hx, rx] {
         let _ = ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]);
         std::thread::sleep(Duration::from_millis(500));
         let _ = ctd.ctr(&["task", "rm", "-f", id]);

@@ -257,6 +257,17 @@ fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
         )
         .expect("State through the shim's task API");
     assert_eq!(st.exit_status, 3, "exit status after the SIGTERM trap");
+    // Wait after the exit still answers (ctr task rm -f waits).
+    let mut wreq = containerd_shim_protos::shim::shim::WaitRequest::new();
+    wreq.id = id.into();
+    let w = ctd
+        .shim_client(id)
+        .wait(
+            containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000),
+            &wreq,
+        )
+        .expect("Wait after exit");
+    assert_eq!(w.exit_status, 3);
     ok(&ctd, "task rm", &ctd.ctr(&["task", "rm", id]));
     ok(&ctd, "container rm", &ctd.ctr(&["container", "rm", id]));
 
