@@ -13,7 +13,7 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl
 	cpio file gcc libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static
 DAEMONS := virtiofsd vhost-device-vsock
 
-.PHONY: all deps build guest-image install demo test unit lint bench clean
+.PHONY: all deps build guest-image vmm-static lab install demo test unit lint bench clean
 
 all: build guest-image
 
@@ -39,6 +39,18 @@ guest-image: deps
 		$(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
 	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs.cpio
 
+# husk-vmm linked statically, for the nested lab's busybox initramfs. Same
+# flags as the agent build so the two share one cache.
+VMM_STATIC := target/$(AGENT_TARGET)/release/husk-vmm
+vmm-static: deps
+	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+		$(CARGO) build --release -p husk-vmm --target $(AGENT_TARGET)
+
+# Nested lab: husk-vmm under emulated-SVM KVM inside a QEMU/TCG L1 guest.
+lab: guest-image vmm-static
+	bash lab/run-lab.sh $(VMM_STATIC) $(GUEST)
+
 install: build guest-image
 	install -D -m 0755 -t $(PREFIX)/bin target/release/husk target/release/husk-vmm target/release/containerd-shim-husk-v2
 	install -D -m 0644 -t $(PREFIX)/share/husk $(GUEST)/vmlinux $(GUEST)/initramfs.cpio
@@ -57,7 +69,7 @@ unit:
 	$(CARGO) test --workspace
 
 # Everything: lint, unit tests, and end-to-end tests against real guests.
-test: build guest-image lint
+test: build guest-image lint lab
 	HUSK_E2E=1 $(CARGO) test --release --workspace
 
 bench: build guest-image

@@ -1,0 +1,498 @@
+//! The KVM virtual machine: capability checks, memory slots, in-kernel
+//! irqchip and PIT, vCPUs with CPUID from KVM's supported set, and the run
+//! loop that dispatches port I/O to the legacy devices.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::devices::{EventFdTrigger, PioAction, PioBus, SERIAL_IRQ};
+use crate::memory::{GuestRam, MemoryError};
+
+/// The KVM API version every kernel since 2.6.22 reports.
+const KVM_API_VERSION: i32 = 12;
+/// Where KVM may put the TSS it needs on Intel hosts (3 pages below 4 GiB,
+/// inside the MMIO gap).
+const TSS_ADDRESS: usize = 0xfffb_d000;
+/// Most vCPUs husk-vmm creates.
+pub const MAX_VCPUS: u8 = 32;
+/// Capabilities the VMM cannot work without.
+const REQUIRED_CAPS: &[(Cap, &str)] = &[
+    (Cap::Irqchip, "in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+    (Cap::UserMemory, "user memory slots (KVM_CAP_USER_MEMORY)"),
+    (Cap::Ioeventfd, "ioeventfd (KVM_CAP_IOEVENTFD)"),
+    (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+    (Cap::Pit2, "in-kernel PIT (KVM_CAP_PIT2)"),
+    (Cap::ExtCpuid, "KVM_GET_SUPPORTED_CPUID (KVM_CAP_EXT_CPUID)"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open {path}: {source}; husk-vmm needs KVM (load kvm-intel or kvm-amd, or use hypervisor = \"qemu\")")]
+    NoKvm {
+        path: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
+    ApiVersion(i32),
+    #[error("this KVM lacks {0}, which husk-vmm needs")]
+    MissingCap(&'static str),
+    #[error("{what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    MpTable(#[from] crate::mptable::MpTableError),
+    #[error("{0} vCPUs requested; husk-vmm runs 1 to {MAX_VCPUS}")]
+    Vcpus(u8),
+    #[error("{what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("guest code at {addr:#x} does not fit in guest memory")]
+    Load { addr: u64 },
+    #[error("vCPU {vcpu} failed to enter the guest (hardware reason {reason:#x})")]
+    FailEntry { vcpu: usize, reason: u64 },
+    #[error("vCPU {vcpu}: KVM internal error")]
+    Internal { vcpu: usize },
+    #[error("vCPU {vcpu}: unexpected exit {exit}")]
+    Unexpected { vcpu: usize, exit: String },
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+/// How a vCPU's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The guest pulled the i8042 reset line: its power-off path.
+    Reset,
+    /// Triple fault or KVM shutdown: the guest crashed.
+    Shutdown,
+}
+
+pub struct VmConfig {
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub console: Box<dyn Write + Send>,
+}
+
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<Mutex<PioBus>>,
+}
+
+impl Vm {
+    /// Checks KVM, creates the VM with its memory, irqchip, PIT, vCPUs and
+    /// legacy devices.
+    pub fn new(config: VmConfig) -> Result<Self, VmError> {
+        if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
+            return Err(VmError::Vcpus(config.vcpus));
+        }
+        let kvm = Kvm::new().map_err(|source| VmError::NoKvm {
+            path: "/dev/kvm",
+            source,
+        })?;
+        check_kvm(&kvm)?;
+        let ram = GuestRam::new(config.memory_mib)?;
+        let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
+        fd.set_tss_address(TSS_ADDRESS)
+            .map_err(kvm_err("set the TSS address"))?;
+        fd.create_irq_chip()
+            .map_err(kvm_err("create the irqchip"))?;
+        // The PIT's speaker port 0x61 (channel 2 gate and output, which
+        // Linux polls to calibrate the TSC) is served in the kernel too.
+        fd.create_pit2(kvm_pit_config {
+            flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        })
+        .map_err(kvm_err("create the PIT"))?;
+        for (slot, region) in ram.memory.iter().enumerate() {
+            let host = ram
+                .memory
+                .get_host_address(region.start_addr())
+                .map_err(|e| VmError::Io {
+                    what: "host address of guest memory",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+            let r = kvm_userspace_memory_region {
+                slot: slot as u32,
+                flags: 0,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: host as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `ram`, which the
+            // Vm keeps for as long as the VM fd exists.
+            unsafe { fd.set_user_memory_region(r) }.map_err(kvm_err("add a memory slot"))?;
+        }
+        let serial_irq = EventFdTrigger::new().map_err(|source| VmError::Io {
+            what: "serial interrupt eventfd",
+            source,
+        })?;
+        fd.register_irqfd(&serial_irq.0, SERIAL_IRQ)
+            .map_err(kvm_err("wire the serial interrupt"))?;
+        let bus = PioBus::new(serial_irq, config.console).map_err(|source| VmError::Io {
+            what: "legacy devices",
+            source,
+        })?;
+        let mut vm = Self {
+            kvm,
+            fd,
+            ram,
+            vcpus: Vec::new(),
+            bus: Arc::new(Mutex::new(bus)),
+        };
+        for id in 0..config.vcpus {
+            vm.add_vcpu(id)?;
+        }
+        Ok(vm)
+    }
+
+    fn add_vcpu(&mut self, id: u8) -> Result<(), VmError> {
+        let vcpu = self
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("create a vCPU"))?;
+        let mut cpuid = self
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("read the supported CPUID"))?;
+        for e in cpuid.as_mut_slice() {
+            match e.function {
+                // Initial APIC id in EBX[31:24]; ECX[31] tells the guest it
+                // runs on a hypervisor, so it looks for KVM's leaves and
+                // uses kvmclock instead of calibrating the TSC.
+                1 => {
+                    e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
+                    e.ecx |= 1 << 31;
+                }
+                // x2APIC id of the topology leaves.
+                0xb | 0x1f => e.edx = id as u32,
+                // 0x4000_0000..: the hypervisor's own signature leaves are
+                // kept as KVM reports them (a PVM host needs its own).
+                _ => {}
+            }
+        }
+        vcpu.set_cpuid2(&cpuid).map_err(kvm_err("set CPUID"))?;
+        self.vcpus.push(vcpu);
+        Ok(())
+    }
+
+    pub fn memory(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    pub fn vcpu(&self, index: usize) -> Option<&VcpuFd> {
+        self.vcpus.get(index)
+    }
+
+    /// Copies code into guest memory and points vCPU `index` at it in 64-bit
+    /// long mode: identity-mapped first GiB (2 MiB pages) with the tables at
+    /// 0x9000..0xc000, flat 64-bit code and data segments. PVM hosts run only
+    /// 64-bit guests; this is the mode the fast tests use there.
+    pub fn load_long_mode(&mut self, index: usize, addr: u64, code: &[u8]) -> Result<(), VmError> {
+        use vm_memory::Bytes;
+        const PML4: u64 = 0x9000;
+        const PDPT: u64 = 0xa000;
+        const PD: u64 = 0xb000;
+        const GDT: u64 = 0x500;
+        let mem = &self.ram.memory;
+        let write = |v: u64, at: u64| {
+            mem.write_obj(v, GuestAddress(at))
+                .map_err(|_| VmError::Load { addr: at })
+        };
+        write(PDPT | 0x3, PML4)?;
+        write(PD | 0x3, PDPT)?;
+        for i in 0..512u64 {
+            // Present, writable, 2 MiB page.
+            write((i << 21) | 0x83, PD + i * 8)?;
+        }
+        // Null, 64-bit code (0x08), data (0x10).
+        for (i, d) in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+            .iter()
+            .enumerate()
+        {
+            write(*d, GDT + i as u64 * 8)?;
+        }
+        mem.write_slice(code, GuestAddress(addr))
+            .map_err(|_| VmError::Load { addr })?;
+        let vcpu = self.vcpus.get(index).ok_or(VmError::Unexpected {
+            vcpu: index,
+            exit: "no such vCPU".into(),
+        })?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("read sregs"))?;
+        flat_segments(&mut sregs, true);
+        sregs.gdt.base = GDT;
+        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.cr3 = PML4;
+        sregs.cr4 |= 1 << 5; // PAE
+        sregs.cr0 |= (1 << 0) | (1 << 31); // PE, PG
+        sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
+        vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+        let mut regs = vcpu.get_regs().map_err(kvm_err("read regs"))?;
+        regs.rip = addr;
+        regs.rsp = 0x8000;
+        regs.rflags = 0x2;
+        vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
+        Ok(())
+    }
+
+    /// Writes the MP table and points the boot vCPU at a PVH entry: 32-bit
+    /// protected mode, flat
+    /// segments, paging off, %rbx = start info; x87/SSE control words, the
+    /// MSRs Linux expects, and LAPIC LINT0/LINT1 as ExtINT/NMI.
+    pub fn setup_pvh(&mut self, boot: crate::boot::BootEntry) -> Result<(), VmError> {
+        crate::mptable::write(&self.ram.memory, self.vcpus.len() as u8)?;
+        let vcpu = self.vcpus.first().ok_or(VmError::Vcpus(0))?;
+        let mut sregs = vcpu.get_sregs().map_err(kvm_err("read sregs"))?;
+        flat_segments(&mut sregs, false);
+        sregs.cr0 = 0x11; // PE, ET
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+        let regs = kvm_bindings::kvm_regs {
+            rip: boot.entry,
+            rbx: boot.start_info,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
+        let fpu = kvm_bindings::kvm_fpu {
+            fcw: 0x37f,
+            mxcsr: 0x1f80,
+            ..Default::default()
+        };
+        vcpu.set_fpu(&fpu).map_err(kvm_err("set FPU"))?;
+        for vcpu in &self.vcpus {
+            setup_msrs(vcpu)?;
+            setup_lapic(vcpu)?;
+        }
+        Ok(())
+    }
+
+    /// Runs vCPU `index` on this thread until the guest resets or shuts
+    /// down. (A triple fault is KVM_EXIT_SHUTDOWN on hardware KVM; PVM
+    /// reports it as an internal error.)
+    pub fn run_vcpu(&mut self, index: usize) -> Result<Exit, VmError> {
+        let vcpu = self.vcpus.get_mut(index).ok_or(VmError::Unexpected {
+            vcpu: index,
+            exit: "no such vCPU".into(),
+        })?;
+        run_loop(index, vcpu, &self.bus)
+    }
+
+    /// Runs every vCPU on its own thread; returns the first one's end (the
+    /// guest's reset, a crash, or a VMM failure). vCPUs still in the guest
+    /// keep running: the caller is expected to exit the process.
+    pub fn run(mut self) -> Result<Exit, VmError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (index, mut vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
+            let bus = self.bus.clone();
+            let tx = tx.clone();
+            std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let r = run_loop(index, &mut vcpu, &bus);
+                    let _ = tx.send(r);
+                    // Keep the fd open until the process ends.
+                    std::mem::forget(vcpu);
+                })
+                .map_err(|source| VmError::Io {
+                    what: "start a vCPU thread",
+                    source,
+                })?;
+        }
+        drop(tx);
+        let result = rx.recv().unwrap_or(Err(VmError::Vcpus(0)));
+        // Guest memory and the VM fd stay mapped for the vCPUs still running.
+        std::mem::forget(self);
+        result
+    }
+}
+
+/// One vCPU's KVM_RUN loop, dispatching port I/O to the shared bus.
+fn run_loop(index: usize, vcpu: &mut VcpuFd, bus: &Mutex<PioBus>) -> Result<Exit, VmError> {
+    let lock = || bus.lock().unwrap_or_else(|e| e.into_inner());
+    let result = loop {
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => {
+                if lock().write(port, data) == PioAction::Reset {
+                    break Ok(Exit::Reset);
+                }
+            }
+            Ok(VcpuExit::IoIn(port, data)) => lock().read(port, data),
+            // With the in-kernel LAPIC, HLT waits in KVM; an exit here
+            // means a guest that halted for good.
+            Ok(VcpuExit::Hlt) => break Ok(Exit::Shutdown),
+            Ok(VcpuExit::Shutdown) => break Ok(Exit::Shutdown),
+            Ok(VcpuExit::FailEntry(reason, _)) => {
+                break Err(VmError::FailEntry {
+                    vcpu: index,
+                    reason,
+                })
+            }
+            Ok(VcpuExit::InternalError) => break Err(VmError::Internal { vcpu: index }),
+            // No MMIO devices are wired yet: reads see all-ones.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(other) => {
+                break Err(VmError::Unexpected {
+                    vcpu: index,
+                    exit: format!("{other:?}"),
+                })
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(source) => {
+                break Err(VmError::Kvm {
+                    what: "KVM_RUN",
+                    source,
+                })
+            }
+        }
+    };
+    lock().flush_console();
+    result
+}
+
+/// Flat 4 GiB segments: selector 0x08 code, 0x10 data, 0x18 TSS; 64-bit
+/// code when `long`, else 32-bit.
+fn flat_segments(sregs: &mut kvm_bindings::kvm_sregs, long: bool) {
+    let code = kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x08,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        ..Default::default()
+    };
+    let data = kvm_bindings::kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    sregs.cs = code;
+    for seg in [
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        *seg = data;
+    }
+    sregs.tr = kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0x67,
+        selector: 0x18,
+        type_: 0xb,
+        present: 1,
+        s: 0,
+        ..Default::default()
+    };
+}
+
+/// The MSRs Linux expects at boot: SYSCALL/SYSENTER cleared, TSC 0, fast
+/// string operations enabled.
+fn setup_msrs(vcpu: &VcpuFd) -> Result<(), VmError> {
+    const MSR_IA32_SYSENTER_CS: u32 = 0x174;
+    const MSR_IA32_SYSENTER_ESP: u32 = 0x175;
+    const MSR_IA32_SYSENTER_EIP: u32 = 0x176;
+    const MSR_IA32_TSC: u32 = 0x10;
+    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MSR_STAR: u32 = 0xc000_0081;
+    const MSR_LSTAR: u32 = 0xc000_0082;
+    const MSR_CSTAR: u32 = 0xc000_0083;
+    const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
+    const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+    let entry = |index, data| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    };
+    let entries = [
+        entry(MSR_IA32_SYSENTER_CS, 0),
+        entry(MSR_IA32_SYSENTER_ESP, 0),
+        entry(MSR_IA32_SYSENTER_EIP, 0),
+        entry(MSR_STAR, 0),
+        entry(MSR_CSTAR, 0),
+        entry(MSR_KERNEL_GS_BASE, 0),
+        entry(MSR_SYSCALL_MASK, 0),
+        entry(MSR_LSTAR, 0),
+        entry(MSR_IA32_TSC, 0),
+        entry(MSR_IA32_MISC_ENABLE, 1),
+    ];
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|e| VmError::Io {
+        what: "MSR list",
+        source: std::io::Error::other(format!("{e:?}")),
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(kvm_err("set MSRs"))?;
+    if set != entries.len() {
+        return Err(VmError::Unexpected {
+            vcpu: 0,
+            exit: format!("KVM set {set} of {} boot MSRs", entries.len()),
+        });
+    }
+    Ok(())
+}
+
+/// LINT0 as ExtINT (the PIC's line) and LINT1 as NMI, as firmware leaves
+/// them.
+fn setup_lapic(vcpu: &VcpuFd) -> Result<(), VmError> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const EXTINT: u32 = 0x700;
+    const NMI: u32 = 0x400;
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("read the LAPIC"))?;
+    for (offset, mode) in [(LVT_LINT0, EXTINT), (LVT_LINT1, NMI)] {
+        let bytes: Vec<u8> = lapic.regs[offset..offset + 4]
+            .iter()
+            .map(|&b| b as u8)
+            .collect();
+        let v = u32::from_le_bytes(bytes.try_into().unwrap_or([0; 4]));
+        let v = (v & !0x700) | mode;
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *b as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err("set the LAPIC"))?;
+    Ok(())
+}
+
+/// API version and the capabilities husk-vmm relies on.
+fn check_kvm(kvm: &Kvm) -> Result<(), VmError> {
+    let v = kvm.get_api_version();
+    if v != KVM_API_VERSION {
+        return Err(VmError::ApiVersion(v));
+    }
+    for (cap, name) in REQUIRED_CAPS {
+        if !kvm.check_extension(*cap) {
+            return Err(VmError::MissingCap(name));
+        }
+    }
+    Ok(())
+}
+
+/// Whether this host has a KVM device at all.
+pub fn kvm_present() -> bool {
+    Path::new("/dev/kvm").exists()
+}

@@ -1,0 +1,170 @@
+//! Fast KVM tests on the host's /dev/kvm (PVM here, hardware KVM elsewhere):
+//! VM, memory slots, irqchip and vCPU setup, and tiny guests written here
+//! that print through the serial port and ask for reset, checked end to end.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use husk_vmm::vm::{kvm_present, VmConfig};
+use husk_vmm::{Exit, Vm, VmError};
+
+/// Whether to run; without /dev/kvm the tests skip, unless HUSK_E2E=1 (make
+/// test, CI) where a missing KVM is a failure.
+fn kvm_available(test: &str) -> bool {
+    if kvm_present() {
+        return true;
+    }
+    assert_ne!(
+        std::env::var("HUSK_E2E").as_deref(),
+        Ok("1"),
+        "{test}: /dev/kvm is missing"
+    );
+    eprintln!("skipping {test}: no /dev/kvm");
+    false
+}
+
+#[derive(Clone, Default)]
+struct Console(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn new_vm(vcpus: u8) -> (Vm, Console) {
+    let console = Console::default();
+    let vm = Vm::new(VmConfig {
+        memory_mib: 64,
+        vcpus,
+        console: Box::new(console.clone()),
+    })
+    .expect("create VM");
+    (vm, console)
+}
+
+/// 64-bit code: print `text` on COM1, then `tail`.
+fn printer(text: &[u8], tail: &[u8]) -> Vec<u8> {
+    let mut code = vec![0x66, 0xba, 0xf8, 0x03]; // mov dx, 0x3f8
+    for &c in text {
+        code.extend_from_slice(&[0xb0, c, 0xee]); // mov al, c; out dx, al
+    }
+    code.extend_from_slice(tail);
+    code
+}
+
+/// Runs vCPU 0 on another thread; a guest that never comes back fails the
+/// test instead of hanging it.
+fn run(vm: Vm) -> (Vm, Result<Exit, VmError>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut vm = vm;
+        let r = vm.run_vcpu(0);
+        let _ = tx.send((vm, r));
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(20))
+        .expect("the guest did not exit within 20 s")
+}
+
+/// mov al, 0xfe; out 0x64, al; hlt
+const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4];
+
+#[test]
+fn a_tiny_guest_prints_on_the_serial_port_and_resets() {
+    if !kvm_available("a_tiny_guest_prints_on_the_serial_port_and_resets") {
+        return;
+    }
+    let (mut vm, console) = new_vm(2);
+    assert!(vm.vcpu(1).is_some(), "two vCPUs");
+    vm.load_long_mode(0, 0x1000, &printer(b"hello from husk-vmm\n", RESET))
+        .expect("load");
+    let (_vm, exit) = run(vm);
+    assert_eq!(exit.expect("run"), Exit::Reset);
+    assert_eq!(
+        String::from_utf8_lossy(&console.0.lock().unwrap()),
+        "hello from husk-vmm\n"
+    );
+}
+
+#[test]
+fn a_guest_that_triple_faults_is_told_apart_from_reset() {
+    if !kvm_available("a_guest_that_triple_faults_is_told_apart_from_reset") {
+        return;
+    }
+    // lidt of an empty table, then int3: no handler, double, triple fault.
+    let (mut vm, _) = new_vm(1);
+    let code = [
+        0x0f, 0x01, 0x1c, 0x25, 0x00, 0x20, 0x00, 0x00, // lidt [0x2000] (zeroed: limit 0)
+        0xcc, // int3
+        0xf4,
+    ];
+    vm.load_long_mode(0, 0x1000, &code).expect("load");
+    // Hardware KVM reports KVM_EXIT_SHUTDOWN; PVM an internal error. Either
+    // way it is a crash, never the reset that means power-off.
+    match run(vm).1 {
+        Ok(Exit::Shutdown) | Err(VmError::Internal { vcpu: 0 }) => {}
+        other => panic!("a triple fault ended as {other:?}"),
+    }
+}
+
+#[test]
+fn bad_memory_sizes_and_vcpu_counts_are_refused_by_name() {
+    if !kvm_available("bad_memory_sizes_and_vcpu_counts_are_refused_by_name") {
+        return;
+    }
+    let config = |memory_mib, vcpus| VmConfig {
+        memory_mib,
+        vcpus,
+        console: Box::new(std::io::sink()),
+    };
+    let e = Vm::new(config(8, 1)).err().expect("8 MiB accepted");
+    assert!(e.to_string().contains("at least 64 MiB"), "{e}");
+    let e = Vm::new(config(64, 0)).err().expect("0 vCPUs accepted");
+    assert!(matches!(e, VmError::Vcpus(0)), "{e}");
+    // Code that does not fit in guest memory.
+    let (mut vm, _) = new_vm(1);
+    let e = vm.load_long_mode(0, 64 << 20, &[0xf4]).unwrap_err();
+    assert!(e.to_string().contains("does not fit"), "{e}");
+}
+
+#[test]
+fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
+    if !kvm_available("the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state") {
+        return;
+    }
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    if !guest.join("vmlinux").is_file() {
+        assert_ne!(
+            std::env::var("HUSK_E2E").as_deref(),
+            Ok("1"),
+            "make guest-image first"
+        );
+        return;
+    }
+    let (mut vm, _) = new_vm(2);
+    let boot = husk_vmm::boot::load(
+        &vm.memory().memory,
+        vm.memory().size,
+        &guest.join("vmlinux"),
+        Some(&guest.join("initramfs.cpio")),
+        "console=ttyS0 reboot=k panic=-1",
+    )
+    .expect("load the guest kernel");
+    vm.setup_pvh(boot).expect("PVH vCPU state, MSRs, LAPIC");
+    let vcpu = vm.vcpu(0).expect("vcpu 0");
+    let regs = vcpu.get_regs().expect("regs");
+    assert_eq!((regs.rip, regs.rbx), (boot.entry, boot.start_info));
+    let sregs = vcpu.get_sregs().expect("sregs");
+    assert_eq!(sregs.cr0 & 0x8000_0001, 1, "protected mode, paging off");
+    assert_eq!(
+        (sregs.cs.db, sregs.cs.l, sregs.cs.limit),
+        (1, 0, 0xffff_ffff)
+    );
+    let lapic = vm.vcpu(1).expect("vcpu 1").get_lapic().expect("lapic");
+    assert_eq!((lapic.regs[0x351] as u8) & 0x7, 0x7, "LINT0 ExtINT");
+    assert_eq!((lapic.regs[0x361] as u8) & 0x7, 0x4, "LINT1 NMI");
+}
