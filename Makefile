@@ -39,17 +39,17 @@ guest-image: deps
 		$(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
 	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs.cpio
 
-# husk-vmm linked statically, for the nested lab's busybox initramfs. Same
-# flags as the agent build so the two share one cache.
-VMM_STATIC := target/$(AGENT_TARGET)/release/husk-vmm
+# husk-vmm and husk linked statically, for the nested lab's busybox
+# initramfs. Same flags as the agent build so they share one cache.
+STATIC_BIN := target/$(AGENT_TARGET)/release
 vmm-static: deps
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-		$(CARGO) build --release -p husk-vmm --target $(AGENT_TARGET)
+		$(CARGO) build --release -p husk-vmm -p husk-runtime --bin husk-vmm --bin husk --target $(AGENT_TARGET)
 
 # Nested lab: husk-vmm under emulated-SVM KVM inside a QEMU/TCG L1 guest.
 lab: guest-image vmm-static
-	bash lab/run-lab.sh $(VMM_STATIC) $(GUEST)
+	bash lab/run-lab.sh $(STATIC_BIN) $(GUEST)
 
 install: build guest-image
 	install -D -m 0755 -t $(PREFIX)/bin target/release/husk target/release/husk-vmm target/release/containerd-shim-husk-v2

@@ -7,19 +7,25 @@
 # husk-vmm boots our guest (L2). Results come back on L1's serial console;
 # every failed step fails the lab.
 #
-# usage: lab/run-lab.sh <husk-vmm (static)> <guest dir with vmlinux, initramfs.cpio>
+# usage: lab/run-lab.sh <static bin dir with husk-vmm and husk> <guest dir with vmlinux, initramfs.cpio>
 set -euo pipefail
 
-VMM=${1:?usage: run-lab.sh <husk-vmm> <guest dir>}
-GUEST=${2:?usage: run-lab.sh <husk-vmm> <guest dir>}
+BIN=${1:?usage: run-lab.sh <static bin dir> <guest dir>}
+GUEST=${2:?usage: run-lab.sh <static bin dir> <guest dir>}
+VMM=$BIN/husk-vmm
+HUSK=$BIN/husk
 CACHE=${HUSK_LAB_CACHE:-/var/cache/husk/lab}
 TIMEOUT=${HUSK_LAB_TIMEOUT:-900}
 
 fail() { echo "lab: FAILED: $*" >&2; exit 1; }
-for f in "$VMM" "$GUEST/vmlinux" "$GUEST/initramfs.cpio" /bin/busybox; do
-    [ -f "$f" ] || fail "$f is missing (make build guest-image; apt-get install busybox-static)"
+DAEMONS="$(command -v virtiofsd || true) $(command -v vhost-device-vsock || true)"
+for f in "$VMM" "$HUSK" "$GUEST/vmlinux" "$GUEST/initramfs.cpio" /bin/busybox $DAEMONS; do
+    [ -f "$f" ] || fail "$f is missing (make lab builds the static binaries; make deps installs the rest)"
 done
-file -b "$VMM" | grep -qE "static(-pie)? linked|statically linked" || fail "$VMM must be statically linked (make lab builds it)"
+[ "$(echo $DAEMONS | wc -w)" = 2 ] || fail "virtiofsd and vhost-device-vsock must be in PATH (make deps)"
+for f in "$VMM" "$HUSK"; do
+    file -b "$f" | grep -qE "static(-pie)? linked|statically linked" || fail "$f must be statically linked (make lab builds it)"
+done
 
 # L1 kernel and KVM modules from Debian's cloud kernel package.
 PKG=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image-/ {print $2; exit}')
@@ -39,9 +45,9 @@ VMLINUZ=$L1/boot/vmlinuz-$KVER
 WORK=$(mktemp -d /tmp/husk-lab.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
-mkdir -p "$S"/{bin,proc,sys,dev,tmp,husk,modules}
+mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq; do
     ln -s busybox "$S/bin/$a"
 done
 for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
@@ -49,8 +55,28 @@ for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
     [ -f "$src" ] || fail "module $m.ko missing from $PKG"
     cp "$src" "$S/modules/"
 done
-cp "$VMM" "$S/husk/husk-vmm"
+cp "$VMM" "$HUSK" "$S/bin/"
 cp "$GUEST/vmlinux" "$GUEST/initramfs.cpio" "$S/husk/"
+# The daemons are Debian-built and dynamic: bring their libraries along.
+for d in $DAEMONS; do
+    cp "$d" "$S/bin/"
+    for lib in $(ldd "$d" | grep -oE '/[^ ]+\.so[^ ]*'); do
+        cp --parents -L "$lib" "$S/"
+    done
+done
+cat > "$S/etc/husk/config.toml" <<'CONF'
+# auto: L1's KVM has SVM, so husk picks husk-vmm.
+hypervisor = "auto"
+state_dir = "/run/husk"
+[guest]
+kernel = "/husk/vmlinux"
+initramfs = "/husk/initramfs.cpio"
+vcpus = 2
+memory_mib = 256
+[agent]
+boot_timeout_ms = 120000
+rpc_timeout_ms = 60000
+CONF
 cat > "$S/init" <<'INIT'
 #!/bin/sh
 export PATH=/bin
@@ -64,12 +90,53 @@ for m in irqbypass kvm kvm-amd; do
     insmod /modules/$m.ko || echo "LAB: FAIL: insmod $m"
 done
 [ -c /dev/kvm ] && echo "LAB: /dev/kvm ready (kvm-amd)" || echo "LAB: FAIL: no /dev/kvm"
+mount -t tmpfs tmpfs /run
 start=$(up)
-/husk/husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
     --memory-mib 256 --vcpus 2 --console /dev/ttyS0 \
-    --cmdline "console=ttyS0 reboot=k panic=-1"
+    --cmdline "console=ttyS0 reboot=t panic=-1"
 rc=$?
 echo "LAB: husk-vmm exit $rc after $start .. $(up) s (L1 uptime)"
+# A guest kernel panic (no init) must read as a crash: exit 3.
+husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+    --memory-mib 128 --console /tmp/panic.log \
+    --cmdline "console=ttyS0 reboot=t panic=-1 rdinit=/nonexistent"
+echo "LAB: panic run: husk-vmm exit $?"
+grep -m1 "Kernel panic" /tmp/panic.log | sed 's/^/LAB: panic run: /'
+husk-vmm --kernel /nonexistent/vmlinux
+echo "LAB: bad kernel run: husk-vmm exit $?"
+husk check 2>&1 | sed 's/^/LAB: check: /'
+husk vm-ping > /tmp/ping 2>&1
+rc=$?
+sed 's/^/LAB: ping: /' /tmp/ping
+[ $rc = 0 ] || { echo "LAB: FAIL: husk vm-ping exit $rc"; for f in /run/husk/*/console.log /run/husk/*/vmm.log; do [ -f $f ] && sed "s|^|LAB: $f: |" $f; done; }
+# A container command through the agent, rootfs on virtio-fs.
+mkdir -p /rootfs/bin /rootfs/proc /rootfs/sys /rootfs/dev /rootfs/tmp /rootfs/etc
+cp /bin/busybox /rootfs/bin/
+for a in sh uname echo cat; do ln -s busybox /rootfs/bin/$a; done
+start=$(up)
+husk run --rootfs /rootfs -- sh -c 'echo container on $(uname -r) sees $(cat /proc/cpuinfo | grep -c ^processor) cpus' > /tmp/run 2>&1
+rc=$?
+sed 's/^/LAB: run: /' /tmp/run
+echo "LAB: husk run exit $rc, $start .. $(up) s (L1 uptime)"
+[ $rc = 0 ] || echo "LAB: FAIL: husk run exit $rc"
+# husk-vmm's own memory while a container runs: PSS outside the guest RAM
+# memfd, and the guest RAM it has touched.
+husk run --rootfs /rootfs -- sleep 10 > /tmp/sleeper 2>&1 &
+measured=
+for i in $(seq 60); do
+    sleep 0.5
+    ls /run/husk/*/shared/*/rootfs/bin > /dev/null 2>&1 || continue
+    pid=$(pidof husk-vmm)
+    [ -n "$pid" ] && [ -r /proc/$pid/smaps ] || continue
+    awk '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ /^\/memfd:husk-guest-ram/) }
+        /^Pss:/ { if (g) guest += $2; else own += $2 }
+        END { if (own > 0) print "LAB: mem: husk-vmm own PSS " own " KiB, guest RAM PSS " guest " KiB" }' \
+        /proc/$pid/smaps > /tmp/mem 2>/dev/null
+    grep -q "LAB: mem" /tmp/mem && { cat /tmp/mem; measured=1; break; }
+done
+[ -n "$measured" ] || { echo "LAB: FAIL: no running husk-vmm to measure"; sed 's/^/LAB: sleeper: /' /tmp/sleeper; }
+wait
 echo "LAB: done"
 poweroff -f
 INIT
@@ -104,4 +171,13 @@ grep -q "LAB: husk-vmm exit 0 " "$WORK/result" || fail "husk-vmm did not end wit
 echo "lab: L2 $init"
 echo "lab: L2 ${cpus:-smpboot line missing}"
 echo "lab: L2 agent said: $agent"
+grep -q "LAB: panic run: husk-vmm exit 3" "$WORK/result" || fail "a guest panic did not end husk-vmm with status 3"
+grep -q "LAB: bad kernel run: husk-vmm exit 1" "$WORK/result" || fail "a bad kernel path did not end husk-vmm with status 1"
+mem=$(grep -m1 "LAB: mem:" "$WORK/result" || true)
+[ -n "$mem" ] || fail "husk-vmm's memory was not measured"
+echo "lab: ${mem#LAB: mem: }"
+grep -q "LAB: ping: agent ready" "$WORK/result" || fail "husk vm-ping did not get an answer from the agent"
+grep -qE "LAB: run: container on [^ ]+-husk sees 2 cpus" "$WORK/result" || fail "husk run did not run the container command"
+grep -m1 "LAB: ping: agent ready" "$WORK/result" | sed 's/^LAB: ping: /lab: /'
+grep -m1 "LAB: run: container" "$WORK/result" | sed 's/^LAB: run: /lab: container said: /' 
 echo "lab: husk-vmm booted the guest kernel to /init under SVM KVM and ended on its reset; total $(echo "$end - $start" | bc) s"

@@ -64,6 +64,7 @@ pub struct Config {
     pub state_dir: PathBuf,
     pub guest: GuestConfig,
     pub qemu: QemuConfig,
+    pub husk_vmm: HuskVmmConfig,
     pub virtiofsd: VirtiofsdConfig,
     pub vsock: VsockConfig,
     pub agent: AgentConfig,
@@ -89,6 +90,14 @@ pub struct QemuConfig {
     /// Binary name (searched in PATH) or absolute path.
     pub path: PathBuf,
     pub accel: Accel,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HuskVmmConfig {
+    /// Binary name (searched in PATH) or absolute path. Unset: the
+    /// husk-vmm next to the running husk binary, else PATH.
+    pub path: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +135,7 @@ impl Default for Config {
             qemu: QemuConfig::default(),
             virtiofsd: VirtiofsdConfig::default(),
             vsock: VsockConfig::default(),
+            husk_vmm: HuskVmmConfig::default(),
             agent: AgentConfig::default(),
         }
     }
@@ -140,6 +150,20 @@ impl Default for GuestConfig {
             memory_mib: 512,
             kernel_params: String::new(),
         }
+    }
+}
+
+impl HuskVmmConfig {
+    /// The binary to run.
+    pub fn binary(&self) -> PathBuf {
+        if let Some(p) = &self.path {
+            return p.clone();
+        }
+        std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("husk-vmm")))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| PathBuf::from("husk-vmm"))
     }
 }
 

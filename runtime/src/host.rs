@@ -124,8 +124,6 @@ impl std::fmt::Display for Backend {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChoiceError {
-    #[error("hypervisor = \"husk-vmm\" is configured, but the husk-vmm backend is not implemented in this build; set hypervisor = \"qemu\" or \"auto\"")]
-    HuskVmmUnavailable,
     #[error("qemu.accel = \"kvm\" is configured, but KVM here is {0}; set qemu.accel = \"tcg\" or \"auto\"")]
     KvmUnfit(KvmKind),
 }
@@ -149,11 +147,22 @@ pub fn choose_backend(config: &Config, kvm: &KvmKind) -> Result<(Backend, String
         }
     };
     match config.hypervisor {
-        HypervisorChoice::HuskVmm => Err(ChoiceError::HuskVmmUnavailable),
+        HypervisorChoice::HuskVmm if kvm.runs_standard_guest() => Ok((
+            Backend::HuskVmm,
+            format!("hypervisor = \"husk-vmm\" is configured; KVM is {kvm}"),
+        )),
+        // An operator may have given a PVM-enlightened guest kernel.
+        HypervisorChoice::HuskVmm => Ok((
+            Backend::HuskVmm,
+            format!("hypervisor = \"husk-vmm\" is configured; KVM here is {kvm}, which runs only a guest kernel built for it"),
+        )),
         HypervisorChoice::Qemu => qemu_accel("hypervisor = \"qemu\" is configured; "),
         HypervisorChoice::Auto => {
             if kvm.runs_standard_guest() {
-                qemu_accel("auto: husk-vmm is not yet a runtime backend, so QEMU with KVM; ")
+                Ok((
+                    Backend::HuskVmm,
+                    format!("auto: KVM is {kvm}, which runs the standard guest kernel, so husk's own VMM"),
+                ))
             } else {
                 qemu_accel("auto: ")
             }
@@ -309,14 +318,25 @@ mod tests {
     }
 
     #[test]
-    fn auto_on_hardware_kvm_uses_kvm() {
-        let (backend, _) = choose_backend(&Config::default(), &KvmKind::Svm).unwrap();
+    fn auto_on_hardware_kvm_prefers_husk_vmm_and_qemu_keeps_kvm() {
+        let (backend, why) = choose_backend(&Config::default(), &KvmKind::Svm).unwrap();
+        assert_eq!(backend, Backend::HuskVmm);
+        assert!(why.contains("own VMM"), "{why}");
+        let mut cfg = Config {
+            hypervisor: HypervisorChoice::Qemu,
+            ..Default::default()
+        };
+        let (backend, _) = choose_backend(&cfg, &KvmKind::Vmx).unwrap();
         assert_eq!(
             backend,
             Backend::Qemu {
                 accel: ResolvedAccel::Kvm
             }
         );
+        cfg.hypervisor = HypervisorChoice::HuskVmm;
+        let (backend, why) = choose_backend(&cfg, &KvmKind::Pvm).unwrap();
+        assert_eq!(backend, Backend::HuskVmm);
+        assert!(why.contains("built for it"), "{why}");
     }
 
     #[test]

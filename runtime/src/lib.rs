@@ -13,6 +13,7 @@ pub mod host;
 pub mod hypervisor;
 pub mod process;
 pub mod sandbox;
+pub mod spec;
 pub mod storage;
 
 pub use config::Config;

@@ -16,7 +16,7 @@ use crate::agent::{self, Agent, AgentError, AgentInfo};
 use crate::config::Config;
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
-use crate::hypervisor::{Hypervisor, HypervisorError, Qemu, VmSpec};
+use crate::hypervisor::{HuskVmm, Hypervisor, HypervisorError, Qemu, VmSpec};
 use crate::process::{tail_of_file, Process};
 
 /// Kernel command line husk always passes; then the backend's own parameters
@@ -246,7 +246,7 @@ impl Sandbox {
 
         let mut hv: Box<dyn Hypervisor> = match backend {
             Backend::Qemu { accel } => Box::new(Qemu::new(&config.qemu.path, accel)),
-            Backend::HuskVmm => return Err(ChoiceError::HuskVmmUnavailable.into()),
+            Backend::HuskVmm => Box::new(HuskVmm::new(&config.husk_vmm.binary())),
         };
         let cmdline = [
             BASE_CMDLINE,

@@ -172,3 +172,36 @@ fn vm_ping_with_a_missing_kernel_says_what_to_do() {
     );
     assert_nothing_left(std::path::Path::new("/tmp/husk-cli-nokernel"), "nok", &[]);
 }
+
+#[test]
+fn husk_run_runs_a_command_in_a_microvm_and_returns_its_status() {
+    if !e2e("husk_run_runs_a_command_in_a_microvm_and_returns_its_status") {
+        return;
+    }
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let rootfs = env.dir.path().join("rootfs");
+    husk_tests::busybox_rootfs(&rootfs);
+    let out = husk()
+        .args(["run", "--id", "run1", "--rootfs"])
+        .arg(&rootfs)
+        .args(["--", "sh", "-c", "uname -r; echo to-stderr >&2; exit 5"])
+        .env("HUSK_CONFIG", config_file(&env))
+        .output()
+        .expect("run husk run");
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out));
+    let release = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(release.ends_with("-husk"), "guest kernel: {release:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "to-stderr\n");
+    assert_nothing_left(&env.config.state_dir, "run1", &[]);
+    assert!(processes_mentioning(&env.config.state_dir).is_empty());
+
+    // Not a rootfs: refused by name before anything boots.
+    let out = husk()
+        .args(["run", "--rootfs", "/nonexistent/rootfs", "--", "true"])
+        .env("HUSK_CONFIG", config_file(&env))
+        .output()
+        .expect("run husk run");
+    assert!(!out.status.success());
+    assert!(text(&out).contains("/nonexistent/rootfs"), "{}", text(&out));
+}

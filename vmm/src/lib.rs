@@ -14,6 +14,7 @@ pub mod boot;
 pub mod devices;
 pub mod memory;
 pub mod mptable;
+pub mod vhost_user;
 pub mod virtio_mmio;
 pub mod vm;
 

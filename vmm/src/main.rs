@@ -2,8 +2,8 @@
 //!
 //! Boots an ELF guest kernel through its PVH entry with an initramfs, the
 //! serial console to a file and the i8042 reset as the power-off path.
-//! virtio-mmio devices (vhost-user fs and vsock) are not wired yet, so the
-//! runtime's `auto` choice still uses QEMU.
+//! virtio-fs and virtio-vsock are virtio-mmio devices served by their
+//! vhost-user daemons (virtiofsd, vhost-device-vsock).
 //!
 //! Exit status: 0 the guest powered off (reset), 3 the guest crashed
 //! (triple fault, KVM shutdown or internal error), 1 the VMM failed
@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
+use husk_vmm::vhost_user::Kind;
 use husk_vmm::vm::VmConfig;
 use husk_vmm::{boot, Exit, Vm, VmError};
 
@@ -32,7 +33,7 @@ struct Cli {
     #[arg(long)]
     initramfs: Option<PathBuf>,
     /// Kernel command line.
-    #[arg(long, default_value = "console=ttyS0 reboot=k panic=-1")]
+    #[arg(long, default_value = "console=ttyS0 reboot=t panic=-1")]
     cmdline: String,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 512)]
@@ -43,6 +44,18 @@ struct Cli {
     /// File that receives the serial console; standard output if omitted.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// virtiofsd's vhost-user socket: a virtio-fs device.
+    #[arg(long)]
+    vhost_user_fs: Option<PathBuf>,
+    /// Tag of the virtio-fs device.
+    #[arg(long, default_value = "husk")]
+    fs_tag: String,
+    /// vhost-device-vsock's vhost-user socket: a virtio-vsock device.
+    #[arg(long)]
+    vhost_user_vsock: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = 3)]
+    guest_cid: u64,
 }
 
 const EXIT_VMM_FAILED: u8 = 1;
@@ -100,12 +113,36 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         console,
     })
     .map_err(|e| vmm(&e))?;
+    let mut cmdline = cli.cmdline.clone();
+    let devices = [
+        cli.vhost_user_fs.as_ref().map(|p| {
+            (
+                Kind::Fs {
+                    tag: cli.fs_tag.clone(),
+                },
+                p,
+            )
+        }),
+        cli.vhost_user_vsock.as_ref().map(|p| {
+            (
+                Kind::Vsock {
+                    guest_cid: cli.guest_cid,
+                },
+                p,
+            )
+        }),
+    ];
+    for (kind, socket) in devices.into_iter().flatten() {
+        let param = vm.add_vhost_user(kind, socket).map_err(|e| vmm(&e))?;
+        cmdline.push(' ');
+        cmdline.push_str(&param);
+    }
     let entry = boot::load(
         &vm.memory().memory,
         vm.memory().size,
         &cli.kernel,
         cli.initramfs.as_deref(),
-        &cli.cmdline,
+        &cmdline,
     )
     .map_err(|e| vmm(&e))?;
     vm.setup_pvh(entry).map_err(|e| vmm(&e))?;

@@ -133,6 +133,11 @@ pub struct MmioTransport<D: VirtioDevice> {
     interrupt_status: u32,
     config_generation: u32,
     active: bool,
+    /// The device signals its queues itself (vhost-user call eventfd wired
+    /// to an irqfd), so the VMM never sees the event: while active, the
+    /// status register always reports "used buffer" and the driver checks
+    /// its rings on every interrupt.
+    external_interrupts: bool,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -156,7 +161,21 @@ impl<D: VirtioDevice> MmioTransport<D> {
             interrupt_status: 0,
             config_generation: 0,
             active: false,
+            external_interrupts: false,
         }
+    }
+
+    /// A transport whose device raises its interrupts without the VMM
+    /// (vhost-user).
+    pub fn with_external_interrupts(device: D) -> Self {
+        Self {
+            external_interrupts: true,
+            ..Self::new(device)
+        }
+    }
+
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
     }
 
     pub fn device(&self) -> &D {
@@ -226,6 +245,9 @@ impl<D: VirtioDevice> MmioTransport<D> {
             },
             reg::QUEUE_NUM_MAX => q.map_or(0, |q| q.max_size as u32),
             reg::QUEUE_READY => q.map_or(0, |q| q.ready as u32),
+            reg::INTERRUPT_STATUS if self.active && self.external_interrupts => {
+                self.interrupt_status | 1
+            }
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => self.config_generation,
@@ -494,6 +516,23 @@ mod tests {
             self.w(reg::QUEUE_DEVICE_HIGH, 0)?;
             self.w(reg::QUEUE_READY, 1)
         }
+    }
+
+    #[test]
+    fn external_interrupts_always_report_used_buffers_while_active() {
+        let mut d = Driver(MmioTransport::with_external_interrupts(Fake {
+            config: [0; 8],
+        }));
+        assert_eq!(d.r(reg::INTERRUPT_STATUS), 0, "inactive");
+        d.negotiate(F_VERSION_1).unwrap();
+        d.setup_queue(0, 16, 0x4000).unwrap();
+        d.w(reg::STATUS, ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK)
+            .unwrap();
+        assert_eq!(d.r(reg::INTERRUPT_STATUS), 1);
+        d.w(reg::INTERRUPT_ACK, 1).unwrap();
+        assert_eq!(d.r(reg::INTERRUPT_STATUS), 1);
+        d.w(reg::STATUS, 0).unwrap();
+        assert_eq!(d.r(reg::INTERRUPT_STATUS), 0, "after reset");
     }
 
     #[test]

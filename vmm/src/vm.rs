@@ -12,12 +12,28 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::devices::{EventFdTrigger, PioAction, PioBus, SERIAL_IRQ};
 use crate::memory::{GuestRam, MemoryError};
+use crate::vhost_user::{Kind, VhostUserDevice, VhostUserError};
+use crate::virtio_mmio::{Action, MmioTransport, WINDOW};
 
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
 /// Where KVM may put the TSS it needs on Intel hosts (3 pages below 4 GiB,
 /// inside the MMIO gap).
 const TSS_ADDRESS: usize = 0xfffb_d000;
+/// virtio-mmio windows start here, in the MMIO gap.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// Their interrupts: ISA lines 5, 6 and 7.
+const VIRTIO_IRQ_BASE: u32 = 5;
+const MAX_VIRTIO_DEVICES: usize = 3;
+
+type Transport = Mutex<MmioTransport<VhostUserDevice>>;
+
+/// One virtio-mmio device on the bus.
+struct MmioDevice {
+    base: u64,
+    transport: Transport,
+}
+
 /// Most vCPUs husk-vmm creates.
 pub const MAX_VCPUS: u8 = 32;
 /// Capabilities the VMM cannot work without.
@@ -50,6 +66,10 @@ pub enum VmError {
     Memory(#[from] MemoryError),
     #[error(transparent)]
     MpTable(#[from] crate::mptable::MpTableError),
+    #[error(transparent)]
+    VhostUser(#[from] VhostUserError),
+    #[error("husk-vmm supports at most {MAX_VIRTIO_DEVICES} virtio devices")]
+    TooManyDevices,
     #[error("{0} vCPUs requested; husk-vmm runs 1 to {MAX_VCPUS}")]
     Vcpus(u8),
     #[error("{what}: {source}")]
@@ -92,6 +112,7 @@ pub struct Vm {
     ram: GuestRam,
     vcpus: Vec<VcpuFd>,
     bus: Arc<Mutex<PioBus>>,
+    mmio: Vec<MmioDevice>,
 }
 
 impl Vm {
@@ -154,6 +175,7 @@ impl Vm {
             ram,
             vcpus: Vec::new(),
             bus: Arc::new(Mutex::new(bus)),
+            mmio: Vec::new(),
         };
         for id in 0..config.vcpus {
             vm.add_vcpu(id)?;
@@ -283,6 +305,37 @@ impl Vm {
         Ok(())
     }
 
+    /// Adds a virtio device served by the vhost-user daemon at `socket`:
+    /// its MMIO window, the ioeventfds on its QueueNotify register and the
+    /// irqfd on its line. Returns the kernel command-line parameter that
+    /// tells the guest where it is.
+    pub fn add_vhost_user(&mut self, kind: Kind, socket: &Path) -> Result<String, VmError> {
+        let n = self.mmio.len();
+        if n >= MAX_VIRTIO_DEVICES {
+            return Err(VmError::TooManyDevices);
+        }
+        let base = VIRTIO_MMIO_BASE + n as u64 * WINDOW;
+        let irq = VIRTIO_IRQ_BASE + n as u32;
+        let dev = VhostUserDevice::connect(kind, socket, self.ram.memory.clone())?;
+        for (i, kick) in dev.kicks.iter().enumerate() {
+            self.fd
+                .register_ioevent(
+                    kick,
+                    &kvm_ioctls::IoEventAddress::Mmio(base + 0x50),
+                    i as u32,
+                )
+                .map_err(kvm_err("register a queue ioeventfd"))?;
+        }
+        self.fd
+            .register_irqfd(&dev.call, irq)
+            .map_err(kvm_err("register a device irqfd"))?;
+        self.mmio.push(MmioDevice {
+            base,
+            transport: Mutex::new(MmioTransport::with_external_interrupts(dev)),
+        });
+        Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
+    }
+
     /// Runs vCPU `index` on this thread until the guest resets or shuts
     /// down. (A triple fault is KVM_EXIT_SHUTDOWN on hardware KVM; PVM
     /// reports it as an internal error.)
@@ -291,7 +344,7 @@ impl Vm {
             vcpu: index,
             exit: "no such vCPU".into(),
         })?;
-        run_loop(index, vcpu, &self.bus)
+        run_loop(index, vcpu, &self.bus, &self.mmio)
     }
 
     /// Runs every vCPU on its own thread; returns the first one's end (the
@@ -299,13 +352,15 @@ impl Vm {
     /// keep running: the caller is expected to exit the process.
     pub fn run(mut self) -> Result<Exit, VmError> {
         let (tx, rx) = std::sync::mpsc::channel();
+        let mmio = Arc::new(std::mem::take(&mut self.mmio));
         for (index, mut vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let bus = self.bus.clone();
+            let mmio = mmio.clone();
             let tx = tx.clone();
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let r = run_loop(index, &mut vcpu, &bus);
+                    let r = run_loop(index, &mut vcpu, &bus, &mmio);
                     let _ = tx.send(r);
                     // Keep the fd open until the process ends.
                     std::mem::forget(vcpu);
@@ -324,7 +379,17 @@ impl Vm {
 }
 
 /// One vCPU's KVM_RUN loop, dispatching port I/O to the shared bus.
-fn run_loop(index: usize, vcpu: &mut VcpuFd, bus: &Mutex<PioBus>) -> Result<Exit, VmError> {
+fn run_loop(
+    index: usize,
+    vcpu: &mut VcpuFd,
+    bus: &Mutex<PioBus>,
+    mmio: &[MmioDevice],
+) -> Result<Exit, VmError> {
+    let device = |addr: u64| {
+        mmio.iter()
+            .find(|d| (d.base..d.base + WINDOW).contains(&addr))
+            .map(|d| (d, addr - d.base))
+    };
     let lock = || bus.lock().unwrap_or_else(|e| e.into_inner());
     let result = loop {
         match vcpu.run() {
@@ -345,9 +410,16 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, bus: &Mutex<PioBus>) -> Result<Exit
                 })
             }
             Ok(VcpuExit::InternalError) => break Err(VmError::Internal { vcpu: index }),
-            // No MMIO devices are wired yet: reads see all-ones.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(addr, data)) => match device(addr) {
+                Some((d, off)) => lock_transport(&d.transport).read(off, data),
+                // Nothing there: all-ones, as on real hardware.
+                None => data.fill(0xff),
+            },
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                if let Some((d, off)) = device(addr) {
+                    mmio_write(d, off, data);
+                }
+            }
             Ok(other) => {
                 break Err(VmError::Unexpected {
                     vcpu: index,
@@ -365,6 +437,32 @@ fn run_loop(index: usize, vcpu: &mut VcpuFd, bus: &Mutex<PioBus>) -> Result<Exit
     };
     lock().flush_console();
     result
+}
+
+fn lock_transport(t: &Transport) -> std::sync::MutexGuard<'_, MmioTransport<VhostUserDevice>> {
+    t.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A guest write to a device window; activation and kicks act on the
+/// daemon. A refused write changes nothing and is not reported to the guest.
+fn mmio_write(d: &MmioDevice, offset: u64, data: &[u8]) {
+    let mut t = lock_transport(&d.transport);
+    match t.write(offset, data) {
+        Ok(Action::Activate) => {
+            let (features, queues) = (t.driver_features(), t.queues().to_vec());
+            if let Err(e) = t.device_mut().activate(features, &queues) {
+                eprintln!("husk-vmm: activating the device at {:#x}: {e}", d.base);
+            }
+        }
+        Ok(Action::Notify(q)) => {
+            // Kicks normally end in the ioeventfd; a write KVM passed up
+            // (another width) still reaches the daemon.
+            if let Some(k) = t.device().kicks.get(q as usize) {
+                let _ = k.write(1);
+            }
+        }
+        Ok(Action::Reset) | Ok(Action::None) | Err(_) => {}
+    }
 }
 
 /// Flat 4 GiB segments: selector 0x08 code, 0x10 data, 0x18 TSS; 64-bit

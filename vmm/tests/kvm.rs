@@ -151,7 +151,7 @@ fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
         vm.memory().size,
         &guest.join("vmlinux"),
         Some(&guest.join("initramfs.cpio")),
-        "console=ttyS0 reboot=k panic=-1",
+        "console=ttyS0 reboot=t panic=-1",
     )
     .expect("load the guest kernel");
     vm.setup_pvh(boot).expect("PVH vCPU state, MSRs, LAPIC");

@@ -3,6 +3,8 @@
 //! - `husk check`: what this host can run, and which hypervisor `auto` picks.
 //! - `husk env`: the effective configuration.
 //! - `husk vm-ping`: boot a sandbox VM, wait for the agent, shut it down.
+//! - `husk run --rootfs DIR -- CMD...`: run one command in a container in
+//!   its own microVM, without containerd (operators, the nested lab).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -38,6 +40,19 @@ enum Command {
         /// Print one JSON object instead of text (for benchmarks).
         #[arg(long)]
         json: bool,
+    },
+    /// Run a command in a container in its own microVM; exits with the
+    /// command's status.
+    Run {
+        /// Root filesystem directory of the container (shared read-write).
+        #[arg(long)]
+        rootfs: PathBuf,
+        /// Sandbox and container id (default: run-<pid>).
+        #[arg(long)]
+        id: Option<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        args: Vec<String>,
     },
 }
 
@@ -81,6 +96,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             id.unwrap_or_else(|| format!("ping-{}", std::process::id())),
             json,
         ),
+        Command::Run { rootfs, id, args } => run_container(
+            &config,
+            id.unwrap_or_else(|| format!("run-{}", std::process::id())),
+            &rootfs,
+            &args,
+        ),
     }
 }
 
@@ -120,6 +141,71 @@ fn check(config: &Config, source: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) -> Result<ExitCode> {
+    use husk_protocol::containers::Stdio;
+    use husk_protocol::{StreamHeader, StreamKind};
+    use husk_runtime::agent::open_stream;
+    use husk_runtime::storage::{self, MountSpec};
+
+    if !rootfs.join("bin").is_dir() && !rootfs.join("usr").is_dir() {
+        bail!(
+            "rootfs {} has no bin or usr directory; pass a container root filesystem",
+            rootfs.display()
+        );
+    }
+    let rootfs = rootfs
+        .canonicalize()
+        .with_context(|| format!("rootfs {}", rootfs.display()))?;
+    let sb = Sandbox::boot(config, &id).with_context(|| format!("booting sandbox {id}"))?;
+    let mount = MountSpec {
+        fstype: "bind".into(),
+        source: rootfs.display().to_string(),
+        options: vec!["rbind".into()],
+    };
+    storage::mount_rootfs(
+        &[mount],
+        &sb.dir().join("rootfs").join(&id),
+        &sb.dir().join("shared").join(&id).join("rootfs"),
+    )
+    .context("sharing the rootfs")?;
+    let agent = sb.agent().context("agent missing after boot")?.clone();
+    let sock = sb.dir().join("agent.sock");
+    let stream = |kind| {
+        let h = StreamHeader {
+            container_id: id.clone(),
+            exec_id: None,
+            kind,
+        };
+        open_stream(&sock, &h, std::time::Duration::from_secs(10))
+    };
+    let mut out = stream(StreamKind::Stdout)?;
+    let mut err = stream(StreamKind::Stderr)?;
+    let mut stdio = Stdio::new();
+    stdio.stdout = true;
+    stdio.stderr = true;
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let cgroup = format!("/husk/{id}");
+    agent
+        .create_container(&id, husk_runtime::spec::minimal(&id, &argv, &cgroup), stdio)
+        .map_err(|e| anyhow::anyhow!(husk_runtime::error_chain(&e)))?;
+    let copier = std::thread::spawn(move || {
+        let _ = husk_protocol::copy_plain(&mut err, &mut std::io::stderr());
+    });
+    agent
+        .start_container(&id)
+        .map_err(|e| anyhow::anyhow!(husk_runtime::error_chain(&e)))?;
+    let _ = husk_protocol::copy_plain(&mut out, &mut std::io::stdout());
+    let _ = copier.join();
+    let status = agent
+        .wait_process(&id, None)
+        .map_err(|e| anyhow::anyhow!(husk_runtime::error_chain(&e)))?;
+    let _ = agent.remove_container(&id);
+    storage::unmount_all_under(&sb.dir().join("shared"));
+    storage::unmount_all_under(&sb.dir().join("rootfs"));
+    sb.shutdown().context("shutting the sandbox down")?;
+    Ok(ExitCode::from(status.min(255) as u8))
 }
 
 fn vm_ping(config: &Config, id: String, json: bool) -> Result<ExitCode> {

@@ -1,14 +1,17 @@
 //! Hypervisor backends: the trait the sandbox drives, and its implementations.
 
+mod husk_vmm;
 mod qemu;
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::Duration;
 
+pub use husk_vmm::HuskVmm;
 pub use qemu::Qemu;
 
-use crate::process::ProcessError;
+use crate::process::{Process, ProcessError};
 
 /// Everything a backend needs to start one sandbox VM. The device daemons are
 /// already listening on their sockets when a backend sees this.
@@ -42,7 +45,8 @@ pub enum HypervisorError {
     NotStarted,
 }
 
-/// A VMM driving one sandbox VM.
+/// A VMM driving one sandbox VM: one process per VM, started from the
+/// command line the backend builds; the rest is the same for every backend.
 pub trait Hypervisor: Send {
     /// Short name for logs and `husk check`.
     fn name(&self) -> String;
@@ -50,22 +54,49 @@ pub trait Hypervisor: Send {
     /// Kernel parameters this VMM needs, e.g. how a guest reboot reaches it.
     fn kernel_params(&self) -> &'static str;
 
+    /// Process name (for errors), binary and arguments that run `spec`.
+    fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>);
+
+    /// The VMM process, once started.
+    fn process(&self) -> Option<&Process>;
+    fn process_slot(&mut self) -> &mut Option<Process>;
+
     /// Starts the VMM. Returns once the process runs; readiness of the guest
     /// is the agent's business.
-    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError>;
+    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
+        let (name, binary, args) = self.command(spec);
+        *self.process_slot() = Some(Process::spawn(name, &binary, args, &spec.vmm_log)?);
+        Ok(())
+    }
 
     /// The VMM's exit status if it has ended, without blocking.
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError>;
+    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
+        let p = self.process_slot().as_mut();
+        Ok(p.ok_or(HypervisorError::NotStarted)?.try_wait()?)
+    }
 
     /// Waits for the VMM to end, at most `timeout`.
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, HypervisorError>;
+    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, HypervisorError> {
+        let p = self.process_slot().as_mut();
+        Ok(p.ok_or(HypervisorError::NotStarted)?
+            .wait_timeout(timeout)?)
+    }
 
     /// Stops the VMM at once and reaps it.
-    fn kill(&mut self) -> Result<(), HypervisorError>;
+    fn kill(&mut self) -> Result<(), HypervisorError> {
+        if let Some(p) = self.process_slot().as_mut() {
+            p.kill()?;
+        }
+        Ok(())
+    }
 
     /// PIDs of the VMM's processes, for accounting and leak checks.
-    fn pids(&self) -> Vec<u32>;
+    fn pids(&self) -> Vec<u32> {
+        self.process().iter().map(|p| p.pid()).collect()
+    }
 
     /// The last `max` bytes of what the VMM process printed.
-    fn log_tail(&self, max: usize) -> String;
+    fn log_tail(&self, max: usize) -> String {
+        self.process().map(|p| p.log_tail(max)).unwrap_or_default()
+    }
 }

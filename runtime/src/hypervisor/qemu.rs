@@ -3,10 +3,8 @@
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::ExitStatus;
-use std::time::Duration;
 
-use super::{Hypervisor, HypervisorError, VmSpec, SHARE_TAG};
+use super::{Hypervisor, VmSpec, SHARE_TAG};
 use crate::host::ResolvedAccel;
 use crate::process::Process;
 
@@ -87,10 +85,6 @@ impl Qemu {
         args.push("vhost-user-vsock-device,chardev=vsock0".into());
         args
     }
-
-    fn process(&mut self) -> Result<&mut Process, HypervisorError> {
-        self.process.as_mut().ok_or(HypervisorError::NotStarted)
-    }
 }
 
 fn prefixed(prefix: &str, path: &Path) -> OsString {
@@ -114,36 +108,16 @@ impl Hypervisor for Qemu {
         "reboot=t"
     }
 
-    fn start(&mut self, spec: &VmSpec) -> Result<(), HypervisorError> {
-        let args = self.args(spec);
-        self.process = Some(Process::spawn("qemu", &self.binary, args, &spec.vmm_log)?);
-        Ok(())
+    fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
+        ("qemu", self.binary.clone(), self.args(spec))
     }
 
-    fn try_wait(&mut self) -> Result<Option<ExitStatus>, HypervisorError> {
-        Ok(self.process()?.try_wait()?)
+    fn process(&self) -> Option<&Process> {
+        self.process.as_ref()
     }
 
-    fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, HypervisorError> {
-        Ok(self.process()?.wait_timeout(timeout)?)
-    }
-
-    fn kill(&mut self) -> Result<(), HypervisorError> {
-        if let Some(p) = self.process.as_mut() {
-            p.kill()?;
-        }
-        Ok(())
-    }
-
-    fn pids(&self) -> Vec<u32> {
-        self.process.iter().map(Process::pid).collect()
-    }
-
-    fn log_tail(&self, max: usize) -> String {
-        self.process
-            .as_ref()
-            .map(|p| p.log_tail(max))
-            .unwrap_or_default()
+    fn process_slot(&mut self) -> &mut Option<Process> {
+        &mut self.process
     }
 }
 

@@ -1,0 +1,112 @@
+//! The husk-vmm backend: our own KVM VMM, one process per sandbox, with
+//! virtio-fs and virtio-vsock served by the same vhost-user daemons QEMU
+//! uses.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use super::{Hypervisor, VmSpec, SHARE_TAG};
+use crate::daemons::GUEST_CID;
+use crate::process::Process;
+
+pub struct HuskVmm {
+    binary: PathBuf,
+    process: Option<Process>,
+}
+
+impl HuskVmm {
+    pub fn new(binary: &Path) -> Self {
+        Self {
+            binary: binary.to_path_buf(),
+            process: None,
+        }
+    }
+
+    /// The husk-vmm command line for `spec`.
+    pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
+        let mut args: Vec<OsString> = Vec::new();
+        let mut push = |a: &str, v: &OsString| {
+            args.push(a.into());
+            args.push(v.clone());
+        };
+        push("--kernel", &spec.kernel.clone().into_os_string());
+        push("--initramfs", &spec.initramfs.clone().into_os_string());
+        push("--cmdline", &spec.cmdline.clone().into());
+        push("--memory-mib", &spec.memory_mib.to_string().into());
+        push("--vcpus", &spec.vcpus.to_string().into());
+        push("--console", &spec.console_log.clone().into_os_string());
+        push("--vhost-user-fs", &spec.fs_socket.clone().into_os_string());
+        push("--fs-tag", &SHARE_TAG.into());
+        push(
+            "--vhost-user-vsock",
+            &spec.vsock_socket.clone().into_os_string(),
+        );
+        push("--guest-cid", &GUEST_CID.to_string().into());
+        args
+    }
+}
+
+impl Hypervisor for HuskVmm {
+    fn name(&self) -> String {
+        "husk-vmm".into()
+    }
+
+    /// The agent powers off through the i8042 (husk-vmm exit 0); the
+    /// kernel's own reboots, panics included, triple-fault (exit 3).
+    fn kernel_params(&self) -> &'static str {
+        "reboot=t"
+    }
+
+    fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
+        ("husk-vmm", self.binary.clone(), self.args(spec))
+    }
+
+    fn process(&self) -> Option<&Process> {
+        self.process.as_ref()
+    }
+
+    fn process_slot(&mut self) -> &mut Option<Process> {
+        &mut self.process
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_name_every_device_socket_and_the_share_tag() {
+        let spec = VmSpec {
+            id: "t".into(),
+            kernel: "/k".into(),
+            initramfs: "/i".into(),
+            cmdline: "console=ttyS0 reboot=t".into(),
+            vcpus: 2,
+            memory_mib: 256,
+            console_log: "/c".into(),
+            vmm_log: "/v".into(),
+            fs_socket: "/fs.sock".into(),
+            vsock_socket: "/vsock.sock".into(),
+        };
+        let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
+            .args(&spec)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        for want in [
+            "--kernel /k",
+            "--initramfs /i",
+            "--memory-mib 256",
+            "--vcpus 2",
+            "--vhost-user-fs /fs.sock",
+            "--fs-tag husk",
+            "--vhost-user-vsock /vsock.sock",
+            "--guest-cid 3",
+        ] {
+            assert!(joined.contains(want), "{want} missing from {joined}");
+        }
+        let i = args.iter().position(|a| a == "--cmdline").unwrap();
+        assert_eq!(args[i + 1], "console=ttyS0 reboot=t", "one argument");
+    }
+}
