@@ -47,7 +47,7 @@ trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
 mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail; do
     ln -s busybox "$S/bin/$a"
 done
 for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
@@ -96,13 +96,21 @@ husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
     --memory-mib 256 --vcpus 2 --console /dev/ttyS0 \
     --cmdline "console=ttyS0 reboot=t panic=-1"
 rc=$?
+echo
 echo "LAB: husk-vmm exit $rc after $start .. $(up) s (L1 uptime)"
 # A guest kernel panic (no init) must read as a crash: exit 3.
-husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
-    --memory-mib 128 --console /tmp/panic.log \
-    --cmdline "console=ttyS0 reboot=t panic=-1 rdinit=/nonexistent"
-echo "LAB: panic run: husk-vmm exit $?"
-grep -m1 "Kernel panic" /tmp/panic.log | sed 's/^/LAB: panic run: /'
+# One hang (no exit within the lab's 15 min) was seen in ~12 runs and is not
+# understood yet: a run that times out is reported and tried once more.
+for attempt in 1 2; do
+    timeout 60 husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+        --memory-mib 128 --console /tmp/panic.log \
+        --cmdline "console=ttyS0 reboot=t panic=-1 rdinit=/nonexistent"
+    rc=$?
+    echo "LAB: panic run: husk-vmm exit $rc"
+    tail -3 /tmp/panic.log | sed 's/^/LAB: panic run: /'
+    [ $rc = 143 ] || [ $rc = 124 ] || break
+    echo "LAB: panic run: attempt $attempt timed out (known open bug), trying again"
+done
 husk-vmm --kernel /nonexistent/vmlinux
 echo "LAB: bad kernel run: husk-vmm exit $?"
 husk check 2>&1 | sed 's/^/LAB: check: /'

@@ -319,12 +319,23 @@ pub fn power_off() -> ! {
     // reports that as the guest's power-off, while the kernel's own
     // reboots (panic=-1 with reboot=t) triple-fault and read as a crash.
     // Where there is no i8042 (QEMU microvm) the write goes nowhere and the
-    // reboot below ends the VM instead.
+    // reboot below ends the VM instead. The console is drained first: the
+    // reset would cut off the last messages still in the UART's queue.
+    drain_console();
     i8042_reset();
     let _ = reboot(RebootMode::RB_AUTOBOOT);
     // Only reached if reboot(2) failed, e.g. when not running as init.
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Waits until what was written to the console has left the UART.
+fn drain_console() {
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: tcdrain on a descriptor number; it fails harmlessly if the
+        // descriptor is not a terminal.
+        unsafe { libc::tcdrain(fd) };
     }
 }
 
