@@ -7,8 +7,14 @@ use std::io::{BufRead, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use containerd_shim_protos::shim::shim as task_api;
 use husk_tests::containerd::{assert_clean, Containerd, Events, IMAGE, RUNTIME};
 use husk_tests::{e2e, vm_lock};
+
+/// A 10 s deadline for calls to the shim's task API.
+fn ctx() -> containerd_shim_protos::ttrpc::context::Context {
+    containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000)
+}
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -198,17 +204,14 @@ fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
 
     // Update (containerd's Update call; ctr 1.6 has no command for it): a
     // new memory limit reaches the container's cgroup in the guest.
-    let mut req = containerd_shim_protos::shim::shim::UpdateTaskRequest::new();
+    let mut req = task_api::UpdateTaskRequest::new();
     req.id = id.into();
     let mut any = containerd_shim_protos::protobuf::well_known_types::any::Any::new();
     any.type_url = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources".into();
     any.value = br#"{"memory": {"limit": 67108864}, "pids": {"limit": 100}}"#.to_vec();
     req.resources = Some(any).into();
     ctd.shim_client(id)
-        .update(
-            containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000),
-            &req,
-        )
+        .update(ctx(), &req)
         .expect("Update through the shim's task API");
     // Bad resources are refused by name, and change nothing.
     let mut req2 = req.clone();
@@ -217,10 +220,7 @@ fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
     }
     let e = ctd
         .shim_client(id)
-        .update(
-            containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000),
-            &req2,
-        )
+        .update(ctx(), &req2)
         .expect_err("garbage resources accepted");
     assert!(format!("{e:?}").contains("resources"), "{e:?}");
     // The guest's cgroup now reports the new limits.
@@ -247,25 +247,19 @@ fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
     // SIGTERM (ctr's default) runs the container's trap: exit code 3.
     ok(&ctd, "kill", &ctd.ctr(&["task", "kill", id]));
     wait_status(&ctd, id, "STOPPED");
-    let mut req = containerd_shim_protos::shim::shim::StateRequest::new();
+    let mut req = task_api::StateRequest::new();
     req.id = id.into();
     let st = ctd
         .shim_client(id)
-        .state(
-            containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000),
-            &req,
-        )
+        .state(ctx(), &req)
         .expect("State through the shim's task API");
     assert_eq!(st.exit_status, 3, "exit status after the SIGTERM trap");
     // Wait after the exit still answers (ctr task rm -f waits).
-    let mut wreq = containerd_shim_protos::shim::shim::WaitRequest::new();
+    let mut wreq = task_api::WaitRequest::new();
     wreq.id = id.into();
     let w = ctd
         .shim_client(id)
-        .wait(
-            containerd_shim_protos::ttrpc::context::with_timeout(10_000_000_000),
-            &wreq,
-        )
+        .wait(ctx(), &wreq)
         .expect("Wait after exit");
     assert_eq!(w.exit_status, 3);
     ok(&ctd, "task rm", &ctd.ctr(&["task", "rm", id]));
