@@ -3,11 +3,14 @@
 # whose own /dev/kvm cannot run a standard guest (PVM). QEMU/TCG emulates an
 # AMD CPU with SVM; the L1 guest runs Debian's cloud kernel with kvm-amd
 # (from the linux-image-cloud-amd64 package, cached by version) and an
-# initramfs carrying busybox, husk-vmm and our guest image; inside L1,
-# husk-vmm boots our guest (L2). Results come back on L1's serial console;
-# every failed step fails the lab.
+# initramfs carrying busybox, husk-vmm, Debian's QEMU and our guest image;
+# inside L1, husk-vmm boots our guest (L2). Results come back on L1's serial
+# console; every failed step fails the lab. The same run benchmarks husk-vmm
+# against QEMU microvm (KVM in L1): boot to agent-ready and VMM memory.
 #
-# usage: lab/run-lab.sh <static bin dir with husk-vmm and husk> <guest dir with vmlinux, initramfs.cpio>
+# usage: lab/run-lab.sh <static bin dir with husk-vmm and husk> <guest dir with vmlinux, bzImage, initramfs.cpio>
+#
+# Environment: HUSK_LAB_RUNS (boots per VMM in the benchmark, default 5).
 set -euo pipefail
 
 BIN=${1:?usage: run-lab.sh <static bin dir> <guest dir>}
@@ -16,10 +19,16 @@ VMM=$BIN/husk-vmm
 HUSK=$BIN/husk
 CACHE=${HUSK_LAB_CACHE:-/var/cache/husk/lab}
 TIMEOUT=${HUSK_LAB_TIMEOUT:-900}
+RUNS=${HUSK_LAB_RUNS:-5}
+QEMU=$(command -v qemu-system-x86_64 || true)
+# microvm's firmware (bios-microvm.bin links to qboot.rom) and the option
+# ROMs of a direct kernel boot.
+MICROVM_BIOS=/usr/share/qemu/qboot.rom
+QEMU_DATA="$MICROVM_BIOS /usr/share/qemu/bios-microvm.bin /usr/share/qemu/pvh.bin /usr/share/qemu/linuxboot_dma.bin"
 
 fail() { echo "lab: FAILED: $*" >&2; exit 1; }
 DAEMONS="$(command -v virtiofsd || true) $(command -v vhost-device-vsock || true)"
-for f in "$VMM" "$HUSK" "$GUEST/vmlinux" "$GUEST/initramfs.cpio" /bin/busybox $DAEMONS; do
+for f in "$VMM" "$HUSK" "$GUEST/vmlinux" "$GUEST/bzImage" "$GUEST/initramfs.cpio" /bin/busybox $DAEMONS "$QEMU" $QEMU_DATA; do
     [ -f "$f" ] || fail "$f is missing (make lab builds the static binaries; make deps installs the rest)"
 done
 [ "$(echo $DAEMONS | wc -w)" = 2 ] || fail "virtiofsd and vhost-device-vsock must be in PATH (make deps)"
@@ -45,9 +54,9 @@ VMLINUZ=$L1/boot/vmlinuz-$KVER
 WORK=$(mktemp -d /tmp/husk-lab.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
-mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk}
+mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk,usr/bin,usr/share/qemu}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill; do
     ln -s busybox "$S/bin/$a"
 done
 for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
@@ -56,10 +65,14 @@ for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
     cp "$src" "$S/modules/"
 done
 cp "$VMM" "$HUSK" "$S/bin/"
-cp "$GUEST/vmlinux" "$GUEST/initramfs.cpio" "$S/husk/"
-# The daemons are Debian-built and dynamic: bring their libraries along.
-for d in $DAEMONS; do
-    cp "$d" "$S/bin/"
+cp "$GUEST/vmlinux" "$GUEST/bzImage" "$GUEST/initramfs.cpio" "$S/husk/"
+# QEMU for the benchmark, in /usr/bin: it looks for its firmware in
+# ../share/qemu next to itself.
+cp -L $QEMU_DATA "$S/usr/share/qemu/"
+cp "$QEMU" "$S/usr/bin/"
+# The daemons and QEMU are Debian-built and dynamic: bring their libraries.
+for d in $DAEMONS $QEMU; do
+    [ "$d" = "$QEMU" ] || cp "$d" "$S/bin/"
     for lib in $(ldd "$d" | grep -oE '/[^ ]+\.so[^ ]*'); do
         cp --parents -L "$lib" "$S/"
     done
@@ -77,14 +90,20 @@ memory_mib = 256
 boot_timeout_ms = 120000
 rpc_timeout_ms = 60000
 CONF
+# The benchmark's baseline: QEMU microvm on L1's KVM, same guest.
+sed -e 's/^hypervisor = .*/hypervisor = "qemu"/' -e '/^# auto/d' "$S/etc/husk/config.toml" > "$S/etc/husk/qemu.toml"
+printf '[qemu]\npath = "/usr/bin/qemu-system-x86_64"\naccel = "kvm"\n' >> "$S/etc/husk/qemu.toml"
+printf 'RUNS=%s\n' "$RUNS" > "$S/etc/lab.env"
 cat > "$S/init" <<'INIT'
 #!/bin/sh
-export PATH=/bin
+export PATH=/bin:/usr/bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
 up() { cut -d' ' -f1 /proc/uptime; }
 echo "LAB: L1 up at $(up) s"
+# A heartbeat tells a stuck step from a stuck L1 in the log.
+(while :; do sleep 15; echo "HEARTBEAT: L1 uptime $(up) s"; done) &
 grep -qw svm /proc/cpuinfo && echo "LAB: L1 cpu has svm" || echo "LAB: FAIL: no svm flag in L1"
 for m in irqbypass kvm kvm-amd; do
     insmod /modules/$m.ko || echo "LAB: FAIL: insmod $m"
@@ -113,6 +132,39 @@ for attempt in 1 2; do
 done
 husk-vmm --kernel /nonexistent/vmlinux
 echo "LAB: bad kernel run: husk-vmm exit $?"
+# The same guest from its bzImage, through the 64-bit boot protocol.
+start=$(up)
+timeout 120 husk-vmm --kernel /husk/bzImage --initramfs /husk/initramfs.cpio \
+    --memory-mib 256 --vcpus 2 --console /tmp/bz.log \
+    --cmdline "console=ttyS0 reboot=t panic=-1"
+echo "LAB: bzimage run: husk-vmm exit $? after $start .. $(up) s (L1 uptime)"
+grep -m1 -E "Run /init as init process" /tmp/bz.log | sed 's/^/LAB: bzimage run: /'
+grep -m1 -E "Total of [0-9]+ processors activated" /tmp/bz.log | sed 's/^/LAB: bzimage run: /'
+grep -m1 "^husk-agent:" /tmp/bz.log | sed 's/^/LAB: bzimage run: /'
+# The control socket on a guest that spins at 100% (panic=0 loops for
+# ever): paused, its vCPU thread takes no CPU time; resumed, it does;
+# shutdown ends husk-vmm with status 0 and removes the socket.
+husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+    --memory-mib 128 --console /tmp/spin.log --api-socket /run/vmm.sock \
+    --cmdline "console=ttyS0 panic=0 rdinit=/nonexistent" &
+vpid=$!
+for i in $(seq 120); do grep -q "end Kernel panic" /tmp/spin.log 2>/dev/null && break; sleep 0.5; done
+vcpu_ticks() {
+    for t in /proc/$vpid/task/*; do
+        [ "$(cat $t/comm)" = vcpu0 ] && awk '{print $14 + $15}' $t/stat
+    done
+}
+ctl() { echo "LAB: ctl: $1 -> $(husk-vmm ctl /run/vmm.sock $1)"; }
+ctl status
+ctl pause
+a=$(vcpu_ticks); sleep 2; b=$(vcpu_ticks)
+ctl resume
+sleep 2; c=$(vcpu_ticks)
+echo "LAB: ctl: vCPU ticks over 2 s: paused $((b - a)), running $((c - b))"
+ctl shutdown
+wait $vpid
+echo "LAB: ctl: husk-vmm exit $?"
+[ -e /run/vmm.sock ] && echo "LAB: FAIL: control socket left behind"
 husk check 2>&1 | sed 's/^/LAB: check: /'
 husk vm-ping > /tmp/ping 2>&1
 rc=$?
@@ -128,23 +180,48 @@ rc=$?
 sed 's/^/LAB: run: /' /tmp/run
 echo "LAB: husk run exit $rc, $start .. $(up) s (L1 uptime)"
 [ $rc = 0 ] || echo "LAB: FAIL: husk run exit $rc"
-# husk-vmm's own memory while a container runs: PSS outside the guest RAM
-# memfd, and the guest RAM it has touched.
-husk run --rootfs /rootfs -- sleep 10 > /tmp/sleeper 2>&1 &
-measured=
-for i in $(seq 60); do
-    sleep 0.5
-    ls /run/husk/*/shared/*/rootfs/bin > /dev/null 2>&1 || continue
-    pid=$(pidof husk-vmm)
-    [ -n "$pid" ] && [ -r /proc/$pid/smaps ] || continue
-    awk '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ /^\/memfd:husk-guest-ram/) }
-        /^Pss:/ { if (g) guest += $2; else own += $2 }
-        END { if (own > 0) print "LAB: mem: husk-vmm own PSS " own " KiB, guest RAM PSS " guest " KiB" }' \
-        /proc/$pid/smaps > /tmp/mem 2>/dev/null
-    grep -q "LAB: mem" /tmp/mem && { cat /tmp/mem; measured=1; break; }
+# A VMM's own memory while a container runs: PSS outside the guest RAM
+# memfd (husk-vmm: husk-guest-ram; QEMU: memory-backend-memfd), and the guest
+# RAM it has touched.  usage: measure <config> <process name> <memfd name>
+measure() {
+    HUSK_CONFIG=$1 husk run --rootfs /rootfs -- sleep 10 > /tmp/sleeper 2>&1 &
+    sleeper=$!
+    measured=
+    for i in $(seq 120); do
+        sleep 0.5
+        ls /run/husk/*/shared/*/rootfs/bin > /dev/null 2>&1 || continue
+        pid=$(pidof $2)
+        [ -n "$pid" ] && [ -r /proc/$pid/smaps ] || continue
+        awk -v vmm=$2 -v ram="^/memfd:$3( |$)" '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ ram) }
+            /^Pss:/ { if (g) guest += $2; else own += $2 }
+            END { if (own > 0) print "LAB: mem: " vmm " own PSS " own " KiB, guest RAM PSS " guest " KiB" }' \
+            /proc/$pid/smaps > /tmp/mem 2>/dev/null
+        grep -q "LAB: mem" /tmp/mem && { cat /tmp/mem; measured=1; break; }
+    done
+    # The runtime gives each husk-vmm its control socket in the sandbox dir.
+    for sock in /run/husk/*/vmm.sock; do
+        [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $sock)) -> $(husk-vmm ctl $sock status)"
+    done
+    [ -n "$measured" ] || { echo "LAB: FAIL: no running $2 to measure"; sed 's/^/LAB: sleeper: /' /tmp/sleeper; }
+    wait $sleeper
+}
+measure /etc/husk/config.toml husk-vmm husk-guest-ram
+measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
+# Boot to agent-ready, husk-vmm and QEMU microvm interleaved, same guest,
+# same L1 KVM.
+. /etc/lab.env
+for i in $(seq $RUNS); do
+    for vmm in husk-vmm qemu; do
+        cfg=/etc/husk/config.toml
+        [ $vmm = qemu ] && cfg=/etc/husk/qemu.toml
+        if HUSK_CONFIG=$cfg husk vm-ping --json --id bench-$vmm-$i > /tmp/bench 2>&1; then
+            echo "LAB: bench: $vmm $(cat /tmp/bench)"
+        else
+            echo "LAB: FAIL: bench: $vmm run $i"
+            sed 's/^/LAB: bench: /' /tmp/bench
+        fi
+    done
 done
-[ -n "$measured" ] || { echo "LAB: FAIL: no running husk-vmm to measure"; sed 's/^/LAB: sleeper: /' /tmp/sleeper; }
-wait
 echo "LAB: done"
 poweroff -f
 INIT
@@ -153,18 +230,19 @@ chmod +x "$S/init"
 
 echo "lab: booting L1 ($PKG) under QEMU/TCG with emulated SVM; timeout ${TIMEOUT}s"
 LOG=$WORK/l1.log
+KEEP=${HUSK_LAB_LOG:-/tmp/husk-lab-l1.log}
+trap 'cp "$LOG" "$KEEP" 2>/dev/null; rm -rf "$WORK"' EXIT
 start=$(date +%s.%N)
 timeout "$TIMEOUT" qemu-system-x86_64 \
     -machine q35,accel=tcg -cpu EPYC,+svm,+npt -smp 1 -m 2048 \
     -nodefaults -no-user-config -display none -no-reboot \
     -serial "file:$LOG" \
     -kernel "$VMLINUZ" -initrd "$WORK/l1.cpio" \
-    -append "console=ttyS0 panic=-1 quiet" || fail "L1 QEMU did not finish: $(tail -5 "$LOG")"
+    -append "console=ttyS0 panic=-1 quiet" || fail "L1 QEMU did not finish (whole L1 log: $KEEP): $(tail -5 "$LOG")"
 end=$(date +%s.%N)
-cp "$LOG" "${HUSK_LAB_LOG:-/tmp/husk-lab-l1.log}"
 tr -d '\r' < "$LOG" | grep -E "^LAB:" | tee "$WORK/result"
 grep -q "LAB: FAIL" "$WORK/result" && fail "a step in L1 failed"
-grep -q "LAB: done" "$WORK/result" || fail "L1 did not finish its script (log: ${HUSK_LAB_LOG:-/tmp/husk-lab-l1.log})"
+grep -q "LAB: done" "$WORK/result" || fail "L1 did not finish its script (log: $KEEP)"
 # What the L2 guest printed, with its own clock, through husk-vmm's serial.
 l2() { tr -d '\r' < "$LOG" | grep -m1 -E "$1" || true; }
 kvm=$(l2 "Booting paravirtualized kernel on KVM")
@@ -187,5 +265,40 @@ echo "lab: ${mem#LAB: mem: }"
 grep -q "LAB: ping: agent ready" "$WORK/result" || fail "husk vm-ping did not get an answer from the agent"
 grep -qE "LAB: run: container on [^ ]+-husk sees 2 cpus" "$WORK/result" || fail "husk run did not run the container command"
 grep -m1 "LAB: ping: agent ready" "$WORK/result" | sed 's/^LAB: ping: /lab: /'
-grep -m1 "LAB: run: container" "$WORK/result" | sed 's/^LAB: run: /lab: container said: /' 
+grep -m1 "LAB: run: container" "$WORK/result" | sed 's/^LAB: run: /lab: container said: /'
+grep -q "LAB: bzimage run: husk-vmm exit 0 " "$WORK/result" || fail "the bzImage boot did not end with the guest's power-off (exit 0)"
+grep -q "LAB: bzimage run: .*Run /init" "$WORK/result" || fail "the bzImage guest did not reach /init"
+grep -q "LAB: bzimage run: .*Total of 2 processors" "$WORK/result" || fail "the bzImage guest did not bring up 2 vCPUs"
+grep -q "LAB: bzimage run: husk-agent:" "$WORK/result" || fail "husk-agent printed nothing in the bzImage guest"
+grep "LAB: bzimage run: husk-vmm exit" "$WORK/result" | sed 's/^LAB: /lab: /'
+for r in "status -> ok running" "pause -> ok paused" "resume -> ok running" "shutdown -> ok stopping"; do
+    grep -q "LAB: ctl: $r" "$WORK/result" || fail "control socket: expected '$r'"
+done
+grep -q "LAB: ctl: husk-vmm exit 0" "$WORK/result" || fail "control socket: shutdown did not end husk-vmm with status 0"
+grep -qE "LAB: ctl: sandbox [^ ]+ -> ok running" "$WORK/result" || fail "the runtime's husk-vmm did not answer on its control socket"
+ticks=$(grep -m1 "LAB: ctl: vCPU ticks" "$WORK/result" || true)
+paused=$(echo "$ticks" | sed -n 's/.*paused \([0-9-]*\),.*/\1/p')
+running=$(echo "$ticks" | sed -n 's/.*running \([0-9-]*\)$/\1/p')
+[ -n "$paused" ] && [ -n "$running" ] || fail "control socket: vCPU time not measured: $ticks"
+# 2 s is 200 ticks: a paused vCPU may finish one time slice, no more.
+[ "$paused" -le 5 ] || fail "control socket: a paused vCPU ran for $paused ticks in 2 s"
+[ "$running" -ge 40 ] || fail "control socket: a resumed vCPU ran for only $running ticks in 2 s"
+echo "lab: control socket: ${ticks#LAB: ctl: }; shutdown exit 0"
+qmem=$(grep -m1 "LAB: mem: qemu" "$WORK/result" || true)
+[ -n "$qmem" ] || fail "QEMU's memory was not measured"
+echo "lab: ${qmem#LAB: mem: }"
+# The benchmark table: medians of boot to agent-ready.
+median() { sort -n | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) printf "%.0f\n", v[(NR + 1) / 2]; else printf "%.0f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+field() { grep "LAB: bench: $1 {" "$WORK/result" | grep -oE "\"$2\":[0-9.]+" | cut -d: -f2; }
+for vmm in husk-vmm qemu; do
+    n=$(field $vmm total_ms | wc -l)
+    [ "$n" -ge "$RUNS" ] || fail "benchmark: $n of $RUNS $vmm boots answered"
+done
+echo "lab: boot to agent-ready, $RUNS runs each, interleaved, L2 on emulated-SVM KVM:"
+echo "lab: | VMM | median ms to agent-ready | median ms guest kernel to /init | median ms VMM start + connect |"
+for vmm in husk-vmm qemu; do
+    echo "lab: | $vmm | $(field $vmm total_ms | median) | $(field $vmm kernel_to_init_ms | median) | $(field $vmm vmm_and_connect_ms | median) |"
+done
+h=$(field husk-vmm total_ms | median); q=$(field qemu total_ms | median)
+echo "lab: husk-vmm / QEMU boot time: $(echo "scale=2; $h / $q" | bc | sed 's/^\./0./') (goal at most 0.8)"
 echo "lab: husk-vmm booted the guest kernel to /init under SVM KVM and ended on its reset; total $(echo "$end - $start" | bc) s"

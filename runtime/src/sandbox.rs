@@ -269,6 +269,7 @@ impl Sandbox {
             vmm_log: dir.join("vmm.log"),
             fs_socket: paths.fs_socket.clone(),
             vsock_socket: paths.vsock_socket.clone(),
+            control_socket: dir.join("vmm.sock"),
         };
         let t = Instant::now();
         let started = hv.start(&spec);

@@ -1,20 +1,25 @@
 //! husk-vmm: husk's own minimal KVM VMM.
 //!
-//! Boots an ELF guest kernel through its PVH entry with an initramfs, the
-//! serial console to a file and the i8042 reset as the power-off path.
-//! virtio-fs and virtio-vsock are virtio-mmio devices served by their
-//! vhost-user daemons (virtiofsd, vhost-device-vsock).
+//! Boots a guest kernel (ELF vmlinux through its PVH entry, or a bzImage
+//! through its 64-bit entry) with an initramfs, the serial console to a
+//! file and the i8042 reset as the power-off path. virtio-fs and
+//! virtio-vsock are virtio-mmio devices served by their vhost-user daemons
+//! (virtiofsd, vhost-device-vsock). `--api-socket` opens the control socket
+//! (pause, resume, shutdown, status); `husk-vmm ctl SOCKET REQUEST` is its
+//! client.
 //!
-//! Exit status: 0 the guest powered off (reset), 3 the guest crashed
-//! (triple fault, KVM shutdown or internal error), 1 the VMM failed
-//! (bad input, KVM error), 2 bad command line.
+//! Exit status: 0 the guest powered off (reset) or the VM was shut down
+//! through the control socket, 3 the guest crashed (triple fault, KVM
+//! shutdown or internal error), 1 the VMM failed (bad input, KVM error),
+//! 2 bad command line.
 
 use std::fs::File;
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use husk_vmm::control::ControlSocket;
 use husk_vmm::vhost_user::Kind;
 use husk_vmm::vm::VmConfig;
 use husk_vmm::{boot, Exit, Vm, VmError};
@@ -23,12 +28,16 @@ use husk_vmm::{boot, Exit, Vm, VmError};
 #[command(
     name = "husk-vmm",
     version,
-    about = "husk's minimal KVM virtual machine monitor: boots an ELF kernel (PVH entry) with an initramfs"
+    about = "husk's minimal KVM virtual machine monitor: boots a Linux guest (ELF vmlinux with a PVH entry, or bzImage) with an initramfs",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
-    /// Guest kernel: an uncompressed ELF vmlinux with a PVH entry note.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[command(subcommand)]
+    ctl: Option<Ctl>,
+    /// Guest kernel: an ELF vmlinux with a PVH entry note, or a bzImage.
+    #[arg(long, required = true)]
+    kernel: Option<PathBuf>,
     /// Initramfs (cpio) handed to the kernel as its first module.
     #[arg(long)]
     initramfs: Option<PathBuf>,
@@ -56,6 +65,23 @@ struct Cli {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     guest_cid: u64,
+    /// Control socket to create (pause, resume, shutdown, status; one
+    /// request per line). Removed when husk-vmm ends.
+    #[arg(long)]
+    api_socket: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Ctl {
+    /// Sends one request to a running husk-vmm's control socket and prints
+    /// the reply: pause, resume, shutdown or status.
+    Ctl {
+        /// The socket given to husk-vmm's --api-socket (the runtime uses
+        /// <state_dir>/<sandbox id>/vmm.sock).
+        socket: PathBuf,
+        /// pause, resume, shutdown or status.
+        request: String,
+    },
 }
 
 const EXIT_VMM_FAILED: u8 = 1;
@@ -63,8 +89,15 @@ const EXIT_GUEST_CRASHED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Ctl::Ctl { socket, request }) = &cli.ctl {
+        return ctl(socket, request);
+    }
     match run(&cli) {
         Ok(Exit::Reset) => ExitCode::SUCCESS,
+        Ok(Exit::Stopped) => {
+            eprintln!("husk-vmm: stopped through the control socket");
+            ExitCode::SUCCESS
+        }
         Ok(Exit::Shutdown) => {
             eprintln!("husk-vmm: the guest crashed (shutdown or triple fault)");
             ExitCode::from(EXIT_GUEST_CRASHED)
@@ -85,13 +118,34 @@ enum Failure {
     Vmm(String),
 }
 
+fn ctl(socket: &Path, request: &str) -> ExitCode {
+    match husk_vmm::control::request(socket, request) {
+        Ok(reply) => {
+            println!("{reply}");
+            if reply.starts_with("ok") {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_VMM_FAILED)
+            }
+        }
+        Err(e) => {
+            eprintln!("husk-vmm ctl: {e}; is husk-vmm running with --api-socket there?");
+            ExitCode::from(EXIT_VMM_FAILED)
+        }
+    }
+}
+
 fn run(cli: &Cli) -> Result<Exit, Failure> {
     let vmm = |e: &dyn std::fmt::Display| Failure::Vmm(e.to_string());
+    // clap requires --kernel unless the ctl subcommand is given.
+    let Some(kernel) = cli.kernel.as_deref() else {
+        return Err(Failure::Vmm("--kernel is required".into()));
+    };
     // Inputs first: a bad path is reported before any KVM work.
-    if !cli.kernel.is_file() {
+    if !kernel.is_file() {
         return Err(Failure::Vmm(format!(
-            "kernel {} does not exist or is not a file; pass the guest's vmlinux (`make guest-image`)",
-            cli.kernel.display()
+            "kernel {} does not exist or is not a file; pass the guest's vmlinux or bzImage (`make guest-image`)",
+            kernel.display()
         )));
     }
     if let Some(i) = cli.initramfs.as_ref().filter(|i| !i.is_file()) {
@@ -107,6 +161,12 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         ),
         None => Box::new(std::io::stdout()),
     };
+    let mut api = cli
+        .api_socket
+        .as_deref()
+        .map(ControlSocket::bind)
+        .transpose()
+        .map_err(|e| vmm(&e))?;
     let mut vm = Vm::new(VmConfig {
         memory_mib: cli.memory_mib,
         vcpus: cli.vcpus,
@@ -140,12 +200,16 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
     let entry = boot::load(
         &vm.memory().memory,
         vm.memory().size,
-        &cli.kernel,
+        kernel,
         cli.initramfs.as_deref(),
         &cmdline,
     )
     .map_err(|e| vmm(&e))?;
-    vm.setup_pvh(entry).map_err(|e| vmm(&e))?;
+    vm.setup_boot(entry).map_err(|e| vmm(&e))?;
+    if let Some(api) = api.as_mut() {
+        api.serve(vm.run_state()).map_err(|e| vmm(&e))?;
+    }
+    // `api` lives until run() returns and removes the socket when dropped.
     match vm.run() {
         Ok(exit) => Ok(exit),
         Err(e @ VmError::Internal { .. }) => Err(Failure::Guest(e)),

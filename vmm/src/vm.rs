@@ -10,6 +10,8 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_EN
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::boot::BootEntry;
+use crate::control::RunState;
 use crate::devices::{EventFdTrigger, PioAction, PioBus, SERIAL_IRQ};
 use crate::memory::{GuestRam, MemoryError};
 use crate::vhost_user::{Kind, VhostUserDevice, VhostUserError};
@@ -98,6 +100,8 @@ pub enum Exit {
     Reset,
     /// Triple fault or KVM shutdown: the guest crashed.
     Shutdown,
+    /// Stopped through the control socket.
+    Stopped,
 }
 
 pub struct VmConfig {
@@ -113,6 +117,7 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     bus: Arc<Mutex<PioBus>>,
     mmio: Vec<MmioDevice>,
+    state: Arc<RunState>,
 }
 
 impl Vm {
@@ -176,6 +181,7 @@ impl Vm {
             vcpus: Vec::new(),
             bus: Arc::new(Mutex::new(bus)),
             mmio: Vec::new(),
+            state: RunState::new(),
         };
         for id in 0..config.vcpus {
             vm.add_vcpu(id)?;
@@ -192,6 +198,10 @@ impl Vm {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("read the supported CPUID"))?;
+        // KVM emulates the LAPIC's TSC-deadline mode but leaves the bit out
+        // of the supported set; without it Linux calibrates the LAPIC timer
+        // at boot (about 0.3 s in the nested lab).
+        let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
         for e in cpuid.as_mut_slice() {
             match e.function {
                 // Initial APIC id in EBX[31:24]; ECX[31] tells the guest it
@@ -200,6 +210,9 @@ impl Vm {
                 1 => {
                     e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
                     e.ecx |= 1 << 31;
+                    if tsc_deadline {
+                        e.ecx |= 1 << 24;
+                    }
                 }
                 // x2APIC id of the topology leaves.
                 0xb | 0x1f => e.edx = id as u32,
@@ -213,6 +226,12 @@ impl Vm {
         Ok(())
     }
 
+    /// The run state that pauses, resumes and stops the vCPUs (what the
+    /// control socket drives).
+    pub fn run_state(&self) -> Arc<RunState> {
+        self.state.clone()
+    }
+
     pub fn memory(&self) -> &GuestRam {
         &self.ram
     }
@@ -222,10 +241,35 @@ impl Vm {
     }
 
     /// Copies code into guest memory and points vCPU `index` at it in 64-bit
-    /// long mode: identity-mapped first GiB (2 MiB pages) with the tables at
-    /// 0x9000..0xc000, flat 64-bit code and data segments. PVM hosts run only
-    /// 64-bit guests; this is the mode the fast tests use there.
+    /// long mode (see [`Vm::enter_long_mode`]). PVM hosts run only 64-bit
+    /// guests; this is the mode the fast tests use there.
     pub fn load_long_mode(&mut self, index: usize, addr: u64, code: &[u8]) -> Result<(), VmError> {
+        use vm_memory::Bytes;
+        self.ram
+            .memory
+            .write_slice(code, GuestAddress(addr))
+            .map_err(|_| VmError::Load { addr })?;
+        self.enter_long_mode(index)?;
+        let vcpu = self.vcpu_at(index)?;
+        let mut regs = vcpu.get_regs().map_err(kvm_err("read regs"))?;
+        regs.rip = addr;
+        regs.rsp = 0x8000;
+        regs.rflags = 0x2;
+        vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
+        Ok(())
+    }
+
+    fn vcpu_at(&self, index: usize) -> Result<&VcpuFd, VmError> {
+        self.vcpus.get(index).ok_or(VmError::Unexpected {
+            vcpu: index,
+            exit: "no such vCPU".into(),
+        })
+    }
+
+    /// Puts vCPU `index` in 64-bit long mode: the first 4 GiB identity-mapped
+    /// with 2 MiB pages (tables at 0x9000..0xf000), a GDT at 0x500 with the
+    /// boot protocol's selectors (0x10 code, 0x18 data), flat segments.
+    fn enter_long_mode(&mut self, index: usize) -> Result<(), VmError> {
         use vm_memory::Bytes;
         const PML4: u64 = 0x9000;
         const PDPT: u64 = 0xa000;
@@ -237,60 +281,64 @@ impl Vm {
                 .map_err(|_| VmError::Load { addr: at })
         };
         write(PDPT | 0x3, PML4)?;
-        write(PD | 0x3, PDPT)?;
-        for i in 0..512u64 {
-            // Present, writable, 2 MiB page.
-            write((i << 21) | 0x83, PD + i * 8)?;
+        for gib in 0..4u64 {
+            let pd = PD + gib * 0x1000;
+            write(pd | 0x3, PDPT + gib * 8)?;
+            for i in 0..512u64 {
+                // Present, writable, 2 MiB page.
+                write((gib << 30) | (i << 21) | 0x83, pd + i * 8)?;
+            }
         }
-        // Null, 64-bit code (0x08), data (0x10).
-        for (i, d) in [0u64, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
-            .iter()
-            .enumerate()
-        {
+        for (i, d) in GDT_ENTRIES.iter().enumerate() {
             write(*d, GDT + i as u64 * 8)?;
         }
-        mem.write_slice(code, GuestAddress(addr))
-            .map_err(|_| VmError::Load { addr })?;
-        let vcpu = self.vcpus.get(index).ok_or(VmError::Unexpected {
-            vcpu: index,
-            exit: "no such vCPU".into(),
-        })?;
+        let vcpu = self.vcpu_at(index)?;
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("read sregs"))?;
         flat_segments(&mut sregs, true);
         sregs.gdt.base = GDT;
-        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.gdt.limit = (GDT_ENTRIES.len() * 8 - 1) as u16;
         sregs.cr3 = PML4;
         sregs.cr4 |= 1 << 5; // PAE
         sregs.cr0 |= (1 << 0) | (1 << 31); // PE, PG
         sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
         vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
-        let mut regs = vcpu.get_regs().map_err(kvm_err("read regs"))?;
-        regs.rip = addr;
-        regs.rsp = 0x8000;
-        regs.rflags = 0x2;
-        vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
         Ok(())
     }
 
-    /// Writes the MP table and points the boot vCPU at a PVH entry: 32-bit
-    /// protected mode, flat
-    /// segments, paging off, %rbx = start info; x87/SSE control words, the
-    /// MSRs Linux expects, and LAPIC LINT0/LINT1 as ExtINT/NMI.
-    pub fn setup_pvh(&mut self, boot: crate::boot::BootEntry) -> Result<(), VmError> {
+    /// Writes the MP table and points the boot vCPU at the kernel's entry:
+    /// for PVH, 32-bit protected mode, flat segments, paging off, %rbx =
+    /// start info; for a bzImage, long mode with %rsi = zero page. Then
+    /// x87/SSE control words, the MSRs Linux expects, and LAPIC LINT0/LINT1
+    /// as ExtINT/NMI on every vCPU.
+    pub fn setup_boot(&mut self, boot: BootEntry) -> Result<(), VmError> {
         crate::mptable::write(&self.ram.memory, self.vcpus.len() as u8)?;
-        let vcpu = self.vcpus.first().ok_or(VmError::Vcpus(0))?;
-        let mut sregs = vcpu.get_sregs().map_err(kvm_err("read sregs"))?;
-        flat_segments(&mut sregs, false);
-        sregs.cr0 = 0x11; // PE, ET
-        sregs.cr4 = 0;
-        sregs.efer = 0;
-        vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
-        let regs = kvm_bindings::kvm_regs {
-            rip: boot.entry,
-            rbx: boot.start_info,
-            rflags: 0x2,
-            ..Default::default()
+        let regs = match boot {
+            BootEntry::Pvh { entry, start_info } => {
+                let vcpu = self.vcpu_at(0)?;
+                let mut sregs = vcpu.get_sregs().map_err(kvm_err("read sregs"))?;
+                flat_segments(&mut sregs, false);
+                sregs.cr0 = 0x11; // PE, ET
+                sregs.cr4 = 0;
+                sregs.efer = 0;
+                vcpu.set_sregs(&sregs).map_err(kvm_err("set sregs"))?;
+                kvm_bindings::kvm_regs {
+                    rip: entry,
+                    rbx: start_info,
+                    rflags: 0x2,
+                    ..Default::default()
+                }
+            }
+            BootEntry::Linux64 { entry, boot_params } => {
+                self.enter_long_mode(0)?;
+                kvm_bindings::kvm_regs {
+                    rip: entry,
+                    rsi: boot_params,
+                    rflags: 0x2,
+                    ..Default::default()
+                }
+            }
         };
+        let vcpu = self.vcpu_at(0)?;
         vcpu.set_regs(&regs).map_err(kvm_err("set regs"))?;
         let fpu = kvm_bindings::kvm_fpu {
             fcw: 0x37f,
@@ -344,7 +392,7 @@ impl Vm {
             vcpu: index,
             exit: "no such vCPU".into(),
         })?;
-        run_loop(index, vcpu, &self.bus, &self.mmio)
+        run_loop(index, vcpu, &self.bus, &self.mmio, &self.state)
     }
 
     /// Runs every vCPU on its own thread; returns the first one's end (the
@@ -356,11 +404,12 @@ impl Vm {
         for (index, mut vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
             let bus = self.bus.clone();
             let mmio = mmio.clone();
+            let state = self.state.clone();
             let tx = tx.clone();
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let r = run_loop(index, &mut vcpu, &bus, &mmio);
+                    let r = run_loop(index, &mut vcpu, &bus, &mmio, &state);
                     let _ = tx.send(r);
                     // Keep the fd open until the process ends.
                     std::mem::forget(vcpu);
@@ -384,7 +433,9 @@ fn run_loop(
     vcpu: &mut VcpuFd,
     bus: &Mutex<PioBus>,
     mmio: &[MmioDevice],
+    state: &Arc<RunState>,
 ) -> Result<Exit, VmError> {
+    let _registered = state.enter();
     let device = |addr: u64| {
         mmio.iter()
             .find(|d| (d.base..d.base + WINDOW).contains(&addr))
@@ -392,6 +443,9 @@ fn run_loop(
     };
     let lock = || bus.lock().unwrap_or_else(|e| e.into_inner());
     let result = loop {
+        if let Some(exit) = state.checkpoint() {
+            break Ok(exit);
+        }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 if lock().write(port, data) == PioAction::Reset {
@@ -465,13 +519,16 @@ fn mmio_write(d: &MmioDevice, offset: u64, data: &[u8]) {
     }
 }
 
-/// Flat 4 GiB segments: selector 0x08 code, 0x10 data, 0x18 TSS; 64-bit
+/// Null, null, 64-bit code (0x10, __BOOT_CS), data (0x18, __BOOT_DS).
+const GDT_ENTRIES: [u64; 4] = [0, 0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+
+/// Flat 4 GiB segments: selector 0x10 code, 0x18 data, 0x20 TSS; 64-bit
 /// code when `long`, else 32-bit.
 fn flat_segments(sregs: &mut kvm_bindings::kvm_sregs, long: bool) {
     let code = kvm_bindings::kvm_segment {
         base: 0,
         limit: 0xffff_ffff,
-        selector: 0x08,
+        selector: 0x10,
         type_: 0xb,
         present: 1,
         dpl: 0,
@@ -482,7 +539,7 @@ fn flat_segments(sregs: &mut kvm_bindings::kvm_sregs, long: bool) {
         ..Default::default()
     };
     let data = kvm_bindings::kvm_segment {
-        selector: 0x10,
+        selector: 0x18,
         type_: 0x3,
         db: 1,
         l: 0,
@@ -501,7 +558,7 @@ fn flat_segments(sregs: &mut kvm_bindings::kvm_sregs, long: bool) {
     sregs.tr = kvm_bindings::kvm_segment {
         base: 0,
         limit: 0x67,
-        selector: 0x18,
+        selector: 0x20,
         type_: 0xb,
         present: 1,
         s: 0,

@@ -5,6 +5,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use husk_vmm::boot::BootEntry;
+use husk_vmm::control::{ControlSocket, RunState};
 use husk_vmm::vm::{kvm_present, VmConfig};
 use husk_vmm::{Exit, Vm, VmError};
 
@@ -136,15 +138,9 @@ fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
     if !kvm_available("the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state") {
         return;
     }
-    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
-    if !guest.join("vmlinux").is_file() {
-        assert_ne!(
-            std::env::var("HUSK_E2E").as_deref(),
-            Ok("1"),
-            "make guest-image first"
-        );
+    let Some(guest) = guest_dir() else {
         return;
-    }
+    };
     let (mut vm, _) = new_vm(2);
     let boot = husk_vmm::boot::load(
         &vm.memory().memory,
@@ -154,10 +150,13 @@ fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
         "console=ttyS0 reboot=t panic=-1",
     )
     .expect("load the guest kernel");
-    vm.setup_pvh(boot).expect("PVH vCPU state, MSRs, LAPIC");
+    vm.setup_boot(boot).expect("PVH vCPU state, MSRs, LAPIC");
+    let BootEntry::Pvh { entry, start_info } = boot else {
+        panic!("vmlinux boots through PVH: {boot:?}");
+    };
     let vcpu = vm.vcpu(0).expect("vcpu 0");
     let regs = vcpu.get_regs().expect("regs");
-    assert_eq!((regs.rip, regs.rbx), (boot.entry, boot.start_info));
+    assert_eq!((regs.rip, regs.rbx), (entry, start_info));
     let sregs = vcpu.get_sregs().expect("sregs");
     assert_eq!(sregs.cr0 & 0x8000_0001, 1, "protected mode, paging off");
     assert_eq!(
@@ -167,4 +166,170 @@ fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
     let lapic = vm.vcpu(1).expect("vcpu 1").get_lapic().expect("lapic");
     assert_eq!((lapic.regs[0x351] as u8) & 0x7, 0x7, "LINT0 ExtINT");
     assert_eq!((lapic.regs[0x361] as u8) & 0x7, 0x4, "LINT1 NMI");
+}
+
+/// target/guest, or None (skip) outside `make test`.
+fn guest_dir() -> Option<std::path::PathBuf> {
+    let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
+    if guest.join("vmlinux").is_file() && guest.join("bzImage").is_file() {
+        return Some(guest);
+    }
+    assert_ne!(
+        std::env::var("HUSK_E2E").as_deref(),
+        Ok("1"),
+        "make guest-image first"
+    );
+    None
+}
+
+#[test]
+fn the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state() {
+    if !kvm_available("the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state") {
+        return;
+    }
+    let Some(guest) = guest_dir() else {
+        return;
+    };
+    let (mut vm, _) = new_vm(2);
+    let boot = husk_vmm::boot::load(
+        &vm.memory().memory,
+        vm.memory().size,
+        &guest.join("bzImage"),
+        Some(&guest.join("initramfs.cpio")),
+        "console=ttyS0 reboot=t panic=-1",
+    )
+    .expect("load the bzImage");
+    vm.setup_boot(boot).expect("64-bit vCPU state");
+    let BootEntry::Linux64 { entry, boot_params } = boot else {
+        panic!("a bzImage boots through its 64-bit entry: {boot:?}");
+    };
+    let vcpu = vm.vcpu(0).expect("vcpu 0");
+    let regs = vcpu.get_regs().expect("regs");
+    assert_eq!((regs.rip, regs.rsi), (entry, boot_params));
+    let sregs = vcpu.get_sregs().expect("sregs");
+    assert_eq!(sregs.cr0 & 0x8000_0001, 0x8000_0001, "paging on");
+    assert_ne!(sregs.efer & (1 << 10), 0, "long mode active");
+    assert_eq!((sregs.cs.selector, sregs.cs.l), (0x10, 1), "__BOOT_CS");
+    assert_eq!(sregs.ds.selector, 0x18, "__BOOT_DS");
+    // The identity map covers the zero page, the kernel and the initramfs.
+    for addr in [boot_params, entry, (64 << 20) - 0x1000] {
+        let t = vcpu.translate_gva(addr).expect("translate");
+        assert_eq!((t.valid, t.physical_address), (1, addr), "{addr:#x}");
+    }
+}
+
+/// 64-bit code: print `c` on COM1 forever.
+fn chatter(c: u8) -> Vec<u8> {
+    // mov dx, 0x3f8; mov al, c; 1: out dx, al; jmp 1b
+    vec![0x66, 0xba, 0xf8, 0x03, 0xb0, c, 0xee, 0xeb, 0xfd]
+}
+
+#[test]
+fn the_control_socket_pauses_resumes_and_stops_a_running_guest() {
+    if !kvm_available("the_control_socket_pauses_resumes_and_stops_a_running_guest") {
+        return;
+    }
+    let (mut vm, console) = new_vm(2);
+    vm.load_long_mode(0, 0x1000, &chatter(b'.')).expect("load");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("api.sock");
+    let mut socket = ControlSocket::bind(&path).expect("bind");
+    socket.serve(vm.run_state()).expect("serve");
+    let ask = |r: &str| husk_vmm::control::request(&path, r).expect("request");
+    let printed = || console.0.lock().unwrap().len();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut vm = vm;
+        let _ = tx.send(vm.run_vcpu(0));
+    });
+    let grows = |what: &str| {
+        let before = printed();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while printed() == before {
+            assert!(std::time::Instant::now() < deadline, "{what}: no output");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    grows("running guest");
+    assert_eq!(ask("status"), "ok running");
+    assert_eq!(ask("pause"), "ok paused");
+    let at_pause = printed();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(printed(), at_pause, "the guest printed while paused");
+    assert_eq!(ask("status"), "ok paused");
+    assert_eq!(ask("resume"), "ok running");
+    grows("resumed guest");
+    assert!(ask("hibernate").starts_with("error unknown request"));
+    assert_eq!(ask("shutdown"), "ok stopping");
+    let exit = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the vCPU did not leave after shutdown");
+    assert_eq!(exit.expect("run"), Exit::Stopped);
+    drop(socket);
+    assert!(!path.exists(), "the control socket was left behind");
+    // A fresh state for another VM is independent of this one.
+    assert_eq!(RunState::new().status(), "running");
+}
+
+#[test]
+fn pause_and_shutdown_kick_a_vcpu_that_never_leaves_the_guest() {
+    if !kvm_available("pause_and_shutdown_kick_a_vcpu_that_never_leaves_the_guest") {
+        return;
+    }
+    // jmp $: no exit to the VMM unless a signal forces one.
+    let (mut vm, _) = new_vm(1);
+    vm.load_long_mode(0, 0x1000, &[0xeb, 0xfe]).expect("load");
+    let state = vm.run_state();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut vm = vm;
+        let _ = tx.send(vm.run_vcpu(0));
+    });
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(state.pause(), Ok(()));
+    assert_eq!(state.status(), "paused");
+    assert_eq!(state.resume(), Ok(()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    assert!(rx.try_recv().is_err(), "the vCPU left the guest on its own");
+    state.shutdown();
+    let exit = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the spinning vCPU did not stop");
+    assert_eq!(exit.expect("run"), Exit::Stopped);
+}
+
+#[test]
+fn each_vcpu_gets_its_apic_id_the_hypervisor_bit_and_kvm_signature_leaves() {
+    if !kvm_available("each_vcpu_gets_its_apic_id_the_hypervisor_bit_and_kvm_signature_leaves") {
+        return;
+    }
+    let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .expect("supported CPUID");
+    let find = |entries: &[kvm_bindings::kvm_cpuid_entry2], function: u32| {
+        entries
+            .iter()
+            .find(|e| e.function == function && e.index == 0)
+            .copied()
+    };
+    let deadline = kvm.check_extension(kvm_ioctls::Cap::TscDeadlineTimer);
+    let (vm, _) = new_vm(2);
+    for id in 0..2u32 {
+        let cpuid = vm
+            .vcpu(id as usize)
+            .expect("vcpu")
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .expect("vCPU CPUID");
+        let leaf1 = find(cpuid.as_slice(), 1).expect("leaf 1");
+        assert_eq!(leaf1.ebx >> 24, id, "initial APIC id of vCPU {id}");
+        assert_ne!(leaf1.ecx & (1 << 31), 0, "hypervisor bit");
+        assert_eq!(leaf1.ecx & (1 << 24) != 0, deadline, "TSC-deadline bit");
+        let sig = find(cpuid.as_slice(), 0x4000_0000);
+        assert_eq!(
+            sig.map(|e| (e.eax, e.ebx, e.ecx, e.edx)),
+            find(supported.as_slice(), 0x4000_0000).map(|e| (e.eax, e.ebx, e.ecx, e.edx)),
+            "the hypervisor's signature leaf is KVM's own"
+        );
+    }
 }

@@ -42,6 +42,10 @@ impl HuskVmm {
             &spec.vsock_socket.clone().into_os_string(),
         );
         push("--guest-cid", &GUEST_CID.to_string().into());
+        push(
+            "--api-socket",
+            &spec.control_socket.clone().into_os_string(),
+        );
         args
     }
 }
@@ -87,6 +91,7 @@ mod tests {
             vmm_log: "/v".into(),
             fs_socket: "/fs.sock".into(),
             vsock_socket: "/vsock.sock".into(),
+            control_socket: "/s/vmm.sock".into(),
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)
@@ -103,6 +108,7 @@ mod tests {
             "--fs-tag husk",
             "--vhost-user-vsock /vsock.sock",
             "--guest-cid 3",
+            "--api-socket /s/vmm.sock",
         ] {
             assert!(joined.contains(want), "{want} missing from {joined}");
         }

@@ -32,6 +32,9 @@ pub struct VmSpec {
     pub fs_socket: PathBuf,
     /// vhost-user socket of vhost-device-vsock.
     pub vsock_socket: PathBuf,
+    /// The VMM's control socket, for backends that have one (husk-vmm:
+    /// pause, resume, shutdown, status through `husk-vmm ctl`).
+    pub control_socket: PathBuf,
 }
 
 /// virtio-fs tag of the pod share; the agent mounts it by this name.

@@ -137,6 +137,7 @@ mod tests {
             vmm_log: "/s/vmm.log".into(),
             fs_socket: "/s/fs.sock".into(),
             vsock_socket: "/s/vsock.sock".into(),
+            control_socket: "/s/vmm.sock".into(),
         }
     }
 

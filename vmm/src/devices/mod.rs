@@ -1,6 +1,9 @@
-//! Legacy devices on the port-I/O bus: the 8250 serial console (COM1) and
-//! the i8042 controller, whose only job is the CPU-reset line the guest
-//! pulls to power off (`reboot=k`).
+//! Legacy devices on the port-I/O bus: the 8250 serial console (COM1), the
+//! i8042 controller, whose only job is the CPU-reset line the guest pulls
+//! to power off, and the CMOS real-time clock the guest reads its
+//! wall-clock time from at boot.
+
+pub mod rtc;
 
 use std::io::Write;
 
@@ -44,6 +47,7 @@ pub enum PioAction {
 pub struct PioBus {
     serial: Serial<EventFdTrigger, NoEvents, Box<dyn Write + Send>>,
     i8042: I8042Device<EventFdTrigger>,
+    rtc: rtc::Rtc,
 }
 
 impl PioBus {
@@ -56,6 +60,7 @@ impl PioBus {
         Ok(Self {
             serial: Serial::new(serial_irq, console),
             i8042: I8042Device::new(EventFdTrigger::new()?),
+            rtc: rtc::Rtc::default(),
         })
     }
 
@@ -66,6 +71,9 @@ impl PioBus {
             }
             p if (I8042_BASE..I8042_BASE + I8042_LEN).contains(&p) => {
                 self.i8042.read((p - I8042_BASE) as u8)
+            }
+            p if (rtc::RTC_BASE..rtc::RTC_BASE + rtc::RTC_LEN).contains(&p) => {
+                self.rtc.read(p - rtc::RTC_BASE)
             }
             // Nothing there: the bus floats high.
             _ => 0xff,
@@ -93,6 +101,10 @@ impl PioBus {
                 } else {
                     PioAction::None
                 }
+            }
+            p if (rtc::RTC_BASE..rtc::RTC_BASE + rtc::RTC_LEN).contains(&p) => {
+                self.rtc.write(p - rtc::RTC_BASE, value);
+                PioAction::None
             }
             _ => PioAction::None,
         }
@@ -148,6 +160,28 @@ mod tests {
         assert_eq!(bus.write(0x60, &[0xfe]), PioAction::None);
         assert_eq!(bus.write(0x64, &[0xfe]), PioAction::Reset);
         assert_eq!(bus.write(0x64, &[]), PioAction::None);
+    }
+
+    #[test]
+    fn the_rtc_answers_on_its_ports_with_the_host_date() {
+        let (mut bus, _) = bus();
+        let year = rtc::DateTime::from_unix(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_secs(),
+        )
+        .year;
+        let mut d = [0u8; 1];
+        bus.write(0x70, &[0x32]);
+        bus.read(0x71, &mut d);
+        assert_eq!(
+            u32::from(d[0] >> 4) * 10 + u32::from(d[0] & 0xf),
+            year / 100
+        );
+        bus.write(0x70, &[0x0d]);
+        bus.read(0x71, &mut d);
+        assert_eq!(d[0], 0x80);
     }
 
     #[test]
