@@ -355,6 +355,55 @@ fn serve_connection(conn: UnixStream, state: &RunState) {
     }
 }
 
+/// SIGTERM and SIGINT as a set.
+fn stop_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// Blocks SIGTERM and SIGINT in the calling thread and so in every thread
+/// it starts afterwards: they wait for [`stop_on_signals`] instead of
+/// ending the process with the control socket left behind. Call it before
+/// any other thread exists.
+pub fn block_stop_signals() -> std::io::Result<()> {
+    let set = stop_signals();
+    // SAFETY: a valid set; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
+/// Starts a thread that takes SIGTERM or SIGINT (blocked beforehand with
+/// [`block_stop_signals`]) and shuts the VM down as the control socket's
+/// `shutdown` does.
+pub fn stop_on_signals(state: Arc<RunState>) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            let set = stop_signals();
+            let mut sig: libc::c_int = 0;
+            // SAFETY: a valid set and a place for the signal number.
+            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+                let name = if sig == libc::SIGINT {
+                    "SIGINT"
+                } else {
+                    "SIGTERM"
+                };
+                eprintln!("husk-vmm: {name}: stopping the VM");
+                state.shutdown();
+            }
+        })
+        .map(|_| ())
+}
+
 /// The client side: sends `request` to the socket at `path` and returns the
 /// reply line.
 pub fn request(path: &Path, request: &str) -> Result<String, ControlError> {

@@ -9,7 +9,7 @@
 //! client.
 //!
 //! Exit status: 0 the guest powered off (reset) or the VM was shut down
-//! through the control socket, 3 the guest crashed (triple fault, KVM
+//! through the control socket or by SIGTERM/SIGINT, 3 the guest crashed (triple fault, KVM
 //! shutdown or internal error), 1 the VMM failed (bad input, KVM error),
 //! 2 bad command line.
 
@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use husk_vmm::control::ControlSocket;
+use husk_vmm::control::{self, ControlSocket};
 use husk_vmm::vhost_user::Kind;
 use husk_vmm::vm::VmConfig;
 use husk_vmm::{boot, Exit, Vm, VmError};
@@ -92,10 +92,14 @@ fn main() -> ExitCode {
     if let Some(Ctl::Ctl { socket, request }) = &cli.ctl {
         return ctl(socket, request);
     }
+    if let Err(e) = control::block_stop_signals() {
+        eprintln!("husk-vmm: blocking SIGTERM and SIGINT: {e}");
+        return ExitCode::from(EXIT_VMM_FAILED);
+    }
     match run(&cli) {
         Ok(Exit::Reset) => ExitCode::SUCCESS,
         Ok(Exit::Stopped) => {
-            eprintln!("husk-vmm: stopped through the control socket");
+            eprintln!("husk-vmm: the VM was stopped on request");
             ExitCode::SUCCESS
         }
         Ok(Exit::Shutdown) => {
@@ -209,6 +213,7 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
     if let Some(api) = api.as_mut() {
         api.serve(vm.run_state()).map_err(|e| vmm(&e))?;
     }
+    control::stop_on_signals(vm.run_state()).map_err(|e| vmm(&e))?;
     // `api` lives until run() returns and removes the socket when dropped.
     match vm.run() {
         Ok(exit) => Ok(exit),

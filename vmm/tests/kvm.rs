@@ -133,24 +133,34 @@ fn bad_memory_sizes_and_vcpu_counts_are_refused_by_name() {
     assert!(e.to_string().contains("does not fit"), "{e}");
 }
 
-#[test]
-fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
-    if !kvm_available("the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state") {
-        return;
+/// A 2-vCPU VM with our guest `kernel` (from target/guest) loaded and the
+/// boot vCPU set up; None (skip) without KVM or a guest image outside
+/// `make test`.
+fn boot_guest(test: &str, kernel: &str) -> Option<(Vm, BootEntry)> {
+    if !kvm_available(test) {
+        return None;
     }
-    let Some(guest) = guest_dir() else {
-        return;
-    };
+    let guest = guest_dir()?;
     let (mut vm, _) = new_vm(2);
     let boot = husk_vmm::boot::load(
         &vm.memory().memory,
         vm.memory().size,
-        &guest.join("vmlinux"),
+        &guest.join(kernel),
         Some(&guest.join("initramfs.cpio")),
         "console=ttyS0 reboot=t panic=-1",
     )
-    .expect("load the guest kernel");
-    vm.setup_boot(boot).expect("PVH vCPU state, MSRs, LAPIC");
+    .unwrap_or_else(|e| panic!("load {kernel}: {e}"));
+    vm.setup_boot(boot)
+        .unwrap_or_else(|e| panic!("boot state for {kernel}: {e}"));
+    Some((vm, boot))
+}
+
+#[test]
+fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
+    let test = "the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state";
+    let Some((vm, boot)) = boot_guest(test, "vmlinux") else {
+        return;
+    };
     let BootEntry::Pvh { entry, start_info } = boot else {
         panic!("vmlinux boots through PVH: {boot:?}");
     };
@@ -184,22 +194,10 @@ fn guest_dir() -> Option<std::path::PathBuf> {
 
 #[test]
 fn the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state() {
-    if !kvm_available("the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state") {
-        return;
-    }
-    let Some(guest) = guest_dir() else {
+    let test = "the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state";
+    let Some((vm, boot)) = boot_guest(test, "bzImage") else {
         return;
     };
-    let (mut vm, _) = new_vm(2);
-    let boot = husk_vmm::boot::load(
-        &vm.memory().memory,
-        vm.memory().size,
-        &guest.join("bzImage"),
-        Some(&guest.join("initramfs.cpio")),
-        "console=ttyS0 reboot=t panic=-1",
-    )
-    .expect("load the bzImage");
-    vm.setup_boot(boot).expect("64-bit vCPU state");
     let BootEntry::Linux64 { entry, boot_params } = boot else {
         panic!("a bzImage boots through its 64-bit entry: {boot:?}");
     };
@@ -332,4 +330,120 @@ fn each_vcpu_gets_its_apic_id_the_hypervisor_bit_and_kvm_signature_leaves() {
             "the hypervisor's signature leaf is KVM's own"
         );
     }
+}
+
+/// A minimal bzImage written here: a setup header for the 64-bit boot
+/// protocol and, at the 64-bit entry, code that prints "boot:", the first
+/// byte of the command line it finds through the zero page in %rsi, a
+/// newline, then a dot about every few milliseconds for ever.
+fn tiny_bzimage() -> Vec<u8> {
+    let mut image = vec![0u8; 1024 + 0x200];
+    let put = |image: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        image[at..at + bytes.len()].copy_from_slice(bytes);
+    };
+    put(&mut image, 0x1f1, &[1]); // setup_sects: the setup part is 2 sectors
+    put(&mut image, 0x202, b"HdrS");
+    put(&mut image, 0x206, &0x020f_u16.to_le_bytes()); // boot protocol 2.15
+    put(&mut image, 0x211, &[1]); // loadflags: LOADED_HIGH
+    put(&mut image, 0x214, &0x10_0000_u32.to_le_bytes()); // code32_start
+    put(&mut image, 0x22c, &0x7fff_ffff_u32.to_le_bytes()); // initrd_addr_max
+    put(&mut image, 0x236, &1_u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    put(&mut image, 0x238, &2048_u32.to_le_bytes()); // cmdline_size
+    put(&mut image, 0x258, &0x100_0000_u64.to_le_bytes()); // pref_address
+    put(&mut image, 0x260, &0x10_0000_u32.to_le_bytes()); // init_size
+    let mut code = printer(b"boot:", &[]);
+    code.extend_from_slice(&[
+        0x8b, 0x86, 0x28, 0x02, 0x00, 0x00, // mov eax, [rsi + 0x228] (cmd_line_ptr)
+        0x8a, 0x00, // mov al, [rax]
+        0xee, // out dx, al
+        0xb0, b'\n', 0xee, // newline
+        0xb0, b'.', 0xee, // 1: mov al, '.'; out dx, al
+        0xb9, 0x00, 0x00, 0x40, 0x00, // mov ecx, 0x400000
+        0xe2, 0xfe, // loop $
+        0xeb, 0xf4, // jmp 1b
+    ]);
+    image.extend_from_slice(&code);
+    image
+}
+
+#[test]
+fn the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm() {
+    if !kvm_available("the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm") {
+        return;
+    }
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("bzImage");
+    std::fs::write(&kernel, tiny_bzimage()).unwrap();
+    let console = dir.path().join("console");
+    let api = dir.path().join("vmm.sock");
+    let start = |extra: &[&str]| {
+        let _ = std::fs::remove_file(&console);
+        std::process::Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+            .args(["--kernel", kernel.to_str().unwrap(), "--cmdline", "Zebra"])
+            .args(["--memory-mib", "64", "--console", console.to_str().unwrap()])
+            .args(["--api-socket", api.to_str().unwrap()])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start husk-vmm")
+    };
+    let printed = || std::fs::read(&console).map(|c| c.len()).unwrap_or(0);
+    let grows = |what: &str| {
+        let before = printed();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while printed() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "{what}: the guest printed nothing"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    let ctl = |request: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+            .args(["ctl", api.to_str().unwrap(), request])
+            .output()
+            .expect("husk-vmm ctl");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    let finish = |child: std::process::Child| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("husk-vmm did not end")
+            .expect("wait");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+
+    let child = start(&["--vcpus", "2"]);
+    grows("boot");
+    let shown = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
+    assert!(shown.starts_with("boot:Z\n"), "console: {shown:?}");
+    assert_eq!(ctl("pause"), "ok paused");
+    let at_pause = printed();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(printed(), at_pause, "the guest printed while paused");
+    assert_eq!(ctl("resume"), "ok running");
+    grows("resumed");
+    // SIGTERM stops the VM cleanly: status 0, the control socket removed.
+    // SAFETY: kill(2) on our own child.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("SIGTERM"), "{stderr}");
+    assert!(!api.exists(), "the control socket was left behind");
+
+    let child = start(&[]);
+    grows("second boot");
+    assert_eq!(ctl("shutdown"), "ok stopping");
+    let (code, stderr) = finish(child);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(!api.exists(), "the control socket was left behind");
 }
