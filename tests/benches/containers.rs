@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_tests::bench::{self, median, ms};
-use husk_tests::containerd::{Containerd, IMAGE, RUNTIME};
+use husk_tests::containerd::{run_args, Containerd, RUNTIME};
 use husk_tests::processes_mentioning;
 
 const RUNC: &str = "io.containerd.runc.v2";
@@ -30,10 +30,7 @@ fn timed_ok(ctd: &Containerd, args: &[&str]) -> Duration {
 }
 
 fn run_rm(ctd: &Containerd, runtime: &str, id: &str) -> Duration {
-    timed_ok(
-        ctd,
-        &["run", "--rm", "--runtime", runtime, IMAGE, id, "true"],
-    )
+    timed_ok(ctd, &run_args(&["--rm"], runtime, id, &["true"]))
 }
 
 /// (PSS outside guest-memory mappings, PSS of guest-memory mappings) in KiB.
@@ -88,19 +85,7 @@ fn main() {
 
     // Exec latency and memory on one detached container of each.
     let sleeper = |runtime: &str, id: &str| {
-        timed_ok(
-            &ctd,
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                runtime,
-                IMAGE,
-                id,
-                "sleep",
-                "100000",
-            ],
-        )
+        timed_ok(&ctd, &run_args(&["-d"], runtime, id, &["sleep", "100000"]))
     };
     sleeper(RUNTIME, hx);
     sleeper(RUNC, rx);

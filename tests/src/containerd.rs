@@ -104,6 +104,17 @@ impl Containerd {
             .expect("run ctr")
     }
 
+    /// `ctr run <flags> --runtime husk <test image> <id> <cmd>`, stdin from
+    /// /dev/null.
+    pub fn run(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Output {
+        self.ctr(&run_args(flags, RUNTIME, id, cmd))
+    }
+
+    /// The same as a command to wire up before it starts.
+    pub fn run_cmd(&self, flags: &[&str], id: &str, cmd: &[&str]) -> Command {
+        self.ctr_cmd(&run_args(flags, RUNTIME, id, cmd))
+    }
+
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ctr");
         c.arg("--address")
@@ -183,6 +194,21 @@ fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
 }
 
 /// Waits until no husk shim, VM process, sandbox directory or mount is left.
+/// The arguments of `ctr run <flags> --runtime <runtime> <test image> <id>
+/// <cmd>`.
+pub fn run_args<'a>(
+    flags: &[&'a str],
+    runtime: &'a str,
+    id: &'a str,
+    cmd: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec!["run"];
+    v.extend_from_slice(flags);
+    v.extend_from_slice(&["--runtime", runtime, IMAGE, id]);
+    v.extend_from_slice(cmd);
+    v
+}
+
 pub fn assert_clean() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

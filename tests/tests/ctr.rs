@@ -5,7 +5,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{assert_clean, Containerd, IMAGE, RUNTIME};
+use husk_tests::containerd::{assert_clean, Containerd};
 use husk_tests::{e2e, vm_lock};
 
 #[test]
@@ -16,16 +16,7 @@ fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {
     let _vm = vm_lock();
     let ctd = Containerd::start();
 
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "uname1",
-        "uname",
-        "-r",
-    ]);
+    let out = ctd.run(&["--rm"], "uname1", &["uname", "-r"]);
     let release = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(
         out.status.success(),
@@ -45,17 +36,11 @@ fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {
     );
     assert_clean();
 
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    let out = ctd.run(
+        &["--rm"],
         "exit7",
-        "sh",
-        "-c",
-        "echo out; echo err >&2; exit 7",
-    ]);
+        &["sh", "-c", "echo out; echo err >&2; exit 7"],
+    );
     assert_eq!(
         out.status.code(),
         Some(7),
@@ -67,17 +52,7 @@ fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {
     assert_clean();
 
     let mut child = ctd
-        .ctr_cmd(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
-            "stdin1",
-            "sh",
-            "-c",
-            "read x; echo got: $x",
-        ])
+        .run_cmd(&["--rm"], "stdin1", &["sh", "-c", "read x; echo got: $x"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -101,16 +76,7 @@ fn ctr_task_kill_stops_a_detached_container() {
     }
     let _vm = vm_lock();
     let ctd = Containerd::start();
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "sleeper",
-        "sleep",
-        "1000",
-    ]);
+    let out = ctd.run(&["-d"], "sleeper", &["sleep", "1000"]);
     assert!(
         out.status.success(),
         "ctr run -d: {}\n{}",
@@ -150,16 +116,7 @@ fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
     }
     let _vm = vm_lock();
     let ctd = Containerd::start();
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "doomed",
-        "sleep",
-        "1000",
-    ]);
+    let out = ctd.run(&["-d"], "doomed", &["sleep", "1000"]);
     assert!(
         out.status.success(),
         "ctr run -d: {}",

@@ -8,7 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use containerd_shim_protos::shim::shim as task_api;
-use husk_tests::containerd::{assert_clean, Containerd, Events, IMAGE, RUNTIME};
+use husk_tests::containerd::{assert_clean, run_args, Containerd, Events, RUNTIME};
 use husk_tests::{e2e, vm_lock};
 
 /// A 10 s deadline for calls to the shim's task API.
@@ -80,17 +80,11 @@ fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
     let ctd = Containerd::start();
     let events = Events::start(&ctd);
     let id = "svc";
-    let out = ctd.ctr(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    let out = ctd.run(
+        &["-d"],
         id,
-        "sh",
-        "-c",
-        "trap 'exit 3' TERM; while :; do sleep 1; done",
-    ]);
+        &["sh", "-c", "trap 'exit 3' TERM; while :; do sleep 1; done"],
+    );
     ok(&ctd, "ctr run -d", &out);
     wait_status(&ctd, id, "RUNNING");
 
@@ -290,11 +284,7 @@ fn output_tty_oom_and_failures_through_ctr_run() {
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let events = Events::start(&ctd);
-    let run = |id: &str, args: &[&str]| {
-        let mut v = vec!["run", "--rm", "--runtime", RUNTIME, IMAGE, id];
-        v.extend_from_slice(args);
-        ctd.ctr(&v)
-    };
+    let run = |id: &str, args: &[&str]| ctd.run(&["--rm"], id, args);
 
     // 10 MiB of random bytes, intact: the guest's checksum on stderr.
     let out = run(
@@ -346,18 +336,12 @@ fn output_tty_oom_and_failures_through_ctr_run() {
         &ctd,
         40,
         120,
-        &[
-            "run",
-            "--rm",
-            "-t",
-            "--runtime",
+        &run_args(
+            &["--rm", "-t"],
             RUNTIME,
-            IMAGE,
             "tty1",
-            "sh",
-            "-c",
-            "stty size; tty; exit 4",
-        ],
+            &["sh", "-c", "stty size; tty; exit 4"],
+        ),
     );
     let o = text(&out.stdout);
     assert!(
@@ -369,17 +353,15 @@ fn output_tty_oom_and_failures_through_ctr_run() {
 
     // SIGTERM to a foreground container: its trap's code comes back.
     let mut child = ctd
-        .ctr_cmd(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            IMAGE,
+        .run_cmd(
+            &["--rm"],
             "term",
-            "sh",
-            "-c",
-            "trap 'exit 9' TERM; echo ready; while :; do sleep 1; done",
-        ])
+            &[
+                "sh",
+                "-c",
+                "trap 'exit 9' TERM; echo ready; while :; do sleep 1; done",
+            ],
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .spawn()
@@ -395,19 +377,15 @@ fn output_tty_oom_and_failures_through_ctr_run() {
     assert_clean();
 
     // An OOM kill: 137 for the killed process, and a /tasks/oom event.
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--memory-limit",
-        "33554432",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    let out = ctd.run(
+        &["--rm", "--memory-limit", "33554432"],
         "oom",
-        "sh",
-        "-c",
-        "dd if=/dev/zero of=/dev/null bs=96M count=1; echo dd=$?",
-    ]);
+        &[
+            "sh",
+            "-c",
+            "dd if=/dev/zero of=/dev/null bs=96M count=1; echo dd=$?",
+        ],
+    );
     assert!(
         text(&out.stdout).contains("dd=137"),
         "dd should be OOM-killed: {} {}",
@@ -431,17 +409,7 @@ fn five_containers_start_concurrently() {
             let id = format!("par{i}");
             let script = format!("echo {id} $(uname -r)");
             let child = ctd
-                .ctr_cmd(&[
-                    "run",
-                    "--rm",
-                    "--runtime",
-                    RUNTIME,
-                    IMAGE,
-                    &id,
-                    "sh",
-                    "-c",
-                    &script,
-                ])
+                .run_cmd(&["--rm"], &id, &["sh", "-c", &script])
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
@@ -486,25 +454,25 @@ fn host_bind_mounts_and_the_config_path_option() {
         "type=bind,src={},dst=/etc/one,options=bind:ro",
         file.display()
     );
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--mount",
-        &ro_mount,
-        "--mount",
-        &rw_mount,
-        "--mount",
-        &file_mount,
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    let out = ctd.run(
+        &[
+            "--rm",
+            "--mount",
+            &ro_mount,
+            "--mount",
+            &rw_mount,
+            "--mount",
+            &file_mount,
+        ],
         "binds",
-        "sh",
-        "-c",
-        "cat /ro/hello /etc/one; echo written > /rw/out; \
+        &[
+            "sh",
+            "-c",
+            "cat /ro/hello /etc/one; echo written > /rw/out; \
          if echo x > /ro/new 2>/dev/null; then echo ro-writable; fi; \
          if mount -o remount,rw /ro 2>/dev/null && echo x > /ro/new; then echo ro-remounted; fi",
-    ]);
+        ],
+    );
     ok(&ctd, "run with bind mounts", &out);
     assert_eq!(text(&out.stdout), "from the host\none file\n");
     assert_eq!(
@@ -522,17 +490,7 @@ fn host_bind_mounts_and_the_config_path_option() {
         "type=bind,src={}/nope,dst=/x,options=rbind",
         host.path().display()
     );
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--mount",
-        &missing,
-        "--runtime",
-        RUNTIME,
-        IMAGE,
-        "nobind",
-        "true",
-    ]);
+    let out = ctd.run(&["--rm", "--mount", &missing], "nobind", &["true"]);
     assert!(!out.status.success());
     assert!(text(&out.stderr).contains("/nope"), "{}", text(&out.stderr));
     let _ = ctd.ctr(&["container", "rm", "nobind"]);
@@ -550,19 +508,15 @@ fn host_bind_mounts_and_the_config_path_option() {
         ),
     )
     .expect("write config");
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime-config-path",
-        config.to_str().expect("utf-8"),
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    let out = ctd.run(
+        &[
+            "--rm",
+            "--runtime-config-path",
+            config.to_str().expect("utf-8"),
+        ],
         "small",
-        "grep",
-        "MemTotal",
-        "/proc/meminfo",
-    ]);
+        &["grep", "MemTotal", "/proc/meminfo"],
+    );
     ok(&ctd, "run with ConfigPath", &out);
     let kib: u64 = text(&out.stdout)
         .split_whitespace()
@@ -575,17 +529,11 @@ fn host_bind_mounts_and_the_config_path_option() {
     );
     assert_clean();
 
-    let out = ctd.ctr(&[
-        "run",
-        "--rm",
-        "--runtime-config-path",
-        "/nonexistent/husk.toml",
-        "--runtime",
-        RUNTIME,
-        IMAGE,
+    let out = ctd.run(
+        &["--rm", "--runtime-config-path", "/nonexistent/husk.toml"],
         "badcfg",
-        "true",
-    ]);
+        &["true"],
+    );
     assert!(!out.status.success());
     assert!(
         text(&out.stderr).contains("/nonexistent/husk.toml"),

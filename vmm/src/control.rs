@@ -138,6 +138,15 @@ impl RunState {
         (g.want == Want::Stop).then_some(Exit::Stopped)
     }
 
+    /// Kicks every vCPU thread, then waits for a change or the next kick.
+    fn kick_and_wait<'a>(&'a self, g: MutexGuard<'a, Inner>) -> MutexGuard<'a, Inner> {
+        Self::kick_all(&g);
+        self.changed
+            .wait_timeout(g, KICK_INTERVAL)
+            .unwrap_or_else(|e| e.into_inner())
+            .0
+    }
+
     fn kick_all(g: &Inner) {
         for &t in &g.threads {
             // SAFETY: every handle belongs to a thread that is inside its
@@ -167,12 +176,7 @@ impl RunState {
                     "only {parked} of {all} vCPUs stopped within {PAUSE_TIMEOUT:?}; the VM keeps running"
                 ));
             }
-            Self::kick_all(&g);
-            g = self
-                .changed
-                .wait_timeout(g, KICK_INTERVAL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.kick_and_wait(g);
         }
         Ok(())
     }
@@ -199,12 +203,7 @@ impl RunState {
         // A vCPU on its way into KVM_RUN may miss one kick.
         let deadline = Instant::now() + PAUSE_TIMEOUT;
         while !g.threads.is_empty() && Instant::now() < deadline {
-            Self::kick_all(&g);
-            g = self
-                .changed
-                .wait_timeout(g, KICK_INTERVAL)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
+            g = self.kick_and_wait(g);
         }
     }
 
