@@ -6,9 +6,8 @@
 //! so no `memory.swap.*`).
 
 use std::collections::HashMap;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use husk_protocol::containers::StatsResponse;
 use libcgroups::common::{CgroupManager, ControllerOpt};
@@ -17,8 +16,6 @@ use libcontainer::oci_spec::runtime::LinuxResources;
 
 /// Where the cgroup v2 hierarchy is mounted in the guest.
 pub const ROOT: &str = "/sys/fs/cgroup";
-/// How often a WaitOom call looks whether its container is gone.
-const OOM_RECHECK: Duration = Duration::from_secs(1);
 
 /// The container's cgroup directory, absolute.
 pub fn container_path(c: &Container) -> PathBuf {
@@ -125,7 +122,7 @@ fn oom_kills(cgroup: &Path) -> Option<u64> {
 /// Blocks until `memory.events` counts one more OOM kill than when called
 /// (true), or until the cgroup or the container (`gone`) goes away (false).
 /// kernfs wakes poll(2) with POLLPRI when the file changes.
-pub fn wait_oom_kill(cgroup: &Path, gone: impl Fn() -> bool) -> bool {
+pub fn wait_oom_kill(cgroup: &Path, gone: BorrowedFd<'_>) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let path = cgroup.join("memory.events");
     let Some(start) = oom_kills(cgroup) else {
@@ -134,21 +131,30 @@ pub fn wait_oom_kill(cgroup: &Path, gone: impl Fn() -> bool) -> bool {
     let Ok(file) = std::fs::File::open(&path) else {
         return false;
     };
-    let timeout = PollTimeout::try_from(OOM_RECHECK.as_millis() as i32).unwrap_or(PollTimeout::MAX);
     loop {
         match oom_kills(cgroup) {
             Some(n) if n > start => return true,
             None => return false,
-            Some(_) if gone() => return false,
             Some(_) => {}
         }
-        let mut fds = [PollFd::new(file.as_fd(), PollFlags::POLLPRI)];
-        let _ = poll(&mut fds, timeout);
+        // memory.events raises POLLPRI when it changes; `gone` hangs up
+        // when the container is removed. No timeout: nothing to poll for.
+        let mut fds = [
+            PollFd::new(file.as_fd(), PollFlags::POLLPRI),
+            PollFd::new(gone, PollFlags::POLLIN),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) if fds[1].any().unwrap_or(true) => return false,
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return false,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     fn fake_cgroup() -> tempfile::TempDir {
@@ -201,10 +207,21 @@ mod tests {
     }
 
     #[test]
-    fn oom_wait_ends_when_the_container_goes() {
+    fn oom_wait_ends_as_soon_as_the_container_goes() {
         let d = fake_cgroup();
+        let (gone, removed) = std::io::pipe().unwrap();
         let t = std::time::Instant::now();
-        assert!(!wait_oom_kill(d.path(), || t.elapsed() > Duration::from_millis(50)));
-        assert!(!wait_oom_kill(&d.path().join("nonexistent"), || false));
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            drop(removed);
+        });
+        assert!(!wait_oom_kill(d.path(), gone.as_fd()));
+        closer.join().unwrap();
+        let took = t.elapsed();
+        assert!(
+            took >= Duration::from_millis(50) && took < Duration::from_millis(500),
+            "{took:?}"
+        );
+        assert!(!wait_oom_kill(&d.path().join("nonexistent"), gone.as_fd()));
     }
 }

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -142,6 +142,9 @@ struct Entry {
     execs: HashMap<String, Proc>,
     /// The container's cgroup, absolute.
     cgroup: PathBuf,
+    /// A pipe whose write end lives and dies with this entry: WaitOom
+    /// calls hold a copy of the read end, which hangs up on removal.
+    gone: (std::io::PipeReader, std::io::PipeWriter),
 }
 
 /// All containers of this guest.
@@ -443,6 +446,11 @@ impl Manager {
         tracing::debug!(container = id, pid, "created");
         let init = self.finish(id, pid, wiring)?;
         let cgroup = cgroup::container_path(&container);
+        let gone = std::io::pipe().map_err(|e| ContainerError::Io {
+            id: id.to_owned(),
+            what: "removal pipe",
+            why: e.to_string(),
+        })?;
         self.lock().insert(
             id.to_owned(),
             Entry {
@@ -451,6 +459,7 @@ impl Manager {
                 started: false,
                 execs: HashMap::new(),
                 cgroup,
+                gone,
             },
         );
         Ok(())
@@ -728,9 +737,19 @@ impl Manager {
     /// Blocks until the container's cgroup counts another OOM kill (true) or
     /// the container is gone (false).
     pub fn wait_oom(&self, id: &str) -> Result<bool, ContainerError> {
-        let cg = self.cgroup_of(id)?;
-        let gone = || !self.lock().contains_key(id);
-        Ok(cgroup::wait_oom_kill(&cg, gone))
+        let (cg, gone) = {
+            let map = self.lock();
+            let entry = map
+                .get(id)
+                .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
+            let gone = entry.gone.0.try_clone().map_err(|e| ContainerError::Io {
+                id: id.to_owned(),
+                what: "removal pipe",
+                why: e.to_string(),
+            })?;
+            (entry.cgroup.clone(), gone)
+        };
+        Ok(cgroup::wait_oom_kill(&cg, gone.as_fd()))
     }
 
     /// Kills what is left of the container and removes it.
