@@ -252,11 +252,12 @@ pub fn load(
 
     let mut module = None;
     if let Some(path) = initramfs {
-        let data = std::fs::read(path).map_err(|source| BootError::Initramfs {
+        let initramfs_err = |source| BootError::Initramfs {
             path: path.to_path_buf(),
             source,
-        })?;
-        let size = data.len() as u64;
+        };
+        let mut file = File::open(path).map_err(initramfs_err)?;
+        let size = file.metadata().map_err(initramfs_err)?.len();
         let mut limit = ram_size.min(MMIO_GAP_START);
         if let Some(hdr) = &loaded.bzimage {
             limit = limit.min(u64::from(hdr.initrd_addr_max) + 1);
@@ -271,7 +272,9 @@ pub fn load(
                 kernel_end,
                 limit,
             })?;
-        write(addr, &data)?;
+        // Straight from the file into guest memory: no copy on the heap.
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+            .map_err(|e| initramfs_err(std::io::Error::other(e.to_string())))?;
         module = Some((addr, size));
     }
     let map = memory_map(ram_size);

@@ -17,6 +17,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use husk_vmm::control::{self, ControlSocket};
@@ -140,6 +141,7 @@ fn ctl(socket: &Path, request: &str) -> ExitCode {
 }
 
 fn run(cli: &Cli) -> Result<Exit, Failure> {
+    let t0 = Instant::now();
     let vmm = |e: &dyn std::fmt::Display| Failure::Vmm(e.to_string());
     // clap requires --kernel unless the ctl subcommand is given.
     let Some(kernel) = cli.kernel.as_deref() else {
@@ -177,6 +179,7 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         console,
     })
     .map_err(|e| vmm(&e))?;
+    let t_vm = Instant::now();
     let mut cmdline = cli.cmdline.clone();
     let devices = [
         cli.vhost_user_fs.as_ref().map(|p| {
@@ -201,6 +204,7 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         cmdline.push(' ');
         cmdline.push_str(&param);
     }
+    let t_devices = Instant::now();
     let entry = boot::load(
         &vm.memory().memory,
         vm.memory().size,
@@ -214,6 +218,15 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         api.serve(vm.run_state()).map_err(|e| vmm(&e))?;
     }
     control::stop_on_signals(vm.run_state()).map_err(|e| vmm(&e))?;
+    let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+    let t_run = Instant::now();
+    eprintln!(
+        "husk-vmm: guest starts {:.1} ms after launch (KVM and memory {:.1} ms, vhost-user devices {:.1} ms, kernel and initramfs {:.1} ms)",
+        ms(t0, t_run),
+        ms(t0, t_vm),
+        ms(t_vm, t_devices),
+        ms(t_devices, t_run)
+    );
     // `api` lives until run() returns and removes the socket when dropped.
     match vm.run() {
         Ok(exit) => Ok(exit),
