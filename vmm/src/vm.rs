@@ -183,41 +183,49 @@ impl Vm {
             mmio: Vec::new(),
             state: RunState::new(),
         };
+        let cpuid = vm.base_cpuid()?;
         for id in 0..config.vcpus {
-            vm.add_vcpu(id)?;
+            vm.add_vcpu(id, &cpuid)?;
         }
         Ok(vm)
     }
 
-    fn add_vcpu(&mut self, id: u8) -> Result<(), VmError> {
-        let vcpu = self
-            .fd
-            .create_vcpu(id as u64)
-            .map_err(kvm_err("create a vCPU"))?;
+    /// The CPUID every vCPU shares: KVM's supported set, with ECX[31] of
+    /// leaf 1 telling the guest it runs on a hypervisor (so it looks for
+    /// KVM's leaves and uses kvmclock instead of calibrating the TSC) and
+    /// ECX[24] for the LAPIC's TSC-deadline mode, which KVM emulates but
+    /// leaves out of the supported set (without it Linux calibrates the
+    /// LAPIC timer at boot, about 0.3 s in the nested lab). The
+    /// hypervisor's own 0x4000_0000 leaves stay as KVM reports them (a PVM
+    /// host needs its own).
+    fn base_cpuid(&self) -> Result<kvm_bindings::CpuId, VmError> {
         let mut cpuid = self
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("read the supported CPUID"))?;
-        // KVM emulates the LAPIC's TSC-deadline mode but leaves the bit out
-        // of the supported set; without it Linux calibrates the LAPIC timer
-        // at boot (about 0.3 s in the nested lab).
         let tsc_deadline = self.kvm.check_extension(Cap::TscDeadlineTimer);
+        for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+            e.ecx |= 1 << 31;
+            if tsc_deadline {
+                e.ecx |= 1 << 24;
+            }
+        }
+        Ok(cpuid)
+    }
+
+    /// Creates vCPU `id` with `base` CPUID and its own APIC ids.
+    fn add_vcpu(&mut self, id: u8, base: &kvm_bindings::CpuId) -> Result<(), VmError> {
+        let vcpu = self
+            .fd
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("create a vCPU"))?;
+        let mut cpuid = base.clone();
         for e in cpuid.as_mut_slice() {
             match e.function {
-                // Initial APIC id in EBX[31:24]; ECX[31] tells the guest it
-                // runs on a hypervisor, so it looks for KVM's leaves and
-                // uses kvmclock instead of calibrating the TSC.
-                1 => {
-                    e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24);
-                    e.ecx |= 1 << 31;
-                    if tsc_deadline {
-                        e.ecx |= 1 << 24;
-                    }
-                }
+                // Initial APIC id in EBX[31:24].
+                1 => e.ebx = (e.ebx & 0x00ff_ffff) | ((id as u32) << 24),
                 // x2APIC id of the topology leaves.
                 0xb | 0x1f => e.edx = id as u32,
-                // 0x4000_0000..: the hypervisor's own signature leaves are
-                // kept as KVM reports them (a PVM host needs its own).
                 _ => {}
             }
         }
