@@ -16,8 +16,8 @@ use crate::agent::{self, Agent, AgentError, AgentInfo};
 use crate::config::Config;
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
-use crate::hypervisor::{HuskVmm, Hypervisor, HypervisorError, Qemu, VmSpec};
-use crate::process::{tail_of_file, Process};
+use crate::hypervisor::{HuskVmm, Hypervisor, Qemu, VmSpec};
+use crate::process::{tail_of_file, Process, ProcessError};
 
 /// Kernel command line husk always passes; then the backend's own parameters
 /// (how a guest reboot reaches the VMM), then `guest.kernel_params`.
@@ -67,7 +67,7 @@ pub enum SandboxError {
     #[error("starting the device daemons")]
     Daemon(#[source] DaemonError),
     #[error(transparent)]
-    Hypervisor(#[from] HypervisorError),
+    Vmm(#[from] ProcessError),
     #[error("VM exited ({status}) before the agent answered\n--- guest console (tail) ---\n{console}\n--- VMM output (tail) ---\n{vmm}")]
     VmExited {
         status: ExitStatus,
@@ -149,7 +149,8 @@ pub struct Sandbox {
     id: String,
     dir: PathBuf,
     backend: String,
-    hypervisor: Option<Box<dyn Hypervisor>>,
+    /// The VMM process, once started.
+    vmm: Option<Process>,
     daemons: Vec<Process>,
     agent: Option<Agent>,
     info: Option<AgentInfo>,
@@ -217,7 +218,7 @@ impl Sandbox {
             id: id.to_owned(),
             dir: dir.clone(),
             backend: backend.to_string(),
-            hypervisor: None,
+            vmm: None,
             daemons: Vec::new(),
             agent: None,
             info: None,
@@ -244,7 +245,7 @@ impl Sandbox {
             daemons::start(config, &paths, DAEMON_TIMEOUT).map_err(SandboxError::Daemon)?;
         sb.timings.daemons = t.elapsed();
 
-        let mut hv: Box<dyn Hypervisor> = match backend {
+        let hv: Box<dyn Hypervisor> = match backend {
             Backend::Qemu { accel } => Box::new(Qemu::new(&config.qemu.path, accel)),
             Backend::HuskVmm => Box::new(HuskVmm::new(&config.husk_vmm.binary())),
         };
@@ -272,19 +273,18 @@ impl Sandbox {
             control_socket: dir.join("vmm.sock"),
         };
         let t = Instant::now();
-        let started = hv.start(&spec);
-        sb.hypervisor = Some(hv);
-        started?;
+        let (name, binary, args) = hv.command(&spec);
+        sb.vmm = Some(Process::spawn(name, &binary, args, &spec.vmm_log)?);
         let spawned = Instant::now();
         sb.timings.vmm_spawn = spawned - t;
 
         let console = spec.console_log.clone();
-        let hv = sb.hypervisor.as_mut().expect("set above");
+        let vmm = sb.vmm.as_mut().expect("set above");
         let ready = agent::wait_ready(
             &paths.agent_socket,
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
-            || match hv.try_wait() {
+            || match vmm.try_wait() {
                 // The agent's console line is only a hint of when to start
                 // trying; the handshake and the RPCs decide.
                 Ok(None) => Ok(std::fs::read(&console)
@@ -292,7 +292,7 @@ impl Sandbox {
                 Ok(Some(status)) => Err(SandboxError::VmExited {
                     status,
                     console: tail_of_file(&console, LOG_TAIL),
-                    vmm: hv.log_tail(LOG_TAIL),
+                    vmm: vmm.log_tail(LOG_TAIL),
                 }),
                 Err(e) => Err(e.into()),
             },
@@ -347,7 +347,7 @@ impl Sandbox {
 
     /// PIDs of every host process of this sandbox (VMM and daemons).
     pub fn pids(&self) -> Vec<u32> {
-        let mut pids: Vec<u32> = self.hypervisor.iter().flat_map(|h| h.pids()).collect();
+        let mut pids: Vec<u32> = self.vmm.iter().map(Process::pid).collect();
         pids.extend(self.daemons.iter().map(Process::pid));
         pids
     }
@@ -367,11 +367,11 @@ impl Sandbox {
             forced: false,
             duration: Duration::ZERO,
         };
-        if let Some(hv) = self.hypervisor.as_mut() {
-            report.vm_exit = hv.wait_timeout(VM_EXIT_TIMEOUT)?;
+        if let Some(vmm) = self.vmm.as_mut() {
+            report.vm_exit = vmm.wait_timeout(VM_EXIT_TIMEOUT)?;
             if report.vm_exit.is_none() {
                 tracing::warn!(sandbox = %self.id, "VM did not end after shutdown; killing it");
-                hv.kill()?;
+                vmm.kill()?;
                 report.forced = true;
             }
         }
@@ -388,8 +388,8 @@ impl Sandbox {
         }
         self.done = true;
         self.agent = None;
-        if let Some(hv) = self.hypervisor.as_mut() {
-            if let Err(e) = hv.kill() {
+        if let Some(vmm) = self.vmm.as_mut() {
+            if let Err(e) = vmm.kill() {
                 tracing::warn!(sandbox = %self.id, error = %e, "killing the VMM");
             }
         }

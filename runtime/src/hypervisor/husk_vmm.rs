@@ -7,18 +7,15 @@ use std::path::{Path, PathBuf};
 
 use super::{Hypervisor, VmSpec, SHARE_TAG};
 use crate::daemons::GUEST_CID;
-use crate::process::Process;
 
 pub struct HuskVmm {
     binary: PathBuf,
-    process: Option<Process>,
 }
 
 impl HuskVmm {
     pub fn new(binary: &Path) -> Self {
         Self {
             binary: binary.to_path_buf(),
-            process: None,
         }
     }
 
@@ -63,14 +60,6 @@ impl Hypervisor for HuskVmm {
 
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
         ("husk-vmm", self.binary.clone(), self.args(spec))
-    }
-
-    fn process(&self) -> Option<&Process> {
-        self.process.as_ref()
-    }
-
-    fn process_slot(&mut self) -> &mut Option<Process> {
-        &mut self.process
     }
 }
 

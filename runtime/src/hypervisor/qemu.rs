@@ -6,13 +6,11 @@ use std::path::{Path, PathBuf};
 
 use super::{Hypervisor, VmSpec, SHARE_TAG};
 use crate::host::ResolvedAccel;
-use crate::process::Process;
 
 /// QEMU microvm with vhost-user-fs and vhost-user-vsock devices.
 pub struct Qemu {
     binary: PathBuf,
     accel: ResolvedAccel,
-    process: Option<Process>,
 }
 
 impl Qemu {
@@ -20,7 +18,6 @@ impl Qemu {
         Self {
             binary: binary.to_path_buf(),
             accel,
-            process: None,
         }
     }
 
@@ -110,14 +107,6 @@ impl Hypervisor for Qemu {
 
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
         ("qemu", self.binary.clone(), self.args(spec))
-    }
-
-    fn process(&self) -> Option<&Process> {
-        self.process.as_ref()
-    }
-
-    fn process_slot(&mut self) -> &mut Option<Process> {
-        &mut self.process
     }
 }
 
