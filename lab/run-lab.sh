@@ -59,7 +59,7 @@ trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
 mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk,usr/bin,usr/share/qemu}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc; do
     ln -s busybox "$S/bin/$a"
 done
 for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
@@ -96,6 +96,13 @@ CONF
 # The benchmark's baseline: QEMU microvm on L1's KVM, same guest.
 sed -e 's/^hypervisor = .*/hypervisor = "qemu"/' -e '/^# auto/d' "$S/etc/husk/config.toml" > "$S/etc/husk/qemu.toml"
 printf '[qemu]\npath = "/usr/bin/qemu-system-x86_64"\naccel = "kvm"\n' >> "$S/etc/husk/qemu.toml"
+# The benchmark's own copies: a healthy boot takes 2-4 s here, so 30 s
+# tells a broken one without waiting two minutes.
+for vmm in husk-vmm qemu; do
+    src=$S/etc/husk/config.toml
+    [ $vmm = qemu ] && src=$S/etc/husk/qemu.toml
+    sed 's/^boot_timeout_ms = .*/boot_timeout_ms = 30000/' "$src" > "$S/etc/husk/bench-$vmm.toml"
+done
 printf 'RUNS=%s\n' "$RUNS" > "$S/etc/lab.env"
 cat > "$S/init" <<'INIT'
 #!/bin/sh
@@ -207,18 +214,24 @@ measure() {
 measure /etc/husk/config.toml husk-vmm husk-guest-ram
 measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
 # Boot to agent-ready, husk-vmm and QEMU microvm interleaved, same guest,
-# same L1 KVM.
+# same L1 KVM. A sample is a measurement, not a check (the steps above are
+# the checks): a boot that breaks (seen once: a QEMU-booted L2 whose second
+# vCPU never ran again, RCU stall, agent never up) is reported as
+# "bench-broken" with its reason and taken again, twice per VMM at most;
+# the host lists them under the table.
 . /etc/lab.env
 for i in $(seq $RUNS); do
     for vmm in husk-vmm qemu; do
-        cfg=/etc/husk/config.toml
-        [ $vmm = qemu ] && cfg=/etc/husk/qemu.toml
-        if HUSK_CONFIG=$cfg husk vm-ping --json --id bench-$vmm-$i > /tmp/bench 2>&1; then
-            echo "LAB: bench: $vmm $(cat /tmp/bench)"
-        else
-            echo "LAB: FAIL: bench: $vmm run $i"
-            sed 's/^/LAB: bench: /' /tmp/bench
-        fi
+        for try in 1 2 3; do
+            if HUSK_CONFIG=/etc/husk/bench-$vmm.toml husk vm-ping --json --id bench-$vmm-$i-$try > /tmp/bench 2>&1; then
+                echo "LAB: bench: $vmm $(cat /tmp/bench)"
+                break
+            fi
+            sed 's/^/LAB: bench-log: /' /tmp/bench
+            echo "LAB: bench-broken: $vmm run $i try $try: $(head -1 /tmp/bench | cut -c1-200)"
+            echo >> /tmp/broken-$vmm
+            [ $(wc -l < /tmp/broken-$vmm) -le 2 ] || { echo "LAB: FAIL: bench: $vmm: more than two broken boots"; break; }
+        done
     done
 done
 echo "LAB: done"
@@ -351,5 +364,6 @@ for vmm in husk-vmm qemu; do
     echo "lab: | $vmm | $(field $vmm total_ms | median) | $(field $vmm kernel_to_init_ms | median) | $(field $vmm vmm_and_connect_ms | median) |"
 done
 h=$(field husk-vmm total_ms | median); q=$(field qemu total_ms | median)
+grep "LAB: bench-broken:" "$WORK/result" | sed 's/^LAB: bench-broken: /lab: broken boot taken again: /' || true
 echo "lab: husk-vmm / QEMU boot time: $(echo "scale=2; $h / $q" | bc | sed 's/^\./0./') (goal at most 0.8)"
 echo "lab: husk-vmm booted the guest kernel to /init under SVM KVM and ended on its reset; total $(echo "$end - $start" | bc) s"
