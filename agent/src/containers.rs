@@ -34,7 +34,7 @@ const STATE_DIR: &str = "/run/husk/containers";
 const BUNDLE_DIR: &str = "/run/husk/bundles";
 /// Console sockets on which libcontainer hands over pty masters.
 const CONSOLE_DIR: &str = "/run/husk/console";
-/// How long a create or exec waits for the host's stdio streams.
+/// How long a create or exec waits for the host's stdio streams, at most.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the agent waits for libcontainer to hand over a pty master.
 const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -43,6 +43,23 @@ const CONSOLE_TIMEOUT: Duration = Duration::from_secs(10);
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most exec processes one container may have at once.
 const MAX_EXECS: usize = 64;
+
+/// How long a create or exec may wait for its stdio streams, given the
+/// timeout the host set on the call (ttrpc's `timeout_nano`, 0 for none):
+/// that timeout less a second (less half of it when it is under two
+/// seconds), so that a late stream comes back to the host as "stdio X did
+/// not arrive" while the host still listens, rather than as the host's own
+/// anonymous RPC timeout; never more than [`STREAM_TIMEOUT`].
+pub fn stream_wait(rpc_timeout_nano: i64) -> Duration {
+    match u64::try_from(rpc_timeout_nano) {
+        Ok(n) if n > 0 => {
+            let host = Duration::from_nanos(n);
+            let margin = (host / 2).min(Duration::from_secs(1));
+            STREAM_TIMEOUT.min(host - margin)
+        }
+        _ => STREAM_TIMEOUT,
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
@@ -209,6 +226,7 @@ impl Manager {
         exec_id: Option<&str>,
         stdio: &Stdio,
         terminal: bool,
+        stream_wait: Duration,
     ) -> Result<Wiring, ContainerError> {
         let io = |what, e: std::io::Error| ContainerError::Io {
             id: id.to_owned(),
@@ -222,7 +240,7 @@ impl Manager {
             });
         }
         // The host has opened the streams before this call.
-        let deadline = Instant::now() + STREAM_TIMEOUT;
+        let deadline = Instant::now() + stream_wait;
         let claim = |kind: StreamKind, wanted: bool| -> Result<Option<File>, ContainerError> {
             if !wanted {
                 return Ok(None);
@@ -238,7 +256,7 @@ impl Manager {
                 .ok_or(ContainerError::StreamMissing {
                     id: label(id, exec_id),
                     stream: kind.as_str(),
-                    timeout: STREAM_TIMEOUT,
+                    timeout: stream_wait,
                 })
         };
         let stdin = claim(StreamKind::Stdin, stdio.stdin)?;
@@ -381,7 +399,15 @@ impl Manager {
         }
     }
 
-    pub fn create(&self, id: &str, spec_json: &[u8], stdio: &Stdio) -> Result<(), ContainerError> {
+    /// Creates a container; `stream_wait` bounds the wait for its stdio
+    /// streams (see [`stream_wait`]).
+    pub fn create(
+        &self,
+        id: &str,
+        spec_json: &[u8],
+        stdio: &Stdio,
+        stream_wait: Duration,
+    ) -> Result<(), ContainerError> {
         if !valid_id(id) {
             return Err(ContainerError::InvalidId(id.to_owned()));
         }
@@ -418,39 +444,70 @@ impl Manager {
         let bundle = Path::new(BUNDLE_DIR).join(id);
         std::fs::create_dir_all(&bundle).map_err(|e| io("create bundle", e))?;
         let json = serde_json::to_vec(&spec).map_err(|e| spec_error(e.to_string()))?;
-        std::fs::write(bundle.join("config.json"), json).map_err(|e| io("write config.json", e))?;
-        std::fs::create_dir_all(STATE_DIR).map_err(|e| io("create state dir", e))?;
+        let created = std::fs::write(bundle.join("config.json"), json)
+            .map_err(|e| io("write config.json", e))
+            .and_then(|()| self.create_init(id, &bundle, stdio, terminal, stream_wait));
+        if created.is_err() {
+            // Nothing of a refused create stays: its bundle, and streams
+            // the host opened for it that arrive late.
+            let _ = std::fs::remove_dir_all(&bundle);
+            self.hub.discard(id);
+        }
+        created
+    }
 
-        let mut wiring = self.wire(id, None, stdio, terminal)?;
+    /// The part of [`Manager::create`] after the bundle is written: wires
+    /// stdio, has libcontainer create the container and registers it. A
+    /// container created but not registered is deleted again.
+    fn create_init(
+        &self,
+        id: &str,
+        bundle: &Path,
+        stdio: &Stdio,
+        terminal: bool,
+        stream_wait: Duration,
+    ) -> Result<(), ContainerError> {
+        std::fs::create_dir_all(STATE_DIR).map_err(|e| ContainerError::Io {
+            id: id.to_owned(),
+            what: "create state dir",
+            why: e.to_string(),
+        })?;
+        let mut wiring = self.wire(id, None, stdio, terminal, stream_wait)?;
         let built = {
             let _no_reaping = self.reaper.hold();
             Self::builder(id, &mut wiring)?
-                .as_init(&bundle)
+                .as_init(bundle)
                 .with_systemd(false)
                 .with_detach(true)
                 .build()
         };
-        let container = match built {
-            Ok(c) => c,
-            Err(e) => {
-                let _ = std::fs::remove_dir_all(&bundle);
-                return Err(ContainerError::Runtime {
-                    id: id.to_owned(),
-                    why: e.to_string(),
-                });
-            }
-        };
-        let Some(pid) = container.pid().map(|p| p.as_raw()) else {
-            return Err(ContainerError::NotStarted(id.to_owned()));
-        };
-        tracing::debug!(container = id, pid, "created");
-        let init = self.finish(id, pid, wiring)?;
-        let cgroup = cgroup::container_path(&container);
-        let gone = std::io::pipe().map_err(|e| ContainerError::Io {
+        let mut container = built.map_err(|e| ContainerError::Runtime {
             id: id.to_owned(),
-            what: "removal pipe",
             why: e.to_string(),
         })?;
+        let registered = container
+            .pid()
+            .map(|p| p.as_raw())
+            .ok_or_else(|| ContainerError::NotStarted(id.to_owned()))
+            .and_then(|pid| {
+                tracing::debug!(container = id, pid, "created");
+                let init = self.finish(id, pid, wiring)?;
+                let gone = std::io::pipe().map_err(|e| ContainerError::Io {
+                    id: id.to_owned(),
+                    what: "removal pipe",
+                    why: e.to_string(),
+                })?;
+                Ok((init, gone))
+            });
+        let (init, gone) = match registered {
+            Ok(r) => r,
+            Err(e) => {
+                let _no_reaping = self.reaper.hold();
+                let _ = container.delete(true);
+                return Err(e);
+            }
+        };
+        let cgroup = cgroup::container_path(&container);
         self.lock().insert(
             id.to_owned(),
             Entry {
@@ -488,6 +545,7 @@ impl Manager {
         exec_id: &str,
         process_json: &[u8],
         stdio: &Stdio,
+        stream_wait: Duration,
     ) -> Result<u32, ContainerError> {
         if !valid_id(exec_id) {
             return Err(ContainerError::InvalidId(exec_id.to_owned()));
@@ -515,6 +573,8 @@ impl Manager {
                 return Err(ContainerError::TooManyExecs { id: id.to_owned() });
             }
         }
+        let terminal = process.terminal().unwrap_or(false);
+        let mut wiring = self.wire(id, Some(exec_id), stdio, terminal, stream_wait)?;
         let path = Path::new(BUNDLE_DIR)
             .join(id)
             .join(format!("exec-{exec_id}.json"));
@@ -523,8 +583,6 @@ impl Manager {
             what: "write exec process.json",
             why: e.to_string(),
         })?;
-        let terminal = process.terminal().unwrap_or(false);
-        let mut wiring = self.wire(id, Some(exec_id), stdio, terminal)?;
         let built = {
             let _no_reaping = self.reaper.hold();
             Self::builder(id, &mut wiring)?
@@ -824,4 +882,24 @@ fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, Strin
         }
     }
     Err("the console socket message carried no descriptor".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_wait_ends_before_the_callers_timeout_and_never_over_the_agents_own() {
+        let ms = |n: u64| Duration::from_millis(n);
+        assert_eq!(stream_wait(5_000_000_000), ms(4_000));
+        assert_eq!(stream_wait(1_500_000_000), ms(750));
+        assert_eq!(stream_wait(1_000_000), Duration::from_micros(500));
+        assert_eq!(stream_wait(60_000_000_000), STREAM_TIMEOUT);
+        assert_eq!(stream_wait(0), STREAM_TIMEOUT, "no timeout set by the host");
+        assert_eq!(
+            stream_wait(-1),
+            STREAM_TIMEOUT,
+            "a negative timeout is junk"
+        );
+    }
 }

@@ -17,7 +17,7 @@ use husk_protocol::{
 };
 use ttrpc::TtrpcContext;
 
-use crate::containers::{ContainerError, Manager};
+use crate::containers::{stream_wait, ContainerError, Manager};
 use crate::reaper::Reaper;
 use crate::stdio::StreamHub;
 
@@ -119,14 +119,16 @@ fn started(r: Result<u32, ContainerError>) -> ttrpc::Result<StartResponse> {
 impl containers_ttrpc::Containers for ContainersService {
     fn create_container(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: CreateContainerRequest,
     ) -> ttrpc::Result<containers::Empty> {
         let stdio = req.stdio.into_option().unwrap_or_default();
-        empty(
-            self.manager
-                .create(&req.container_id, &req.spec_json, &stdio),
-        )
+        empty(self.manager.create(
+            &req.container_id,
+            &req.spec_json,
+            &stdio,
+            stream_wait(ctx.timeout_nano),
+        ))
     }
 
     fn start_container(
@@ -139,14 +141,17 @@ impl containers_ttrpc::Containers for ContainersService {
 
     fn exec_process(
         &self,
-        _ctx: &TtrpcContext,
+        ctx: &TtrpcContext,
         req: ExecProcessRequest,
     ) -> ttrpc::Result<StartResponse> {
         let stdio = req.stdio.into_option().unwrap_or_default();
-        started(
-            self.manager
-                .exec(&req.container_id, &req.exec_id, &req.process_json, &stdio),
-        )
+        started(self.manager.exec(
+            &req.container_id,
+            &req.exec_id,
+            &req.process_json,
+            &stdio,
+            stream_wait(ctx.timeout_nano),
+        ))
     }
 
     fn wait_process(

@@ -150,12 +150,13 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     let agent = sb.agent().expect("agent").clone();
     busybox_rootfs(&sb.dir().join("shared").join("c1").join("rootfs"));
 
-    let refused = |cid: &str, spec: &[u8]| -> String {
-        match agent.create_container(cid, spec.to_vec(), Stdio::new()) {
+    let refused_with = |cid: &str, spec: &[u8], stdio: Stdio| -> String {
+        match agent.create_container(cid, spec.to_vec(), stdio) {
             Ok(()) => panic!("spec {:?} was accepted", String::from_utf8_lossy(spec)),
             Err(e) => format!("{e:#} {:?}", std::error::Error::source(&e)),
         }
     };
+    let refused = |cid: &str, spec: &[u8]| refused_with(cid, spec, Stdio::new());
     let e = refused("c1", b"{\"ociVersion\": \"1.0.2\", \"process\": ");
     assert!(e.contains("spec of container c1 is not valid"), "{e}");
     let e = refused(
@@ -169,6 +170,16 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     assert!(e.contains("invalid container or exec id"), "{e}");
     let e = refused("nosuchroot", &oci_spec("nosuchroot", &["true"]));
     assert!(e.contains("rootfs") && e.contains("nosuchroot"), "{e}");
+
+    // A stdout the host asked for but never opened: the agent stops waiting
+    // before the host's RPC timeout does, so the error names the stream.
+    let mut stdio = Stdio::new();
+    stdio.stdout = true;
+    let e = refused_with("c1", &oci_spec("c1", &["true"]), stdio);
+    assert!(
+        e.contains("stdio stdout of container c1 did not arrive"),
+        "{e}"
+    );
 
     // Nothing of the refused creates stayed: the same id works now.
     let (status, out, _) = run(&sb, "c1", &["echo", "still fine"], None);
