@@ -5,12 +5,18 @@
 # (from the linux-image-cloud-amd64 package, cached by version) and an
 # initramfs carrying busybox, husk-vmm, Debian's QEMU and our guest image;
 # inside L1, husk-vmm boots our guest (L2). Results come back on L1's serial
-# console; every failed step fails the lab. The same run benchmarks husk-vmm
-# against QEMU microvm (KVM in L1): boot to agent-ready and VMM memory.
+# console; every failed step fails the lab (an L1 boot the emulator spoiled
+# is taken again, see lab_phase). A second L1 boot benchmarks husk-vmm
+# against QEMU microvm (KVM in L1): boot to agent-ready; the checks measure
+# VMM memory.
 #
 # usage: lab/run-lab.sh <static bin dir with husk-vmm and husk> <guest dir with vmlinux, bzImage, initramfs.cpio>
 #
-# Environment: HUSK_LAB_RUNS (boots per VMM in the benchmark, default 5).
+# Environment: HUSK_LAB_RUNS (boots per VMM in the benchmark, default 5),
+# HUSK_LAB_LOG (where the checks' L1 log is kept, default
+# /tmp/husk-lab-l1.log), HUSK_LAB_L1_CPUS (default 2), HUSK_LAB_TIMEOUT (s
+# per L1 boot, default 900), HUSK_LAB_STALL (s of silence that mean a stalled
+# L1, default 60), HUSK_LAB_CACHE (default /var/cache/husk/lab).
 set -euo pipefail
 
 BIN=${1:?usage: run-lab.sh <static bin dir> <guest dir>}
