@@ -296,9 +296,12 @@ KEEP=${HUSK_LAB_LOG:-/tmp/husk-lab-l1.log}
 keep_of() { [ "$1" = checks ] && echo "$KEEP" || echo "${KEEP%.log}-$1.log"; }
 LOG=$WORK/l1-checks.log
 trap 'for p in checks bench; do cp "$WORK/l1-$p.log" "$(keep_of $p)" 2>/dev/null; done; rm -rf "$WORK"' EXIT
-# Runs L1 once for phase $1 (checks or bench): 0 when QEMU ended by itself, 1 on a QEMU failure or the
-# overall timeout, 2 when L1 stalled: no console output (L1 prints a
-# heartbeat every 15 s) for $STALL seconds.
+# Runs L1 once for phase $1 (checks or bench): 0 when QEMU ended by itself,
+# 1 on a QEMU failure or the overall timeout, 2 when L1 stalled: no word
+# from L1's script (a LAB line, or the heartbeat it prints every 15 s) for
+# $STALL seconds. Kernel messages do not count: a broken L1 can go on
+# printing soft-lockup and RCU-stall reports for ever while its script is
+# dead (seen: CPU 1 stuck in the L2 QEMU's KVM_RUN, CPU 0's timers dead).
 STALL=${HUSK_LAB_STALL:-60}
 boot_l1() {
     : > "$LOG"
@@ -308,13 +311,13 @@ boot_l1() {
         -serial "file:$LOG" \
         -kernel "$VMLINUZ" -initrd "$WORK/l1.cpio" \
         -append "console=ttyS0 panic=-1 quiet lab=$1" &
-    local qemu=$! size=-1 quiet=0 waited=0
+    local qemu=$! said=-1 quiet=0 waited=0
     while kill -0 $qemu 2>/dev/null; do
         sleep 5
         waited=$((waited + 5))
         local now
-        now=$(stat -c %s "$LOG")
-        if [ "$now" = "$size" ]; then quiet=$((quiet + 5)); else quiet=0; size=$now; fi
+        now=$(grep -acE '(LAB|HEARTBEAT):' "$LOG" || true)
+        if [ "$now" = "$said" ]; then quiet=$((quiet + 5)); else quiet=0; said=$now; fi
         if [ $quiet -ge "$STALL" ] || [ $waited -ge "$TIMEOUT" ]; then
             kill $qemu 2>/dev/null
             sleep 2
@@ -346,6 +349,11 @@ boot_l1() {
 # again, eight attempts at most. Every check must pass within one attempt;
 # a step that fails any other way (a "LAB: FAIL" line) or hangs while L1
 # lives is not retried.
+l1_complaint() {
+    local c
+    c=$(grep -aoE -m1 '(soft lockup|rcu: INFO|BUG: |Kernel panic).*' "$LOG" | tr -d '\r' | cut -c1-80 || true)
+    echo "${c:-no kernel message}"
+}
 l1_last_words() { grep -aE -m1 '^\[ *[0-9.]+\] (Kernel panic|BUG: )' "$LOG" | tr -d '\r' || echo "no panic message (reset)"; }
 # usage: lab_phase <checks|bench>; appends the phase's LAB lines to $WORK/result.
 lab_phase() {
@@ -358,7 +366,7 @@ lab_phase() {
         boot_l1 "$phase" || rc=$?
         why=
         l2=$(tr -d '\r' < "$LOG" | grep -a -m1 "^LAB: L2 crashed on its own: " || true)
-        [ $rc = 2 ] && why="L1 stalled: no output for ${STALL}s"
+        [ $rc = 2 ] && why="L1 stalled: its script silent for ${STALL}s ($(l1_complaint))"
         [ $rc = 0 ] && [ -n "$l2" ] && why="an L2 guest crashed on its own (triple fault, no kernel message) in step: ${l2#LAB: L2 crashed on its own: }"
         [ $rc = 0 ] && [ -z "$why" ] && ! grep -qa "LAB: done" "$LOG" && why="L1 ended before its script did: $(l1_last_words)"
         [ -n "$why" ] || break
