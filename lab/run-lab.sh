@@ -278,8 +278,11 @@ measure() {
         [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $sock)) -> $(husk-vmm ctl $sock status)"
     done
     wait $sleeper
-    [ -n "$measured" ] || spurious_crash "memory of $2" /tmp/sleeper
-    [ -n "$measured" ] || { echo "LAB: FAIL: no running $2 to measure"; sed 's/^/LAB: sleeper: /' /tmp/sleeper; }
+    [ -n "$measured" ] || {
+        spurious_crash "memory of $2" /tmp/sleeper
+        echo "LAB: FAIL: no running $2 to measure"
+        sed 's/^/LAB: sleeper: /' /tmp/sleeper
+    }
 }
 measure /etc/husk/config.toml husk-vmm husk-guest-ram
 measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
@@ -336,7 +339,7 @@ boot_l1() {
 # exc_page_fault in the VMM's thread (L1's GS base still held the L2
 # kernel's per-CPU address after the exit), as a silent reset (QEMU ended,
 # -no-reboot, with no message), or as a stall (both L1 CPUs busy, no
-# output). L2 guests also crashed on their own (see spurious_crash in L1's
+# output; once with soft-lockup reports, see boot_l1). L2 guests also crashed on their own (see spurious_crash in L1's
 # script). Stress runs of back-to-back boots, husk-vmm and QEMU
 # alternating: with NPT, L1 died after 74, 7 and 14 boots and lost one
 # husk-vmm and one QEMU guest in 95 boots (QEMU 10.0 from backports as the
