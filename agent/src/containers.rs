@@ -8,25 +8,25 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocol::containers::{StatsResponse, Stdio};
 use husk_protocol::{valid_id, StreamHeader, StreamKind};
-use libcontainer::container::builder::ContainerBuilder;
 use libcontainer::container::Container;
 use libcontainer::oci_spec::runtime::{LinuxResources, Process, Spec};
-use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::wait::WaitStatus;
 
 use crate::cgroup;
 use crate::init::SHARE_DIR;
 use crate::reaper::Reaper;
 use crate::stdio::{pump, StreamHub};
+use crate::zygote::{Kind, Request, Zygote};
 
 /// libcontainer's state directory.
 const STATE_DIR: &str = "/run/husk/containers";
@@ -87,8 +87,6 @@ pub enum ContainerError {
     },
     #[error("container {id}: {why}")]
     Runtime { id: String, why: String },
-    #[error("container {0} has not been started")]
-    NotStarted(String),
     #[error("container {id} has {MAX_EXECS} exec processes already")]
     TooManyExecs { id: String },
 }
@@ -169,6 +167,7 @@ pub struct Manager {
     containers: Mutex<HashMap<String, Entry>>,
     reaper: Reaper,
     hub: Arc<StreamHub>,
+    zygote: Zygote,
 }
 
 /// Exit status as runc reports it.
@@ -207,11 +206,12 @@ fn label(id: &str, exec_id: Option<&str>) -> String {
 }
 
 impl Manager {
-    pub fn new(reaper: Reaper, hub: Arc<StreamHub>) -> Self {
+    pub fn new(reaper: Reaper, hub: Arc<StreamHub>, zygote: Zygote) -> Self {
         Self {
             containers: Mutex::new(HashMap::new()),
             reaper,
             hub,
+            zygote,
         }
     }
 
@@ -312,37 +312,47 @@ impl Manager {
         })
     }
 
-    /// A builder with the process's stdio or console socket set.
-    fn builder(id: &str, wiring: &mut Wiring) -> Result<ContainerBuilder, ContainerError> {
-        let b = ContainerBuilder::new(id.to_owned(), SyscallType::default())
-            .with_root_path(STATE_DIR)
-            .and_then(|b| b.validate_id())
-            .map_err(|e| ContainerError::Runtime {
+    /// Has the zygote build a process of container `id` with the wiring's
+    /// stdio or console socket, and registers it with the reaper before the
+    /// reaper can run again: an exec'd process may exit at once and raises
+    /// no SIGCHLD, and a status reaped unseen would leave its Wait hanging.
+    fn build(
+        &self,
+        id: &str,
+        kind: Kind,
+        wiring: &Wiring,
+    ) -> Result<(i32, Receiver<WaitStatus>), ContainerError> {
+        let (console, fds): (_, Vec<RawFd>) = match wiring {
+            Wiring::Pipes { fds, .. } => (None, fds.iter().map(AsRawFd::as_raw_fd).collect()),
+            Wiring::Pty { path, .. } => (Some(path.clone()), Vec::new()),
+        };
+        let req = Request {
+            id: id.to_owned(),
+            state_dir: STATE_DIR.into(),
+            kind,
+            console,
+        };
+        let _no_reaping = self.reaper.hold();
+        let pid = self
+            .zygote
+            .build(&req, &fds)
+            .map_err(|why| ContainerError::Runtime {
                 id: id.to_owned(),
-                why: e.to_string(),
+                why,
             })?;
-        Ok(match wiring {
-            Wiring::Pipes { fds, .. } => {
-                let dup = |fd: &OwnedFd| {
-                    fd.try_clone().map_err(|e| ContainerError::Io {
-                        id: id.to_owned(),
-                        what: "dup stdio",
-                        why: e.to_string(),
-                    })
-                };
-                b.with_stdin(dup(&fds[0])?)
-                    .with_stdout(dup(&fds[1])?)
-                    .with_stderr(dup(&fds[2])?)
-            }
-            Wiring::Pty { path, .. } => b.with_console_socket(Some(path.clone())),
-        })
+        Ok((pid, self.reaper.watch(pid)))
     }
 
-    /// Finishes the wiring once the process exists, and registers it.
-    fn finish(&self, id: &str, pid: i32, wiring: Wiring) -> Result<Proc, ContainerError> {
-        // Registered at once: the process cannot exit unnoticed.
+    /// Finishes the wiring once the process exists. `rx` is the reaper's
+    /// word on its exit, registered before the reaper could run again.
+    fn finish(
+        &self,
+        id: &str,
+        pid: i32,
+        rx: Receiver<WaitStatus>,
+        wiring: Wiring,
+    ) -> Result<Proc, ContainerError> {
         let exit = Arc::new(Exit::default());
-        let rx = self.reaper.watch(pid);
         {
             let exit = exit.clone();
             std::thread::spawn(move || {
@@ -431,6 +441,17 @@ impl Manager {
             .ok_or_else(|| spec_error("it has no process".into()))?
             .terminal()
             .unwrap_or(false);
+        // A network namespace the container gets new (no path to join).
+        let new_netns = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.namespaces().as_ref())
+            .is_some_and(|ns| {
+                ns.iter().any(|n| {
+                    n.typ() == libcontainer::oci_spec::runtime::LinuxNamespaceType::Network
+                        && n.path().is_none()
+                })
+            });
         let rootfs = Path::new(SHARE_DIR).join(id).join("rootfs");
         match std::fs::symlink_metadata(&rootfs) {
             Ok(m) if m.is_dir() => {}
@@ -446,7 +467,7 @@ impl Manager {
         let json = serde_json::to_vec(&spec).map_err(|e| spec_error(e.to_string()))?;
         let created = std::fs::write(bundle.join("config.json"), json)
             .map_err(|e| io("write config.json", e))
-            .and_then(|()| self.create_init(id, &bundle, stdio, terminal, stream_wait));
+            .and_then(|()| self.create_init(id, &bundle, stdio, terminal, new_netns, stream_wait));
         if created.is_err() {
             // Nothing of a refused create stays: its bundle, and streams
             // the host opened for it that arrive late.
@@ -465,6 +486,7 @@ impl Manager {
         bundle: &Path,
         stdio: &Stdio,
         terminal: bool,
+        new_netns: bool,
         stream_wait: Duration,
     ) -> Result<(), ContainerError> {
         std::fs::create_dir_all(STATE_DIR).map_err(|e| ContainerError::Io {
@@ -472,33 +494,38 @@ impl Manager {
             what: "create state dir",
             why: e.to_string(),
         })?;
-        let mut wiring = self.wire(id, None, stdio, terminal, stream_wait)?;
-        let built = {
-            let _no_reaping = self.reaper.hold();
-            Self::builder(id, &mut wiring)?
-                .as_init(bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-        };
-        let mut container = built.map_err(|e| ContainerError::Runtime {
-            id: id.to_owned(),
-            why: e.to_string(),
-        })?;
-        let registered = container
-            .pid()
-            .map(|p| p.as_raw())
-            .ok_or_else(|| ContainerError::NotStarted(id.to_owned()))
-            .and_then(|pid| {
-                tracing::debug!(container = id, pid, "created");
-                let init = self.finish(id, pid, wiring)?;
-                let gone = std::io::pipe().map_err(|e| ContainerError::Io {
-                    id: id.to_owned(),
-                    what: "removal pipe",
-                    why: e.to_string(),
-                })?;
-                Ok((init, gone))
+        let wiring = self.wire(id, None, stdio, terminal, stream_wait)?;
+        let (pid, rx) = self.build(
+            id,
+            Kind::Init {
+                bundle: bundle.to_path_buf(),
+            },
+            &wiring,
+        )?;
+        let loaded =
+            Container::load(Path::new(STATE_DIR).join(id)).map_err(|e| ContainerError::Runtime {
+                id: id.to_owned(),
+                why: format!("load the created container: {e}"),
             });
+        let mut container = match loaded {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                return Err(e);
+            }
+        };
+        tracing::debug!(container = id, pid, "created");
+        let registered = self.finish(id, pid, rx, wiring).and_then(|init| {
+            let gone = std::io::pipe().map_err(|e| ContainerError::Io {
+                id: id.to_owned(),
+                what: "removal pipe",
+                why: e.to_string(),
+            })?;
+            Ok((init, gone))
+        });
         let (init, gone) = match registered {
             Ok(r) => r,
             Err(e) => {
@@ -507,6 +534,11 @@ impl Manager {
                 return Err(e);
             }
         };
+        if new_netns {
+            if let Err(e) = crate::net::loopback_up(init.pid) {
+                crate::log_error!("container {id}: bringing up lo in its network namespace: {e}");
+            }
+        }
         let cgroup = cgroup::container_path(&container);
         self.lock().insert(
             id.to_owned(),
@@ -574,7 +606,7 @@ impl Manager {
             }
         }
         let terminal = process.terminal().unwrap_or(false);
-        let mut wiring = self.wire(id, Some(exec_id), stdio, terminal, stream_wait)?;
+        let wiring = self.wire(id, Some(exec_id), stdio, terminal, stream_wait)?;
         let path = Path::new(BUNDLE_DIR)
             .join(id)
             .join(format!("exec-{exec_id}.json"));
@@ -583,23 +615,23 @@ impl Manager {
             what: "write exec process.json",
             why: e.to_string(),
         })?;
-        let built = {
-            let _no_reaping = self.reaper.hold();
-            Self::builder(id, &mut wiring)?
-                .as_tenant()
-                .with_detach(true)
-                .with_process(Some(&path))
-                .build()
-        };
+        let built = self.build(
+            id,
+            Kind::Exec {
+                process: path.clone(),
+            },
+            &wiring,
+        );
         let _ = std::fs::remove_file(&path);
-        let pid = built
-            .map_err(|e| ContainerError::Runtime {
-                id: id.to_owned(),
-                why: format!("exec {exec_id}: {e}"),
-            })?
-            .as_raw();
+        let (pid, rx) = built.map_err(|e| match e {
+            ContainerError::Runtime { id, why } => ContainerError::Runtime {
+                id,
+                why: format!("exec {exec_id}: {why}"),
+            },
+            other => other,
+        })?;
         tracing::debug!(container = id, exec = exec_id, pid, "exec started");
-        let proc = self.finish(id, pid, wiring)?;
+        let proc = self.finish(id, pid, rx, wiring)?;
         let mut map = self.lock();
         match map.get_mut(id) {
             Some(entry) => {

@@ -11,9 +11,11 @@ mod cgroup;
 mod containers;
 mod init;
 mod log;
+mod net;
 mod reaper;
 mod server;
 mod stdio;
+mod zygote;
 
 use std::process::ExitCode;
 
@@ -59,6 +61,11 @@ fn main() -> ExitCode {
         .without_time()
         .init();
 
+    // Forked while the agent is still single-threaded (see zygote.rs).
+    let zygote = match zygote::start() {
+        Ok(z) => z,
+        Err(e) => return fail(is_init, &format!("cannot start the zygote: {e}")),
+    };
     // Blocked before any thread starts, so every thread inherits the mask and
     // SIGCHLD is only ever consumed through the reaper's signalfd.
     let reaper = match reaper::Reaper::start() {
@@ -66,7 +73,7 @@ fn main() -> ExitCode {
         Err(e) => return fail(is_init, &format!("cannot start the child reaper: {e}")),
     };
 
-    match server::serve(clock, reaper) {
+    match server::serve(clock, reaper, zygote) {
         Ok(()) => {
             log_info!("shutdown requested; ending the VM");
             if is_init {

@@ -93,7 +93,6 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
             Code::INVALID_ARGUMENT
         }
         ContainerError::StreamMissing { .. } => Code::DEADLINE_EXCEEDED,
-        ContainerError::NotStarted(_) => Code::FAILED_PRECONDITION,
         ContainerError::TooManyExecs { .. } => Code::RESOURCE_EXHAUSTED,
         ContainerError::Io { .. } | ContainerError::Runtime { .. } => Code::INTERNAL,
     };
@@ -277,7 +276,11 @@ impl agent_ttrpc::Agent for AgentService {
 }
 
 /// Serves until a Shutdown request arrives.
-pub fn serve(clock: crate::init::BootClock, reaper: Reaper) -> Result<(), ServeError> {
+pub fn serve(
+    clock: crate::init::BootClock,
+    reaper: Reaper,
+    zygote: crate::zygote::Zygote,
+) -> Result<(), ServeError> {
     let addr = format!("vsock://-1:{AGENT_VSOCK_PORT}");
     let (tx, rx) = mpsc::channel();
     let kernel_release = nix::sys::utsname::uname()
@@ -301,7 +304,7 @@ pub fn serve(clock: crate::init::BootClock, reaper: Reaper) -> Result<(), ServeE
         shutdown: Mutex::new(tx),
     };
     let containers = ContainersService {
-        manager: Manager::new(reaper, hub),
+        manager: Manager::new(reaper, hub, zygote),
     };
     // Wait requests block for a process's lifetime, each on its own thread.
     let mut server = server

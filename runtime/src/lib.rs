@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemons;
 pub mod host;
 pub mod hypervisor;
+pub mod pod;
 pub mod process;
 pub mod sandbox;
 pub mod spec;

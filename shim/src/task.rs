@@ -27,6 +27,7 @@ use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult
 use husk_protocol::containers::Stdio;
 use husk_protocol::{StreamHeader, StreamKind};
 use husk_runtime::agent::{open_stream, Agent};
+use husk_runtime::pod::{self, ContainerPaths, Role};
 use husk_runtime::storage::{self, MountSpec};
 use husk_runtime::{error_chain, Config, Sandbox};
 use tokio::sync::watch;
@@ -94,15 +95,16 @@ impl Proc {
     }
 }
 
-struct State {
-    sandbox: Option<Sandbox>,
+/// One container of the pod: its init and exec processes.
+struct Ctr {
+    role: Role,
     bundle: PathBuf,
     init: Proc,
     execs: HashMap<String, Proc>,
     paused: bool,
 }
 
-impl State {
+impl Ctr {
     fn proc(&mut self, exec_id: &str) -> TtrpcResult<&mut Proc> {
         if exec_id.is_empty() {
             return Ok(&mut self.init);
@@ -113,14 +115,40 @@ impl State {
     }
 }
 
+/// The pod this shim serves: one sandbox VM and its containers, by id.
+#[derive(Default)]
+struct Pod {
+    sandbox: Option<Sandbox>,
+    containers: HashMap<String, Ctr>,
+}
+
+impl Pod {
+    fn ctr(&mut self, id: &str) -> TtrpcResult<&mut Ctr> {
+        self.containers
+            .get_mut(id)
+            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not created")))
+    }
+
+    /// The guest pid of the pod's running sandbox container, if any.
+    fn sandbox_pid(&self, pod: &str) -> Option<u32> {
+        self.containers
+            .get(pod)
+            .filter(|c| c.role == Role::Sandbox && c.init.exit.is_none() && c.init.pid != 0)
+            .map(|c| c.init.pid)
+    }
+}
+
 #[derive(Clone)]
 pub struct HuskShim {
     exit_signal: Arc<ExitSignal>,
     namespace: String,
+    /// The shim's own id: the pod's first container.
     id: String,
     bundle: String,
     publisher: Option<Arc<RemotePublisher>>,
-    state: Arc<Mutex<Option<State>>>,
+    pod: Arc<Mutex<Pod>>,
+    /// Serialises creates, so the pod's VM boots once.
+    creating: Arc<tokio::sync::Mutex<()>>,
 }
 
 fn now() -> Timestamp {
@@ -178,6 +206,13 @@ fn exec_opt(exec_id: &str) -> Option<String> {
     (!exec_id.is_empty()).then(|| exec_id.to_owned())
 }
 
+/// Reads a bundle's OCI spec as JSON.
+fn read_spec(bundle: &Path) -> Result<serde_json::Value, String> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
+}
+
 #[async_trait]
 impl Shim for HuskShim {
     type T = HuskShim;
@@ -189,12 +224,18 @@ impl Shim for HuskShim {
             id: args.id.clone(),
             bundle: args.bundle.clone(),
             publisher: None,
-            state: Arc::new(Mutex::new(None)),
+            pod: Arc::new(Mutex::new(Pod::default())),
+            creating: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
+    /// One shim per pod: an app container of a CRI pod is served by its
+    /// sandbox's shim (the spawned process finds that shim's socket in use,
+    /// records its address in this bundle and exits).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let grouping = opts.id.clone();
+        let spec = read_spec(Path::new(".")).map_err(Error::InvalidArgument)?;
+        let role = Role::of(&spec, &opts.id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let grouping = role.pod_id(&opts.id).to_owned();
         let address = spawn(opts, &grouping, Vec::new()).await?;
         // The shim server removes its socket on exit only if it finds the
         // address here (containerd-shim 0.10 writes it in one path only);
@@ -205,19 +246,31 @@ impl Shim for HuskShim {
         Ok(address)
     }
 
-    /// Cleans up after a shim that died: its sandbox directory, mounts and
-    /// any process still running from it.
+    /// Cleans up a container after its shim died: its mounts and state in
+    /// the pod's sandbox directory, and the directory with the pod's last
+    /// container. (The VMM and daemons die with the shim.)
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
-        let explicit = options::saved_config_path(Path::new(&self.bundle));
+        let bundle = Path::new(&self.bundle);
+        let explicit = options::saved_config_path(bundle);
         let config = Config::load(explicit.as_deref())
             .map(|(c, _)| c)
             .unwrap_or_default();
-        let dir = husk_runtime::sandbox::sandbox_dir(&config, &self.id);
-        if husk_runtime::sandbox::validate_id(&self.id).is_ok() && dir.exists() {
-            storage::unmount_all_under(&dir);
-            let _ = std::fs::remove_dir_all(&dir);
+        let role = read_spec(bundle)
+            .ok()
+            .and_then(|s| Role::of(&s, &self.id).ok())
+            .unwrap_or(Role::Single);
+        let pod = role.pod_id(&self.id);
+        if husk_runtime::sandbox::validate_id(pod).is_ok()
+            && husk_runtime::sandbox::validate_id(&self.id).is_ok()
+        {
+            let dir = husk_runtime::sandbox::sandbox_dir(&config, pod);
+            ContainerPaths::new(&dir, &self.id).release();
+            if dir.exists() && !pod::has_containers(&dir) {
+                storage::unmount_all_under(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+            }
         }
-        remove_stale_socket(&Path::new(&self.bundle).join(ADDRESS_FILE));
+        remove_stale_socket(&bundle.join(ADDRESS_FILE));
         let mut resp = api::DeleteResponse::new();
         resp.exit_status = 128 + 9;
         resp.exited_at = Some(now()).into();
@@ -247,25 +300,30 @@ impl HuskShim {
         }
     }
 
-    fn state(&self) -> std::sync::MutexGuard<'_, Option<State>> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn pod(&self) -> std::sync::MutexGuard<'_, Pod> {
+        self.pod.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Runs `f` on the state, which must exist.
-    fn with_state<T>(&self, f: impl FnOnce(&mut State) -> TtrpcResult<T>) -> TtrpcResult<T> {
-        let mut st = self.state();
-        let s = st.as_mut().ok_or_else(|| {
-            err(
-                Code::NOT_FOUND,
-                format!("container {} not created", self.id),
-            )
-        })?;
-        f(s)
+    /// Runs `f` on container `id`, which must exist.
+    fn with_ctr<T>(&self, id: &str, f: impl FnOnce(&mut Ctr) -> TtrpcResult<T>) -> TtrpcResult<T> {
+        f(self.pod().ctr(id)?)
     }
 
-    /// Runs a blocking agent call off the async runtime; errors become INTERNAL.
+    /// Runs `f` on a process of container `id`.
+    fn with_proc<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&mut Proc) -> TtrpcResult<T>,
+    ) -> TtrpcResult<T> {
+        self.with_ctr(id, |c| f(c.proc(exec_id)?))
+    }
+
+    /// Runs a blocking agent call for container `id` off the async runtime;
+    /// errors become INTERNAL.
     async fn agent_call<T, E>(
         &self,
+        id: &str,
         call: impl FnOnce(Agent, String) -> Result<T, E> + Send + 'static,
     ) -> TtrpcResult<T>
     where
@@ -273,7 +331,7 @@ impl HuskShim {
         E: Describe + Send + 'static,
     {
         let agent = self.agent()?;
-        let id = self.id.clone();
+        let id = id.to_owned();
         tokio::task::spawn_blocking(move || call(agent, id))
             .await
             .map_err(|e| err(Code::INTERNAL, e))?
@@ -281,44 +339,43 @@ impl HuskShim {
     }
 
     fn agent(&self) -> Result<Agent, containerd_shim::protos::ttrpc::Error> {
-        self.with_state(|s| {
-            s.sandbox
-                .as_ref()
-                .and_then(|sb| sb.agent().cloned())
-                .ok_or_else(|| err(Code::NOT_FOUND, "sandbox has no agent"))
-        })
+        self.pod()
+            .sandbox
+            .as_ref()
+            .and_then(|sb| sb.agent().cloned())
+            .ok_or_else(|| err(Code::NOT_FOUND, "sandbox has no agent"))
     }
 
     fn agent_socket(&self) -> TtrpcResult<PathBuf> {
-        self.with_state(|s| {
-            s.sandbox
-                .as_ref()
-                .map(|sb| sb.dir().join("agent.sock"))
-                .ok_or_else(|| err(Code::NOT_FOUND, "no sandbox"))
-        })
+        self.pod()
+            .sandbox
+            .as_ref()
+            .map(|sb| sb.dir().join("agent.sock"))
+            .ok_or_else(|| err(Code::NOT_FOUND, "no sandbox"))
     }
 
     /// Watches a started process: publishes its exit once the agent reports
-    /// it and the output has reached containerd's FIFOs. For the init it
-    /// also forwards OOM kills.
-    fn watch_exit(&self, exec_id: String, pid: u32, agent: Agent) {
+    /// it and the output has reached containerd's FIFOs. The pod's sandbox
+    /// container ending ends the pod: every other container is killed.
+    fn watch_exit(&self, id: String, exec_id: String, pid: u32, agent: Agent) {
         let me = self.clone();
         tokio::spawn(async move {
-            let (id, exec) = (me.id.clone(), exec_opt(&exec_id));
+            let (cid, exec) = (id.clone(), exec_opt(&exec_id));
+            let a = agent.clone();
             let status =
-                tokio::task::spawn_blocking(move || agent.wait_process(&id, exec.as_deref())).await;
+                tokio::task::spawn_blocking(move || a.wait_process(&cid, exec.as_deref())).await;
             let status = match status
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()))
             {
                 Ok(s) => s,
                 Err(e) => {
-                    log::error!("wait for {} {exec_id}: {e}", me.id);
+                    log::error!("wait for {id} {exec_id}: {e}");
                     255
                 }
             };
             let pumps = me
-                .with_state(|s| Ok(std::mem::take(&mut s.proc(&exec_id)?.pumps)))
+                .with_proc(&id, &exec_id, |p| Ok(std::mem::take(&mut p.pumps)))
                 .unwrap_or_default();
             let _ =
                 tokio::task::spawn_blocking(move || pumps.into_iter().for_each(|p| drop(p.join())))
@@ -327,17 +384,18 @@ impl HuskShim {
                 status,
                 at: Some(now()),
             };
-            let sender = me
-                .with_state(|s| {
-                    let p = s.proc(&exec_id)?;
+            let (sender, ends_pod) = me
+                .with_ctr(&id, |c| {
+                    let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
+                    let p = c.proc(&exec_id)?;
                     p.exit = Some(exit.clone());
-                    Ok(p.exited.clone())
+                    Ok((Some(p.exited.clone()), ends_pod))
                 })
-                .ok();
+                .unwrap_or((None, false));
             let mut ev = TaskExit::new();
-            ev.container_id = me.id.clone();
+            ev.container_id = id.clone();
             ev.id = if exec_id.is_empty() {
-                me.id.clone()
+                id.clone()
             } else {
                 exec_id.clone()
             };
@@ -351,18 +409,44 @@ impl HuskShim {
                 // (send drops it when nobody listens yet).
                 tx.send_replace(Some(exit));
             }
+            if ends_pod {
+                me.kill_members(&id, agent).await;
+            }
         });
     }
 
-    fn watch_oom(&self, agent: Agent) {
+    /// SIGKILLs every running container of the pod but its sandbox.
+    async fn kill_members(&self, sandbox: &str, agent: Agent) {
+        let members: Vec<String> = self
+            .pod()
+            .containers
+            .iter()
+            .filter(|(cid, c)| *cid != sandbox && c.init.pid != 0 && c.init.exit.is_none())
+            .map(|(cid, _)| cid.clone())
+            .collect();
+        if members.is_empty() {
+            return;
+        }
+        log::info!("sandbox {sandbox} exited; killing {members:?}");
+        let _ = tokio::task::spawn_blocking(move || {
+            for cid in members {
+                if let Err(e) = agent.signal_process(&cid, None, libc::SIGKILL as u32, true) {
+                    log::warn!("kill {cid}: {}", error_chain(&e));
+                }
+            }
+        })
+        .await;
+    }
+
+    fn watch_oom(&self, id: String, agent: Agent) {
         let me = self.clone();
         tokio::spawn(async move {
             loop {
-                let (a, id) = (agent.clone(), me.id.clone());
-                match tokio::task::spawn_blocking(move || a.wait_oom(&id)).await {
+                let (a, cid) = (agent.clone(), id.clone());
+                match tokio::task::spawn_blocking(move || a.wait_oom(&cid)).await {
                     Ok(Ok(true)) => {
                         let mut ev = TaskOOM::new();
-                        ev.container_id = me.id.clone();
+                        ev.container_id = id.clone();
                         me.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev)).await;
                     }
                     _ => return,
@@ -439,20 +523,37 @@ fn pump_stdin(mut s: UnixStream, fifo: String) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// Boots the sandbox, mounts the rootfs, opens the streams and creates the
-/// container in the guest. Blocking: run on a blocking thread.
-fn create_blocking(id: &str, req: &api::CreateTaskRequest) -> Result<State, String> {
-    let config_path = Path::new(&req.bundle).join("config.json");
-    let spec = std::fs::read(&config_path)
-        .map_err(|e| format!("reading {}: {e}", config_path.display()))?;
-    let mut spec: serde_json::Value = serde_json::from_slice(&spec)
-        .map_err(|e| format!("{} is not valid JSON: {e}", config_path.display()))?;
+/// Boots the pod's sandbox VM. Blocking: run on a blocking thread.
+fn boot_blocking(pod_id: &str, config: &Config) -> Result<Sandbox, String> {
+    Sandbox::boot(config, pod_id).map_err(|e| error_chain(&e))
+}
+
+/// The husk config for a create, recording an explicit path in the bundle
+/// for `delete` after a crash.
+fn load_config(req: &api::CreateTaskRequest) -> Result<Config, String> {
     let explicit = options::config_path(req.options.as_ref())?;
     if let Some(p) = &explicit {
         options::save_config_path(Path::new(&req.bundle), p)?;
     }
-    let (config, _) = Config::load(explicit.as_deref()).map_err(|e| e.to_string())?;
-    let sb = Sandbox::boot(&config, id).map_err(|e| error_chain(&e))?;
+    Config::load(explicit.as_deref())
+        .map(|(c, _)| c)
+        .map_err(|e| e.to_string())
+}
+
+/// Mounts a container's rootfs and binds into the pod's share, opens its
+/// streams and creates it in the guest. Blocking. On error nothing of the
+/// container stays on the host.
+fn add_container(
+    id: &str,
+    req: &api::CreateTaskRequest,
+    mut spec: serde_json::Value,
+    role: &Role,
+    sandbox_pid: Option<u32>,
+    agent: &Agent,
+    sandbox_dir: &Path,
+) -> Result<Proc, String> {
+    let guest_only = pod::prepare_spec(&mut spec, id, role, sandbox_pid, pod::fs_size)
+        .map_err(|e| error_chain(&e))?;
     let mounts: Vec<MountSpec> = req
         .rootfs
         .iter()
@@ -462,38 +563,27 @@ fn create_blocking(id: &str, req: &api::CreateTaskRequest) -> Result<State, Stri
             options: m.options.clone(),
         })
         .collect();
-    storage::mount_rootfs(
-        &mounts,
-        &sb.dir().join("rootfs").join(id),
-        &sb.dir().join("shared").join(id).join("rootfs"),
-    )
-    .map_err(|e| format!("rootfs: {}", error_chain(&e)))?;
-    storage::share_bind_mounts(
-        &mut spec,
-        &sb.dir().join("binds").join(id),
-        &sb.dir().join("shared").join(id).join("binds"),
-        &Path::new(husk_protocol::GUEST_SHARE_DIR)
-            .join(id)
-            .join("binds"),
-    )
-    .map_err(|e| error_chain(&e))?;
-    let spec = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
-    let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-    let (stdio, stdin, outputs) = open_streams(&sb.dir().join("agent.sock"), id, None, &init)?;
-    let agent = sb.agent().ok_or("agent not connected")?;
-    agent
-        .create_container(id, spec, stdio)
-        .map_err(|e| error_chain(&e))?;
-    init.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
-    init.stdin_stream = stdin;
-    init.pumps = pump_outputs(outputs);
-    Ok(State {
-        sandbox: Some(sb),
-        bundle: PathBuf::from(&req.bundle),
-        init,
-        execs: HashMap::new(),
-        paused: false,
-    })
+    let paths = ContainerPaths::new(sandbox_dir, id);
+    let created = paths
+        .attach(&mounts, &mut spec, guest_only)
+        .map_err(|e| error_chain(&e))
+        .and_then(|()| {
+            let spec = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
+            let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+            let (stdio, stdin, outputs) =
+                open_streams(&sandbox_dir.join("agent.sock"), id, None, &init)?;
+            agent
+                .create_container(id, spec, stdio)
+                .map_err(|e| error_chain(&e))?;
+            init.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
+            init.stdin_stream = stdin;
+            init.pumps = pump_outputs(outputs);
+            Ok(init)
+        });
+    if created.is_err() {
+        paths.release();
+    }
+    created
 }
 
 /// containerd's cgroup v1 metrics type, the one containerd-shim-protos
@@ -517,9 +607,17 @@ fn metrics(s: &husk_protocol::containers::StatsResponse) -> Any {
     let mut mem = MemoryStat::new();
     mem.cache = s.memory_cache;
     mem.rss = s.memory_rss;
+    // CRI's working set reads the hierarchical (total_*) figures.
+    mem.total_cache = s.memory_cache;
+    mem.total_rss = s.memory_rss;
     let mut entry = MemoryEntry::new();
     entry.usage = s.memory_usage;
-    entry.limit = s.memory_limit;
+    // The guest says 0 for no limit; CRI computes available bytes from it.
+    entry.limit = if s.memory_limit == 0 {
+        u64::MAX
+    } else {
+        s.memory_limit
+    };
     entry.failcnt = s.oom_kills;
     mem.usage = Some(entry).into();
     m.memory = Some(mem).into();
@@ -541,17 +639,83 @@ impl Task for HuskShim {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         log::info!("create {}", req.id);
-        let id = req.id.clone();
-        let r = req.clone();
-        let state = tokio::task::spawn_blocking(move || create_blocking(&id, &r))
-            .await
-            .map_err(|e| err(Code::INTERNAL, e))?
-            .map_err(|e| {
-                err(
+        let fail = |code, e: String| err(code, format!("husk: create {}: {e}", req.id));
+        let _one_at_a_time = self.creating.lock().await;
+        if self.pod().containers.contains_key(&req.id) {
+            return Err(fail(Code::ALREADY_EXISTS, "it exists already".into()));
+        }
+        let spec =
+            read_spec(Path::new(&req.bundle)).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        let role =
+            Role::of(&spec, &req.id).map_err(|e| fail(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let pod_id = role.pod_id(&req.id).to_owned();
+        let config = load_config(&req).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
+        let booted = self.pod().sandbox.as_ref().map(|sb| {
+            (
+                sb.id().to_owned(),
+                sb.dir().to_path_buf(),
+                sb.agent().cloned(),
+            )
+        });
+        let (dir, agent) = match booted {
+            Some((sb_id, _, _)) if sb_id != pod_id => {
+                return Err(fail(
                     Code::FAILED_PRECONDITION,
-                    format!("husk: create {}: {e}", req.id),
-                )
-            })?;
+                    format!("this shim serves pod {sb_id}, not pod {pod_id}"),
+                ))
+            }
+            Some((_, dir, Some(agent))) => (dir, agent),
+            Some((_, _, None)) => {
+                return Err(fail(
+                    Code::FAILED_PRECONDITION,
+                    "the pod's VM is gone".into(),
+                ))
+            }
+            None if matches!(role, Role::Member { .. }) => {
+                return Err(fail(
+                    Code::FAILED_PRECONDITION,
+                    format!("pod {pod_id} has no sandbox VM in this shim"),
+                ))
+            }
+            None => {
+                let id = pod_id.clone();
+                let sb = tokio::task::spawn_blocking(move || boot_blocking(&id, &config))
+                    .await
+                    .map_err(|e| err(Code::INTERNAL, e))?
+                    .map_err(|e| fail(Code::FAILED_PRECONDITION, e))?;
+                let dir = sb.dir().to_path_buf();
+                let agent = sb
+                    .agent()
+                    .cloned()
+                    .ok_or_else(|| fail(Code::INTERNAL, "agent not connected".into()))?;
+                self.pod().sandbox = Some(sb);
+                (dir, agent)
+            }
+        };
+        let sandbox_pid = self.pod().sandbox_pid(&pod_id);
+        let (id, r, rl) = (req.id.clone(), req.clone(), role.clone());
+        let created = tokio::task::spawn_blocking(move || {
+            add_container(&id, &r, spec, &rl, sandbox_pid, &agent, &dir)
+        })
+        .await
+        .map_err(|e| err(Code::INTERNAL, e))?;
+        let init = match created {
+            Ok(init) => init,
+            Err(e) => {
+                self.stop_pod_if_empty().await;
+                return Err(fail(Code::FAILED_PRECONDITION, e));
+            }
+        };
+        self.pod().containers.insert(
+            req.id.clone(),
+            Ctr {
+                role,
+                bundle: PathBuf::from(&req.bundle),
+                init,
+                execs: HashMap::new(),
+                paused: false,
+            },
+        );
         let mut ev = TaskCreate::new();
         ev.container_id = req.id.clone();
         ev.bundle = req.bundle.clone();
@@ -562,7 +726,6 @@ impl Task for HuskShim {
         io.stdout = req.stdout.clone();
         io.stderr = req.stderr.clone();
         ev.io = Some(io).into();
-        *self.state() = Some(state);
         self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
             .await;
         Ok(api::CreateTaskResponse::new())
@@ -575,13 +738,12 @@ impl Task for HuskShim {
     ) -> TtrpcResult<api::StartResponse> {
         log::info!("start {} {}", req.id, req.exec_id);
         let agent = self.agent()?;
-        let exec_id = req.exec_id.clone();
+        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
         let pid = if exec_id.is_empty() {
-            self.agent_call(|a, id| a.start_container(&id)).await?
+            self.agent_call(&id, |a, id| a.start_container(&id)).await?
         } else {
             let sock = self.agent_socket()?;
-            let (spec, proc_copy) = self.with_state(|s| {
-                let p = s.proc(&exec_id)?;
+            let (spec, proc_copy) = self.with_proc(&id, &exec_id, |p| {
                 if p.pid != 0 {
                     return Err(err(
                         Code::FAILED_PRECONDITION,
@@ -593,7 +755,7 @@ impl Task for HuskShim {
             })?;
             let e = exec_id.clone();
             let (pid, stdin, pumps) = self
-                .agent_call(move |a, id| {
+                .agent_call(&id, move |a, id| {
                     let (stdio, stdin, outputs) = open_streams(&sock, &id, Some(&e), &proc_copy)?;
                     let pid = a
                         .exec_process(&id, &e, spec, stdio)
@@ -601,8 +763,7 @@ impl Task for HuskShim {
                     Ok::<_, String>((pid, stdin, pump_outputs(outputs)))
                 })
                 .await?;
-            self.with_state(|s| {
-                let p = s.proc(&exec_id)?;
+            self.with_proc(&id, &exec_id, |p| {
                 p.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
                 p.stdin_stream = stdin;
                 p.pumps = pumps;
@@ -610,29 +771,28 @@ impl Task for HuskShim {
             })?;
             pid
         };
-        let (stdin_stream, stdin_path) = self.with_state(|s| {
-            let p = s.proc(&exec_id)?;
+        let (stdin_stream, stdin_path) = self.with_proc(&id, &exec_id, |p| {
             p.pid = pid;
             Ok((p.stdin_stream.take(), p.stdin.clone()))
         })?;
         if let Some(s) = stdin_stream {
             let copier = pump_stdin(s, stdin_path);
-            self.with_state(|s| {
-                s.proc(&exec_id)?.stdin_copier = Some(copier);
+            self.with_proc(&id, &exec_id, |p| {
+                p.stdin_copier = Some(copier);
                 Ok(())
             })?;
         }
-        self.watch_exit(exec_id.clone(), pid, agent.clone());
+        self.watch_exit(id.clone(), exec_id.clone(), pid, agent.clone());
         if exec_id.is_empty() {
-            self.watch_oom(agent);
+            self.watch_oom(id.clone(), agent);
             let mut ev = TaskStart::new();
-            ev.container_id = self.id.clone();
+            ev.container_id = id;
             ev.pid = pid;
             self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
                 .await;
         } else {
             let mut ev = TaskExecStarted::new();
-            ev.container_id = self.id.clone();
+            ev.container_id = id;
             ev.exec_id = exec_id;
             ev.pid = pid;
             self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
@@ -648,10 +808,10 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        self.with_state(|s| {
-            let paused = s.paused;
-            let bundle = s.bundle.display().to_string();
-            let p = s.proc(&req.exec_id)?;
+        self.with_ctr(&req.id, |c| {
+            let paused = c.paused;
+            let bundle = c.bundle.display().to_string();
+            let p = c.proc(&req.exec_id)?;
             let mut resp = api::StateResponse::new();
             resp.id = req.id.clone();
             resp.exec_id = req.exec_id.clone();
@@ -675,7 +835,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
-        let mut rx = self.with_state(|s| Ok(s.proc(&req.exec_id)?.exited.subscribe()))?;
+        let mut rx = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.exited.subscribe()))?;
         let exit = loop {
             if let Some(e) = rx.borrow().clone() {
                 break e;
@@ -690,7 +850,7 @@ impl Task for HuskShim {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         log::info!("kill {} {} signal {}", req.id, req.exec_id, req.signal);
-        let exited = self.with_state(|s| Ok(s.proc(&req.exec_id)?.exit.is_some()))?;
+        let exited = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.exit.is_some()))?;
         if exited {
             if req.exec_id.is_empty() {
                 return Ok(api::Empty::new());
@@ -701,17 +861,21 @@ impl Task for HuskShim {
             ));
         }
         let exec = exec_opt(&req.exec_id);
-        self.agent_call(move |a, id| a.signal_process(&id, exec.as_deref(), req.signal, req.all))
-            .await?;
+        self.agent_call(&req.id, move |a, id| {
+            a.signal_process(&id, exec.as_deref(), req.signal, req.all)
+        })
+        .await?;
         Ok(api::Empty::new())
     }
 
     async fn pids(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::PidsRequest,
+        req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let pids = self.agent_call(|a, id| a.list_processes(&id)).await?;
+        let pids = self
+            .agent_call(&req.id, |a, id| a.list_processes(&id))
+            .await?;
         let mut resp = api::PidsResponse::new();
         resp.processes = pids
             .into_iter()
@@ -724,14 +888,15 @@ impl Task for HuskShim {
         Ok(resp)
     }
 
-    async fn pause(&self, _ctx: &TtrpcContext, _req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.agent_call(|a, id| a.pause_container(&id)).await?;
-        self.with_state(|s| {
-            s.paused = true;
+    async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
+        self.agent_call(&req.id, |a, id| a.pause_container(&id))
+            .await?;
+        self.with_ctr(&req.id, |c| {
+            c.paused = true;
             Ok(())
         })?;
         let mut ev = TaskPaused::new();
-        ev.container_id = self.id.clone();
+        ev.container_id = req.id.clone();
         self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
             .await;
         Ok(api::Empty::new())
@@ -740,15 +905,16 @@ impl Task for HuskShim {
     async fn resume(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ResumeRequest,
+        req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.agent_call(|a, id| a.resume_container(&id)).await?;
-        self.with_state(|s| {
-            s.paused = false;
+        self.agent_call(&req.id, |a, id| a.resume_container(&id))
+            .await?;
+        self.with_ctr(&req.id, |c| {
+            c.paused = false;
             Ok(())
         })?;
         let mut ev = TaskResumed::new();
-        ev.container_id = self.id.clone();
+        ev.container_id = req.id.clone();
         self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
             .await;
         Ok(api::Empty::new())
@@ -793,14 +959,14 @@ impl Task for HuskShim {
                 format!("exec {}: process spec is not JSON: {e}", req.exec_id),
             )
         })?;
-        self.with_state(|s| {
-            if s.init.exit.is_some() || s.init.pid == 0 {
+        self.with_ctr(&req.id, |c| {
+            if c.init.exit.is_some() || c.init.pid == 0 {
                 return Err(err(
                     Code::FAILED_PRECONDITION,
                     format!("container {} is not running", req.id),
                 ));
             }
-            if s.execs.contains_key(&req.exec_id) {
+            if c.execs.contains_key(&req.exec_id) {
                 return Err(err(
                     Code::ALREADY_EXISTS,
                     format!("exec {} already exists", req.exec_id),
@@ -808,11 +974,11 @@ impl Task for HuskShim {
             }
             let mut p = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
             p.spec = Some(spec);
-            s.execs.insert(req.exec_id.clone(), p);
+            c.execs.insert(req.exec_id.clone(), p);
             Ok(())
         })?;
         let mut ev = TaskExecAdded::new();
-        ev.container_id = self.id.clone();
+        ev.container_id = req.id.clone();
         ev.exec_id = req.exec_id.clone();
         self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
             .await;
@@ -825,8 +991,10 @@ impl Task for HuskShim {
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
         let exec = exec_opt(&req.exec_id);
-        self.agent_call(move |a, id| a.resize_pty(&id, exec.as_deref(), req.width, req.height))
-            .await?;
+        self.agent_call(&req.id, move |a, id| {
+            a.resize_pty(&id, exec.as_deref(), req.width, req.height)
+        })
+        .await?;
         Ok(api::Empty::new())
     }
 
@@ -836,8 +1004,7 @@ impl Task for HuskShim {
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
         if req.stdin {
-            let (ctl, copier) = self.with_state(|s| {
-                let p = s.proc(&req.exec_id)?;
+            let (ctl, copier) = self.with_proc(&req.id, &req.exec_id, |p| {
                 Ok((p.stdin_ctl.take(), p.stdin_copier.take()))
             })?;
             if let Some(c) = ctl {
@@ -872,7 +1039,7 @@ impl Task for HuskShim {
                 format!("update: resources are not JSON: {e}"),
             )
         })?;
-        self.agent_call(move |a, id| a.update_container(&id, resources))
+        self.agent_call(&req.id, move |a, id| a.update_container(&id, resources))
             .await?;
         Ok(api::Empty::new())
     }
@@ -880,9 +1047,11 @@ impl Task for HuskShim {
     async fn stats(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::StatsRequest,
+        req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let s = self.agent_call(|a, id| a.container_stats(&id)).await?;
+        let s = self
+            .agent_call(&req.id, |a, id| a.container_stats(&id))
+            .await?;
         let mut resp = api::StatsResponse::new();
         resp.stats = Some(metrics(&s)).into();
         Ok(resp)
@@ -896,14 +1065,14 @@ impl Task for HuskShim {
         log::info!("delete {} {}", req.id, req.exec_id);
         let mut resp = api::DeleteResponse::new();
         if !req.exec_id.is_empty() {
-            let p = self.with_state(|s| {
-                s.execs
+            let p = self.with_ctr(&req.id, |c| {
+                c.execs
                     .remove(&req.exec_id)
                     .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {} not found", req.exec_id)))
             })?;
             let exec = req.exec_id.clone();
             if let Err(e) = self
-                .agent_call(move |a, id| a.remove_process(&id, &exec))
+                .agent_call(&req.id, move |a, id| a.remove_process(&id, &exec))
                 .await
             {
                 log::warn!("remove exec {}: {e}", req.exec_id);
@@ -917,65 +1086,97 @@ impl Task for HuskShim {
             resp.exited_at = exit.at.into();
             return Ok(resp);
         }
-        let state = self.state().take();
-        if let Some(mut s) = state {
-            resp.pid = s.init.pid;
-            let exit = s.init.exit.clone().unwrap_or(Exit {
-                status: 128 + 9,
-                at: Some(now()),
-            });
-            resp.exit_status = exit.status;
-            resp.exited_at = exit.at.clone().into();
-            if let Some(sb) = s.sandbox.take() {
-                let id = self.id.clone();
-                let _ = tokio::task::spawn_blocking(move || {
-                    if let Some(agent) = sb.agent() {
-                        let _ = agent.remove_container(&id);
+        let removed = self.pod().containers.remove(&req.id);
+        let Some(c) = removed else {
+            return Err(err(
+                Code::NOT_FOUND,
+                format!("container {} not created", req.id),
+            ));
+        };
+        resp.pid = c.init.pid;
+        let exit = c.init.exit.clone().unwrap_or(Exit {
+            status: 128 + 9,
+            at: Some(now()),
+        });
+        resp.exit_status = exit.status;
+        resp.exited_at = exit.at.clone().into();
+        let target = self
+            .pod()
+            .sandbox
+            .as_ref()
+            .map(|sb| (sb.agent().cloned(), sb.dir().to_path_buf()));
+        if let Some((agent, dir)) = target {
+            let id = req.id.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Some(agent) = agent {
+                    if let Err(e) = agent.remove_container(&id) {
+                        log::warn!("remove {id} in the guest: {}", error_chain(&e));
                     }
-                    storage::unmount_all_under(&sb.dir().join("shared"));
-                    storage::unmount_all_under(&sb.dir().join("rootfs"));
-                    storage::unmount_all_under(&sb.dir().join("binds"));
-                    let _ = sb.shutdown();
-                })
-                .await;
-            }
-            let mut ev = TaskDelete::new();
-            ev.container_id = self.id.clone();
-            ev.id = self.id.clone();
-            ev.pid = resp.pid;
-            ev.exit_status = resp.exit_status;
-            ev.exited_at = resp.exited_at.clone();
-            self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
-                .await;
+                }
+                ContainerPaths::new(&dir, &id).release();
+            })
+            .await;
         }
+        self.stop_pod_if_empty().await;
+        let mut ev = TaskDelete::new();
+        ev.container_id = req.id.clone();
+        ev.id = req.id.clone();
+        ev.pid = resp.pid;
+        ev.exit_status = resp.exit_status;
+        ev.exited_at = resp.exited_at.clone();
+        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+            .await;
         Ok(resp)
     }
 
     async fn connect(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ConnectRequest,
+        req: api::ConnectRequest,
     ) -> TtrpcResult<api::ConnectResponse> {
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = self.state().as_ref().map(|s| s.init.pid).unwrap_or(0);
+        resp.task_pid = self
+            .pod()
+            .containers
+            .get(&req.id)
+            .map(|c| c.init.pid)
+            .unwrap_or(0);
         resp.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(resp)
     }
 
+    /// containerd asks after every task's delete; the shim ends only with
+    /// the pod's last container.
     async fn shutdown(
         &self,
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
-        log::info!("shutdown");
-        let state = self.state().take();
-        if let Some(mut s) = state {
-            if let Some(sb) = s.sandbox.take() {
-                let _ = tokio::task::spawn_blocking(move || sb.shutdown()).await;
-            }
+        let left = self.pod().containers.len();
+        if left > 0 {
+            log::info!("shutdown: {left} containers left; staying");
+            return Ok(api::Empty::new());
         }
+        log::info!("shutdown");
+        self.stop_pod_if_empty().await;
         self.exit_signal.signal();
         Ok(api::Empty::new())
+    }
+}
+
+impl HuskShim {
+    /// Stops the pod's VM once no container is left in it.
+    async fn stop_pod_if_empty(&self) {
+        let sb = {
+            let mut pod = self.pod();
+            if !pod.containers.is_empty() {
+                return;
+            }
+            pod.sandbox.take()
+        };
+        if let Some(sb) = sb {
+            let _ = tokio::task::spawn_blocking(move || sb.shutdown()).await;
+        }
     }
 }

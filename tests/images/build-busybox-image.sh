@@ -3,11 +3,18 @@
 # registry: one uncompressed layer (busybox, its applet links, a minimal
 # /etc), an image config, a manifest and an index, packed as an OCI layout
 # tarball that `ctr images import` accepts. Output is reproducible.
+# With --pause, the image also holds a static /pause (pause.c beside this
+# script) as its entrypoint: a pod sandbox image for CRI, with no registry.
 #
-#   build-busybox-image.sh OUT_TAR [IMAGE_NAME]
+#   build-busybox-image.sh [--pause] OUT_TAR [IMAGE_NAME]
 set -euo pipefail
 
-out=$(realpath -m "${1:?usage: build-busybox-image.sh OUT_TAR [IMAGE_NAME]}")
+pause=
+if [[ ${1:-} == --pause ]]; then
+    pause=1
+    shift
+fi
+out=$(realpath -m "${1:?usage: build-busybox-image.sh [--pause] OUT_TAR [IMAGE_NAME]}")
 name=${2:-docker.io/husk/busybox:latest}
 busybox=/bin/busybox
 
@@ -27,6 +34,11 @@ for applet in $("$busybox" --list); do
 done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
+entrypoint=
+if [[ -n $pause ]]; then
+    gcc -static -Os -s -o "$root/pause" "$(dirname "$0")/pause.c"
+    entrypoint='"Entrypoint":["/pause"],'
+fi
 
 tar --sort=name --mtime=@0 --owner=0 --group=0 --numeric-owner -C "$root" -cf "$work/layer.tar" .
 
@@ -40,7 +52,7 @@ size() { stat -c %s "$work/oci/blobs/sha256/$1"; }
 
 layer=$(blob "$work/layer.tar")
 cat > "$work/config.json" <<JSON
-{"architecture":"amd64","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$layer"]}}
+{"architecture":"amd64","os":"linux","config":{$entrypoint"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"WorkingDir":"/"},"rootfs":{"type":"layers","diff_ids":["sha256:$layer"]}}
 JSON
 config=$(blob "$work/config.json")
 cat > "$work/manifest.json" <<JSON

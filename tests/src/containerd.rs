@@ -13,6 +13,12 @@ pub const IMAGE: &str = "docker.io/husk/busybox:latest";
 pub const RUNTIME: &str = "io.containerd.husk.v2";
 /// containerd namespace the tests use.
 pub const NAMESPACE: &str = "husk-e2e";
+/// The pod sandbox image CRI uses (built locally, see build-busybox-image.sh).
+pub const PAUSE_IMAGE: &str = "docker.io/husk/pause:latest";
+/// The bridge the test CNI network makes (removed when containerd stops).
+pub const TEST_BRIDGE: &str = "husk-e2e0";
+/// containerd's namespace for CRI.
+pub const CRI_NAMESPACE: &str = "k8s.io";
 
 pub struct Containerd {
     pub dir: tempfile::TempDir,
@@ -45,13 +51,30 @@ impl Containerd {
         let d = dir.path().to_path_buf();
         let d = d.as_path();
         let socket = d.join("containerd.sock");
+        // CNI: a bridge of this test's own with a pod subnet no other host
+        // uses (CRI needs a pod interface; issue 10 carries it into the
+        // VM); the streaming server on a free loopback port.
+        let cni = d.join("cni");
+        std::fs::create_dir_all(&cni).expect("cni conf dir");
+        std::fs::write(
+            cni.join("10-husk-e2e.conflist"),
+            format!(
+                r#"{{"cniVersion":"0.4.0","name":"husk-e2e","plugins":[{{"type":"bridge","bridge":"{TEST_BRIDGE}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.244.77.0/24"}}]],"dataDir":"{}"}}}}]}}"#,
+                d.join("ipam").display()
+            ),
+        )
+        .expect("write cni conf");
         let config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n\
+             [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  sandbox_image = \"{PAUSE_IMAGE}\"\n\
+             stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{cni}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
-            sock = socket.display()
+            sock = socket.display(),
+            cni = cni.display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("write containerd config");
         let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
@@ -94,6 +117,55 @@ impl Containerd {
             String::from_utf8_lossy(&out.stderr)
         );
         c
+    }
+
+    /// Imports the busybox and pause images for CRI (namespace k8s.io) and
+    /// returns a CRI client once CRI sees them.
+    pub fn cri(&self) -> crate::cri::Cri {
+        let d = self.dir.path();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-busybox-image.sh");
+        let pause = d.join("pause.tar");
+        let st = Command::new("bash")
+            .arg(&script)
+            .arg("--pause")
+            .arg(&pause)
+            .arg(PAUSE_IMAGE)
+            .status()
+            .expect("run image script");
+        assert!(st.success(), "building the pause image failed");
+        for tar in [d.join("busybox.tar"), pause] {
+            let out = self.ctr_in(
+                CRI_NAMESPACE,
+                &["images", "import", tar.to_str().expect("utf-8")],
+            );
+            assert!(
+                out.status.success(),
+                "image import for CRI failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let cri = crate::cri::Cri::connect(&self.socket);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(cri.image_present(IMAGE) && cri.image_present(PAUSE_IMAGE)) {
+            assert!(
+                Instant::now() < deadline,
+                "CRI never saw the imported images"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cri
+    }
+
+    /// `ctr` in another containerd namespace.
+    pub fn ctr_in(&self, namespace: &str, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", namespace])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr")
     }
 
     /// `ctr` against this containerd, in the test namespace, stdin from /dev/null.
@@ -150,15 +222,17 @@ impl Drop for Containerd {
     fn drop(&mut self) {
         // A test that failed midway leaves tasks: end them through
         // containerd, so their shims clean up, before containerd stops.
-        let tasks = String::from_utf8_lossy(&self.ctr(&["task", "ls", "-q"]).stdout).into_owned();
-        for t in tasks.split_whitespace() {
-            let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", t]);
-            let _ = self.ctr(&["task", "rm", "-f", t]);
-        }
-        let containers =
-            String::from_utf8_lossy(&self.ctr(&["container", "ls", "-q"]).stdout).into_owned();
-        for c in containers.split_whitespace() {
-            let _ = self.ctr(&["container", "rm", c]);
+        for ns in [NAMESPACE, CRI_NAMESPACE] {
+            let ls = |what| {
+                String::from_utf8_lossy(&self.ctr_in(ns, &[what, "ls", "-q"]).stdout).into_owned()
+            };
+            for t in ls("task").split_whitespace() {
+                let _ = self.ctr_in(ns, &["task", "kill", "-s", "SIGKILL", t]);
+                let _ = self.ctr_in(ns, &["task", "rm", "-f", t]);
+            }
+            for c in ls("container").split_whitespace() {
+                let _ = self.ctr_in(ns, &["container", "rm", c]);
+            }
         }
         let _ = nix_kill(self.child.id(), libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -170,6 +244,10 @@ impl Drop for Containerd {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", TEST_BRIDGE])
+            .stderr(Stdio::null())
+            .status();
         // Snapshots may still be mounted if a test failed midway.
         if let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") {
             let root = self.dir.path().to_string_lossy().into_owned();
@@ -291,5 +369,9 @@ impl Drop for Events {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", TEST_BRIDGE])
+            .stderr(Stdio::null())
+            .status();
     }
 }

@@ -16,6 +16,7 @@ use husk_runtime::Config;
 
 pub mod bench;
 pub mod containerd;
+pub mod cri;
 
 /// Guest image directory written by `make guest-image`.
 pub fn guest_dir() -> PathBuf {

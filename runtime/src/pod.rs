@@ -1,0 +1,502 @@
+//! Pods: which containers share one sandbox VM, what their OCI specs must
+//! say inside it, and where each container's host state lives.
+//!
+//! containerd's CRI plugin marks a pod's sandbox (pause) container with
+//! `io.kubernetes.cri.container-type=sandbox` and every app container with
+//! `container` plus the pod's `io.kubernetes.cri.sandbox-id`. The sandbox
+//! container boots the VM; app containers join it. A container without
+//! these annotations (`ctr run`) is a pod of one.
+//!
+//! In the guest the pause container holds the pod's network, IPC and UTS
+//! namespaces (and PID, with shareProcessNamespace), all new in the guest:
+//! the host's CNI namespace path means nothing there. CRI writes the app
+//! containers' namespace paths as `/proc/<sandbox pid>/ns/<kind>`; the task
+//! pid husk reports is the guest pid, so those paths name the pause
+//! container's namespaces in the guest, and nothing else is accepted.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use crate::storage::{self, MountSpec, StorageError};
+
+/// CRI's annotation for the kind of container.
+pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// CRI's annotation naming the pod's sandbox container.
+pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
+/// Size of the pod's /dev/shm when the host's cannot be read (containerd's
+/// own default for a pod's shm).
+pub const DEFAULT_SHM_BYTES: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("container {id}: annotation {SANDBOX_ID}={value:?} is not a valid sandbox id")]
+    BadSandboxId { id: String, value: String },
+    #[error("pod {pod}: {field} is not supported by husk: a VM pod cannot share the host's {what} namespace; turn {field} off or use a runc RuntimeClass for this pod")]
+    HostNamespace {
+        pod: String,
+        field: &'static str,
+        what: &'static str,
+    },
+    #[error("container {id}: {kind} namespace path {path:?} is not pod {pod}'s (husk accepts only /proc/<sandbox pid>/ns/..., here /proc/{pid}/ns/...)")]
+    ForeignNamespace {
+        id: String,
+        pod: String,
+        kind: String,
+        path: String,
+        pid: u32,
+    },
+    #[error("container {id}: pod {pod} has no running sandbox container in this shim")]
+    NoSandbox { id: String, pod: String },
+    #[error("container {id}: the spec is not an OCI runtime spec: {why}")]
+    Spec { id: String, why: String },
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What a container is to its pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Role {
+    /// A CRI pod's sandbox (pause) container: boots the pod's VM.
+    Sandbox,
+    /// A CRI app container of pod `pod`: joins the pod's VM.
+    Member { pod: String },
+    /// A plain container (`ctr run`): a pod of one.
+    Single,
+}
+
+impl Role {
+    /// Reads the role from the spec's annotations.
+    pub fn of(spec: &Value, id: &str) -> Result<Role, PodError> {
+        let ann = |k: &str| {
+            spec.pointer("/annotations")
+                .and_then(|a| a.get(k))
+                .and_then(Value::as_str)
+        };
+        match ann(CONTAINER_TYPE) {
+            Some("sandbox") => Ok(Role::Sandbox),
+            Some("container") => {
+                let pod = ann(SANDBOX_ID).unwrap_or_default();
+                if crate::sandbox::validate_id(pod).is_err() {
+                    return Err(PodError::BadSandboxId {
+                        id: id.to_owned(),
+                        value: pod.to_owned(),
+                    });
+                }
+                Ok(Role::Member {
+                    pod: pod.to_owned(),
+                })
+            }
+            _ => Ok(Role::Single),
+        }
+    }
+
+    /// The pod this container belongs to: its sandbox's id (its own id for
+    /// a sandbox or a pod of one). Names the shim and the sandbox directory.
+    pub fn pod_id<'a>(&'a self, id: &'a str) -> &'a str {
+        match self {
+            Role::Member { pod } => pod,
+            Role::Sandbox | Role::Single => id,
+        }
+    }
+
+    pub fn is_cri(&self) -> bool {
+        !matches!(self, Role::Single)
+    }
+}
+
+/// The host namespaces a pod may ask to share, by CRI field.
+const HOST_NAMESPACES: [(&str, &str, &str); 3] = [
+    ("network", "hostNetwork", "network"),
+    ("pid", "hostPID", "PID"),
+    ("ipc", "hostIPC", "IPC"),
+];
+
+/// `/proc/<pid>/ns/<name>` names for OCI namespace types.
+fn ns_file(kind: &str) -> Option<&'static str> {
+    Some(match kind {
+        "network" => "net",
+        "ipc" => "ipc",
+        "uts" => "uts",
+        "pid" => "pid",
+        "mount" => "mnt",
+        "user" => "user",
+        "cgroup" => "cgroup",
+        _ => return None,
+    })
+}
+
+/// Mounts that exist only in the guest, taken out of the spec while the
+/// host shares the rest, and put back at their places afterwards.
+#[derive(Debug, Default)]
+pub struct GuestOnlyMounts(Vec<(usize, Value)>);
+
+impl GuestOnlyMounts {
+    /// Puts the guest-only mounts back where they were.
+    pub fn restore(self, spec: &mut Value) {
+        if self.0.is_empty() {
+            return;
+        }
+        if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+            for (i, m) in self.0 {
+                mounts.insert(i.min(mounts.len()), m);
+            }
+        }
+    }
+}
+
+fn is_bind(m: &Value) -> bool {
+    m.get("type").and_then(Value::as_str) == Some("bind")
+        || m.get("options")
+            .and_then(Value::as_array)
+            .is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
+}
+
+fn mount_options(m: &Value) -> Vec<String> {
+    m.get("options")
+        .and_then(Value::as_array)
+        .map(|o| {
+            o.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Rewrites a CRI container's spec for the pod's guest: refuses host
+/// namespaces by their CRI field, checks and keeps namespace paths that name
+/// the pod's sandbox (guest pid `sandbox_pid`), gives the sandbox a new
+/// network namespace in the guest for CNI's host one, and turns containerd's /dev/shm bind into one
+/// guest tmpfs per pod (`shm_bytes` big, like the host's), which app
+/// containers bind from the pause container. Returns those guest-only
+/// mounts, taken out of the spec until the host has shared the rest.
+pub fn prepare_spec(
+    spec: &mut Value,
+    id: &str,
+    role: &Role,
+    sandbox_pid: Option<u32>,
+    shm_bytes: impl Fn(&Path) -> Option<u64>,
+) -> Result<GuestOnlyMounts, PodError> {
+    if !role.is_cri() {
+        return Ok(GuestOnlyMounts::default());
+    }
+    let pod = role.pod_id(id).to_owned();
+    let spec_err = |why: &str| PodError::Spec {
+        id: id.to_owned(),
+        why: why.to_owned(),
+    };
+    let namespaces = spec
+        .pointer_mut("/linux/namespaces")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| spec_err("linux.namespaces is missing"))?;
+    let has = |kind: &str, ns: &[Value]| ns.iter().any(|n| n.get("type") == Some(&json!(kind)));
+    for (kind, field, what) in HOST_NAMESPACES {
+        if !has(kind, namespaces) {
+            return Err(PodError::HostNamespace {
+                pod: pod.clone(),
+                field,
+                what,
+            });
+        }
+    }
+    let sandbox_pid = match role {
+        Role::Member { .. } => Some(sandbox_pid.ok_or_else(|| PodError::NoSandbox {
+            id: id.to_owned(),
+            pod: pod.clone(),
+        })?),
+        _ => None,
+    };
+    let mut kept = Vec::with_capacity(namespaces.len());
+    for ns in namespaces.drain(..) {
+        let kind = ns
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_owned();
+        let path = ns.get("path").and_then(Value::as_str).map(str::to_owned);
+        match (role, path) {
+            // CNI's namespace is the host's; the pod gets a new one in
+            // the guest, held by the pause container.
+            (Role::Sandbox, Some(_)) if kind == "network" => {
+                kept.push(json!({ "type": "network" }))
+            }
+            (_, None) => kept.push(ns),
+            (Role::Member { .. }, Some(path)) => {
+                let pid = sandbox_pid.unwrap_or(0);
+                let want = ns_file(&kind).map(|f| format!("/proc/{pid}/ns/{f}"));
+                if want.as_deref() != Some(path.as_str()) {
+                    return Err(PodError::ForeignNamespace {
+                        id: id.to_owned(),
+                        pod,
+                        kind,
+                        path,
+                        pid,
+                    });
+                }
+                kept.push(ns);
+            }
+            (_, Some(path)) => {
+                return Err(PodError::ForeignNamespace {
+                    id: id.to_owned(),
+                    pod,
+                    kind,
+                    path,
+                    pid: 0,
+                })
+            }
+        }
+    }
+    *namespaces = kept;
+
+    let mut guest_only = Vec::new();
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        let mut i = 0;
+        while i < mounts.len() {
+            let m = &mounts[i];
+            if m.get("destination").and_then(Value::as_str) != Some("/dev/shm") || !is_bind(m) {
+                i += 1;
+                continue;
+            }
+            let ro = mount_options(m).iter().any(|o| o == "ro");
+            let rw = if ro { "ro" } else { "rw" };
+            let shm = match (role, sandbox_pid) {
+                (Role::Member { .. }, Some(pid)) => json!({
+                    "destination": "/dev/shm",
+                    "type": "bind",
+                    "source": format!("/proc/{pid}/root/dev/shm"),
+                    "options": ["rbind", "nosuid", "nodev", "noexec", rw],
+                }),
+                _ => {
+                    let source = m.get("source").and_then(Value::as_str).unwrap_or("");
+                    let bytes = shm_bytes(Path::new(source)).unwrap_or(DEFAULT_SHM_BYTES);
+                    json!({
+                        "destination": "/dev/shm",
+                        "type": "tmpfs",
+                        "source": "shm",
+                        "options": ["nosuid", "nodev", "noexec", "mode=1777", format!("size={bytes}"), rw],
+                    })
+                }
+            };
+            mounts.remove(i);
+            guest_only.push((i, shm));
+        }
+    }
+    Ok(GuestOnlyMounts(guest_only))
+}
+
+/// Size of the filesystem at `path` (the host's pod shm), in bytes.
+pub fn fs_size(path: &Path) -> Option<u64> {
+    let st = nix::sys::statvfs::statvfs(path).ok()?;
+    let bytes = (st.blocks() as u64).checked_mul(st.fragment_size() as u64)?;
+    (bytes > 0).then_some(bytes)
+}
+
+/// Every host path husk keeps for one container of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerPaths {
+    /// containerd's rootfs mounts, host-private.
+    pub rootfs_private: PathBuf,
+    /// The container's directory in the share (`<share>/<id>`).
+    pub share: PathBuf,
+    /// Host bind sources, bound here first (host-private).
+    pub binds_private: PathBuf,
+    /// The same paths as the guest sees them.
+    pub guest_binds: PathBuf,
+}
+
+impl ContainerPaths {
+    pub fn new(sandbox_dir: &Path, id: &str) -> Self {
+        Self {
+            rootfs_private: sandbox_dir.join("rootfs").join(id),
+            share: sandbox_dir.join("shared").join(id),
+            binds_private: sandbox_dir.join("binds").join(id),
+            guest_binds: Path::new(husk_protocol::GUEST_SHARE_DIR)
+                .join(id)
+                .join("binds"),
+        }
+    }
+
+    pub fn rootfs_shared(&self) -> PathBuf {
+        self.share.join("rootfs")
+    }
+
+    pub fn binds_shared(&self) -> PathBuf {
+        self.share.join("binds")
+    }
+
+    /// Mounts the rootfs and shares the spec's host bind mounts, rewriting
+    /// their sources to guest paths. On error what was mounted stays for
+    /// [`ContainerPaths::release`].
+    pub fn attach(
+        &self,
+        rootfs: &[MountSpec],
+        spec: &mut Value,
+        guest_only: GuestOnlyMounts,
+    ) -> Result<(), PodError> {
+        storage::mount_rootfs(rootfs, &self.rootfs_private, &self.rootfs_shared())?;
+        storage::share_bind_mounts(
+            spec,
+            &self.binds_private,
+            &self.binds_shared(),
+            &self.guest_binds,
+        )?;
+        guest_only.restore(spec);
+        Ok(())
+    }
+
+    /// Unmounts and removes everything of this container; the guest must
+    /// no longer use it.
+    pub fn release(&self) {
+        for dir in [&self.share, &self.rootfs_private, &self.binds_private] {
+            storage::unmount_all_under(dir);
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(dir = %dir.display(), error = %e, "removing container state");
+                }
+            }
+        }
+    }
+}
+
+/// Whether any container still has state in sandbox directory `dir`.
+pub fn has_containers(sandbox_dir: &Path) -> bool {
+    std::fs::read_dir(sandbox_dir.join("shared")).is_ok_and(|mut d| d.next().is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cri_spec(kind: &str, pod: &str, namespaces: Value) -> Value {
+        json!({
+            "annotations": { CONTAINER_TYPE: kind, SANDBOX_ID: pod },
+            "linux": { "namespaces": namespaces },
+            "mounts": [
+                { "destination": "/proc", "type": "proc", "source": "proc" },
+                { "destination": "/dev/shm", "type": "bind", "source": "/run/ctd/sandboxes/p1/shm", "options": ["rbind", "ro"] },
+                { "destination": "/etc/hosts", "type": "bind", "source": "/run/ctd/sandboxes/p1/hosts", "options": ["rbind", "rw"] },
+            ],
+        })
+    }
+
+    fn sandbox_ns() -> Value {
+        json!([
+            { "type": "pid" }, { "type": "ipc" }, { "type": "uts" }, { "type": "mount" },
+            { "type": "network", "path": "/var/run/netns/cni-1234" },
+        ])
+    }
+
+    #[test]
+    fn roles_come_from_cri_annotations() {
+        let id = "c1";
+        assert_eq!(Role::of(&json!({}), id).unwrap(), Role::Single);
+        let sb = cri_spec("sandbox", "p1", json!([]));
+        assert_eq!(Role::of(&sb, "p1").unwrap(), Role::Sandbox);
+        let app = cri_spec("container", "p1", json!([]));
+        let role = Role::of(&app, id).unwrap();
+        assert_eq!(role.pod_id(id), "p1");
+        assert_eq!(Role::Single.pod_id(id), id);
+        let bad = cri_spec("container", "../x", json!([]));
+        let e = Role::of(&bad, id).unwrap_err();
+        assert!(e.to_string().contains(SANDBOX_ID), "{e}");
+    }
+
+    #[test]
+    fn sandbox_keeps_guest_namespaces_and_gets_a_sized_shm_tmpfs() {
+        let mut spec = cri_spec("sandbox", "p1", sandbox_ns());
+        let guest = prepare_spec(&mut spec, "p1", &Role::Sandbox, None, |p| {
+            assert_eq!(p, Path::new("/run/ctd/sandboxes/p1/shm"));
+            Some(1 << 20)
+        })
+        .unwrap();
+        let kinds: Vec<&str> = spec["linux"]["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["pid", "ipc", "uts", "mount", "network"]);
+        assert!(
+            spec["linux"]["namespaces"][4].get("path").is_none(),
+            "host path dropped"
+        );
+        assert_eq!(
+            spec["mounts"].as_array().unwrap().len(),
+            2,
+            "shm taken out while sharing"
+        );
+        guest.restore(&mut spec);
+        let shm = &spec["mounts"][1];
+        assert_eq!(shm["type"], "tmpfs");
+        let opts = mount_options(shm);
+        assert!(opts.contains(&"size=1048576".to_owned()), "{opts:?}");
+        assert!(opts.contains(&"ro".to_owned()), "ro kept: {opts:?}");
+        assert_eq!(spec["mounts"][2]["destination"], "/etc/hosts", "order kept");
+    }
+
+    #[test]
+    fn members_join_only_their_sandbox_namespaces_and_its_shm() {
+        let ns = json!([
+            { "type": "pid" }, { "type": "mount" },
+            { "type": "ipc", "path": "/proc/42/ns/ipc" },
+            { "type": "uts", "path": "/proc/42/ns/uts" },
+            { "type": "network", "path": "/proc/42/ns/net" },
+        ]);
+        let role = Role::Member { pod: "p1".into() };
+        let mut spec = cri_spec("container", "p1", ns.clone());
+        let guest = prepare_spec(&mut spec, "c1", &role, Some(42), |_| None).unwrap();
+        assert_eq!(spec["linux"]["namespaces"], ns);
+        guest.restore(&mut spec);
+        assert_eq!(spec["mounts"][1]["source"], "/proc/42/root/dev/shm");
+
+        let mut other = cri_spec("container", "p1", ns);
+        let e = prepare_spec(&mut other, "c1", &role, Some(7), |_| None).unwrap_err();
+        assert!(matches!(e, PodError::ForeignNamespace { .. }), "{e}");
+        assert!(e.to_string().contains("/proc/42/ns/ipc"), "{e}");
+
+        let mut no_sandbox = cri_spec(
+            "container",
+            "p1",
+            json!([{"type":"pid"},{"type":"ipc"},{"type":"network"}]),
+        );
+        let e = prepare_spec(&mut no_sandbox, "c1", &role, None, |_| None).unwrap_err();
+        assert!(matches!(e, PodError::NoSandbox { .. }), "{e}");
+    }
+
+    #[test]
+    fn host_namespaces_are_refused_by_their_cri_field() {
+        for (missing, field) in [
+            ("network", "hostNetwork"),
+            ("pid", "hostPID"),
+            ("ipc", "hostIPC"),
+        ] {
+            let ns: Vec<Value> = ["pid", "ipc", "uts", "mount", "network"]
+                .into_iter()
+                .filter(|k| *k != missing)
+                .map(|k| json!({ "type": k }))
+                .collect();
+            let mut spec = cri_spec("sandbox", "p1", Value::Array(ns));
+            let e = prepare_spec(&mut spec, "p1", &Role::Sandbox, None, |_| None).unwrap_err();
+            assert!(e.to_string().contains(field), "{field}: {e}");
+        }
+    }
+
+    #[test]
+    fn plain_containers_are_left_alone() {
+        let mut spec = json!({ "linux": { "namespaces": [] }, "mounts": [] });
+        let before = spec.clone();
+        prepare_spec(&mut spec, "c", &Role::Single, None, |_| None).unwrap();
+        assert_eq!(spec, before);
+    }
+
+    #[test]
+    fn container_paths_stay_under_the_sandbox() {
+        let p = ContainerPaths::new(Path::new("/run/husk/p1"), "c1");
+        assert_eq!(
+            p.rootfs_shared(),
+            Path::new("/run/husk/p1/shared/c1/rootfs")
+        );
+        assert_eq!(p.binds_private, Path::new("/run/husk/p1/binds/c1"));
+        assert!(p.guest_binds.ends_with("c1/binds"));
+    }
+}

@@ -1,0 +1,348 @@
+//! A Kubernetes CRI client (gRPC, runtime v1) on containerd's socket, as a
+//! kubelet would use it: pods with RuntimeClass handler `husk`, containers,
+//! ExecSync, stats. Blocking wrappers over tonic, one runtime per client.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::*;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// The RuntimeClass handler the harness maps to husk.
+pub const HANDLER: &str = "husk";
+
+pub struct Cri {
+    rt: tokio::runtime::Runtime,
+    runtime: RuntimeServiceClient<Channel>,
+    images: ImageServiceClient<Channel>,
+}
+
+/// How a test pod is made.
+#[derive(Clone, Debug)]
+pub struct PodOpts {
+    pub name: String,
+    pub hostname: String,
+    pub share_pid: bool,
+    pub host_network: bool,
+    pub log_dir: PathBuf,
+    pub sysctls: HashMap<String, String>,
+    pub handler: String,
+}
+
+impl PodOpts {
+    pub fn new(name: &str, log_dir: &Path) -> Self {
+        Self {
+            name: name.to_owned(),
+            hostname: name.to_owned(),
+            share_pid: false,
+            host_network: false,
+            log_dir: log_dir.to_path_buf(),
+            sysctls: HashMap::new(),
+            handler: HANDLER.to_owned(),
+        }
+    }
+
+    pub fn config(&self) -> PodSandboxConfig {
+        let mode = |pod: bool| {
+            if pod {
+                NamespaceMode::Pod as i32
+            } else {
+                NamespaceMode::Container as i32
+            }
+        };
+        PodSandboxConfig {
+            metadata: Some(PodSandboxMetadata {
+                name: self.name.clone(),
+                uid: format!("uid-{}", self.name),
+                namespace: "husk-e2e".into(),
+                attempt: 0,
+            }),
+            hostname: self.hostname.clone(),
+            log_directory: self.log_dir.display().to_string(),
+            dns_config: Some(DnsConfig {
+                servers: vec!["10.96.0.10".into()],
+                searches: vec!["husk-e2e.svc.cluster.local".into()],
+                options: vec!["ndots:5".into()],
+            }),
+            linux: Some(LinuxPodSandboxConfig {
+                security_context: Some(LinuxSandboxSecurityContext {
+                    namespace_options: Some(NamespaceOption {
+                        network: if self.host_network {
+                            NamespaceMode::Node as i32
+                        } else {
+                            NamespaceMode::Pod as i32
+                        },
+                        pid: mode(self.share_pid),
+                        ipc: NamespaceMode::Pod as i32,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                sysctls: self.sysctls.clone(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}
+
+/// A container of a test pod.
+pub fn container(name: &str, image: &str, args: &[&str], share_pid: bool) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.to_owned(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: image.to_owned(),
+            ..Default::default()
+        }),
+        args: args.iter().map(|s| s.to_string()).collect(),
+        log_path: format!("{name}.log"),
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    network: NamespaceMode::Pod as i32,
+                    pid: if share_pid {
+                        NamespaceMode::Pod as i32
+                    } else {
+                        NamespaceMode::Container as i32
+                    },
+                    ipc: NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// What ExecSync returned.
+#[derive(Debug, Clone)]
+pub struct ExecResult {
+    pub stdout: String,
+    pub stderr: String,
+    pub exit_code: i32,
+}
+
+impl Cri {
+    pub fn connect(socket: &Path) -> Self {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let path = socket.to_path_buf();
+        let channel = rt
+            .block_on(
+                Endpoint::from_static("http://[::]:50051")
+                    .timeout(Duration::from_secs(120))
+                    .connect_with_connector(tower::service_fn(move |_: Uri| {
+                        let path = path.clone();
+                        async move {
+                            Ok::<_, std::io::Error>(TokioIo::new(
+                                tokio::net::UnixStream::connect(path).await?,
+                            ))
+                        }
+                    })),
+            )
+            .expect("connect to containerd's CRI socket");
+        Self {
+            rt,
+            runtime: RuntimeServiceClient::new(channel.clone()),
+            images: ImageServiceClient::new(channel),
+        }
+    }
+
+    pub fn version(&self) -> Result<VersionResponse, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.version(VersionRequest::default()))
+            .map(|r| r.into_inner())
+    }
+
+    pub fn image_present(&self, image: &str) -> bool {
+        let mut c = self.images.clone();
+        self.rt
+            .block_on(c.image_status(ImageStatusRequest {
+                image: Some(ImageSpec {
+                    image: image.to_owned(),
+                    ..Default::default()
+                }),
+                verbose: false,
+            }))
+            .is_ok_and(|r| r.into_inner().image.is_some())
+    }
+
+    pub fn run_pod(&self, opts: &PodOpts) -> Result<String, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(opts.config()),
+                runtime_handler: opts.handler.clone(),
+            }))
+            .map(|r| r.into_inner().pod_sandbox_id)
+    }
+
+    pub fn create_container(
+        &self,
+        pod: &str,
+        opts: &PodOpts,
+        config: ContainerConfig,
+    ) -> Result<String, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.to_owned(),
+                config: Some(config),
+                sandbox_config: Some(opts.config()),
+            }))
+            .map(|r| r.into_inner().container_id)
+    }
+
+    pub fn start_container(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.start_container(StartContainerRequest {
+                container_id: id.to_owned(),
+            }))
+            .map(drop)
+    }
+
+    /// Creates and starts a container; returns its id.
+    pub fn run_container(
+        &self,
+        pod: &str,
+        opts: &PodOpts,
+        config: ContainerConfig,
+    ) -> Result<String, tonic::Status> {
+        let id = self.create_container(pod, opts, config)?;
+        self.start_container(&id)?;
+        Ok(id)
+    }
+
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        timeout_s: i64,
+    ) -> Result<ExecResult, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.exec_sync(ExecSyncRequest {
+                container_id: id.to_owned(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                timeout: timeout_s,
+            }))
+            .map(|r| {
+                let r = r.into_inner();
+                ExecResult {
+                    stdout: String::from_utf8_lossy(&r.stdout).into_owned(),
+                    stderr: String::from_utf8_lossy(&r.stderr).into_owned(),
+                    exit_code: r.exit_code,
+                }
+            })
+    }
+
+    pub fn container_status(&self, id: &str) -> Result<ContainerStatus, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.container_status(ContainerStatusRequest {
+                container_id: id.to_owned(),
+                verbose: false,
+            }))
+            .map(|r| r.into_inner().status.unwrap_or_default())
+    }
+
+    pub fn container_stats(&self, id: &str) -> Result<ContainerStats, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.container_stats(ContainerStatsRequest {
+                container_id: id.to_owned(),
+            }))
+            .map(|r| r.into_inner().stats.unwrap_or_default())
+    }
+
+    pub fn update_resources(
+        &self,
+        id: &str,
+        linux: LinuxContainerResources,
+    ) -> Result<(), tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(
+                c.update_container_resources(UpdateContainerResourcesRequest {
+                    container_id: id.to_owned(),
+                    linux: Some(linux),
+                    ..Default::default()
+                }),
+            )
+            .map(drop)
+    }
+
+    pub fn stop_container(&self, id: &str, timeout_s: i64) -> Result<(), tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.stop_container(StopContainerRequest {
+                container_id: id.to_owned(),
+                timeout: timeout_s,
+            }))
+            .map(drop)
+    }
+
+    pub fn remove_container(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.remove_container(RemoveContainerRequest {
+                container_id: id.to_owned(),
+            }))
+            .map(drop)
+    }
+
+    pub fn pod_status(&self, id: &str) -> Result<PodSandboxStatus, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: false,
+            }))
+            .map(|r| r.into_inner().status.unwrap_or_default())
+    }
+
+    pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))
+            .map(drop)
+    }
+
+    pub fn remove_pod(&self, id: &str) -> Result<(), tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))
+            .map(drop)
+    }
+
+    /// Stops and removes every pod this containerd knows (test cleanup).
+    pub fn remove_all_pods(&self) {
+        let mut c = self.runtime.clone();
+        let pods = self
+            .rt
+            .block_on(c.list_pod_sandbox(ListPodSandboxRequest::default()))
+            .map(|r| r.into_inner().items)
+            .unwrap_or_default();
+        for p in pods {
+            let _ = self.stop_pod(&p.id);
+            let _ = self.remove_pod(&p.id);
+        }
+    }
+}

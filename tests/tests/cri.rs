@@ -1,0 +1,311 @@
+//! Kubernetes pods through containerd's CRI plugin with RuntimeClass handler
+//! `husk`: one shim and one VM per pod, pod namespaces in the guest, the
+//! files CRI hands over, host namespaces refused, and an exec soak as
+//! kubelet's exec probes would run it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
+use husk_tests::cri::{container, Cri, ExecResult, PodOpts};
+use husk_tests::{e2e, processes_mentioning, vm_lock};
+
+/// ExecSync that must succeed with exit code 0; returns stdout.
+fn sh(cri: &Cri, id: &str, cmd: &str) -> String {
+    let r = cri
+        .exec_sync(id, &["sh", "-c", cmd], 60)
+        .unwrap_or_else(|e| panic!("exec {cmd:?} in {id}: {e}"));
+    assert_eq!(r.exit_code, 0, "exec {cmd:?} in {id}: {r:?}");
+    r.stdout
+}
+
+/// Shims and VMMs now running on this host.
+fn shims_and_vmms() -> (Vec<u32>, Vec<u32>) {
+    let shims = processes_mentioning(Path::new("containerd-shim-husk-v2"));
+    let mut vmms = processes_mentioning(Path::new("qemu-system-x86_64"));
+    vmms.extend(processes_mentioning(Path::new("husk-vmm ")));
+    (shims, vmms)
+}
+
+/// Retries `f` until it returns Some, for up to `timeout`.
+fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn teardown(cri: &Cri, pod: &str) {
+    cri.stop_pod(pod).expect("StopPodSandbox");
+    cri.remove_pod(pod).expect("RemovePodSandbox");
+    assert_clean();
+}
+
+#[test]
+fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
+    if !e2e("a_pod_of_two_containers_shares_one_vm_and_its_namespaces") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut opts = PodOpts::new("pod-a", logs.path());
+    opts.sysctls = HashMap::from([
+        ("net.ipv4.ip_unprivileged_port_start".into(), "81".into()),
+        ("kernel.shm_rmid_forced".into(), "1".into()),
+    ]);
+    let pod = cri
+        .run_pod(&opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let a = cri
+        .run_container(
+            &pod,
+            &opts,
+            container(
+                "a",
+                IMAGE,
+                &[
+                    "sh",
+                    "-c",
+                    "mkdir -p /www && echo pod-local > /www/x && echo from-a > /dev/shm/a \
+                     && exec httpd -f -p 127.0.0.1:8080 -h /www",
+                ],
+                false,
+            ),
+        )
+        .unwrap_or_else(|e| panic!("container a: {e}\n{}", ctd.log()));
+    let b = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("b", IMAGE, &["sleep", "3600"], false),
+        )
+        .unwrap_or_else(|e| panic!("container b: {e}\n{}", ctd.log()));
+
+    let (shims, vmms) = shims_and_vmms();
+    assert_eq!(shims.len(), 1, "one shim for the pod: {shims:?}");
+    assert_eq!(vmms.len(), 1, "one VMM for the pod: {vmms:?}");
+
+    for c in [&a, &b] {
+        let kernel = sh(&cri, c, "uname -r");
+        assert!(
+            kernel.contains("husk"),
+            "{c} runs on the guest kernel: {kernel}"
+        );
+    }
+    let boot_a = sh(&cri, &a, "cat /proc/sys/kernel/random/boot_id");
+    assert_eq!(
+        boot_a,
+        sh(&cri, &b, "cat /proc/sys/kernel/random/boot_id"),
+        "one VM"
+    );
+
+    // Network namespace: B reaches A's server on 127.0.0.1.
+    let page = eventually(Duration::from_secs(30), || {
+        cri.exec_sync(&b, &["wget", "-qO-", "http://127.0.0.1:8080/x"], 10)
+            .ok()
+            .filter(|r| r.exit_code == 0)
+    })
+    .expect("B never reached A's server on 127.0.0.1:8080");
+    assert_eq!(page.stdout.trim(), "pod-local");
+
+    // IPC: one /dev/shm tmpfs for the pod.
+    assert_eq!(sh(&cri, &b, "cat /dev/shm/a").trim(), "from-a");
+    let shm = sh(&cri, &b, "grep ' /dev/shm ' /proc/mounts");
+    assert!(
+        shm.starts_with("shm /dev/shm tmpfs") || shm.contains(" tmpfs "),
+        "{shm}"
+    );
+    assert_eq!(
+        sh(&cri, &a, "readlink /proc/self/ns/ipc"),
+        sh(&cri, &b, "readlink /proc/self/ns/ipc")
+    );
+    assert_eq!(
+        sh(&cri, &a, "readlink /proc/self/ns/net"),
+        sh(&cri, &b, "readlink /proc/self/ns/net")
+    );
+
+    // UTS and the files CRI hands over.
+    assert_eq!(sh(&cri, &b, "hostname").trim(), "pod-a");
+    let resolv = sh(&cri, &b, "cat /etc/resolv.conf");
+    assert!(resolv.contains("nameserver 10.96.0.10"), "{resolv}");
+    assert!(
+        resolv.contains("search husk-e2e.svc.cluster.local"),
+        "{resolv}"
+    );
+    let hosts = sh(&cri, &b, "cat /etc/hosts");
+    assert!(hosts.contains("localhost"), "{hosts}");
+    assert_eq!(sh(&cri, &b, "cat /etc/hostname").trim(), "pod-a");
+
+    // Pod sysctls, net.* included, in the pod's namespaces.
+    assert_eq!(
+        sh(
+            &cri,
+            &b,
+            "cat /proc/sys/net/ipv4/ip_unprivileged_port_start"
+        )
+        .trim(),
+        "81"
+    );
+    assert_eq!(
+        sh(&cri, &b, "cat /proc/sys/kernel/shm_rmid_forced").trim(),
+        "1"
+    );
+
+    // PID: separate without shareProcessNamespace.
+    assert_eq!(sh(&cri, &b, "cat /proc/1/comm").trim(), "sleep");
+    assert_eq!(sh(&cri, &a, "cat /proc/1/comm").trim(), "httpd");
+
+    // Exit codes and both output streams.
+    let r = cri
+        .exec_sync(&b, &["sh", "-c", "echo out; echo err >&2; exit 3"], 30)
+        .expect("exec");
+    assert_eq!(
+        (r.stdout.as_str(), r.stderr.as_str(), r.exit_code),
+        ("out\n", "err\n", 3),
+        "{r:?}"
+    );
+
+    teardown(&cri, &pod);
+}
+
+#[test]
+fn share_process_namespace_puts_every_container_under_the_pause_process() {
+    if !e2e("share_process_namespace_puts_every_container_under_the_pause_process") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut opts = PodOpts::new("pod-shared-pid", logs.path());
+    opts.share_pid = true;
+    let pod = cri
+        .run_pod(&opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let a = cri
+        .run_container(&pod, &opts, container("a", IMAGE, &["sleep", "3601"], true))
+        .expect("container a");
+    let b = cri
+        .run_container(&pod, &opts, container("b", IMAGE, &["sleep", "3602"], true))
+        .expect("container b");
+    assert_eq!(sh(&cri, &a, "cat /proc/1/comm").trim(), "pause");
+    let ps = sh(&cri, &b, "ps -o args");
+    assert!(
+        ps.contains("sleep 3601") && ps.contains("sleep 3602"),
+        "{ps}"
+    );
+    teardown(&cri, &pod);
+}
+
+#[test]
+fn host_namespace_pods_are_refused_by_field_name() {
+    if !e2e("host_namespace_pods_are_refused_by_field_name") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let mut opts = PodOpts::new("pod-hostnet", logs.path());
+    opts.host_network = true;
+    let e = cri
+        .run_pod(&opts)
+        .expect_err("a hostNetwork pod must be refused");
+    assert!(e.message().contains("hostNetwork"), "{e}");
+    cri.remove_all_pods();
+    assert_clean();
+}
+
+/// Runs `n` ExecSync calls of `true`; returns the failures.
+fn exec_loop(cri: &Cri, id: &str, n: usize) -> Vec<String> {
+    (0..n)
+        .filter_map(|i| match cri.exec_sync(id, &["true"], 30) {
+            Ok(ExecResult { exit_code: 0, .. }) => None,
+            Ok(r) => Some(format!("exec {i}: {r:?}")),
+            Err(e) => Some(format!("exec {i}: {e}")),
+        })
+        .collect()
+}
+
+#[test]
+fn exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill() {
+    if !e2e("exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let opts = PodOpts::new("pod-soak", logs.path());
+    let pod = cri
+        .run_pod(&opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let c = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("c", IMAGE, &["sleep", "3600"], false),
+        )
+        .expect("container");
+    let sequential: usize = std::env::var("HUSK_SOAK_EXECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let t = Instant::now();
+    let failed = exec_loop(&cri, &c, sequential);
+    let seq_time = t.elapsed();
+    assert!(
+        failed.is_empty(),
+        "{} of {sequential} sequential execs failed: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let loops = 4;
+    let per_loop = sequential / 4;
+    let t = Instant::now();
+    let failed: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..loops)
+            .map(|_| {
+                let c = c.clone();
+                let socket = ctd.dir.path().join("containerd.sock");
+                s.spawn(move || exec_loop(&Cri::connect(&socket), &c, per_loop))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().expect("exec loop"))
+            .collect()
+    });
+    eprintln!(
+        "exec soak: {sequential} sequential in {:.1} s, {loops}x{per_loop} concurrent in {:.1} s, 0 failures",
+        seq_time.as_secs_f64(),
+        t.elapsed().as_secs_f64()
+    );
+    assert!(
+        failed.is_empty(),
+        "{} of {} concurrent execs failed: {:?}",
+        failed.len(),
+        loops * per_loop,
+        &failed[..failed.len().min(5)]
+    );
+    // The pod still answers kill: StopContainer ends it at once.
+    let t = Instant::now();
+    cri.stop_container(&c, 0).expect("StopContainer");
+    let status = cri.container_status(&c).expect("ContainerStatus");
+    assert_eq!(status.exit_code, 137, "{status:?}");
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "kill took {:?}",
+        t.elapsed()
+    );
+    teardown(&cri, &pod);
+}
