@@ -60,6 +60,7 @@ demo: build guest-image
 	./target/release/husk check
 	./target/release/husk vm-ping
 	bash tests/demo.sh
+	./target/release/pod-demo
 
 lint:
 	$(CARGO) fmt --all -- --check

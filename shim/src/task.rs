@@ -172,14 +172,25 @@ fn err(code: Code, msg: impl std::fmt::Display) -> containerd_shim::protos::ttrp
 /// File in the bundle holding the shim's ttrpc address.
 const ADDRESS_FILE: &str = "address";
 
+/// The socket path a bundle's `address` file names.
+fn recorded_socket(address_file: &Path) -> Option<PathBuf> {
+    let address = std::fs::read_to_string(address_file).ok()?;
+    Some(PathBuf::from(address.trim().trim_start_matches("unix://")))
+}
+
+/// Whether a shim still serves on the socket a bundle records: the pod's
+/// shim, which outlives each of its containers.
+fn shim_alive(address_file: &Path) -> bool {
+    recorded_socket(address_file).is_some_and(|p| UnixStream::connect(p).is_ok())
+}
+
 /// Removes the socket of a shim that died, if it is still there.
 fn remove_stale_socket(address_file: &Path) {
     use std::os::unix::fs::FileTypeExt;
-    let Ok(address) = std::fs::read_to_string(address_file) else {
+    let Some(path) = recorded_socket(address_file) else {
         return;
     };
-    let path = Path::new(address.trim().trim_start_matches("unix://"));
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+    if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_socket()) {
         let _ = std::fs::remove_file(path);
     }
 }
@@ -251,6 +262,15 @@ impl Shim for HuskShim {
     /// container. (The VMM and daemons die with the shim.)
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
         let bundle = Path::new(&self.bundle);
+        let mut resp = api::DeleteResponse::new();
+        resp.exit_status = 128 + 9;
+        resp.exited_at = Some(now()).into();
+        // containerd runs `delete` whenever its connection for a task
+        // closes, also after a normal Shutdown of one container of a pod
+        // whose shim serves on: that shim owns the pod's state and socket.
+        if shim_alive(&bundle.join(ADDRESS_FILE)) {
+            return Ok(resp);
+        }
         let explicit = options::saved_config_path(bundle);
         let config = Config::load(explicit.as_deref())
             .map(|(c, _)| c)
@@ -271,9 +291,6 @@ impl Shim for HuskShim {
             }
         }
         remove_stale_socket(&bundle.join(ADDRESS_FILE));
-        let mut resp = api::DeleteResponse::new();
-        resp.exit_status = 128 + 9;
-        resp.exited_at = Some(now()).into();
         Ok(resp)
     }
 

@@ -26,13 +26,15 @@ pub struct Containerd {
     socket: PathBuf,
 }
 
-/// The target dir of this build profile (holds the shim binary).
+/// The target dir of this build profile (holds the shim binary): the
+/// parent of a test's `deps/`, or a binary's own directory.
 pub fn profile_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>")
-        .to_path_buf()
+    let dir = exe.parent().expect("target/<profile>");
+    match dir.file_name() {
+        Some(n) if n == "deps" => dir.parent().expect("target/<profile>").to_path_buf(),
+        _ => dir.to_path_buf(),
+    }
 }
 
 impl Containerd {

@@ -309,3 +309,163 @@ fn exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill() {
     );
     teardown(&cri, &pod);
 }
+
+/// A shell command printing a file of the calling container's own cgroup
+/// (with or without a cgroup namespace).
+fn cgroup_file(name: &str) -> String {
+    format!("cat /sys/fs/cgroup$(cut -d: -f3 /proc/self/cgroup)/{name}")
+}
+
+/// Waits until container `id` has exited; returns its exit code.
+fn wait_exited(cri: &Cri, id: &str) -> i32 {
+    eventually(Duration::from_secs(60), || {
+        cri.container_status(id)
+            .ok()
+            .filter(|s| s.state == k8s_cri::v1::ContainerState::ContainerExited as i32)
+            .map(|s| s.exit_code)
+    })
+    .unwrap_or_else(|| panic!("container {id} never exited"))
+}
+
+/// The payload of a CRI log file: each line is `<time> <stream> <P|F> <text>`;
+/// partial (P) lines continue without a newline.
+fn cri_log_payload(log: &str) -> String {
+    let mut out = String::new();
+    for line in log.lines() {
+        let mut parts = line.splitn(4, ' ');
+        let (_, _, tag, text) = (parts.next(), parts.next(), parts.next(), parts.next());
+        out.push_str(text.unwrap_or(""));
+        if tag == Some("F") {
+            out.push('\n');
+        }
+    }
+    out
+}
+
+#[test]
+fn pod_lifecycle_logs_stats_updates_and_exec_timeout() {
+    if !e2e("pod_lifecycle_logs_stats_updates_and_exec_timeout") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let opts = PodOpts::new("pod-life", logs.path());
+    let pod = cri
+        .run_pod(&opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+
+    // An init container that prints 1 MiB and exits at once: every byte
+    // reaches CRI's log file before its exit is reported.
+    let line = "0123456789abcdef".repeat(4);
+    let script = format!(
+        "i=0; while [ $i -lt 16384 ]; do echo {}; i=$((i+1)); done",
+        &line[..63]
+    );
+    let init = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("init", IMAGE, &["sh", "-c", &script], false),
+        )
+        .expect("init container");
+    assert_eq!(wait_exited(&cri, &init), 0);
+    let log = std::fs::read_to_string(logs.path().join("init.log")).expect("init.log");
+    let payload = cri_log_payload(&log);
+    assert_eq!(payload.len(), 1 << 20, "1 MiB of output in the CRI log");
+    assert!(
+        payload.lines().all(|l| l == &line[..63]),
+        "log content intact"
+    );
+
+    // A container that fails, restarted in the running pod as attempt 1.
+    let first = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("app", IMAGE, &["sh", "-c", "exit 7"], false),
+        )
+        .unwrap_or_else(|e| panic!("app attempt 0: {e}\n{}", ctd.log()));
+    assert_eq!(wait_exited(&cri, &first), 7);
+    let mut again = container("app", IMAGE, &["sleep", "3600"], false);
+    if let Some(m) = again.metadata.as_mut() {
+        m.attempt = 1;
+    }
+    again.log_path = "app-1.log".into();
+    let app = cri
+        .run_container(&pod, &opts, again)
+        .expect("app attempt 1");
+    assert_eq!(sh(&cri, &app, "cat /proc/1/comm").trim(), "sleep");
+    cri.remove_container(&first).expect("remove attempt 0");
+    cri.remove_container(&init).expect("remove init");
+
+    // Stats carry the guest's values; CPU usage grows for a busy container.
+    let busy = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("busy", IMAGE, &["sh", "-c", "while :; do :; done"], false),
+        )
+        .expect("busy container");
+    let cpu = |id: &str| {
+        cri.container_stats(id)
+            .expect("ContainerStats")
+            .cpu
+            .and_then(|c| c.usage_core_nano_seconds)
+            .map_or(0, |v| v.value)
+    };
+    let c1 = cpu(&busy);
+    std::thread::sleep(Duration::from_secs(2));
+    let c2 = cpu(&busy);
+    assert!(c2 > c1, "CPU usage of a busy container grows: {c1} -> {c2}");
+    let mem = cri
+        .container_stats(&app)
+        .expect("ContainerStats")
+        .memory
+        .expect("memory stats");
+    let guest_usage: u64 = sh(&cri, &app, &cgroup_file("memory.current"))
+        .trim()
+        .parse()
+        .expect("memory.current");
+    let ws = mem.working_set_bytes.map_or(0, |v| v.value);
+    assert!(
+        ws > 0 && ws <= guest_usage * 4,
+        "working set {ws}, guest usage {guest_usage}"
+    );
+
+    // UpdateContainerResources reaches the guest's cgroup.
+    cri.update_resources(
+        &app,
+        k8s_cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            ..Default::default()
+        },
+    )
+    .expect("UpdateContainerResources");
+    assert_eq!(
+        sh(&cri, &app, &cgroup_file("memory.max")).trim(),
+        (64u64 << 20).to_string()
+    );
+
+    // ExecSync with a timeout: the call ends, the process is killed.
+    let t = Instant::now();
+    let r = cri.exec_sync(&app, &["sleep", "1234"], 2);
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "timeout not honoured: {:?}",
+        t.elapsed()
+    );
+    assert!(
+        r.is_err() || r.as_ref().is_ok_and(|r| r.exit_code != 0),
+        "{r:?}"
+    );
+    let left = eventually(Duration::from_secs(10), || {
+        let ps = sh(&cri, &app, "ps -o args");
+        (!ps.contains("sleep 1234")).then_some(())
+    });
+    assert!(left.is_some(), "the timed-out exec was not killed");
+
+    // StopPodSandbox with running containers, then RemovePodSandbox.
+    teardown(&cri, &pod);
+}
