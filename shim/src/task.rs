@@ -196,13 +196,29 @@ fn remove_stale_socket(address_file: &Path) {
 }
 
 /// An error as the client should read it, causes included.
+/// Every agent failure becomes a ttrpc status here, in one place.
 trait Describe {
     fn describe(&self) -> String;
+    /// The code containerd gets: the agent's NOT_FOUND stays NOT_FOUND (a
+    /// process that is gone), anything else is INTERNAL.
+    fn code(&self) -> Code {
+        Code::INTERNAL
+    }
 }
 
 impl Describe for husk_runtime::agent::AgentError {
     fn describe(&self) -> String {
         error_chain(self)
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            husk_runtime::agent::AgentError::Rpc {
+                error: ttrpc::Error::RpcStatus(s),
+                ..
+            } if s.code.value() == ttrpc::Code::NOT_FOUND as i32 => Code::NOT_FOUND,
+            _ => Code::INTERNAL,
+        }
     }
 }
 
@@ -337,7 +353,7 @@ impl HuskShim {
     }
 
     /// Runs a blocking agent call for container `id` off the async runtime;
-    /// errors become INTERNAL.
+    /// errors map to codes as [`Describe::code`] says.
     async fn agent_call<T, E>(
         &self,
         id: &str,
@@ -352,7 +368,7 @@ impl HuskShim {
         tokio::task::spawn_blocking(move || call(agent, id))
             .await
             .map_err(|e| err(Code::INTERNAL, e))?
-            .map_err(|e| err(Code::INTERNAL, e.describe()))
+            .map_err(|e| err(e.code(), e.describe()))
     }
 
     fn agent(&self) -> Result<Agent, containerd_shim::protos::ttrpc::Error> {
@@ -514,12 +530,21 @@ fn open_streams(
     Ok((stdio, stdin, outputs))
 }
 
-/// Copies each output stream into its FIFO, from a thread each.
+/// Copies each output stream into its FIFO, from a thread each. The copy
+/// holds a reader of its own on the FIFO (as containerd's runc shim does):
+/// when containerd restarts, its end closes, and without another reader the
+/// next write would fail and the container's output would be lost; with it
+/// the FIFO fills and the guest waits until containerd reads again.
 fn pump_outputs(outputs: Vec<(UnixStream, String)>) -> Vec<std::thread::JoinHandle<()>> {
+    use std::os::unix::fs::OpenOptionsExt;
     outputs
         .into_iter()
         .map(|(mut s, fifo)| {
             std::thread::spawn(move || {
+                let _reader = File::options()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fifo);
                 if let Ok(mut f) = File::options().write(true).open(&fifo) {
                     let _ = husk_protocol::copy_plain(&mut s, &mut f);
                     let _ = f.flush();

@@ -469,3 +469,36 @@ fn pod_lifecycle_logs_stats_updates_and_exec_timeout() {
     // StopPodSandbox with running containers, then RemovePodSandbox.
     teardown(&cri, &pod);
 }
+
+#[test]
+fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
+    if !e2e("a_killed_pod_shim_is_cleaned_up_container_by_container") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let opts = PodOpts::new("pod-crash", logs.path());
+    let pod = cri
+        .run_pod(&opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let app = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("app", IMAGE, &["sleep", "3600"], false),
+        )
+        .expect("container");
+    let (shims, _) = shims_and_vmms();
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // SAFETY: kill(2) on the pod's shim, a process this test started.
+    assert_eq!(unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) }, 0);
+    let exited = eventually(Duration::from_secs(30), || {
+        cri.container_status(&app)
+            .ok()
+            .filter(|s| s.state == k8s_cri::v1::ContainerState::ContainerExited as i32)
+    });
+    assert!(exited.is_some(), "the app container never showed as exited");
+    teardown(&cri, &pod);
+}
