@@ -14,22 +14,15 @@ use husk_tests::cri::{container, Cri, PodOpts};
 fn one_pod(cri: &Cri, handler: &str, name: &str, logs: &std::path::Path) -> (Duration, Duration) {
     let mut opts = PodOpts::new(name, logs);
     opts.handler = handler.to_owned();
+    let sleeper = |name: &str| container(name, IMAGE, &["sleep", "3600"], false);
     let t = Instant::now();
     let pod = cri.run_pod(&opts).expect("RunPodSandbox");
-    cri.run_container(
-        &pod,
-        &opts,
-        container("first", IMAGE, &["sleep", "3600"], false),
-    )
-    .expect("first container");
+    cri.run_container(&pod, &opts, sleeper("first"))
+        .expect("first container");
     let start = t.elapsed();
     let t = Instant::now();
-    cri.run_container(
-        &pod,
-        &opts,
-        container("second", IMAGE, &["sleep", "3600"], false),
-    )
-    .expect("second container");
+    cri.run_container(&pod, &opts, sleeper("second"))
+        .expect("second container");
     let second = t.elapsed();
     cri.stop_pod(&pod).expect("StopPodSandbox");
     cri.remove_pod(&pod).expect("RemovePodSandbox");

@@ -42,6 +42,19 @@ fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<
     }
 }
 
+/// A private containerd with CRI, and a directory for the pod's logs.
+fn cri_env() -> (Containerd, Cri, tempfile::TempDir) {
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    (ctd, cri, tempfile::tempdir().expect("log dir"))
+}
+
+/// RunPodSandbox that must succeed; containerd's log on failure.
+fn start_pod(ctd: &Containerd, cri: &Cri, opts: &PodOpts) -> String {
+    cri.run_pod(opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()))
+}
+
 fn teardown(cri: &Cri, pod: &str) {
     cri.stop_pod(pod).expect("StopPodSandbox");
     cri.remove_pod(pod).expect("RemovePodSandbox");
@@ -54,17 +67,13 @@ fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
         return;
     }
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-a", logs.path());
     opts.sysctls = HashMap::from([
         ("net.ipv4.ip_unprivileged_port_start".into(), "81".into()),
         ("kernel.shm_rmid_forced".into(), "1".into()),
     ]);
-    let pod = cri
-        .run_pod(&opts)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let pod = start_pod(&ctd, &cri, &opts);
     let a = cri
         .run_container(
             &pod,
@@ -183,14 +192,10 @@ fn share_process_namespace_puts_every_container_under_the_pause_process() {
         return;
     }
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-shared-pid", logs.path());
     opts.share_pid = true;
-    let pod = cri
-        .run_pod(&opts)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let pod = start_pod(&ctd, &cri, &opts);
     let a = cri
         .run_container(&pod, &opts, container("a", IMAGE, &["sleep", "3601"], true))
         .expect("container a");
@@ -212,9 +217,7 @@ fn host_namespace_pods_are_refused_by_field_name() {
         return;
     }
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    let (_ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-hostnet", logs.path());
     opts.host_network = true;
     let e = cri
@@ -242,13 +245,9 @@ fn exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill() {
         return;
     }
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-soak", logs.path());
-    let pod = cri
-        .run_pod(&opts)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let pod = start_pod(&ctd, &cri, &opts);
     let c = cri
         .run_container(
             &pod,
@@ -348,13 +347,9 @@ fn pod_lifecycle_logs_stats_updates_and_exec_timeout() {
         return;
     }
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-life", logs.path());
-    let pod = cri
-        .run_pod(&opts)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let pod = start_pod(&ctd, &cri, &opts);
 
     // An init container that prints 1 MiB and exits at once: every byte
     // reaches CRI's log file before its exit is reported.
@@ -476,13 +471,9 @@ fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
         return;
     }
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-crash", logs.path());
-    let pod = cri
-        .run_pod(&opts)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let pod = start_pod(&ctd, &cri, &opts);
     let app = cri
         .run_container(
             &pod,
