@@ -1222,3 +1222,48 @@ impl HuskShim {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use husk_runtime::agent::AgentError;
+
+    use super::*;
+
+    fn rpc_error(code: ttrpc::Code) -> AgentError {
+        AgentError::Rpc {
+            rpc: "SignalProcess",
+            error: ttrpc::Error::RpcStatus(ttrpc::get_status(code, "exec e1 not found")),
+        }
+    }
+
+    #[test]
+    fn the_agents_not_found_stays_not_found_and_the_rest_is_internal() {
+        assert_eq!(rpc_error(ttrpc::Code::NOT_FOUND).code(), Code::NOT_FOUND);
+        assert_eq!(
+            rpc_error(ttrpc::Code::INVALID_ARGUMENT).code(),
+            Code::INTERNAL
+        );
+        let e = rpc_error(ttrpc::Code::NOT_FOUND);
+        assert!(
+            e.describe().contains("exec e1 not found"),
+            "{}",
+            e.describe()
+        );
+        assert_eq!("bad".to_owned().code(), Code::INTERNAL);
+    }
+
+    #[test]
+    fn delete_leaves_a_live_shim_alone_and_clears_a_dead_ones_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("shim.sock");
+        let file = dir.path().join(ADDRESS_FILE);
+        std::fs::write(&file, format!("unix://{}", sock.display())).unwrap();
+        let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        assert!(shim_alive(&file), "a listening shim is alive");
+        drop(listener);
+        assert!(!shim_alive(&file), "nobody listens any more");
+        remove_stale_socket(&file);
+        assert!(!sock.exists(), "the dead shim's socket is removed");
+        assert!(!shim_alive(&dir.path().join("missing")));
+    }
+}
