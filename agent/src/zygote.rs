@@ -2,8 +2,9 @@
 //!
 //! libcontainer creates processes with raw clone3 and then runs Rust code in
 //! the child (allocations, logging). In the multithreaded agent a clone taken
-//! while another thread holds glibc's malloc lock (or any other lock) leaves
-//! the child blocked on it forever: its parent waits for the child's report
+//! while another thread holds a lock (glibc's malloc arena lock is the
+//! likeliest, having no atfork reset on raw clone3) leaves the child stuck
+//! on it for good: its parent waits for the child's report
 //! with the reaper lock held, so every later create, exec and exit report
 //! stalls, while the agent's vsock port still answers. Seen as ExecProcess
 //! timeouts after 4 to ~150 sequential execs. The zygote is forked before
