@@ -268,6 +268,13 @@ impl Cri {
             .map(|r| r.into_inner().stats.unwrap_or_default())
     }
 
+    pub fn list_container_stats(&self) -> Result<Vec<ContainerStats>, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.list_container_stats(ListContainerStatsRequest::default()))
+            .map(|r| r.into_inner().stats)
+    }
+
     pub fn update_resources(
         &self,
         id: &str,

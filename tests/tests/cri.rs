@@ -429,6 +429,20 @@ fn pod_lifecycle_logs_stats_updates_and_exec_timeout() {
         "working set {ws}, guest usage {guest_usage}"
     );
 
+    let listed = cri.list_container_stats().expect("ListContainerStats");
+    for id in [&app, &busy] {
+        let s = listed
+            .iter()
+            .find(|s| s.attributes.as_ref().is_some_and(|a| &a.id == id))
+            .unwrap_or_else(|| panic!("{id} missing from ListContainerStats: {listed:?}"));
+        let ws = s
+            .memory
+            .as_ref()
+            .and_then(|m| m.working_set_bytes)
+            .map_or(0, |v| v.value);
+        assert!(ws > 0, "{id}: working set {ws}");
+    }
+
     // UpdateContainerResources reaches the guest's cgroup.
     cri.update_resources(
         &app,
