@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
-use crate::storage::{self, MountSpec, StorageError};
+use crate::storage::{self, is_bind, mount_options, MountSpec, StorageError};
 
 /// CRI's annotation for the kind of container.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -143,24 +143,6 @@ impl GuestOnlyMounts {
             }
         }
     }
-}
-
-fn is_bind(m: &Value) -> bool {
-    m.get("type").and_then(Value::as_str) == Some("bind")
-        || m.get("options")
-            .and_then(Value::as_array)
-            .is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
-}
-
-fn mount_options(m: &Value) -> Vec<String> {
-    m.get("options")
-        .and_then(Value::as_array)
-        .map(|o| {
-            o.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 /// Rewrites a CRI container's spec for the pod's guest: refuses host

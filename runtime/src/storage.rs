@@ -150,8 +150,20 @@ fn bind_via_fd(
     })
 }
 
+/// An OCI mount's options.
+pub(crate) fn mount_options(m: &serde_json::Value) -> Vec<String> {
+    m.get("options")
+        .and_then(|o| o.as_array())
+        .map(|o| {
+            o.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Whether an OCI mount is a bind mount of a host path.
-fn is_bind(m: &serde_json::Value) -> bool {
+pub(crate) fn is_bind(m: &serde_json::Value) -> bool {
     let opts = m.get("options").and_then(|o| o.as_array());
     m.get("type").and_then(|t| t.as_str()) == Some("bind")
         || opts.is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
@@ -182,15 +194,7 @@ pub fn share_bind_mounts(
             return Err(StorageError::BindSource(source));
         }
         let meta = std::fs::metadata(&source).map_err(io("bind mount source", &source))?;
-        let opts: Vec<String> = m
-            .get("options")
-            .and_then(|o| o.as_array())
-            .map(|o| {
-                o.iter()
-                    .filter_map(|v| v.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
+        let opts = mount_options(m);
         let recursive = opts.iter().any(|o| o == "rbind");
         let read_only = opts.iter().any(|o| o == "ro");
         let staging = private_dir.join(n.to_string());
