@@ -7,6 +7,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod agent;
+pub mod cgroup;
 pub mod config;
 pub mod daemons;
 pub mod host;

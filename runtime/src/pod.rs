@@ -48,6 +48,12 @@ pub enum PodError {
     },
     #[error("container {id}: pod {pod} has no running sandbox container in this shim")]
     NoSandbox { id: String, pod: String },
+    #[error("container {id}: annotation {key}={value:?} is not a whole number")]
+    Annotation {
+        id: String,
+        key: &'static str,
+        value: String,
+    },
     #[error("container {id}: the spec is not an OCI runtime spec: {why}")]
     Spec { id: String, why: String },
     #[error(transparent)]
@@ -345,6 +351,56 @@ pub fn has_containers(sandbox_dir: &Path) -> bool {
     std::fs::read_dir(sandbox_dir.join("shared")).is_ok_and(|mut d| d.next().is_some())
 }
 
+/// CRI's annotations with the pod's resources (the sum of its containers'
+/// limits), set by containerd when kubelet passes them (PodSandboxConfig's
+/// `linux.resources`, Kubernetes 1.23+).
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// The guest's size for a pod: the configured size, which covers the
+/// guest's own kernel and agent, plus the pod's resources where the spec
+/// that boots the VM carries them (as Kata sizes its VMs): memory by the
+/// pod's memory limit, vCPUs by its CPU limit rounded up. A pod without
+/// limits gets the configured size. Capped at the config's maxima.
+pub fn size_guest(
+    guest: &mut crate::config::GuestConfig,
+    spec: &Value,
+    id: &str,
+) -> Result<(), PodError> {
+    let ann = |k: &str| {
+        spec.pointer("/annotations")
+            .and_then(|a| a.get(k))
+            .and_then(Value::as_str)
+    };
+    let number = |k: &'static str| -> Result<Option<i64>, PodError> {
+        ann(k)
+            .map(|v| {
+                v.trim().parse::<i64>().map_err(|_| PodError::Annotation {
+                    id: id.to_owned(),
+                    key: k,
+                    value: v.to_owned(),
+                })
+            })
+            .transpose()
+    };
+    if let Some(bytes) = number(SANDBOX_MEMORY)?.filter(|b| *b > 0) {
+        let extra = u32::try_from((bytes as u64).div_ceil(1 << 20)).unwrap_or(u32::MAX);
+        guest.memory_mib = guest.memory_mib.saturating_add(extra).min(MAX_GUEST_MIB);
+    }
+    let quota = number(SANDBOX_CPU_QUOTA)?.filter(|q| *q > 0);
+    let period = number(SANDBOX_CPU_PERIOD)?.filter(|p| *p > 0);
+    if let (Some(quota), Some(period)) = (quota, period) {
+        let extra = u32::try_from((quota as u64).div_ceil(period as u64)).unwrap_or(u32::MAX);
+        guest.vcpus = guest.vcpus.saturating_add(extra).min(MAX_GUEST_VCPUS);
+    }
+    Ok(())
+}
+
+/// The largest guest the config accepts.
+const MAX_GUEST_MIB: u32 = 65536;
+const MAX_GUEST_VCPUS: u32 = 32;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -461,6 +517,52 @@ mod tests {
             let e = prepare_spec(&mut spec, "p1", &Role::Sandbox, None, |_| None).unwrap_err();
             assert!(e.to_string().contains(field), "{field}: {e}");
         }
+    }
+
+    #[test]
+    fn the_guest_grows_by_the_pods_limits_and_only_by_them() {
+        let base = crate::config::GuestConfig::default();
+        let sized = |ann: Value| {
+            let mut g = base.clone();
+            size_guest(&mut g, &json!({ "annotations": ann }), "p1")
+                .map(|()| (g.vcpus, g.memory_mib))
+        };
+        assert_eq!(
+            sized(json!({
+                SANDBOX_MEMORY: "268435456",
+                SANDBOX_CPU_QUOTA: "150000",
+                SANDBOX_CPU_PERIOD: "100000"
+            }))
+            .unwrap(),
+            (base.vcpus + 2, base.memory_mib + 256)
+        );
+        // No limits (containerd writes 0 for them): the configured size.
+        assert_eq!(
+            sized(
+                json!({ SANDBOX_MEMORY: "0", SANDBOX_CPU_QUOTA: "0", SANDBOX_CPU_PERIOD: "100000" })
+            )
+            .unwrap(),
+            (base.vcpus, base.memory_mib)
+        );
+        assert_eq!(sized(json!({})).unwrap(), (base.vcpus, base.memory_mib));
+        // A part of a MiB counts as one; the maxima hold.
+        assert_eq!(
+            sized(json!({ SANDBOX_MEMORY: "1" })).unwrap().1,
+            base.memory_mib + 1
+        );
+        assert_eq!(
+            sized(json!({
+                SANDBOX_MEMORY: "9223372036854775807",
+                SANDBOX_CPU_QUOTA: "9000000",
+                SANDBOX_CPU_PERIOD: "1000"
+            }))
+            .unwrap(),
+            (MAX_GUEST_VCPUS, MAX_GUEST_MIB)
+        );
+        let e = sized(json!({ SANDBOX_MEMORY: "1Gi" }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(SANDBOX_MEMORY) && e.contains("\"1Gi\""), "{e}");
     }
 
     #[test]

@@ -27,6 +27,7 @@ use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult
 use husk_protocol::containers::Stdio;
 use husk_protocol::{StreamHeader, StreamKind};
 use husk_runtime::agent::{open_stream, Agent};
+use husk_runtime::cgroup::{self, PodCgroup};
 use husk_runtime::pod::{self, ContainerPaths, Role};
 use husk_runtime::storage::{self, MountSpec};
 use husk_runtime::{error_chain, Config, Sandbox};
@@ -119,6 +120,8 @@ impl Ctr {
 #[derive(Default)]
 struct Pod {
     sandbox: Option<Sandbox>,
+    /// The host cgroup the shim, the VMM and its daemons run in.
+    cgroup: Option<PodCgroup>,
     containers: HashMap<String, Ctr>,
 }
 
@@ -306,6 +309,9 @@ impl Shim for HuskShim {
                 let _ = std::fs::remove_dir_all(&dir);
             }
         }
+        // The VMM and daemons die with the shim; whatever did not is in
+        // the pod's cgroup, which goes with its booting container.
+        cgroup::remove_recorded(&bundle.join(cgroup::RECORD_FILE));
         remove_stale_socket(&bundle.join(ADDRESS_FILE));
         Ok(resp)
     }
@@ -720,11 +726,22 @@ impl Task for HuskShim {
                 ))
             }
             None => {
-                let id = pod_id.clone();
-                let sb = tokio::task::spawn_blocking(move || boot_blocking(&id, &config))
-                    .await
-                    .map_err(|e| err(Code::INTERNAL, e))?
+                let mut config = config;
+                pod::size_guest(&mut config.guest, &spec, &req.id)
+                    .map_err(|e| fail(Code::INVALID_ARGUMENT, e.to_string()))?;
+                self.enter_cgroup(&spec, Path::new(&req.bundle))
                     .map_err(|e| fail(Code::FAILED_PRECONDITION, e))?;
+                let id = pod_id.clone();
+                let booted = tokio::task::spawn_blocking(move || boot_blocking(&id, &config))
+                    .await
+                    .map_err(|e| err(Code::INTERNAL, e))?;
+                let sb = match booted {
+                    Ok(sb) => sb,
+                    Err(e) => {
+                        self.stop_pod_if_empty().await;
+                        return Err(fail(Code::FAILED_PRECONDITION, e));
+                    }
+                };
                 let dir = sb.dir().to_path_buf();
                 let agent = sb
                     .agent()
@@ -1208,18 +1225,44 @@ impl Task for HuskShim {
 }
 
 impl HuskShim {
-    /// Stops the pod's VM once no container is left in it.
+    /// Stops the pod's VM once no container is left in it, and removes the
+    /// pod's host cgroup after it.
     async fn stop_pod_if_empty(&self) {
-        let sb = {
+        let (sb, cg) = {
             let mut pod = self.pod();
             if !pod.containers.is_empty() {
                 return;
             }
-            pod.sandbox.take()
+            (pod.sandbox.take(), pod.cgroup.take())
         };
-        if let Some(sb) = sb {
-            let _ = tokio::task::spawn_blocking(move || sb.shutdown()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(sb) = sb {
+                let _ = sb.shutdown();
+            }
+            if let Some(cg) = cg {
+                cg.remove();
+            }
+        })
+        .await;
+    }
+
+    /// Moves the shim into the cgroup the booting spec names (its
+    /// `linux.cgroupsPath`), so the VMM and daemons it starts are charged to
+    /// the pod, and records it in the bundle for `delete` after a crash.
+    fn enter_cgroup(&self, spec: &serde_json::Value, bundle: &Path) -> Result<(), String> {
+        let Some(path) = spec
+            .pointer("/linux/cgroupsPath")
+            .and_then(serde_json::Value::as_str)
+            .filter(|p| !p.is_empty())
+        else {
+            return Ok(());
+        };
+        let cg = PodCgroup::enter(path).map_err(|e| error_chain(&e))?;
+        if let Err(e) = cgroup::record(&bundle.join(cgroup::RECORD_FILE), &cg) {
+            log::warn!("recording the pod's cgroup in {}: {e}", bundle.display());
         }
+        self.pod().cgroup = Some(cg);
+        Ok(())
     }
 }
 
