@@ -265,7 +265,12 @@ impl Manager {
 
         if terminal {
             std::fs::create_dir_all(CONSOLE_DIR).map_err(|e| io("create console dir", e))?;
-            let path = Path::new(CONSOLE_DIR).join(format!("{id}.{}.sock", exec_id.unwrap_or("-")));
+            // Numbered, not named after the ids: a CRI container id and
+            // exec id are 64 characters each, and a socket path must fit
+            // in 108 bytes.
+            static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let path = Path::new(CONSOLE_DIR).join(format!("{n}.sock"));
             let _ = std::fs::remove_file(&path);
             let listener = UnixListener::bind(&path).map_err(|e| io("bind console socket", e))?;
             return Ok(Wiring::Pty {

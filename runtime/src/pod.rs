@@ -165,6 +165,7 @@ pub fn prepare_spec(
     sandbox_pid: Option<u32>,
     shm_bytes: impl Fn(&Path) -> Option<u64>,
 ) -> Result<GuestOnlyMounts, PodError> {
+    normalise_rootfs_propagation(spec);
     if !role.is_cri() {
         return Ok(GuestOnlyMounts::default());
     }
@@ -349,6 +350,24 @@ impl ContainerPaths {
 /// Whether any container still has state in sandbox directory `dir`.
 pub fn has_containers(sandbox_dir: &Path) -> bool {
     std::fs::read_dir(sandbox_dir.join("shared")).is_ok_and(|mut d| d.next().is_some())
+}
+
+/// containerd writes `linux.rootfsPropagation` as runc reads it (`rslave`
+/// for a HostToContainer volume, `rshared` for Bidirectional); the guest's
+/// libcontainer knows only the spec's plain names and applies them
+/// recursively anyway.
+fn normalise_rootfs_propagation(spec: &mut Value) {
+    let Some(p) = spec.pointer_mut("/linux/rootfsPropagation") else {
+        return;
+    };
+    let plain = match p.as_str() {
+        Some("rslave") => "slave",
+        Some("rshared") => "shared",
+        Some("rprivate") => "private",
+        Some("runbindable") => "unbindable",
+        _ => return,
+    };
+    *p = json!(plain);
 }
 
 /// CRI's annotations with the pod's resources (the sum of its containers'
@@ -563,6 +582,19 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains(SANDBOX_MEMORY) && e.contains("\"1Gi\""), "{e}");
+    }
+
+    #[test]
+    fn recursive_rootfs_propagation_is_named_as_the_guest_reads_it() {
+        for (given, plain) in [
+            ("rslave", "slave"),
+            ("rshared", "shared"),
+            ("slave", "slave"),
+        ] {
+            let mut spec = json!({ "linux": { "rootfsPropagation": given } });
+            prepare_spec(&mut spec, "c1", &Role::Single, None, |_| None).unwrap();
+            assert_eq!(spec["linux"]["rootfsPropagation"], plain);
+        }
     }
 
     #[test]

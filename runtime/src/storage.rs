@@ -136,6 +136,14 @@ fn bind_via_fd(
         .open(target)
         .map_err(io("open", target))?;
     let via_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let failed = |what: &str| {
+        let what = what.to_owned();
+        move |source| StorageError::Mount {
+            fstype: what,
+            target: target.to_path_buf(),
+            source,
+        }
+    };
     mount(
         Some(source),
         &via_fd,
@@ -143,11 +151,26 @@ fn bind_via_fd(
         MsFlags::MS_BIND | extra,
         None::<&str>,
     )
-    .map_err(|source| StorageError::Mount {
-        fstype: "bind".into(),
-        target: target.to_path_buf(),
-        source,
-    })
+    .map_err(failed("bind"))?;
+    // A bind of a shared mount joins its peer group, and unmounting it
+    // (husk's cleanup) would then unmount the host's own mounts below the
+    // source. As a slave it still receives the host's new mounts
+    // (HostToContainer) but sends nothing back. Through a descriptor opened
+    // after the bind: if anything replaced the target meanwhile, the open
+    // (a symlink) or the mount (not a mount's root) fails.
+    let mounted = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | kind)
+        .open(target)
+        .map_err(io("open", target))?;
+    mount(
+        None::<&str>,
+        &PathBuf::from(format!("/proc/self/fd/{}", mounted.as_raw_fd())),
+        None::<&str>,
+        MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(failed("bind (slave)"))
 }
 
 /// An OCI mount's options.

@@ -798,37 +798,27 @@ impl Task for HuskShim {
         log::info!("start {} {}", req.id, req.exec_id);
         let agent = self.agent()?;
         let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-        let pid = if exec_id.is_empty() {
-            self.agent_call(&id, |a, id| a.start_container(&id)).await?
-        } else {
-            let sock = self.agent_socket()?;
-            let (spec, proc_copy) = self.with_proc(&id, &exec_id, |p| {
-                if p.pid != 0 {
-                    return Err(err(
-                        Code::FAILED_PRECONDITION,
-                        format!("exec {exec_id} already started"),
-                    ));
-                }
-                let spec = p.spec.clone().unwrap_or_default();
-                Ok((spec, Proc::new(&p.stdin, &p.stdout, &p.stderr, p.terminal)))
-            })?;
-            let e = exec_id.clone();
-            let (pid, stdin, pumps) = self
-                .agent_call(&id, move |a, id| {
-                    let (stdio, stdin, outputs) = open_streams(&sock, &id, Some(&e), &proc_copy)?;
-                    let pid = a
-                        .exec_process(&id, &e, spec, stdio)
-                        .map_err(|err| error_chain(&err))?;
-                    Ok::<_, String>((pid, stdin, pump_outputs(outputs)))
-                })
-                .await?;
-            self.with_proc(&id, &exec_id, |p| {
-                p.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
-                p.stdin_stream = stdin;
-                p.pumps = pumps;
-                Ok(())
-            })?;
-            pid
+        let started = self.start_process(&id, &exec_id).await;
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                // As runc's shim does: a process that failed to start has
+                // ended, so a Wait on it returns (containerd waits after
+                // killing it in its cleanup, and the agent knows no such
+                // process).
+                let _ = self.with_proc(&id, &exec_id, |p| {
+                    if p.exit.is_none() && p.pid == 0 {
+                        let exit = Exit {
+                            status: 255,
+                            at: Some(now()),
+                        };
+                        p.exit = Some(exit.clone());
+                        p.exited.send_replace(Some(exit));
+                    }
+                    Ok(())
+                });
+                return Err(e);
+            }
         };
         let (stdin_stream, stdin_path) = self.with_proc(&id, &exec_id, |p| {
             p.pid = pid;
@@ -1225,6 +1215,44 @@ impl Task for HuskShim {
 }
 
 impl HuskShim {
+    /// Starts a created container's init, or an added exec, in the guest:
+    /// its streams, then the agent's start. Returns the guest pid.
+    async fn start_process(&self, id: &str, exec_id: &str) -> TtrpcResult<u32> {
+        let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
+        if exec_id.is_empty() {
+            self.agent_call(&id, |a, id| a.start_container(&id)).await
+        } else {
+            let sock = self.agent_socket()?;
+            let (spec, proc_copy) = self.with_proc(&id, &exec_id, |p| {
+                if p.pid != 0 {
+                    return Err(err(
+                        Code::FAILED_PRECONDITION,
+                        format!("exec {exec_id} already started"),
+                    ));
+                }
+                let spec = p.spec.clone().unwrap_or_default();
+                Ok((spec, Proc::new(&p.stdin, &p.stdout, &p.stderr, p.terminal)))
+            })?;
+            let e = exec_id.clone();
+            let (pid, stdin, pumps) = self
+                .agent_call(&id, move |a, id| {
+                    let (stdio, stdin, outputs) = open_streams(&sock, &id, Some(&e), &proc_copy)?;
+                    let pid = a
+                        .exec_process(&id, &e, spec, stdio)
+                        .map_err(|err| error_chain(&err))?;
+                    Ok::<_, String>((pid, stdin, pump_outputs(outputs)))
+                })
+                .await?;
+            self.with_proc(&id, &exec_id, |p| {
+                p.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
+                p.stdin_stream = stdin;
+                p.pumps = pumps;
+                Ok(())
+            })?;
+            Ok(pid)
+        }
+    }
+
     /// Stops the pod's VM once no container is left in it, and removes the
     /// pod's host cgroup after it.
     async fn stop_pod_if_empty(&self) {

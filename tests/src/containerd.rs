@@ -24,6 +24,8 @@ pub struct Containerd {
     pub dir: tempfile::TempDir,
     child: Child,
     socket: PathBuf,
+    /// Whether a test asked for CRI (then Drop removes its pods).
+    cri_used: std::sync::atomic::AtomicBool,
 }
 
 /// The target dir of this build profile (holds the shim binary): the
@@ -93,7 +95,12 @@ impl Containerd {
             .stderr(log)
             .spawn()
             .expect("start containerd (apt-get install containerd)");
-        let c = Self { dir, child, socket };
+        let c = Self {
+            dir,
+            child,
+            socket,
+            cri_used: Default::default(),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !c.ctr(&["version"]).status.success() {
             assert!(
@@ -146,6 +153,8 @@ impl Containerd {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+        self.cri_used
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         let cri = crate::cri::Cri::connect(&self.socket);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(cri.image_present(IMAGE) && cri.image_present(PAUSE_IMAGE)) {
@@ -222,8 +231,14 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
-        // A test that failed midway leaves tasks: end them through
+        // A test that failed midway leaves pods and tasks: end them through
         // containerd, so their shims clean up, before containerd stops.
+        // Pods first, through CRI, which waits for their shims' shutdown
+        // (killing their tasks with ctr races CRI's own exit handling, and
+        // containerd may stop before the shim is told to shut down).
+        if self.cri_used.load(std::sync::atomic::Ordering::Relaxed) {
+            crate::cri::Cri::connect(&self.socket).remove_all_pods();
+        }
         for ns in [NAMESPACE, CRI_NAMESPACE] {
             let ls = |what| {
                 String::from_utf8_lossy(&self.ctr_in(ns, &[what, "ls", "-q"]).stdout).into_owned()

@@ -31,6 +31,10 @@ pub struct PodOpts {
     pub log_dir: PathBuf,
     pub sysctls: HashMap<String, String>,
     pub handler: String,
+    /// The pod's cgroup parent, as kubelet's cgroupfs driver writes it.
+    pub cgroup_parent: String,
+    /// The pod's resources (kubelet 1.23+ sums its containers' limits).
+    pub resources: Option<LinuxContainerResources>,
 }
 
 impl PodOpts {
@@ -43,6 +47,8 @@ impl PodOpts {
             log_dir: log_dir.to_path_buf(),
             sysctls: HashMap::new(),
             handler: HANDLER.to_owned(),
+            cgroup_parent: String::new(),
+            resources: None,
         }
     }
 
@@ -83,6 +89,8 @@ impl PodOpts {
                     ..Default::default()
                 }),
                 sysctls: self.sysctls.clone(),
+                cgroup_parent: self.cgroup_parent.clone(),
+                resources: self.resources.clone(),
                 ..Default::default()
             }),
             ..Default::default()
@@ -311,6 +319,18 @@ impl Cri {
             .map(drop)
     }
 
+    pub fn pod_stats(&self, id: &str) -> Result<PodSandboxStats, tonic::Status> {
+        let mut c = self.runtime.clone();
+        let r = self
+            .rt
+            .block_on(c.pod_sandbox_stats(PodSandboxStatsRequest {
+                pod_sandbox_id: id.to_owned(),
+            }))?;
+        r.into_inner()
+            .stats
+            .ok_or_else(|| tonic::Status::not_found("no stats in the answer"))
+    }
+
     pub fn pod_status(&self, id: &str) -> Result<PodSandboxStatus, tonic::Status> {
         let mut c = self.runtime.clone();
         self.rt
@@ -351,5 +371,61 @@ impl Cri {
             let _ = self.stop_pod(&p.id);
             let _ = self.remove_pod(&p.id);
         }
+    }
+}
+
+/// A container of a test pod whose stdin stays open for Attach, with a
+/// terminal if `tty`; with `stdin_once`, the first Attach session to end
+/// closes its stdin.
+pub fn interactive_container(
+    name: &str,
+    image: &str,
+    args: &[&str],
+    tty: bool,
+    stdin_once: bool,
+) -> ContainerConfig {
+    ContainerConfig {
+        stdin: true,
+        stdin_once,
+        tty,
+        ..container(name, image, args, false)
+    }
+}
+
+/// Streaming calls: each returns a URL on containerd's streaming server
+/// for [`crate::stream::Session`]. Stdout is always streamed; stderr unless
+/// `tty` (a terminal merges it, and CRI refuses both).
+impl Cri {
+    pub fn exec(
+        &self,
+        id: &str,
+        cmd: &[&str],
+        tty: bool,
+        stdin: bool,
+    ) -> Result<String, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.exec(ExecRequest {
+                container_id: id.to_owned(),
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                tty,
+                stdin,
+                stdout: true,
+                stderr: !tty,
+            }))
+            .map(|r| r.into_inner().url)
+    }
+
+    pub fn attach(&self, id: &str, tty: bool, stdin: bool) -> Result<String, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.attach(AttachRequest {
+                container_id: id.to_owned(),
+                stdin,
+                tty,
+                stdout: true,
+                stderr: !tty,
+            }))
+            .map(|r| r.into_inner().url)
     }
 }

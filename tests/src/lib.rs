@@ -17,6 +17,7 @@ use husk_runtime::Config;
 pub mod bench;
 pub mod containerd;
 pub mod cri;
+pub mod stream;
 
 /// Guest image directory written by `make guest-image`.
 pub fn guest_dir() -> PathBuf {
@@ -41,10 +42,35 @@ pub fn e2e(test: &str) -> bool {
     true
 }
 
-/// Serialises VM boots: two cores, TCG guests, deadlines that must hold.
-pub fn vm_lock() -> MutexGuard<'static, ()> {
+/// Held while a test boots VMs; see [`vm_lock`].
+pub struct VmLock {
+    _file: std::fs::File,
+    _guard: MutexGuard<'static, ()>,
+}
+
+/// Serialises VM boots: two cores, TCG guests, deadlines that must hold,
+/// and checks that nothing is left on the host, which another test's VM
+/// would spoil. Held across test processes too (an flock on a file outside
+/// /run/husk), so two test binaries run side by side wait for each other.
+pub fn vm_lock() -> VmLock {
+    use std::os::fd::AsRawFd;
     static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    let guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let path = "/run/husk-e2e.lock";
+    let file = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("opening {path}: {e}"));
+    // SAFETY: flock(2) on a descriptor this function owns; blocks until the
+    // lock is free and ends with the file.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+    assert_eq!(rc, 0, "flock {path}: {}", std::io::Error::last_os_error());
+    VmLock {
+        _file: file,
+        _guard: guard,
+    }
 }
 
 /// A configuration with a private state dir and the built guest image.

@@ -486,7 +486,9 @@ fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
     }
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
-    let opts = PodOpts::new("pod-crash", logs.path());
+    let mut opts = PodOpts::new("pod-crash", logs.path());
+    let parent = format!("/husk-e2e-{}", std::process::id());
+    opts.cgroup_parent = format!("{parent}/pod-crash");
     let pod = start_pod(&ctd, &cri, &opts);
     let app = cri
         .run_container(
@@ -497,6 +499,13 @@ fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
         .expect("container");
     let (shims, _) = shims_and_vmms();
     assert_eq!(shims.len(), 1, "{shims:?}");
+    let pod_cgroup = format!("{parent}/pod-crash/{pod}");
+    let cgroups: Vec<_> = cgroups_of(shims[0])
+        .into_iter()
+        .filter(|(_, p)| *p == pod_cgroup)
+        .map(|(m, _)| m.join(pod_cgroup.trim_start_matches('/')))
+        .collect();
+    assert!(!cgroups.is_empty(), "the shim is not in {pod_cgroup}");
     // SAFETY: kill(2) on the pod's shim, a process this test started.
     assert_eq!(unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) }, 0);
     let exited = eventually(Duration::from_secs(30), || {
@@ -506,4 +515,253 @@ fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
     });
     assert!(exited.is_some(), "the app container never showed as exited");
     teardown(&cri, &pod);
+    for d in &cgroups {
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+        let _ = std::fs::remove_dir(d.parent().expect("pod parent"));
+        let _ = std::fs::remove_dir(d.parent().and_then(Path::parent).expect("test parent"));
+    }
+}
+
+/// The cgroups a process is in, as `(hierarchy directory, path)` for each
+/// line of its /proc/<pid>/cgroup, with the conventional mount layout
+/// (`/sys/fs/cgroup/<controllers>` for v1, `/sys/fs/cgroup` for v2).
+fn cgroups_of(pid: u32) -> Vec<(std::path::PathBuf, String)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    text.lines()
+        .filter_map(|l| {
+            let mut it = l.splitn(3, ':');
+            let (_, list, path) = (it.next()?, it.next()?, it.next()?);
+            let mount = match list {
+                "" if unified.exists() => unified.to_path_buf(),
+                "" => Path::new("/sys/fs/cgroup").to_path_buf(),
+                l => Path::new("/sys/fs/cgroup").join(l.trim_start_matches("name=")),
+            };
+            Some((mount, path.to_owned()))
+        })
+        .collect()
+}
+
+/// Entries of containerd's shim socket directory.
+fn shim_sockets() -> Vec<std::path::PathBuf> {
+    std::fs::read_dir("/run/containerd/s")
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size() {
+    if !e2e("a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size") {
+        return;
+    }
+    let _vm = vm_lock();
+    let (ctd, cri, logs) = cri_env();
+    let sockets_before = shim_sockets();
+    let parent = format!("/husk-e2e-{}", std::process::id());
+    let mut opts = PodOpts::new("pod-cg", logs.path());
+    opts.cgroup_parent = format!("{parent}/pod-cg");
+    let mut plain = opts.clone();
+    plain.name = "pod-plain".into();
+    plain.cgroup_parent = String::new();
+    // Kubelet's sum of the containers' limits: 256 MiB, 1.5 CPUs.
+    opts.resources = Some(k8s_cri::v1::LinuxContainerResources {
+        memory_limit_in_bytes: 256 << 20,
+        cpu_quota: 150_000,
+        cpu_period: 100_000,
+        ..Default::default()
+    });
+
+    // The configured size, from a pod without limits.
+    let base = start_pod(&ctd, &cri, &plain);
+    let b = cri
+        .run_container(
+            &base,
+            &plain,
+            container("b", IMAGE, &["sleep", "3600"], false),
+        )
+        .expect("container in the plain pod");
+    let mem_kib = |id: &str| -> u64 {
+        sh(&cri, id, "awk '/MemTotal/ {print $2}' /proc/meminfo")
+            .trim()
+            .parse()
+            .expect("MemTotal")
+    };
+    let cpus = |id: &str| -> u32 { sh(&cri, id, "nproc").trim().parse().expect("nproc") };
+    let (base_mem, base_cpus) = (mem_kib(&b), cpus(&b));
+    teardown(&cri, &base);
+
+    let pod = start_pod(&ctd, &cri, &opts);
+    let app = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("app", IMAGE, &["sleep", "3600"], false),
+        )
+        .expect("container");
+    // The VM grew by the pod's limits: 256 MiB and ceil(1.5) = 2 vCPUs.
+    let (mem, n) = (mem_kib(&app), cpus(&app));
+    assert_eq!(
+        n,
+        base_cpus + 2,
+        "vCPUs: {n} with limits, {base_cpus} without"
+    );
+    let grown = mem.saturating_sub(base_mem);
+    assert!(
+        (250 << 10..=260 << 10).contains(&grown),
+        "guest MemTotal grew by {grown} KiB (from {base_mem} KiB), not by 256 MiB"
+    );
+
+    // The shim, the VMM and its daemons are in the pod's cgroup.
+    let (shims, vmms) = shims_and_vmms();
+    assert_eq!((shims.len(), vmms.len()), (1, 1), "{shims:?} {vmms:?}");
+    let pod_cgroup = format!("{parent}/pod-cg/{pod}");
+    let vmm_cgroups = cgroups_of(vmms[0]);
+    let memory = vmm_cgroups
+        .iter()
+        .find(|(m, _)| m.ends_with("memory") || m == Path::new("/sys/fs/cgroup"))
+        .unwrap_or_else(|| panic!("no memory cgroup for the VMM: {vmm_cgroups:?}"));
+    assert_eq!(memory.1, pod_cgroup, "the VMM's memory cgroup");
+    let dir = memory.0.join(pod_cgroup.trim_start_matches('/'));
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).expect("cgroup.procs");
+    let procs: Vec<u32> = procs.lines().filter_map(|l| l.parse().ok()).collect();
+    for (what, pid) in [("shim", shims[0]), ("VMM", vmms[0])] {
+        assert!(
+            procs.contains(&pid),
+            "{what} {pid} not in {}: {procs:?}",
+            dir.display()
+        );
+    }
+    let daemons = processes_mentioning(Path::new(&format!("/run/husk/{pod}")));
+    assert!(
+        daemons.len() >= 2,
+        "VMM and daemons of the pod: {daemons:?}"
+    );
+    for pid in &daemons {
+        assert!(
+            procs.contains(pid),
+            "pod process {pid} not in the pod's cgroup: {procs:?}"
+        );
+    }
+
+    // CRI's pod stats read that cgroup: the VM's memory and growing CPU.
+    let rss_anon_kib = std::fs::read_to_string(format!("/proc/{}/status", vmms[0]))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("RssAnon:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("the VMM's RssAnon");
+    let stats = cri
+        .pod_stats(&pod)
+        .unwrap_or_else(|e| panic!("PodSandboxStats: {e}\n{}", ctd.log()));
+    let linux = stats.linux.expect("linux pod stats");
+    let usage = linux
+        .memory
+        .as_ref()
+        .and_then(|m| m.usage_bytes.as_ref())
+        .map(|v| v.value);
+    let usage = usage.expect("pod memory usage");
+    assert!(
+        usage >= rss_anon_kib * 1024 * 8 / 10,
+        "pod memory {usage} B, the VMM alone holds {rss_anon_kib} KiB anonymous"
+    );
+    let cpu = |s: &k8s_cri::v1::PodSandboxStats| {
+        s.linux
+            .as_ref()
+            .and_then(|l| l.cpu.as_ref())
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map(|v| v.value)
+            .unwrap_or(0)
+    };
+    let cpu1 = cpu(&cri.pod_stats(&pod).expect("PodSandboxStats"));
+    sh(
+        &cri,
+        &app,
+        "i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done",
+    );
+    let cpu2 = cpu(&cri.pod_stats(&pod).expect("PodSandboxStats"));
+    assert!(cpu1 > 0 && cpu2 > cpu1, "pod CPU {cpu1} then {cpu2} ns");
+
+    // Stopped with its container running, then removed: nothing is left,
+    // the cgroup and the shim's socket included.
+    cri.stop_pod(&pod).expect("StopPodSandbox");
+    cri.remove_pod(&pod).expect("RemovePodSandbox");
+    assert_clean();
+    for (mount, _) in &vmm_cgroups {
+        let d = mount.join(pod_cgroup.trim_start_matches('/'));
+        assert!(!d.exists(), "cgroup {} left behind", d.display());
+    }
+    let sockets_after = shim_sockets();
+    let new: Vec<_> = sockets_after
+        .iter()
+        .filter(|s| !sockets_before.contains(s))
+        .collect();
+    assert!(new.is_empty(), "shim sockets left behind: {new:?}");
+    for (mount, _) in &vmm_cgroups {
+        let _ = std::fs::remove_dir(mount.join(parent.trim_start_matches('/')).join("pod-cg"));
+        let _ = std::fs::remove_dir(mount.join(parent.trim_start_matches('/')));
+    }
+}
+
+/// Runs a host command that must succeed.
+fn host(cmd: &str, args: &[&str]) {
+    let out = std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(out.status.success(), "{cmd} {args:?}: {out:?}");
+}
+
+#[test]
+fn a_host_mount_made_after_start_reaches_a_host_to_container_volume() {
+    if !e2e("a_host_mount_made_after_start_reaches_a_host_to_container_volume") {
+        return;
+    }
+    let _vm = vm_lock();
+    let (ctd, cri, logs) = cri_env();
+    // HostToContainer needs a shared (or slave) source, as for runc: CRI
+    // checks it. A tmpfs of the test's own, made shared.
+    let vol = tempfile::tempdir().expect("volume dir");
+    let v = vol.path().to_str().expect("utf-8 path").to_owned();
+    host(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=4m", "husk-e2e-vol", &v],
+    );
+    host("mount", &["--make-shared", &v]);
+    std::fs::write(vol.path().join("early"), "early\n").expect("write early file");
+    let opts = PodOpts::new("pod-prop", logs.path());
+    let pod = start_pod(&ctd, &cri, &opts);
+    let mut c = container("app", IMAGE, &["sleep", "3600"], false);
+    c.mounts = vec![k8s_cri::v1::Mount {
+        container_path: "/vol".into(),
+        host_path: v.clone(),
+        propagation: k8s_cri::v1::MountPropagation::PropagationHostToContainer as i32,
+        ..Default::default()
+    }];
+    let app = cri
+        .run_container(&pod, &opts, c)
+        .unwrap_or_else(|e| panic!("container: {e}\n{}", ctd.log()));
+    assert_eq!(sh(&cri, &app, "cat /vol/early"), "early\n");
+    // The guest looks at the mount point before anything is mounted there.
+    std::fs::create_dir(vol.path().join("sub")).expect("mkdir sub");
+    assert_eq!(sh(&cri, &app, "ls -A /vol/sub"), "");
+    let sub = format!("{v}/sub");
+    host(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=1m", "husk-e2e-sub", &sub],
+    );
+    std::fs::write(vol.path().join("sub/late"), "late\n").expect("write late file");
+    let seen = eventually(Duration::from_secs(10), || {
+        cri.exec_sync(&app, &["cat", "/vol/sub/late"], 10)
+            .ok()
+            .filter(|r| r.exit_code == 0)
+            .map(|r| r.stdout)
+    });
+    teardown(&cri, &pod);
+    host("umount", &[&sub]);
+    host("umount", &[&v]);
+    assert_eq!(
+        seen.as_deref(),
+        Some("late\n"),
+        "a tmpfs mounted on the host after start never showed in the container"
+    );
 }
