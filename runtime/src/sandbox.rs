@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
 use crate::hypervisor::{HuskVmm, Hypervisor, Qemu, VmSpec};
+use crate::paths::SandboxPaths;
 use crate::process::{tail_of_file, Process, ProcessError};
 
 /// Kernel command line husk always passes; then the backend's own parameters
@@ -147,7 +148,7 @@ pub struct ShutdownReport {
 /// A running sandbox VM with a connected agent.
 pub struct Sandbox {
     id: String,
-    dir: PathBuf,
+    paths: SandboxPaths,
     backend: String,
     /// The VMM process, once started.
     vmm: Option<Process>,
@@ -173,11 +174,6 @@ pub fn validate_id(id: &str) -> Result<(), SandboxError> {
     }
 }
 
-/// The state directory of sandbox `id`.
-pub fn sandbox_dir(config: &Config, id: &str) -> PathBuf {
-    config.state_dir.join(id)
-}
-
 impl Sandbox {
     /// Boots sandbox `id` and waits for its agent.
     pub fn boot(config: &Config, id: &str) -> Result<Self, SandboxError> {
@@ -198,7 +194,8 @@ impl Sandbox {
             "initramfs",
         )?;
 
-        let dir = sandbox_dir(config, id);
+        let paths = SandboxPaths::new(config, id);
+        let dir = paths.root().to_path_buf();
         std::fs::create_dir_all(&config.state_dir).map_err(|source| SandboxError::StateDir {
             dir: config.state_dir.clone(),
             source,
@@ -216,7 +213,7 @@ impl Sandbox {
         // From here on, Drop cleans up.
         let mut sb = Self {
             id: id.to_owned(),
-            dir: dir.clone(),
+            paths: paths.clone(),
             backend: backend.to_string(),
             vmm: None,
             daemons: Vec::new(),
@@ -225,24 +222,24 @@ impl Sandbox {
             timings: BootTimings::default(),
             done: false,
         };
-        let paths = DaemonPaths {
-            shared_dir: dir.join("shared"),
-            fs_socket: dir.join("fs.sock"),
-            vsock_socket: dir.join("vsock.sock"),
-            agent_socket: dir.join("agent.sock"),
+        let daemon_paths = DaemonPaths {
+            shared_dir: paths.shared(),
+            fs_socket: paths.fs_socket(),
+            vsock_socket: paths.vsock_socket(),
+            agent_socket: paths.agent_socket(),
             log_dir: dir.clone(),
         };
         std::fs::DirBuilder::new()
             .mode(0o700)
-            .create(&paths.shared_dir)
+            .create(&daemon_paths.shared_dir)
             .map_err(|source| SandboxError::StateDir {
-                dir: paths.shared_dir.clone(),
+                dir: daemon_paths.shared_dir.clone(),
                 source,
             })?;
 
         let t = Instant::now();
         sb.daemons =
-            daemons::start(config, &paths, DAEMON_TIMEOUT).map_err(SandboxError::Daemon)?;
+            daemons::start(config, &daemon_paths, DAEMON_TIMEOUT).map_err(SandboxError::Daemon)?;
         sb.timings.daemons = t.elapsed();
 
         let hv: Box<dyn Hypervisor> = match backend {
@@ -266,11 +263,11 @@ impl Sandbox {
             cmdline,
             vcpus: config.guest.vcpus,
             memory_mib: config.guest.memory_mib,
-            console_log: dir.join("console.log"),
-            vmm_log: dir.join("vmm.log"),
-            fs_socket: paths.fs_socket.clone(),
-            vsock_socket: paths.vsock_socket.clone(),
-            control_socket: dir.join("vmm.sock"),
+            console_log: paths.console_log(),
+            vmm_log: paths.vmm_log(),
+            fs_socket: paths.fs_socket(),
+            vsock_socket: paths.vsock_socket(),
+            control_socket: paths.control_socket(),
         };
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
@@ -281,7 +278,7 @@ impl Sandbox {
         let console = spec.console_log.clone();
         let vmm = sb.vmm.as_mut().expect("set above");
         let ready = agent::wait_ready(
-            &paths.agent_socket,
+            &paths.agent_socket(),
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
             || match vmm.try_wait() {
@@ -324,7 +321,12 @@ impl Sandbox {
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.paths.root()
+    }
+
+    /// Every path of this sandbox.
+    pub fn paths(&self) -> &SandboxPaths {
+        &self.paths
     }
 
     /// The backend that runs the VM, e.g. `qemu (TCG)`.
@@ -400,12 +402,7 @@ impl Sandbox {
         }
         self.daemons.clear();
         // Never let removal reach into a container rootfs still mounted here.
-        crate::storage::unmount_all_under(&self.dir);
-        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(sandbox = %self.id, dir = %self.dir.display(), error = %e, "removing sandbox directory");
-            }
-        }
+        self.paths.remove();
     }
 }
 

@@ -1,18 +1,20 @@
-//! The shim's Task service over one husk sandbox.
+//! The shim's Task service: containerd's task API mapped one call to one
+//! method of the runtime's pod API ([`PodService`]), which owns the pod's VM,
+//! its containers and their processes. What is left here is the wire:
+//! requests in, responses and events out, and one mapping of errors to
+//! ttrpc codes ([`status`]).
 
-use std::collections::HashMap;
-use std::fs::File;
-use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use containerd_shim::asynchronous::{spawn, ExitSignal, Shim};
 use containerd_shim::protos::api;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -21,125 +23,24 @@ use containerd_shim::protos::protobuf::{Message, MessageDyn};
 use containerd_shim::protos::shim_async::Task;
 use containerd_shim::protos::topics;
 use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
-use containerd_shim::protos::ttrpc::Code;
+use containerd_shim::protos::ttrpc::{Code, Error as ShimTtrpcError};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult};
-use husk_protocol::containers::Stdio;
-use husk_protocol::{StreamHeader, StreamKind};
-use husk_runtime::agent::{open_stream, Agent};
-use husk_runtime::cgroup::{self, PodCgroup};
-use husk_runtime::pod::{self, ContainerPaths, Role};
-use husk_runtime::storage::{self, MountSpec};
-use husk_runtime::{error_chain, Config, Sandbox};
-use tokio::sync::watch;
+use husk_runtime::cgroup;
+use husk_runtime::paths::SandboxPaths;
+use husk_runtime::pod::service::read_spec;
+use husk_runtime::pod::{
+    CreateRequest, ErrorKind, Event, Exit, Io, PodApiError, PodService, Role, Status, VmBackend,
+};
+use husk_runtime::storage::MountSpec;
+use husk_runtime::{error_chain, Config};
 
 use crate::options;
 
-const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long CloseIO lets the stdin copier drain what the client wrote.
-const CLOSE_IO_GRACE: Duration = Duration::from_millis(500);
+/// File in the bundle holding the shim's ttrpc address.
+const ADDRESS_FILE: &str = "address";
 
-/// How a process ended.
-#[derive(Clone, Default)]
-struct Exit {
-    status: u32,
-    at: Option<Timestamp>,
-}
-
-/// One process of the container: its init or an exec.
-struct Proc {
-    stdin: String,
-    stdout: String,
-    stderr: String,
-    terminal: bool,
-    pid: u32,
-    exit: Option<Exit>,
-    exited: Arc<watch::Sender<Option<Exit>>>,
-    /// The exec's OCI Process (JSON) until it starts.
-    spec: Option<Vec<u8>>,
-    /// The stdin stream until start hands it to its copier.
-    stdin_stream: Option<UnixStream>,
-    /// A handle on the stdin stream for CloseIO.
-    stdin_ctl: Option<UnixStream>,
-    /// The copier from containerd's stdin FIFO, once started.
-    stdin_copier: Option<std::thread::JoinHandle<()>>,
-    /// Copies from the guest into containerd's FIFOs.
-    pumps: Vec<std::thread::JoinHandle<()>>,
-}
-
-impl Proc {
-    fn new(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Self {
-        let (tx, _) = watch::channel(None);
-        Proc {
-            stdin: stdin.to_owned(),
-            stdout: stdout.to_owned(),
-            stderr: stderr.to_owned(),
-            terminal,
-            pid: 0,
-            exit: None,
-            exited: Arc::new(tx),
-            spec: None,
-            stdin_stream: None,
-            stdin_ctl: None,
-            stdin_copier: None,
-            pumps: Vec::new(),
-        }
-    }
-
-    fn status(&self, paused: bool) -> api::Status {
-        match (self.pid, &self.exit) {
-            (_, Some(_)) => api::Status::STOPPED,
-            (0, None) => api::Status::CREATED,
-            _ if paused => api::Status::PAUSED,
-            _ => api::Status::RUNNING,
-        }
-    }
-}
-
-/// One container of the pod: its init and exec processes.
-struct Ctr {
-    role: Role,
-    bundle: PathBuf,
-    init: Proc,
-    execs: HashMap<String, Proc>,
-    paused: bool,
-}
-
-impl Ctr {
-    fn proc(&mut self, exec_id: &str) -> TtrpcResult<&mut Proc> {
-        if exec_id.is_empty() {
-            return Ok(&mut self.init);
-        }
-        self.execs
-            .get_mut(exec_id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {exec_id} not found")))
-    }
-}
-
-/// The pod this shim serves: one sandbox VM and its containers, by id.
-#[derive(Default)]
-struct Pod {
-    sandbox: Option<Sandbox>,
-    /// The host cgroup the shim, the VMM and its daemons run in.
-    cgroup: Option<PodCgroup>,
-    containers: HashMap<String, Ctr>,
-}
-
-impl Pod {
-    fn ctr(&mut self, id: &str) -> TtrpcResult<&mut Ctr> {
-        self.containers
-            .get_mut(id)
-            .ok_or_else(|| err(Code::NOT_FOUND, format!("container {id} not created")))
-    }
-
-    /// The guest pid of the pod's running sandbox container, if any.
-    fn sandbox_pid(&self, pod: &str) -> Option<u32> {
-        self.containers
-            .get(pod)
-            .filter(|c| c.role == Role::Sandbox && c.init.exit.is_none() && c.init.pid != 0)
-            .map(|c| c.init.pid)
-    }
-}
+type Pod = PodService<VmBackend>;
 
 #[derive(Clone)]
 pub struct HuskShim {
@@ -148,32 +49,39 @@ pub struct HuskShim {
     /// The shim's own id: the pod's first container.
     id: String,
     bundle: String,
-    publisher: Option<Arc<RemotePublisher>>,
-    pod: Arc<Mutex<Pod>>,
-    /// Serialises creates, so the pod's VM boots once.
-    creating: Arc<tokio::sync::Mutex<()>>,
+    pod: Pod,
+    /// The pod's events until the task service takes them.
+    events: Arc<Mutex<Option<Receiver<Event>>>>,
 }
 
-fn now() -> Timestamp {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    let mut t = Timestamp::new();
-    t.seconds = d.as_secs() as i64;
-    t.nanos = d.subsec_nanos() as i32;
-    t
+/// The one mapping of the pod API's failures to ttrpc statuses.
+fn code(kind: ErrorKind) -> Code {
+    match kind {
+        ErrorKind::NotFound => Code::NOT_FOUND,
+        ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
+        ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
+        ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+        ErrorKind::Internal => Code::INTERNAL,
+    }
 }
 
-fn err(code: Code, msg: impl std::fmt::Display) -> containerd_shim::protos::ttrpc::Error {
+fn status_of(code: Code, msg: String) -> ShimTtrpcError {
     log::error!("{msg}");
-    containerd_shim::protos::ttrpc::Error::RpcStatus(containerd_shim::protos::ttrpc::get_status(
-        code,
-        msg.to_string(),
-    ))
+    ShimTtrpcError::RpcStatus(containerd_shim::protos::ttrpc::get_status(code, msg))
 }
 
-/// File in the bundle holding the shim's ttrpc address.
-const ADDRESS_FILE: &str = "address";
+/// An error as containerd gets it: its code and every cause.
+fn status(e: PodApiError) -> ShimTtrpcError {
+    status_of(code(e.kind()), error_chain(&e))
+}
+
+fn timestamp(t: SystemTime) -> Timestamp {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let mut ts = Timestamp::new();
+    ts.seconds = d.as_secs() as i64;
+    ts.nanos = d.subsec_nanos() as i32;
+    ts
+}
 
 /// The socket path a bundle's `address` file names.
 fn recorded_socket(address_file: &Path) -> Option<PathBuf> {
@@ -198,64 +106,19 @@ fn remove_stale_socket(address_file: &Path) {
     }
 }
 
-/// An error as the client should read it, causes included.
-/// Every agent failure becomes a ttrpc status here, in one place.
-trait Describe {
-    fn describe(&self) -> String;
-    /// The code containerd gets: the agent's NOT_FOUND stays NOT_FOUND (a
-    /// process that is gone), anything else is INTERNAL.
-    fn code(&self) -> Code {
-        Code::INTERNAL
-    }
-}
-
-impl Describe for husk_runtime::agent::AgentError {
-    fn describe(&self) -> String {
-        error_chain(self)
-    }
-
-    fn code(&self) -> Code {
-        match self {
-            husk_runtime::agent::AgentError::Rpc {
-                error: ttrpc::Error::RpcStatus(s),
-                ..
-            } if s.code.value() == ttrpc::Code::NOT_FOUND as i32 => Code::NOT_FOUND,
-            _ => Code::INTERNAL,
-        }
-    }
-}
-
-impl Describe for String {
-    fn describe(&self) -> String {
-        self.clone()
-    }
-}
-
-/// The exec id as the agent wants it: None for the init.
-fn exec_opt(exec_id: &str) -> Option<String> {
-    (!exec_id.is_empty()).then(|| exec_id.to_owned())
-}
-
-/// Reads a bundle's OCI spec as JSON.
-fn read_spec(bundle: &Path) -> Result<serde_json::Value, String> {
-    let path = bundle.join("config.json");
-    let bytes = std::fs::read(&path).map_err(|e| format!("reading {}: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| format!("{} is not valid JSON: {e}", path.display()))
-}
-
 #[async_trait]
 impl Shim for HuskShim {
     type T = HuskShim;
 
     async fn new(_runtime_id: &str, args: &Flags, _config: &mut ShimConfig) -> Self {
+        let (tx, rx) = channel();
         HuskShim {
             exit_signal: Arc::new(ExitSignal::default()),
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
-            publisher: None,
-            pod: Arc::new(Mutex::new(Pod::default())),
-            creating: Arc::new(tokio::sync::Mutex::new(())),
+            pod: PodService::new(VmBackend, tx),
+            events: Arc::new(Mutex::new(Some(rx))),
         }
     }
 
@@ -263,7 +126,7 @@ impl Shim for HuskShim {
     /// sandbox's shim (the spawned process finds that shim's socket in use,
     /// records its address in this bundle and exits).
     async fn start_shim(&mut self, opts: StartOpts) -> Result<String, Error> {
-        let spec = read_spec(Path::new(".")).map_err(Error::InvalidArgument)?;
+        let spec = read_spec(Path::new(".")).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let role = Role::of(&spec, &opts.id).map_err(|e| Error::InvalidArgument(e.to_string()))?;
         let grouping = role.pod_id(&opts.id).to_owned();
         let address = spawn(opts, &grouping, Vec::new()).await?;
@@ -277,13 +140,14 @@ impl Shim for HuskShim {
     }
 
     /// Cleans up a container after its shim died: its mounts and state in
-    /// the pod's sandbox directory, and the directory with the pod's last
-    /// container. (The VMM and daemons die with the shim.)
+    /// the pod's sandbox directory, the directory with the pod's last
+    /// container, and the pod's host cgroup with its booting container.
+    /// (The VMM and daemons die with the shim.)
     async fn delete_shim(&mut self) -> Result<api::DeleteResponse, Error> {
         let bundle = Path::new(&self.bundle);
         let mut resp = api::DeleteResponse::new();
-        resp.exit_status = 128 + 9;
-        resp.exited_at = Some(now()).into();
+        resp.exit_status = husk_runtime::pod::service::KILLED_STATUS;
+        resp.exited_at = Some(timestamp(SystemTime::now())).into();
         // containerd runs `delete` whenever its connection for a task
         // closes, also after a normal Shutdown of one container of a pod
         // whose shim serves on: that shim owns the pod's state and socket.
@@ -302,15 +166,14 @@ impl Shim for HuskShim {
         if husk_runtime::sandbox::validate_id(pod).is_ok()
             && husk_runtime::sandbox::validate_id(&self.id).is_ok()
         {
-            let dir = husk_runtime::sandbox::sandbox_dir(&config, pod);
-            ContainerPaths::new(&dir, &self.id).release();
-            if dir.exists() && !pod::has_containers(&dir) {
-                storage::unmount_all_under(&dir);
-                let _ = std::fs::remove_dir_all(&dir);
+            let paths = SandboxPaths::new(&config, pod);
+            paths.container(&self.id).release();
+            if paths.root().exists() && !paths.has_containers() {
+                paths.remove();
             }
         }
-        // The VMM and daemons die with the shim; whatever did not is in
-        // the pod's cgroup, which goes with its booting container.
+        // Whatever of the pod's VM did not die with the shim is in the
+        // pod's cgroup, which goes with its booting container.
         cgroup::remove_recorded(&bundle.join(cgroup::RECORD_FILE));
         remove_stale_socket(&bundle.join(ADDRESS_FILE));
         Ok(resp)
@@ -320,260 +183,134 @@ impl Shim for HuskShim {
         self.exit_signal.wait().await;
     }
 
+    /// The task service, and one publisher of the pod's events, in order.
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
-        let mut s = self.clone();
-        s.publisher = Some(Arc::new(publisher));
-        s
+        let rx = self.events.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(rx) = rx {
+            let namespace = self.namespace.clone();
+            let rt = tokio::runtime::Handle::current();
+            tokio::task::spawn_blocking(move || {
+                while let Ok(ev) = rx.recv() {
+                    let (topic, msg) = message(ev);
+                    if let Err(e) =
+                        rt.block_on(publisher.publish(Default::default(), topic, &namespace, msg))
+                    {
+                        log::warn!("publish {topic}: {e}");
+                    }
+                }
+            });
+        }
+        self.clone()
+    }
+}
+
+/// A pod event as containerd's task event.
+fn message(ev: Event) -> (&'static str, Box<dyn MessageDyn>) {
+    match ev {
+        Event::Created {
+            id,
+            bundle,
+            rootfs,
+            io,
+        } => {
+            let mut ev = TaskCreate::new();
+            ev.container_id = id;
+            ev.bundle = bundle.display().to_string();
+            ev.rootfs = rootfs
+                .into_iter()
+                .map(|m| {
+                    let mut mount = containerd_shim::protos::types::mount::Mount::new();
+                    mount.type_ = m.fstype;
+                    mount.source = m.source;
+                    mount.options = m.options;
+                    mount
+                })
+                .collect();
+            let mut tio = TaskIO::new();
+            tio.terminal = io.terminal;
+            tio.stdin = io.stdin.display().to_string();
+            tio.stdout = io.stdout.display().to_string();
+            tio.stderr = io.stderr.display().to_string();
+            ev.io = Some(tio).into();
+            (topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::Started { id, pid } => {
+            let mut ev = TaskStart::new();
+            ev.container_id = id;
+            ev.pid = pid;
+            (topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::ExecAdded { id, exec_id } => {
+            let mut ev = TaskExecAdded::new();
+            ev.container_id = id;
+            ev.exec_id = exec_id;
+            (topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::ExecStarted { id, exec_id, pid } => {
+            let mut ev = TaskExecStarted::new();
+            ev.container_id = id;
+            ev.exec_id = exec_id;
+            ev.pid = pid;
+            (topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::Exited {
+            id,
+            exec_id,
+            pid,
+            exit,
+        } => {
+            let mut ev = TaskExit::new();
+            ev.id = if exec_id.is_empty() {
+                id.clone()
+            } else {
+                exec_id
+            };
+            ev.container_id = id;
+            ev.pid = pid;
+            ev.exit_status = exit.status;
+            ev.exited_at = Some(timestamp(exit.at)).into();
+            (topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::Oom { id } => {
+            let mut ev = TaskOOM::new();
+            ev.container_id = id;
+            (topics::TASK_OOM_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::Paused { id } => {
+            let mut ev = TaskPaused::new();
+            ev.container_id = id;
+            (topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::Resumed { id } => {
+            let mut ev = TaskResumed::new();
+            ev.container_id = id;
+            (topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+        }
+        Event::Deleted { id, pid, exit } => {
+            let mut ev = TaskDelete::new();
+            ev.id = id.clone();
+            ev.container_id = id;
+            ev.pid = pid;
+            ev.exit_status = exit.status;
+            ev.exited_at = Some(timestamp(exit.at)).into();
+            (topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
+        }
     }
 }
 
 impl HuskShim {
-    async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
-        if let Some(p) = &self.publisher {
-            if let Err(e) = p
-                .publish(Default::default(), topic, &self.namespace, event)
-                .await
-            {
-                log::warn!("publish {topic}: {e}");
-            }
-        }
-    }
-
-    fn pod(&self) -> std::sync::MutexGuard<'_, Pod> {
-        self.pod.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Runs `f` on container `id`, which must exist.
-    fn with_ctr<T>(&self, id: &str, f: impl FnOnce(&mut Ctr) -> TtrpcResult<T>) -> TtrpcResult<T> {
-        f(self.pod().ctr(id)?)
-    }
-
-    /// Runs `f` on a process of container `id`.
-    fn with_proc<T>(
+    /// Runs a pod API call on a blocking thread (they call the agent and
+    /// may boot the VM).
+    async fn call<T: Send + 'static>(
         &self,
-        id: &str,
-        exec_id: &str,
-        f: impl FnOnce(&mut Proc) -> TtrpcResult<T>,
+        f: impl FnOnce(Pod) -> Result<T, PodApiError> + Send + 'static,
     ) -> TtrpcResult<T> {
-        self.with_ctr(id, |c| f(c.proc(exec_id)?))
-    }
-
-    /// Runs a blocking agent call for container `id` off the async runtime;
-    /// errors map to codes as [`Describe::code`] says.
-    async fn agent_call<T, E>(
-        &self,
-        id: &str,
-        call: impl FnOnce(Agent, String) -> Result<T, E> + Send + 'static,
-    ) -> TtrpcResult<T>
-    where
-        T: Send + 'static,
-        E: Describe + Send + 'static,
-    {
-        let agent = self.agent()?;
-        let id = id.to_owned();
-        tokio::task::spawn_blocking(move || call(agent, id))
+        let pod = self.pod.clone();
+        tokio::task::spawn_blocking(move || f(pod))
             .await
-            .map_err(|e| err(Code::INTERNAL, e))?
-            .map_err(|e| err(e.code(), e.describe()))
+            .map_err(|e| status_of(Code::INTERNAL, e.to_string()))?
+            .map_err(status)
     }
-
-    fn agent(&self) -> Result<Agent, containerd_shim::protos::ttrpc::Error> {
-        self.pod()
-            .sandbox
-            .as_ref()
-            .and_then(|sb| sb.agent().cloned())
-            .ok_or_else(|| err(Code::NOT_FOUND, "sandbox has no agent"))
-    }
-
-    fn agent_socket(&self) -> TtrpcResult<PathBuf> {
-        self.pod()
-            .sandbox
-            .as_ref()
-            .map(|sb| sb.dir().join("agent.sock"))
-            .ok_or_else(|| err(Code::NOT_FOUND, "no sandbox"))
-    }
-
-    /// Watches a started process: publishes its exit once the agent reports
-    /// it and the output has reached containerd's FIFOs. The pod's sandbox
-    /// container ending ends the pod: every other container is killed.
-    fn watch_exit(&self, id: String, exec_id: String, pid: u32, agent: Agent) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            let (cid, exec) = (id.clone(), exec_opt(&exec_id));
-            let a = agent.clone();
-            let status =
-                tokio::task::spawn_blocking(move || a.wait_process(&cid, exec.as_deref())).await;
-            let status = match status
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-            {
-                Ok(s) => s,
-                Err(e) => {
-                    log::error!("wait for {id} {exec_id}: {e}");
-                    255
-                }
-            };
-            let pumps = me
-                .with_proc(&id, &exec_id, |p| Ok(std::mem::take(&mut p.pumps)))
-                .unwrap_or_default();
-            let _ =
-                tokio::task::spawn_blocking(move || pumps.into_iter().for_each(|p| drop(p.join())))
-                    .await;
-            let exit = Exit {
-                status,
-                at: Some(now()),
-            };
-            let (sender, ends_pod) = me
-                .with_ctr(&id, |c| {
-                    let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
-                    let p = c.proc(&exec_id)?;
-                    p.exit = Some(exit.clone());
-                    Ok((Some(p.exited.clone()), ends_pod))
-                })
-                .unwrap_or((None, false));
-            let mut ev = TaskExit::new();
-            ev.container_id = id.clone();
-            ev.id = if exec_id.is_empty() {
-                id.clone()
-            } else {
-                exec_id.clone()
-            };
-            ev.pid = pid;
-            ev.exit_status = status;
-            ev.exited_at = exit.at.clone().into();
-            me.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
-                .await;
-            if let Some(tx) = sender {
-                // send_replace: the value must stay for a Wait that subscribes later
-                // (send drops it when nobody listens yet).
-                tx.send_replace(Some(exit));
-            }
-            if ends_pod {
-                me.kill_members(&id, agent).await;
-            }
-        });
-    }
-
-    /// SIGKILLs every running container of the pod but its sandbox.
-    async fn kill_members(&self, sandbox: &str, agent: Agent) {
-        let members: Vec<String> = self
-            .pod()
-            .containers
-            .iter()
-            .filter(|(cid, c)| *cid != sandbox && c.init.pid != 0 && c.init.exit.is_none())
-            .map(|(cid, _)| cid.clone())
-            .collect();
-        if members.is_empty() {
-            return;
-        }
-        log::info!("sandbox {sandbox} exited; killing {members:?}");
-        let _ = tokio::task::spawn_blocking(move || {
-            for cid in members {
-                if let Err(e) = agent.signal_process(&cid, None, libc::SIGKILL as u32, true) {
-                    log::warn!("kill {cid}: {}", error_chain(&e));
-                }
-            }
-        })
-        .await;
-    }
-
-    fn watch_oom(&self, id: String, agent: Agent) {
-        let me = self.clone();
-        tokio::spawn(async move {
-            loop {
-                let (a, cid) = (agent.clone(), id.clone());
-                match tokio::task::spawn_blocking(move || a.wait_oom(&cid)).await {
-                    Ok(Ok(true)) => {
-                        let mut ev = TaskOOM::new();
-                        ev.container_id = id.clone();
-                        me.publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(ev)).await;
-                    }
-                    _ => return,
-                }
-            }
-        });
-    }
-}
-
-/// What to ask the agent for, the stdin stream, and each output stream with
-/// the FIFO it feeds.
-type Streams = (Stdio, Option<UnixStream>, Vec<(UnixStream, String)>);
-
-/// Opens a process's stdio streams to the agent. Returns what to ask the
-/// agent for, the stdin stream, and the output streams with their FIFOs.
-fn open_streams(
-    sock: &Path,
-    id: &str,
-    exec_id: Option<&str>,
-    proc: &Proc,
-) -> Result<Streams, String> {
-    let header = |kind| StreamHeader {
-        container_id: id.to_owned(),
-        exec_id: exec_id.map(str::to_owned),
-        kind,
-    };
-    let mut stdio = Stdio::new();
-    stdio.stdin = !proc.stdin.is_empty();
-    stdio.stdout = !proc.stdout.is_empty();
-    // A terminal merges stderr into its one output.
-    stdio.stderr = !proc.stderr.is_empty() && !proc.terminal;
-    let open = |want: bool, kind| -> Result<Option<UnixStream>, String> {
-        if !want {
-            return Ok(None);
-        }
-        open_stream(sock, &header(kind), STREAM_TIMEOUT)
-            .map(Some)
-            .map_err(|e| e.to_string())
-    };
-    let stdin = open(stdio.stdin, StreamKind::Stdin)?;
-    let mut outputs = Vec::new();
-    if let Some(s) = open(stdio.stdout, StreamKind::Stdout)? {
-        outputs.push((s, proc.stdout.clone()));
-    }
-    if let Some(s) = open(stdio.stderr, StreamKind::Stderr)? {
-        outputs.push((s, proc.stderr.clone()));
-    }
-    Ok((stdio, stdin, outputs))
-}
-
-/// Copies each output stream into its FIFO, from a thread each. The copy
-/// holds a reader of its own on the FIFO (as containerd's runc shim does):
-/// when containerd restarts, its end closes, and without another reader the
-/// next write would fail and the container's output would be lost; with it
-/// the FIFO fills and the guest waits until containerd reads again.
-fn pump_outputs(outputs: Vec<(UnixStream, String)>) -> Vec<std::thread::JoinHandle<()>> {
-    use std::os::unix::fs::OpenOptionsExt;
-    outputs
-        .into_iter()
-        .map(|(mut s, fifo)| {
-            std::thread::spawn(move || {
-                let _reader = File::options()
-                    .read(true)
-                    .custom_flags(libc::O_NONBLOCK)
-                    .open(&fifo);
-                if let Ok(mut f) = File::options().write(true).open(&fifo) {
-                    let _ = husk_protocol::copy_plain(&mut s, &mut f);
-                    let _ = f.flush();
-                }
-            })
-        })
-        .collect()
-}
-
-/// Copies containerd's stdin FIFO into the stream, then half-closes it so
-/// the process sees EOF.
-fn pump_stdin(mut s: UnixStream, fifo: String) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        if let Ok(mut f) = File::open(&fifo) {
-            let _ = husk_protocol::copy_plain(&mut f, &mut s);
-        }
-        let _ = s.shutdown(std::net::Shutdown::Write);
-    })
-}
-
-/// Boots the pod's sandbox VM. Blocking: run on a blocking thread.
-fn boot_blocking(pod_id: &str, config: &Config) -> Result<Sandbox, String> {
-    Sandbox::boot(config, pod_id).map_err(|e| error_chain(&e))
 }
 
 /// The husk config for a create, recording an explicit path in the bundle
@@ -588,50 +325,18 @@ fn load_config(req: &api::CreateTaskRequest) -> Result<Config, String> {
         .map_err(|e| e.to_string())
 }
 
-/// Mounts a container's rootfs and binds into the pod's share, opens its
-/// streams and creates it in the guest. Blocking. On error nothing of the
-/// container stays on the host.
-fn add_container(
-    id: &str,
-    req: &api::CreateTaskRequest,
-    mut spec: serde_json::Value,
-    role: &Role,
-    sandbox_pid: Option<u32>,
-    agent: &Agent,
-    sandbox_dir: &Path,
-) -> Result<Proc, String> {
-    let guest_only = pod::prepare_spec(&mut spec, id, role, sandbox_pid, pod::fs_size)
-        .map_err(|e| error_chain(&e))?;
-    let mounts: Vec<MountSpec> = req
-        .rootfs
-        .iter()
-        .map(|m| MountSpec {
-            fstype: m.type_.clone(),
-            source: m.source.clone(),
-            options: m.options.clone(),
-        })
-        .collect();
-    let paths = ContainerPaths::new(sandbox_dir, id);
-    let created = paths
-        .attach(&mounts, &mut spec, guest_only)
-        .map_err(|e| error_chain(&e))
-        .and_then(|()| {
-            let spec = serde_json::to_vec(&spec).map_err(|e| e.to_string())?;
-            let mut init = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-            let (stdio, stdin, outputs) =
-                open_streams(&sandbox_dir.join("agent.sock"), id, None, &init)?;
-            agent
-                .create_container(id, spec, stdio)
-                .map_err(|e| error_chain(&e))?;
-            init.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
-            init.stdin_stream = stdin;
-            init.pumps = pump_outputs(outputs);
-            Ok(init)
-        });
-    if created.is_err() {
-        paths.release();
+fn io_of(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Io {
+    Io {
+        stdin: stdin.into(),
+        stdout: stdout.into(),
+        stderr: stderr.into(),
+        terminal,
     }
-    created
+}
+
+fn exit_fields(exit: Option<Exit>) -> (u32, Option<Timestamp>) {
+    exit.map(|e| (e.status, Some(timestamp(e.at))))
+        .unwrap_or_default()
 }
 
 /// containerd's cgroup v1 metrics type, the one containerd-shim-protos
@@ -687,106 +392,32 @@ impl Task for HuskShim {
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
         log::info!("create {}", req.id);
-        let fail = |code, e: String| err(code, format!("husk: create {}: {e}", req.id));
-        let _one_at_a_time = self.creating.lock().await;
-        if self.pod().containers.contains_key(&req.id) {
-            return Err(fail(Code::ALREADY_EXISTS, "it exists already".into()));
-        }
-        let spec =
-            read_spec(Path::new(&req.bundle)).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
-        let role =
-            Role::of(&spec, &req.id).map_err(|e| fail(Code::INVALID_ARGUMENT, e.to_string()))?;
-        let pod_id = role.pod_id(&req.id).to_owned();
+        let id = req.id.clone();
+        let fail = |code, e: String| status_of(code, format!("husk: create {id}: {e}"));
+        let bundle = PathBuf::from(&req.bundle);
+        let spec = read_spec(&bundle).map_err(|e| fail(Code::INVALID_ARGUMENT, e.to_string()))?;
         let config = load_config(&req).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
-        let booted = self.pod().sandbox.as_ref().map(|sb| {
-            (
-                sb.id().to_owned(),
-                sb.dir().to_path_buf(),
-                sb.agent().cloned(),
-            )
-        });
-        let (dir, agent) = match booted {
-            Some((sb_id, _, _)) if sb_id != pod_id => {
-                return Err(fail(
-                    Code::FAILED_PRECONDITION,
-                    format!("this shim serves pod {sb_id}, not pod {pod_id}"),
-                ))
-            }
-            Some((_, dir, Some(agent))) => (dir, agent),
-            Some((_, _, None)) => {
-                return Err(fail(
-                    Code::FAILED_PRECONDITION,
-                    "the pod's VM is gone".into(),
-                ))
-            }
-            None if matches!(role, Role::Member { .. }) => {
-                return Err(fail(
-                    Code::FAILED_PRECONDITION,
-                    format!("pod {pod_id} has no sandbox VM in this shim"),
-                ))
-            }
-            None => {
-                let mut config = config;
-                pod::size_guest(&mut config.guest, &spec, &req.id)
-                    .map_err(|e| fail(Code::INVALID_ARGUMENT, e.to_string()))?;
-                self.enter_cgroup(&spec, Path::new(&req.bundle))
-                    .map_err(|e| fail(Code::FAILED_PRECONDITION, e))?;
-                let id = pod_id.clone();
-                let booted = tokio::task::spawn_blocking(move || boot_blocking(&id, &config))
-                    .await
-                    .map_err(|e| err(Code::INTERNAL, e))?;
-                let sb = match booted {
-                    Ok(sb) => sb,
-                    Err(e) => {
-                        self.stop_pod_if_empty().await;
-                        return Err(fail(Code::FAILED_PRECONDITION, e));
-                    }
-                };
-                let dir = sb.dir().to_path_buf();
-                let agent = sb
-                    .agent()
-                    .cloned()
-                    .ok_or_else(|| fail(Code::INTERNAL, "agent not connected".into()))?;
-                self.pod().sandbox = Some(sb);
-                (dir, agent)
-            }
+        let create = CreateRequest {
+            id: req.id.clone(),
+            bundle,
+            spec,
+            rootfs: req
+                .rootfs
+                .iter()
+                .map(|m| MountSpec {
+                    fstype: m.type_.clone(),
+                    source: m.source.clone(),
+                    options: m.options.clone(),
+                })
+                .collect(),
+            io: io_of(&req.stdin, &req.stdout, &req.stderr, req.terminal),
+            config,
         };
-        let sandbox_pid = self.pod().sandbox_pid(&pod_id);
-        let (id, r, rl) = (req.id.clone(), req.clone(), role.clone());
-        let created = tokio::task::spawn_blocking(move || {
-            add_container(&id, &r, spec, &rl, sandbox_pid, &agent, &dir)
-        })
-        .await
-        .map_err(|e| err(Code::INTERNAL, e))?;
-        let init = match created {
-            Ok(init) => init,
-            Err(e) => {
-                self.stop_pod_if_empty().await;
-                return Err(fail(Code::FAILED_PRECONDITION, e));
-            }
-        };
-        self.pod().containers.insert(
-            req.id.clone(),
-            Ctr {
-                role,
-                bundle: PathBuf::from(&req.bundle),
-                init,
-                execs: HashMap::new(),
-                paused: false,
-            },
-        );
-        let mut ev = TaskCreate::new();
-        ev.container_id = req.id.clone();
-        ev.bundle = req.bundle.clone();
-        ev.rootfs = req.rootfs.clone();
-        let mut io = containerd_shim::protos::events::task::TaskIO::new();
-        io.terminal = req.terminal;
-        io.stdin = req.stdin.clone();
-        io.stdout = req.stdout.clone();
-        io.stderr = req.stderr.clone();
-        ev.io = Some(io).into();
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
-            .await;
+        let pod = self.pod.clone();
+        tokio::task::spawn_blocking(move || pod.create(create))
+            .await
+            .map_err(|e| status_of(Code::INTERNAL, e.to_string()))?
+            .map_err(|e| fail(code(e.kind()), error_chain(&e)))?;
         Ok(api::CreateTaskResponse::new())
     }
 
@@ -796,59 +427,10 @@ impl Task for HuskShim {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         log::info!("start {} {}", req.id, req.exec_id);
-        let agent = self.agent()?;
-        let (id, exec_id) = (req.id.clone(), req.exec_id.clone());
-        let started = self.start_process(&id, &exec_id).await;
-        let pid = match started {
-            Ok(pid) => pid,
-            Err(e) => {
-                // As runc's shim does: a process that failed to start has
-                // ended, so a Wait on it returns (containerd waits after
-                // killing it in its cleanup, and the agent knows no such
-                // process).
-                let _ = self.with_proc(&id, &exec_id, |p| {
-                    if p.exit.is_none() && p.pid == 0 {
-                        let exit = Exit {
-                            status: 255,
-                            at: Some(now()),
-                        };
-                        p.exit = Some(exit.clone());
-                        p.exited.send_replace(Some(exit));
-                    }
-                    Ok(())
-                });
-                return Err(e);
-            }
-        };
-        let (stdin_stream, stdin_path) = self.with_proc(&id, &exec_id, |p| {
-            p.pid = pid;
-            Ok((p.stdin_stream.take(), p.stdin.clone()))
-        })?;
-        if let Some(s) = stdin_stream {
-            let copier = pump_stdin(s, stdin_path);
-            self.with_proc(&id, &exec_id, |p| {
-                p.stdin_copier = Some(copier);
-                Ok(())
-            })?;
-        }
-        self.watch_exit(id.clone(), exec_id.clone(), pid, agent.clone());
-        if exec_id.is_empty() {
-            self.watch_oom(id.clone(), agent);
-            let mut ev = TaskStart::new();
-            ev.container_id = id;
-            ev.pid = pid;
-            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
-                .await;
-        } else {
-            let mut ev = TaskExecStarted::new();
-            ev.container_id = id;
-            ev.exec_id = exec_id;
-            ev.pid = pid;
-            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
-                .await;
-        }
         let mut resp = api::StartResponse::new();
-        resp.pid = pid;
+        resp.pid = self
+            .call(move |pod| pod.start(&req.id, &req.exec_id))
+            .await?;
         Ok(resp)
     }
 
@@ -857,26 +439,30 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        self.with_ctr(&req.id, |c| {
-            let paused = c.paused;
-            let bundle = c.bundle.display().to_string();
-            let p = c.proc(&req.exec_id)?;
-            let mut resp = api::StateResponse::new();
-            resp.id = req.id.clone();
-            resp.exec_id = req.exec_id.clone();
-            resp.bundle = bundle;
-            resp.pid = p.pid;
-            resp.status = p.status(paused).into();
-            resp.stdin = p.stdin.clone();
-            resp.stdout = p.stdout.clone();
-            resp.stderr = p.stderr.clone();
-            resp.terminal = p.terminal;
-            if let Some(e) = &p.exit {
-                resp.exit_status = e.status;
-                resp.exited_at = e.at.clone().into();
-            }
-            Ok(resp)
-        })
+        let st = self
+            .pod
+            .process_state(&req.id, &req.exec_id)
+            .map_err(status)?;
+        let mut resp = api::StateResponse::new();
+        resp.id = req.id;
+        resp.exec_id = req.exec_id;
+        resp.bundle = st.bundle.display().to_string();
+        resp.pid = st.pid;
+        resp.status = match st.status {
+            Status::Created => api::Status::CREATED,
+            Status::Running => api::Status::RUNNING,
+            Status::Paused => api::Status::PAUSED,
+            Status::Stopped => api::Status::STOPPED,
+        }
+        .into();
+        resp.stdin = st.io.stdin.display().to_string();
+        resp.stdout = st.io.stdout.display().to_string();
+        resp.stderr = st.io.stderr.display().to_string();
+        resp.terminal = st.io.terminal;
+        let (exit_status, exited_at) = exit_fields(st.exit);
+        resp.exit_status = exit_status;
+        resp.exited_at = exited_at.into();
+        Ok(resp)
     }
 
     async fn wait(
@@ -884,36 +470,20 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
-        let mut rx = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.exited.subscribe()))?;
-        let exit = loop {
-            if let Some(e) = rx.borrow().clone() {
-                break e;
-            }
-            rx.changed().await.map_err(|e| err(Code::INTERNAL, e))?;
-        };
+        let exit = self
+            .call(move |pod| pod.wait(&req.id, &req.exec_id))
+            .await?;
         let mut resp = api::WaitResponse::new();
-        resp.exit_status = exit.status;
-        resp.exited_at = exit.at.into();
+        let (exit_status, exited_at) = exit_fields(Some(exit));
+        resp.exit_status = exit_status;
+        resp.exited_at = exited_at.into();
         Ok(resp)
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         log::info!("kill {} {} signal {}", req.id, req.exec_id, req.signal);
-        let exited = self.with_proc(&req.id, &req.exec_id, |p| Ok(p.exit.is_some()))?;
-        if exited {
-            if req.exec_id.is_empty() {
-                return Ok(api::Empty::new());
-            }
-            return Err(err(
-                Code::NOT_FOUND,
-                format!("exec {} has already exited", req.exec_id),
-            ));
-        }
-        let exec = exec_opt(&req.exec_id);
-        self.agent_call(&req.id, move |a, id| {
-            a.signal_process(&id, exec.as_deref(), req.signal, req.all)
-        })
-        .await?;
+        self.call(move |pod| pod.kill(&req.id, &req.exec_id, req.signal, req.all))
+            .await?;
         Ok(api::Empty::new())
     }
 
@@ -922,9 +492,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let pids = self
-            .agent_call(&req.id, |a, id| a.list_processes(&id))
-            .await?;
+        let pids = self.call(move |pod| pod.pids(&req.id)).await?;
         let mut resp = api::PidsResponse::new();
         resp.processes = pids
             .into_iter()
@@ -938,16 +506,7 @@ impl Task for HuskShim {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.agent_call(&req.id, |a, id| a.pause_container(&id))
-            .await?;
-        self.with_ctr(&req.id, |c| {
-            c.paused = true;
-            Ok(())
-        })?;
-        let mut ev = TaskPaused::new();
-        ev.container_id = req.id.clone();
-        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
-            .await;
+        self.call(move |pod| pod.pause(&req.id)).await?;
         Ok(api::Empty::new())
     }
 
@@ -956,16 +515,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.agent_call(&req.id, |a, id| a.resume_container(&id))
-            .await?;
-        self.with_ctr(&req.id, |c| {
-            c.paused = false;
-            Ok(())
-        })?;
-        let mut ev = TaskResumed::new();
-        ev.container_id = req.id.clone();
-        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
-            .await;
+        self.call(move |pod| pod.resume(&req.id)).await?;
         Ok(api::Empty::new())
     }
 
@@ -974,10 +524,11 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         _req: api::CheckpointTaskRequest,
     ) -> TtrpcResult<api::Empty> {
-        Err(err(
+        Err(status_of(
             Code::UNIMPLEMENTED,
             "husk: checkpoint is not supported: the container's state lives in a guest \
-             kernel; CRIU in the guest and a place to put its image are not built",
+             kernel; CRIU in the guest and a place to put its image are not built"
+                .into(),
         ))
     }
 
@@ -987,50 +538,12 @@ impl Task for HuskShim {
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
         log::info!("exec {} {}", req.id, req.exec_id);
-        if !husk_protocol::valid_id(&req.exec_id) {
-            return Err(err(
-                Code::INVALID_ARGUMENT,
-                format!(
-                    "exec id {:?} is not valid: use 1 to {} characters of [A-Za-z0-9_.-]",
-                    req.exec_id,
-                    husk_protocol::MAX_ID_LEN
-                ),
-            ));
-        }
-        let spec = req
-            .spec
-            .as_ref()
-            .map(|a| a.value.clone())
-            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "exec without a process spec"))?;
-        serde_json::from_slice::<serde_json::Value>(&spec).map_err(|e| {
-            err(
-                Code::INVALID_ARGUMENT,
-                format!("exec {}: process spec is not JSON: {e}", req.exec_id),
-            )
+        let process = req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
+            status_of(Code::INVALID_ARGUMENT, "exec without a process spec".into())
         })?;
-        self.with_ctr(&req.id, |c| {
-            if c.init.exit.is_some() || c.init.pid == 0 {
-                return Err(err(
-                    Code::FAILED_PRECONDITION,
-                    format!("container {} is not running", req.id),
-                ));
-            }
-            if c.execs.contains_key(&req.exec_id) {
-                return Err(err(
-                    Code::ALREADY_EXISTS,
-                    format!("exec {} already exists", req.exec_id),
-                ));
-            }
-            let mut p = Proc::new(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-            p.spec = Some(spec);
-            c.execs.insert(req.exec_id.clone(), p);
-            Ok(())
-        })?;
-        let mut ev = TaskExecAdded::new();
-        ev.container_id = req.id.clone();
-        ev.exec_id = req.exec_id.clone();
-        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
-            .await;
+        let io = io_of(&req.stdin, &req.stdout, &req.stderr, req.terminal);
+        self.call(move |pod| pod.add_exec(&req.id, &req.exec_id, process, io))
+            .await?;
         Ok(api::Empty::new())
     }
 
@@ -1039,11 +552,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        let exec = exec_opt(&req.exec_id);
-        self.agent_call(&req.id, move |a, id| {
-            a.resize_pty(&id, exec.as_deref(), req.width, req.height)
-        })
-        .await?;
+        self.call(move |pod| pod.resize_pty(&req.id, &req.exec_id, req.width, req.height))
+            .await?;
         Ok(api::Empty::new())
     }
 
@@ -1053,21 +563,8 @@ impl Task for HuskShim {
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
         if req.stdin {
-            let (ctl, copier) = self.with_proc(&req.id, &req.exec_id, |p| {
-                Ok((p.stdin_ctl.take(), p.stdin_copier.take()))
-            })?;
-            if let Some(c) = ctl {
-                // The client usually closed the FIFO already and the copier
-                // is draining it: give it a moment, then cut the stream so
-                // the guest process reads EOF either way.
-                if let Some(copier) = copier {
-                    let deadline = std::time::Instant::now() + CLOSE_IO_GRACE;
-                    while !copier.is_finished() && std::time::Instant::now() < deadline {
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                }
-                let _ = c.shutdown(std::net::Shutdown::Write);
-            }
+            self.call(move |pod| pod.close_stdin(&req.id, &req.exec_id))
+                .await?;
         }
         Ok(api::Empty::new())
     }
@@ -1081,15 +578,8 @@ impl Task for HuskShim {
             .resources
             .as_ref()
             .map(|a| a.value.clone())
-            .ok_or_else(|| err(Code::INVALID_ARGUMENT, "update without resources"))?;
-        serde_json::from_slice::<serde_json::Value>(&resources).map_err(|e| {
-            err(
-                Code::INVALID_ARGUMENT,
-                format!("update: resources are not JSON: {e}"),
-            )
-        })?;
-        self.agent_call(&req.id, move |a, id| a.update_container(&id, resources))
-            .await?;
+            .ok_or_else(|| status_of(Code::INVALID_ARGUMENT, "update without resources".into()))?;
+        self.call(move |pod| pod.update(&req.id, resources)).await?;
         Ok(api::Empty::new())
     }
 
@@ -1098,9 +588,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let s = self
-            .agent_call(&req.id, |a, id| a.container_stats(&id))
-            .await?;
+        let s = self.call(move |pod| pod.stats(&req.id)).await?;
         let mut resp = api::StatsResponse::new();
         resp.stats = Some(metrics(&s)).into();
         Ok(resp)
@@ -1112,69 +600,14 @@ impl Task for HuskShim {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         log::info!("delete {} {}", req.id, req.exec_id);
+        let (pid, exit) = self
+            .call(move |pod| pod.delete(&req.id, &req.exec_id))
+            .await?;
         let mut resp = api::DeleteResponse::new();
-        if !req.exec_id.is_empty() {
-            let p = self.with_ctr(&req.id, |c| {
-                c.execs
-                    .remove(&req.exec_id)
-                    .ok_or_else(|| err(Code::NOT_FOUND, format!("exec {} not found", req.exec_id)))
-            })?;
-            let exec = req.exec_id.clone();
-            if let Err(e) = self
-                .agent_call(&req.id, move |a, id| a.remove_process(&id, &exec))
-                .await
-            {
-                log::warn!("remove exec {}: {e}", req.exec_id);
-            }
-            resp.pid = p.pid;
-            let exit = p.exit.unwrap_or(Exit {
-                status: 128 + 9,
-                at: Some(now()),
-            });
-            resp.exit_status = exit.status;
-            resp.exited_at = exit.at.into();
-            return Ok(resp);
-        }
-        let removed = self.pod().containers.remove(&req.id);
-        let Some(c) = removed else {
-            return Err(err(
-                Code::NOT_FOUND,
-                format!("container {} not created", req.id),
-            ));
-        };
-        resp.pid = c.init.pid;
-        let exit = c.init.exit.clone().unwrap_or(Exit {
-            status: 128 + 9,
-            at: Some(now()),
-        });
-        resp.exit_status = exit.status;
-        resp.exited_at = exit.at.clone().into();
-        let target = self
-            .pod()
-            .sandbox
-            .as_ref()
-            .map(|sb| (sb.agent().cloned(), sb.dir().to_path_buf()));
-        if let Some((agent, dir)) = target {
-            let id = req.id.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Some(agent) = agent {
-                    if let Err(e) = agent.remove_container(&id) {
-                        log::warn!("remove {id} in the guest: {}", error_chain(&e));
-                    }
-                }
-                ContainerPaths::new(&dir, &id).release();
-            })
-            .await;
-        }
-        self.stop_pod_if_empty().await;
-        let mut ev = TaskDelete::new();
-        ev.container_id = req.id.clone();
-        ev.id = req.id.clone();
-        ev.pid = resp.pid;
-        ev.exit_status = resp.exit_status;
-        ev.exited_at = resp.exited_at.clone();
-        self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
-            .await;
+        resp.pid = pid;
+        let (exit_status, exited_at) = exit_fields(Some(exit));
+        resp.exit_status = exit_status;
+        resp.exited_at = exited_at.into();
         Ok(resp)
     }
 
@@ -1185,12 +618,7 @@ impl Task for HuskShim {
     ) -> TtrpcResult<api::ConnectResponse> {
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = self
-            .pod()
-            .containers
-            .get(&req.id)
-            .map(|c| c.init.pid)
-            .unwrap_or(0);
+        resp.task_pid = self.pod.pid(&req.id);
         resp.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(resp)
     }
@@ -1202,95 +630,15 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
-        let left = self.pod().containers.len();
-        if left > 0 {
-            log::info!("shutdown: {left} containers left; staying");
+        if !self.pod.is_empty() {
+            log::info!("shutdown: containers left; staying");
             return Ok(api::Empty::new());
         }
         log::info!("shutdown");
-        self.stop_pod_if_empty().await;
+        let pod = self.pod.clone();
+        let _ = tokio::task::spawn_blocking(move || pod.stop_if_empty()).await;
         self.exit_signal.signal();
         Ok(api::Empty::new())
-    }
-}
-
-impl HuskShim {
-    /// Starts a created container's init, or an added exec, in the guest:
-    /// its streams, then the agent's start. Returns the guest pid.
-    async fn start_process(&self, id: &str, exec_id: &str) -> TtrpcResult<u32> {
-        let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
-        if exec_id.is_empty() {
-            self.agent_call(&id, |a, id| a.start_container(&id)).await
-        } else {
-            let sock = self.agent_socket()?;
-            let (spec, proc_copy) = self.with_proc(&id, &exec_id, |p| {
-                if p.pid != 0 {
-                    return Err(err(
-                        Code::FAILED_PRECONDITION,
-                        format!("exec {exec_id} already started"),
-                    ));
-                }
-                let spec = p.spec.clone().unwrap_or_default();
-                Ok((spec, Proc::new(&p.stdin, &p.stdout, &p.stderr, p.terminal)))
-            })?;
-            let e = exec_id.clone();
-            let (pid, stdin, pumps) = self
-                .agent_call(&id, move |a, id| {
-                    let (stdio, stdin, outputs) = open_streams(&sock, &id, Some(&e), &proc_copy)?;
-                    let pid = a
-                        .exec_process(&id, &e, spec, stdio)
-                        .map_err(|err| error_chain(&err))?;
-                    Ok::<_, String>((pid, stdin, pump_outputs(outputs)))
-                })
-                .await?;
-            self.with_proc(&id, &exec_id, |p| {
-                p.stdin_ctl = stdin.as_ref().and_then(|s| s.try_clone().ok());
-                p.stdin_stream = stdin;
-                p.pumps = pumps;
-                Ok(())
-            })?;
-            Ok(pid)
-        }
-    }
-
-    /// Stops the pod's VM once no container is left in it, and removes the
-    /// pod's host cgroup after it.
-    async fn stop_pod_if_empty(&self) {
-        let (sb, cg) = {
-            let mut pod = self.pod();
-            if !pod.containers.is_empty() {
-                return;
-            }
-            (pod.sandbox.take(), pod.cgroup.take())
-        };
-        let _ = tokio::task::spawn_blocking(move || {
-            if let Some(sb) = sb {
-                let _ = sb.shutdown();
-            }
-            if let Some(cg) = cg {
-                cg.remove();
-            }
-        })
-        .await;
-    }
-
-    /// Moves the shim into the cgroup the booting spec names (its
-    /// `linux.cgroupsPath`), so the VMM and daemons it starts are charged to
-    /// the pod, and records it in the bundle for `delete` after a crash.
-    fn enter_cgroup(&self, spec: &serde_json::Value, bundle: &Path) -> Result<(), String> {
-        let Some(path) = spec
-            .pointer("/linux/cgroupsPath")
-            .and_then(serde_json::Value::as_str)
-            .filter(|p| !p.is_empty())
-        else {
-            return Ok(());
-        };
-        let cg = PodCgroup::enter(path).map_err(|e| error_chain(&e))?;
-        if let Err(e) = cgroup::record(&bundle.join(cgroup::RECORD_FILE), &cg) {
-            log::warn!("recording the pod's cgroup in {}: {e}", bundle.display());
-        }
-        self.pod().cgroup = Some(cg);
-        Ok(())
     }
 }
 
@@ -1300,27 +648,44 @@ mod tests {
 
     use super::*;
 
-    fn rpc_error(code: ttrpc::Code) -> AgentError {
-        AgentError::Rpc {
+    fn rpc_error(code: ttrpc::Code) -> PodApiError {
+        PodApiError::Agent(AgentError::Rpc {
             rpc: "SignalProcess",
             error: ttrpc::Error::RpcStatus(ttrpc::get_status(code, "exec e1 not found")),
+        })
+    }
+
+    fn code_of(e: ShimTtrpcError) -> Code {
+        match e {
+            ShimTtrpcError::RpcStatus(s) => s.code(),
+            e => panic!("not a status: {e}"),
         }
     }
 
     #[test]
     fn the_agents_not_found_stays_not_found_and_the_rest_is_internal() {
-        assert_eq!(rpc_error(ttrpc::Code::NOT_FOUND).code(), Code::NOT_FOUND);
         assert_eq!(
-            rpc_error(ttrpc::Code::INVALID_ARGUMENT).code(),
+            code_of(status(rpc_error(ttrpc::Code::NOT_FOUND))),
+            Code::NOT_FOUND
+        );
+        assert_eq!(
+            code_of(status(rpc_error(ttrpc::Code::INVALID_ARGUMENT))),
             Code::INTERNAL
         );
-        let e = rpc_error(ttrpc::Code::NOT_FOUND);
-        assert!(
-            e.describe().contains("exec e1 not found"),
-            "{}",
-            e.describe()
+        match status(rpc_error(ttrpc::Code::NOT_FOUND)) {
+            ShimTtrpcError::RpcStatus(s) => {
+                assert!(s.message.contains("exec e1 not found"), "{s:?}")
+            }
+            e => panic!("{e}"),
+        }
+        assert_eq!(
+            code_of(status(PodApiError::NoContainer("c".into()))),
+            Code::NOT_FOUND
         );
-        assert_eq!("bad".to_owned().code(), Code::INTERNAL);
+        assert_eq!(
+            code_of(status(PodApiError::Exists("c".into()))),
+            Code::ALREADY_EXISTS
+        );
     }
 
     #[test]
@@ -1336,5 +701,39 @@ mod tests {
         remove_stale_socket(&file);
         assert!(!sock.exists(), "the dead shim's socket is removed");
         assert!(!shim_alive(&dir.path().join("missing")));
+    }
+
+    #[test]
+    fn exits_become_task_exits_with_the_container_and_exec_ids() {
+        let exit = Exit {
+            status: 7,
+            at: UNIX_EPOCH + std::time::Duration::from_secs(5),
+        };
+        let (topic, msg) = message(Event::Exited {
+            id: "c".into(),
+            exec_id: "e".into(),
+            pid: 9,
+            exit,
+        });
+        assert_eq!(topic, topics::TASK_EXIT_EVENT_TOPIC);
+        let ev = TaskExit::parse_from_bytes(&msg.write_to_bytes_dyn().unwrap()).unwrap();
+        assert_eq!(
+            (
+                ev.container_id.as_str(),
+                ev.id.as_str(),
+                ev.pid,
+                ev.exit_status
+            ),
+            ("c", "e", 9, 7)
+        );
+        assert_eq!(ev.exited_at.seconds, 5);
+        let (_, msg) = message(Event::Exited {
+            id: "c".into(),
+            exec_id: String::new(),
+            pid: 9,
+            exit,
+        });
+        let ev = TaskExit::parse_from_bytes(&msg.write_to_bytes_dyn().unwrap()).unwrap();
+        assert_eq!(ev.id, "c", "an init's exit carries the container id");
     }
 }

@@ -144,10 +144,8 @@ fn check(config: &Config, source: &str) -> ExitCode {
 }
 
 fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) -> Result<ExitCode> {
-    use husk_protocol::containers::Stdio;
-    use husk_protocol::{StreamHeader, StreamKind};
-    use husk_runtime::agent::open_stream;
-    use husk_runtime::storage::{self, MountSpec};
+    use husk_runtime::pod::{CreateRequest, Io, PodService, VmBackend};
+    use husk_runtime::storage::MountSpec;
 
     if !rootfs.join("bin").is_dir() && !rootfs.join("usr").is_dir() {
         bail!(
@@ -158,54 +156,37 @@ fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) ->
     let rootfs = rootfs
         .canonicalize()
         .with_context(|| format!("rootfs {}", rootfs.display()))?;
-    let sb = Sandbox::boot(config, &id).with_context(|| format!("booting sandbox {id}"))?;
-    let mount = MountSpec {
-        fstype: "bind".into(),
-        source: rootfs.display().to_string(),
-        options: vec!["rbind".into()],
-    };
-    storage::mount_rootfs(
-        &[mount],
-        &sb.dir().join("rootfs").join(&id),
-        &sb.dir().join("shared").join(&id).join("rootfs"),
-    )
-    .context("sharing the rootfs")?;
-    let agent = sb.agent().context("agent missing after boot")?.clone();
-    let sock = sb.dir().join("agent.sock");
-    let stream = |kind| {
-        let h = StreamHeader {
-            container_id: id.clone(),
-            exec_id: None,
-            kind,
-        };
-        open_stream(&sock, &h, std::time::Duration::from_secs(10))
-    };
-    let mut out = stream(StreamKind::Stdout)?;
-    let mut err = stream(StreamKind::Stderr)?;
-    let mut stdio = Stdio::new();
-    stdio.stdout = true;
-    stdio.stderr = true;
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let cgroup = format!("/husk/{id}");
-    agent
-        .create_container(&id, husk_runtime::spec::minimal(&id, &argv, &cgroup), stdio)
-        .map_err(|e| anyhow::anyhow!(husk_runtime::error_chain(&e)))?;
-    let copier = std::thread::spawn(move || {
-        let _ = husk_protocol::copy_plain(&mut err, &mut std::io::stderr());
-    });
-    agent
-        .start_container(&id)
-        .map_err(|e| anyhow::anyhow!(husk_runtime::error_chain(&e)))?;
-    let _ = husk_protocol::copy_plain(&mut out, &mut std::io::stdout());
-    let _ = copier.join();
-    let status = agent
-        .wait_process(&id, None)
-        .map_err(|e| anyhow::anyhow!(husk_runtime::error_chain(&e)))?;
-    let _ = agent.remove_container(&id);
-    storage::unmount_all_under(&sb.dir().join("shared"));
-    storage::unmount_all_under(&sb.dir().join("rootfs"));
-    sb.shutdown().context("shutting the sandbox down")?;
-    Ok(ExitCode::from(status.min(255) as u8))
+    let spec = husk_runtime::spec::minimal(&id, &argv, &format!("/husk/{id}"));
+    // The pod API, as the shim drives it: a pod of one container whose
+    // output goes to this process's own stdout and stderr.
+    let (events, _) = std::sync::mpsc::channel();
+    let pod = PodService::new(VmBackend, events);
+    let fail = |e: husk_runtime::pod::PodApiError| anyhow::anyhow!(husk_runtime::error_chain(&e));
+    pod.create(CreateRequest {
+        id: id.clone(),
+        bundle: PathBuf::new(),
+        spec: serde_json::from_slice(&spec).context("the container's spec")?,
+        rootfs: vec![MountSpec {
+            fstype: "bind".into(),
+            source: rootfs.display().to_string(),
+            options: vec!["rbind".into()],
+        }],
+        io: Io {
+            stdout: "/proc/self/fd/1".into(),
+            stderr: "/proc/self/fd/2".into(),
+            ..Io::default()
+        },
+        config: config.clone(),
+    })
+    .map_err(fail)
+    .with_context(|| format!("creating container {id} in its own VM"))?;
+    let ran = pod.start(&id, "").and_then(|_| pod.wait(&id, ""));
+    // Deleting the pod's only container stops its VM.
+    let deleted = pod.delete(&id, "");
+    let exit = ran.map_err(fail)?;
+    deleted.map_err(fail)?;
+    Ok(ExitCode::from(exit.status.min(255) as u8))
 }
 
 fn vm_ping(config: &Config, id: String, json: bool) -> Result<ExitCode> {

@@ -14,11 +14,23 @@
 //! pid husk reports is the guest pid, so those paths name the pause
 //! container's namespaces in the guest, and nothing else is accepted.
 
-use std::path::{Path, PathBuf};
+pub mod backend;
+pub mod guest;
+pub mod service;
+#[cfg(test)]
+mod service_tests;
+pub mod stdio;
+
+use std::path::Path;
 
 use serde_json::{json, Value};
 
-use crate::storage::{self, is_bind, mount_options, MountSpec, StorageError};
+pub use backend::{Backend, PodSandbox, PodVm, VmBackend};
+pub use guest::{GuestAgent, VmAgent};
+pub use service::{CreateRequest, ErrorKind, Event, Exit, PodApiError, PodService, Status};
+pub use stdio::Io;
+
+use crate::storage::{is_bind, mount_options, StorageError};
 
 /// CRI's annotation for the kind of container.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -280,78 +292,6 @@ pub fn fs_size(path: &Path) -> Option<u64> {
     (bytes > 0).then_some(bytes)
 }
 
-/// Every host path husk keeps for one container of a sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ContainerPaths {
-    /// containerd's rootfs mounts, host-private.
-    pub rootfs_private: PathBuf,
-    /// The container's directory in the share (`<share>/<id>`).
-    pub share: PathBuf,
-    /// Host bind sources, bound here first (host-private).
-    pub binds_private: PathBuf,
-    /// The same paths as the guest sees them.
-    pub guest_binds: PathBuf,
-}
-
-impl ContainerPaths {
-    pub fn new(sandbox_dir: &Path, id: &str) -> Self {
-        Self {
-            rootfs_private: sandbox_dir.join("rootfs").join(id),
-            share: sandbox_dir.join("shared").join(id),
-            binds_private: sandbox_dir.join("binds").join(id),
-            guest_binds: Path::new(husk_protocol::GUEST_SHARE_DIR)
-                .join(id)
-                .join("binds"),
-        }
-    }
-
-    pub fn rootfs_shared(&self) -> PathBuf {
-        self.share.join("rootfs")
-    }
-
-    pub fn binds_shared(&self) -> PathBuf {
-        self.share.join("binds")
-    }
-
-    /// Mounts the rootfs and shares the spec's host bind mounts, rewriting
-    /// their sources to guest paths. On error what was mounted stays for
-    /// [`ContainerPaths::release`].
-    pub fn attach(
-        &self,
-        rootfs: &[MountSpec],
-        spec: &mut Value,
-        guest_only: GuestOnlyMounts,
-    ) -> Result<(), PodError> {
-        storage::mount_rootfs(rootfs, &self.rootfs_private, &self.rootfs_shared())?;
-        storage::share_bind_mounts(
-            spec,
-            &self.binds_private,
-            &self.binds_shared(),
-            &self.guest_binds,
-        )?;
-        guest_only.restore(spec);
-        Ok(())
-    }
-
-    /// Unmounts and removes everything of this container; the guest must
-    /// no longer use it.
-    pub fn release(&self) {
-        for dir in [&self.share, &self.rootfs_private, &self.binds_private] {
-            storage::unmount_all_under(dir);
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %dir.display(), error = %e, "removing container state");
-                }
-            }
-        }
-    }
-}
-
-/// Whether any container still has state in sandbox directory `dir`.
-pub fn has_containers(sandbox_dir: &Path) -> bool {
-    std::fs::read_dir(sandbox_dir.join("shared")).is_ok_and(|mut d| d.next().is_some())
-}
-
 /// containerd writes `linux.rootfsPropagation` as runc reads it (`rslave`
 /// for a HostToContainer volume, `rshared` for Bidirectional); the guest's
 /// libcontainer knows only the spec's plain names and applies them
@@ -603,16 +543,5 @@ mod tests {
         let before = spec.clone();
         prepare_spec(&mut spec, "c", &Role::Single, None, |_| None).unwrap();
         assert_eq!(spec, before);
-    }
-
-    #[test]
-    fn container_paths_stay_under_the_sandbox() {
-        let p = ContainerPaths::new(Path::new("/run/husk/p1"), "c1");
-        assert_eq!(
-            p.rootfs_shared(),
-            Path::new("/run/husk/p1/shared/c1/rootfs")
-        );
-        assert_eq!(p.binds_private, Path::new("/run/husk/p1/binds/c1"));
-        assert!(p.guest_binds.ends_with("c1/binds"));
     }
 }

@@ -1,0 +1,854 @@
+//! The pod API: one VM and its containers, each with an init and exec
+//! processes, driven through the guest agent. The shim maps containerd's
+//! task API onto it one call to one method; the `husk run` CLI uses it too.
+//!
+//! Every method blocks (agent calls, the VM's boot); async callers run them
+//! on a blocking thread. Events come out of one channel in the order they
+//! happened: a process's start always before its exit, its exit only after
+//! its output reached the host paths.
+
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use husk_protocol::containers::StatsResponse;
+use serde_json::Value;
+
+use super::backend::{Backend, BootError, PodVm};
+use super::guest::GuestAgent;
+use super::stdio::{self, Io};
+use super::{PodError, Role};
+use crate::agent::AgentError;
+use crate::config::Config;
+use crate::storage::MountSpec;
+
+/// Exit status reported for a process that never ran or was lost.
+pub const KILLED_STATUS: u32 = 128 + 9;
+/// Exit status of a process whose start failed.
+pub const FAILED_START_STATUS: u32 = 255;
+/// How long closing stdin lets the copier drain what the client wrote.
+const CLOSE_STDIN_GRACE: Duration = Duration::from_millis(500);
+
+/// What kind of failure an error is, for the caller's status codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    NotFound,
+    AlreadyExists,
+    InvalidArgument,
+    FailedPrecondition,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodApiError {
+    #[error("container {0} not created")]
+    NoContainer(String),
+    #[error("exec {exec_id} of container {id} not found")]
+    NoExec { id: String, exec_id: String },
+    #[error("{0} exists already")]
+    Exists(String),
+    #[error("exec {exec_id} has already exited")]
+    ExecExited { exec_id: String },
+    #[error("{0}")]
+    Precondition(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Spec(#[from] PodError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+impl PodApiError {
+    /// The one mapping of failures to kinds: the agent's NOT_FOUND (a
+    /// process that is gone) stays NOT_FOUND, a host that cannot do what
+    /// the spec asks is a failed precondition, a spec husk refuses an
+    /// invalid argument.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Self::NoContainer(_) | Self::NoExec { .. } | Self::ExecExited { .. } => {
+                ErrorKind::NotFound
+            }
+            Self::Exists(_) => ErrorKind::AlreadyExists,
+            Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
+            Self::Spec(PodError::Storage(_)) => ErrorKind::FailedPrecondition,
+            Self::Spec(_) => ErrorKind::InvalidArgument,
+            Self::Boot(BootError::Spec(PodError::Annotation { .. })) => ErrorKind::InvalidArgument,
+            Self::Precondition(_) | Self::Boot(_) => ErrorKind::FailedPrecondition,
+            Self::Agent(AgentError::Rpc {
+                error: ttrpc::Error::RpcStatus(s),
+                ..
+            }) if s.code.value() == ttrpc::Code::NOT_FOUND as i32 => ErrorKind::NotFound,
+            Self::Agent(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+type Result<T, E = PodApiError> = std::result::Result<T, E>;
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    pub status: u32,
+    pub at: SystemTime,
+}
+
+impl Exit {
+    fn now(status: u32) -> Self {
+        Exit {
+            status,
+            at: SystemTime::now(),
+        }
+    }
+}
+
+/// What happened in the pod, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    Created {
+        id: String,
+        bundle: PathBuf,
+        rootfs: Vec<MountSpec>,
+        io: Io,
+    },
+    Started {
+        id: String,
+        pid: u32,
+    },
+    ExecAdded {
+        id: String,
+        exec_id: String,
+    },
+    ExecStarted {
+        id: String,
+        exec_id: String,
+        pid: u32,
+    },
+    /// `exec_id` is empty for the init.
+    Exited {
+        id: String,
+        exec_id: String,
+        pid: u32,
+        exit: Exit,
+    },
+    Oom {
+        id: String,
+    },
+    Paused {
+        id: String,
+    },
+    Resumed {
+        id: String,
+    },
+    Deleted {
+        id: String,
+        pid: u32,
+        exit: Exit,
+    },
+}
+
+/// A process's lifecycle as containerd names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Created,
+    Running,
+    Paused,
+    Stopped,
+}
+
+/// A process's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessState {
+    pub bundle: PathBuf,
+    pub pid: u32,
+    pub status: Status,
+    pub io: Io,
+    pub exit: Option<Exit>,
+}
+
+/// What a create needs.
+#[derive(Debug, Clone)]
+pub struct CreateRequest {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// The bundle's OCI spec.
+    pub spec: Value,
+    /// containerd's rootfs mounts (empty: the spec's root path as is).
+    pub rootfs: Vec<MountSpec>,
+    pub io: Io,
+    /// The husk config a VM this create boots uses.
+    pub config: Config,
+}
+
+/// Where a process's exit is published to waiters.
+#[derive(Default)]
+struct ExitCell {
+    exit: Mutex<Option<Exit>>,
+    cv: Condvar,
+}
+
+impl ExitCell {
+    fn set(&self, exit: Exit) {
+        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit);
+        self.cv.notify_all();
+    }
+
+    fn wait(&self) -> Exit {
+        let mut g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(e) = *g {
+                return e;
+            }
+            g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One process of a container: its init or an exec.
+struct Proc {
+    io: Io,
+    pid: u32,
+    exit: Option<Exit>,
+    exited: Arc<ExitCell>,
+    /// The exec's OCI Process (JSON) until it starts.
+    spec: Option<Vec<u8>>,
+    /// The stdin stream until start hands it to its copier.
+    stdin_stream: Option<UnixStream>,
+    /// A handle on the stdin stream for closing it.
+    stdin_ctl: Option<UnixStream>,
+    stdin_copier: Option<JoinHandle<()>>,
+    /// Copies from the guest to the output paths.
+    pumps: Vec<JoinHandle<()>>,
+}
+
+impl Proc {
+    fn new(io: Io) -> Self {
+        Proc {
+            io,
+            pid: 0,
+            exit: None,
+            exited: Arc::default(),
+            spec: None,
+            stdin_stream: None,
+            stdin_ctl: None,
+            stdin_copier: None,
+            pumps: Vec::new(),
+        }
+    }
+
+    fn status(&self, paused: bool) -> Status {
+        match (self.pid, &self.exit) {
+            (_, Some(_)) => Status::Stopped,
+            (0, None) => Status::Created,
+            _ if paused => Status::Paused,
+            _ => Status::Running,
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.pid != 0 && self.exit.is_none()
+    }
+}
+
+/// One container of the pod.
+struct Ctr {
+    role: Role,
+    bundle: PathBuf,
+    init: Proc,
+    execs: HashMap<String, Proc>,
+    paused: bool,
+}
+
+impl Ctr {
+    fn proc(&mut self, id: &str, exec_id: &str) -> Result<&mut Proc> {
+        if exec_id.is_empty() {
+            return Ok(&mut self.init);
+        }
+        self.execs
+            .get_mut(exec_id)
+            .ok_or_else(|| PodApiError::NoExec {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+            })
+    }
+}
+
+struct State<V> {
+    /// The pod's id, once its VM booted.
+    pod_id: Option<String>,
+    vm: Option<V>,
+    containers: HashMap<String, Ctr>,
+}
+
+struct Inner<B: Backend> {
+    backend: B,
+    state: Mutex<State<B::Vm>>,
+    /// Serialises creates, so the pod's VM boots once.
+    creating: Mutex<()>,
+    events: Mutex<Sender<Event>>,
+}
+
+/// One pod: its VM and containers. Cheap to clone; clones share the pod.
+pub struct PodService<B: Backend> {
+    inner: Arc<Inner<B>>,
+}
+
+impl<B: Backend> Clone for PodService<B> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+type AgentOf<B> = <<B as Backend>::Vm as PodVm>::Agent;
+
+impl<B: Backend> PodService<B> {
+    /// A pod without VM yet; events go to `events`.
+    pub fn new(backend: B, events: Sender<Event>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                state: Mutex::new(State {
+                    pod_id: None,
+                    vm: None,
+                    containers: HashMap::new(),
+                }),
+                creating: Mutex::new(()),
+                events: Mutex::new(events),
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State<B::Vm>> {
+        self.inner.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn emit(&self, event: Event) {
+        let tx = self.inner.events.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = tx.send(event);
+    }
+
+    fn with_ctr<T>(&self, id: &str, f: impl FnOnce(&mut Ctr) -> Result<T>) -> Result<T> {
+        let mut st = self.state();
+        let c = st
+            .containers
+            .get_mut(id)
+            .ok_or_else(|| PodApiError::NoContainer(id.to_owned()))?;
+        f(c)
+    }
+
+    fn with_proc<T>(
+        &self,
+        id: &str,
+        exec_id: &str,
+        f: impl FnOnce(&mut Proc) -> Result<T>,
+    ) -> Result<T> {
+        self.with_ctr(id, |c| f(c.proc(id, exec_id)?))
+    }
+
+    fn agent(&self) -> Result<AgentOf<B>> {
+        self.state()
+            .vm
+            .as_ref()
+            .map(PodVm::agent)
+            .ok_or_else(|| PodApiError::Precondition("the pod's VM is not running".into()))
+    }
+
+    /// Whether the pod has no container.
+    pub fn is_empty(&self) -> bool {
+        self.state().containers.is_empty()
+    }
+
+    /// The pod's id, once its VM booted.
+    pub fn pod_id(&self) -> Option<String> {
+        self.state().pod_id.clone()
+    }
+
+    /// Runs `f` on the pod's VM, if it runs.
+    pub fn with_vm<T>(&self, f: impl FnOnce(&B::Vm) -> T) -> Option<T> {
+        self.state().vm.as_ref().map(f)
+    }
+
+    /// Creates a container: boots the pod's VM for the first one (a CRI
+    /// sandbox or a plain container), shares its rootfs and binds, opens
+    /// its streams and creates it in the guest. On error nothing of the
+    /// container stays, and an empty pod's VM stops.
+    pub fn create(&self, req: CreateRequest) -> Result<()> {
+        let _one_at_a_time = self
+            .inner
+            .creating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let CreateRequest {
+            id,
+            bundle,
+            mut spec,
+            rootfs,
+            io,
+            config,
+        } = req;
+        if self.state().containers.contains_key(&id) {
+            return Err(PodApiError::Exists(format!("container {id}")));
+        }
+        let role = Role::of(&spec, &id)?;
+        let pod_id = role.pod_id(&id).to_owned();
+        let booted = self.state().pod_id.clone();
+        match booted {
+            Some(p) if p != pod_id => {
+                return Err(PodApiError::Precondition(format!(
+                    "this shim serves pod {p}, not pod {pod_id}"
+                )))
+            }
+            Some(_) if self.state().vm.is_none() => {
+                return Err(PodApiError::Precondition("the pod's VM is gone".into()))
+            }
+            Some(_) => {}
+            None if matches!(role, Role::Member { .. }) => {
+                return Err(PodApiError::Precondition(format!(
+                    "pod {pod_id} has no sandbox VM here"
+                )))
+            }
+            None => {
+                let vm = self.inner.backend.boot(&pod_id, &spec, &bundle, &config)?;
+                let mut st = self.state();
+                st.vm = Some(vm);
+                st.pod_id = Some(pod_id.clone());
+            }
+        }
+        let created = self.add_container(&id, &role, &pod_id, &rootfs, &mut spec, &io);
+        let init = match created {
+            Ok(init) => init,
+            Err(e) => {
+                self.stop_if_empty();
+                return Err(e);
+            }
+        };
+        self.state().containers.insert(
+            id.clone(),
+            Ctr {
+                role,
+                bundle: bundle.clone(),
+                init,
+                execs: HashMap::new(),
+                paused: false,
+            },
+        );
+        self.emit(Event::Created {
+            id,
+            bundle,
+            rootfs,
+            io,
+        });
+        Ok(())
+    }
+
+    fn add_container(
+        &self,
+        id: &str,
+        role: &Role,
+        pod_id: &str,
+        rootfs: &[MountSpec],
+        spec: &mut Value,
+        io: &Io,
+    ) -> Result<Proc> {
+        let sandbox_pid = {
+            let st = self.state();
+            st.containers
+                .get(pod_id)
+                .filter(|c| c.role == Role::Sandbox && c.init.running())
+                .map(|c| c.init.pid)
+        };
+        let agent = self.agent()?;
+        let attached = {
+            let st = self.state();
+            let vm = st
+                .vm
+                .as_ref()
+                .ok_or_else(|| PodApiError::Precondition("the pod's VM is gone".into()))?;
+            vm.attach(id, role, sandbox_pid, rootfs, spec)
+        };
+        let created = attached.map_err(PodApiError::from).and_then(|()| {
+            let json = serde_json::to_vec(&*spec)
+                .map_err(|e| PodApiError::InvalidArgument(format!("spec of {id}: {e}")))?;
+            let streams = stdio::open(&agent, id, None, io)?;
+            agent.create_container(id, json, streams.stdio)?;
+            let mut init = Proc::new(io.clone());
+            init.stdin_ctl = streams.stdin.as_ref().and_then(|s| s.try_clone().ok());
+            init.stdin_stream = streams.stdin;
+            init.pumps = stdio::pump_outputs(streams.outputs);
+            Ok(init)
+        });
+        if created.is_err() {
+            self.with_vm(|vm| vm.release(id));
+        }
+        created
+    }
+
+    /// Starts a created container's init (`exec_id` empty) or an added
+    /// exec; returns its guest pid. A process that fails to start has
+    /// ended (as runc's shim has it), so a Wait on it returns.
+    pub fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+        let agent = self.agent()?;
+        let started = self.start_process(&agent, id, exec_id);
+        let pid = match started {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = self.with_proc(id, exec_id, |p| {
+                    if p.exit.is_none() && p.pid == 0 {
+                        let exit = Exit::now(FAILED_START_STATUS);
+                        p.exit = Some(exit);
+                        p.exited.set(exit);
+                    }
+                    Ok(())
+                });
+                return Err(e);
+            }
+        };
+        let stdin = self.with_proc(id, exec_id, |p| {
+            p.pid = pid;
+            Ok(p.stdin_stream.take().map(|s| (s, p.io.stdin.clone())))
+        })?;
+        if let Some((s, path)) = stdin {
+            let copier = stdio::pump_stdin(s, path);
+            self.with_proc(id, exec_id, |p| {
+                p.stdin_copier = Some(copier);
+                Ok(())
+            })?;
+        }
+        // The start event goes out before the exit can.
+        if exec_id.is_empty() {
+            self.emit(Event::Started {
+                id: id.to_owned(),
+                pid,
+            });
+            self.watch_oom(id, agent.clone());
+        } else {
+            self.emit(Event::ExecStarted {
+                id: id.to_owned(),
+                exec_id: exec_id.to_owned(),
+                pid,
+            });
+        }
+        self.watch_exit(id, exec_id, pid, agent);
+        Ok(pid)
+    }
+
+    fn start_process(&self, agent: &AgentOf<B>, id: &str, exec_id: &str) -> Result<u32> {
+        if exec_id.is_empty() {
+            let pid = self.with_ctr(id, |c| Ok(c.init.pid))?;
+            if pid != 0 {
+                return Err(PodApiError::Precondition(format!(
+                    "container {id} already started"
+                )));
+            }
+            return Ok(agent.start_container(id)?);
+        }
+        let (spec, io) = self.with_proc(id, exec_id, |p| {
+            if p.pid != 0 || p.exit.is_some() {
+                return Err(PodApiError::Precondition(format!(
+                    "exec {exec_id} already started"
+                )));
+            }
+            Ok((p.spec.take().unwrap_or_default(), p.io.clone()))
+        })?;
+        let streams = stdio::open(agent, id, Some(exec_id), &io)?;
+        let pid = agent.exec_process(id, exec_id, spec, streams.stdio)?;
+        self.with_proc(id, exec_id, |p| {
+            p.stdin_ctl = streams.stdin.as_ref().and_then(|s| s.try_clone().ok());
+            p.stdin_stream = streams.stdin;
+            p.pumps = stdio::pump_outputs(streams.outputs);
+            Ok(())
+        })?;
+        Ok(pid)
+    }
+
+    /// Publishes a started process's exit once the agent reports it and its
+    /// output has reached the host. The sandbox container's exit ends the
+    /// pod: every other container is killed.
+    fn watch_exit(&self, id: &str, exec_id: &str, pid: u32, agent: AgentOf<B>) {
+        let me = self.clone();
+        let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
+        std::thread::spawn(move || {
+            let exec = (!exec_id.is_empty()).then_some(exec_id.as_str());
+            let status = agent.wait_process(&id, exec).unwrap_or_else(|e| {
+                tracing::error!(container = %id, exec = %exec_id, "wait: {}", crate::error_chain(&e));
+                FAILED_START_STATUS
+            });
+            let pumps = me
+                .with_proc(&id, &exec_id, |p| Ok(std::mem::take(&mut p.pumps)))
+                .unwrap_or_default();
+            pumps.into_iter().for_each(|p| drop(p.join()));
+            let exit = Exit::now(status);
+            let recorded = me.with_ctr(&id, |c| {
+                let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
+                let p = c.proc(&id, &exec_id)?;
+                p.exit = Some(exit);
+                Ok((p.exited.clone(), ends_pod))
+            });
+            me.emit(Event::Exited {
+                id: id.clone(),
+                exec_id: exec_id.clone(),
+                pid,
+                exit,
+            });
+            if let Ok((cell, ends_pod)) = recorded {
+                cell.set(exit);
+                if ends_pod {
+                    me.kill_members(&id, &agent);
+                }
+            }
+        });
+    }
+
+    /// SIGKILLs every running container of the pod but its sandbox.
+    fn kill_members(&self, sandbox: &str, agent: &AgentOf<B>) {
+        let members: Vec<String> = self
+            .state()
+            .containers
+            .iter()
+            .filter(|(cid, c)| *cid != sandbox && c.init.running())
+            .map(|(cid, _)| cid.clone())
+            .collect();
+        for cid in members {
+            tracing::info!(sandbox, container = %cid, "sandbox exited; killing");
+            if let Err(e) = agent.signal_process(&cid, None, libc::SIGKILL as u32, true) {
+                tracing::warn!(container = %cid, "kill: {}", crate::error_chain(&e));
+            }
+        }
+    }
+
+    fn watch_oom(&self, id: &str, agent: AgentOf<B>) {
+        let me = self.clone();
+        let id = id.to_owned();
+        std::thread::spawn(move || {
+            while let Ok(true) = agent.wait_oom(&id) {
+                me.emit(Event::Oom { id: id.clone() });
+            }
+        });
+    }
+
+    /// Adds an exec to a running container; it starts with [`Self::start`].
+    pub fn add_exec(&self, id: &str, exec_id: &str, process: Vec<u8>, io: Io) -> Result<()> {
+        if !husk_protocol::valid_id(exec_id) {
+            return Err(PodApiError::InvalidArgument(format!(
+                "exec id {exec_id:?} is not valid: use 1 to {} characters of [A-Za-z0-9_.-]",
+                husk_protocol::MAX_ID_LEN
+            )));
+        }
+        serde_json::from_slice::<Value>(&process).map_err(|e| {
+            PodApiError::InvalidArgument(format!("exec {exec_id}: process spec is not JSON: {e}"))
+        })?;
+        self.with_ctr(id, |c| {
+            if !c.init.running() {
+                return Err(PodApiError::Precondition(format!(
+                    "container {id} is not running"
+                )));
+            }
+            if c.execs.contains_key(exec_id) {
+                return Err(PodApiError::Exists(format!("exec {exec_id}")));
+            }
+            let mut p = Proc::new(io);
+            p.spec = Some(process);
+            c.execs.insert(exec_id.to_owned(), p);
+            Ok(())
+        })?;
+        self.emit(Event::ExecAdded {
+            id: id.to_owned(),
+            exec_id: exec_id.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Signals a process (with `all`, every process of the container). An
+    /// init that has exited takes it as done; an exec that has exited is
+    /// gone.
+    pub fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+        let exited = self.with_proc(id, exec_id, |p| Ok(p.exit.is_some()))?;
+        if exited {
+            if exec_id.is_empty() {
+                return Ok(());
+            }
+            return Err(PodApiError::ExecExited {
+                exec_id: exec_id.to_owned(),
+            });
+        }
+        let exec = (!exec_id.is_empty()).then_some(exec_id);
+        Ok(self.agent()?.signal_process(id, exec, signal, all)?)
+    }
+
+    /// Blocks until the process has exited. A Wait for a process already
+    /// deleted finds nothing; one that was waiting when it was deleted
+    /// returns its exit.
+    pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
+        let cell = self.with_proc(id, exec_id, |p| Ok(p.exited.clone()))?;
+        Ok(cell.wait())
+    }
+
+    pub fn process_state(&self, id: &str, exec_id: &str) -> Result<ProcessState> {
+        self.with_ctr(id, |c| {
+            let (paused, bundle) = (c.paused, c.bundle.clone());
+            let p = c.proc(id, exec_id)?;
+            Ok(ProcessState {
+                bundle,
+                pid: p.pid,
+                status: p.status(paused),
+                io: p.io.clone(),
+                exit: p.exit,
+            })
+        })
+    }
+
+    /// Deletes an exec, or a container (the pod's VM stops with its last
+    /// one). Returns the process's pid and exit (SIGKILL's for one that
+    /// never exited).
+    pub fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
+        if !exec_id.is_empty() {
+            let p = self.with_ctr(id, |c| {
+                c.execs.remove(exec_id).ok_or_else(|| PodApiError::NoExec {
+                    id: id.to_owned(),
+                    exec_id: exec_id.to_owned(),
+                })
+            })?;
+            if let Ok(agent) = self.agent() {
+                if let Err(e) = agent.remove_process(id, exec_id) {
+                    tracing::debug!(
+                        container = id,
+                        exec = exec_id,
+                        "remove: {}",
+                        crate::error_chain(&e)
+                    );
+                }
+            }
+            return Ok((p.pid, p.exit.unwrap_or_else(|| Exit::now(KILLED_STATUS))));
+        }
+        let removed = self
+            .state()
+            .containers
+            .remove(id)
+            .ok_or_else(|| PodApiError::NoContainer(id.to_owned()))?;
+        let exit = removed
+            .init
+            .exit
+            .unwrap_or_else(|| Exit::now(KILLED_STATUS));
+        if let Ok(agent) = self.agent() {
+            if let Err(e) = agent.remove_container(id) {
+                tracing::warn!(
+                    container = id,
+                    "remove in the guest: {}",
+                    crate::error_chain(&e)
+                );
+            }
+        }
+        self.with_vm(|vm| vm.release(id));
+        self.stop_if_empty();
+        let pid = removed.init.pid;
+        self.emit(Event::Deleted {
+            id: id.to_owned(),
+            pid,
+            exit,
+        });
+        Ok((pid, exit))
+    }
+
+    /// Stops the pod's VM once no container is left in it.
+    pub fn stop_if_empty(&self) {
+        let vm = {
+            let mut st = self.state();
+            if !st.containers.is_empty() {
+                return;
+            }
+            st.pod_id = None;
+            st.vm.take()
+        };
+        if let Some(vm) = vm {
+            vm.shutdown();
+        }
+    }
+
+    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
+        self.with_ctr(id, |_| Ok(()))?;
+        Ok(self.agent()?.list_processes(id)?)
+    }
+
+    pub fn pause(&self, id: &str) -> Result<()> {
+        self.with_ctr(id, |_| Ok(()))?;
+        self.agent()?.pause_container(id)?;
+        self.with_ctr(id, |c| {
+            c.paused = true;
+            Ok(())
+        })?;
+        self.emit(Event::Paused { id: id.to_owned() });
+        Ok(())
+    }
+
+    pub fn resume(&self, id: &str) -> Result<()> {
+        self.with_ctr(id, |_| Ok(()))?;
+        self.agent()?.resume_container(id)?;
+        self.with_ctr(id, |c| {
+            c.paused = false;
+            Ok(())
+        })?;
+        self.emit(Event::Resumed { id: id.to_owned() });
+        Ok(())
+    }
+
+    pub fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+        self.with_proc(id, exec_id, |_| Ok(()))?;
+        let exec = (!exec_id.is_empty()).then_some(exec_id);
+        Ok(self.agent()?.resize_pty(id, exec, width, height)?)
+    }
+
+    /// Ends a process's stdin: what the client wrote is copied first (for
+    /// a short grace), then the guest process reads EOF.
+    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+        let (ctl, copier) = self.with_proc(id, exec_id, |p| {
+            Ok((p.stdin_ctl.take(), p.stdin_copier.take()))
+        })?;
+        if let Some(c) = ctl {
+            if let Some(copier) = copier {
+                let deadline = std::time::Instant::now() + CLOSE_STDIN_GRACE;
+                while !copier.is_finished() && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+            let _ = c.shutdown(std::net::Shutdown::Write);
+        }
+        Ok(())
+    }
+
+    /// Applies new resources (an OCI LinuxResources, JSON) in the guest.
+    pub fn update(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+        serde_json::from_slice::<Value>(&resources).map_err(|e| {
+            PodApiError::InvalidArgument(format!("update: resources are not JSON: {e}"))
+        })?;
+        self.with_ctr(id, |_| Ok(()))?;
+        Ok(self.agent()?.update_container(id, resources)?)
+    }
+
+    pub fn stats(&self, id: &str) -> Result<StatsResponse> {
+        self.with_ctr(id, |_| Ok(()))?;
+        Ok(self.agent()?.container_stats(id)?)
+    }
+
+    /// The init's pid of container `id` (0 before start or if unknown).
+    pub fn pid(&self, id: &str) -> u32 {
+        self.with_ctr(id, |c| Ok(c.init.pid)).unwrap_or(0)
+    }
+}
+
+/// Reads a bundle's OCI spec.
+pub fn read_spec(bundle: &Path) -> Result<Value, PodApiError> {
+    let path = bundle.join("config.json");
+    let bytes = std::fs::read(&path)
+        .map_err(|e| PodApiError::InvalidArgument(format!("reading {}: {e}", path.display())))?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        PodApiError::InvalidArgument(format!("{} is not valid JSON: {e}", path.display()))
+    })
+}

@@ -1,0 +1,690 @@
+//! The pod API against a fake agent and VM: the orderings containerd relies
+//! on (exec before start, kill after exit, wait after delete, event order),
+//! failed starts, the sandbox's exit, and the VM's end with the last
+//! container.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{channel, Receiver};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use husk_protocol::containers::{StatsResponse, Stdio};
+use husk_protocol::{StreamHeader, StreamKind};
+use serde_json::{json, Value};
+
+use super::backend::{Backend, BootError, PodVm};
+use super::guest::GuestAgent;
+use super::service::{
+    CreateRequest, ErrorKind, Event, PodApiError, PodService, Status, FAILED_START_STATUS,
+    KILLED_STATUS,
+};
+use super::stdio::Io;
+use super::{PodError, Role};
+use crate::agent::AgentError;
+use crate::config::Config;
+use crate::storage::MountSpec;
+
+/// A process in the fake guest.
+#[derive(Default)]
+struct FakeProc {
+    pid: u32,
+    exit: Option<u32>,
+}
+
+#[derive(Default)]
+struct Guest {
+    next_pid: u32,
+    /// By (container, exec id or "").
+    procs: HashMap<(String, String), FakeProc>,
+    containers: Vec<String>,
+    /// The guest ends of each process's streams.
+    streams: HashMap<(String, String, &'static str), UnixStream>,
+    /// Every call, in order.
+    calls: Vec<String>,
+    shutdowns: u32,
+}
+
+/// A fake agent: processes exit when a test says so or on SIGKILL/SIGTERM.
+#[derive(Clone, Default)]
+struct FakeAgent {
+    guest: Arc<(Mutex<Guest>, Condvar)>,
+}
+
+fn not_found(what: String) -> AgentError {
+    AgentError::Rpc {
+        rpc: "fake",
+        error: ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::NOT_FOUND, what)),
+    }
+}
+
+fn failed(what: String) -> AgentError {
+    AgentError::Rpc {
+        rpc: "fake",
+        error: ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, what)),
+    }
+}
+
+fn key(id: &str, exec_id: Option<&str>) -> (String, String) {
+    (id.to_owned(), exec_id.unwrap_or_default().to_owned())
+}
+
+impl FakeAgent {
+    fn guest(&self) -> std::sync::MutexGuard<'_, Guest> {
+        self.guest.0.lock().unwrap()
+    }
+
+    fn call(&self, c: String) {
+        self.guest().calls.push(c);
+    }
+
+    /// Ends a process with `status`, after closing its output streams.
+    fn exit(&self, id: &str, exec_id: &str, status: u32) {
+        let mut g = self.guest();
+        g.streams.retain(|(c, e, _), _| !(c == id && e == exec_id));
+        let p = g
+            .procs
+            .get_mut(&key(id, Some(exec_id)))
+            .expect("a started process");
+        p.exit = Some(status);
+        self.guest.1.notify_all();
+    }
+
+    /// Writes to a process's output stream, as the guest would.
+    fn write(&self, id: &str, exec_id: &str, kind: &'static str, data: &[u8]) {
+        let mut g = self.guest();
+        let s = g
+            .streams
+            .get_mut(&(id.to_owned(), exec_id.to_owned(), kind))
+            .expect("an open stream");
+        s.write_all(data).unwrap();
+    }
+
+    fn calls(&self) -> Vec<String> {
+        self.guest().calls.clone()
+    }
+
+    fn start(&self, id: &str, exec_id: Option<&str>) -> u32 {
+        let mut g = self.guest();
+        g.next_pid += 1;
+        let pid = g.next_pid + 1;
+        g.procs
+            .insert(key(id, exec_id), FakeProc { pid, exit: None });
+        pid
+    }
+}
+
+impl GuestAgent for FakeAgent {
+    fn open_stream(&self, h: &StreamHeader) -> Result<UnixStream, AgentError> {
+        let (host, guest) = UnixStream::pair().unwrap();
+        let kind = match h.kind {
+            StreamKind::Stdin => "stdin",
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        };
+        let exec = h.exec_id.clone().unwrap_or_default();
+        self.guest()
+            .streams
+            .insert((h.container_id.clone(), exec, kind), guest);
+        Ok(host)
+    }
+
+    fn create_container(&self, id: &str, spec: Vec<u8>, _: Stdio) -> Result<(), AgentError> {
+        self.call(format!("create {id}"));
+        let spec: Value = serde_json::from_slice(&spec).unwrap();
+        if spec["process"]["args"][0] == "fail" {
+            return Err(failed(format!("create {id}: no such binary")));
+        }
+        self.guest().containers.push(id.to_owned());
+        Ok(())
+    }
+
+    fn start_container(&self, id: &str) -> Result<u32, AgentError> {
+        self.call(format!("start {id}"));
+        Ok(FakeAgent::start(self, id, None))
+    }
+
+    fn exec_process(
+        &self,
+        id: &str,
+        exec_id: &str,
+        process: Vec<u8>,
+        _: Stdio,
+    ) -> Result<u32, AgentError> {
+        self.call(format!("exec {id} {exec_id}"));
+        let p: Value = serde_json::from_slice(&process).unwrap();
+        if p["args"][0] == "fail" {
+            return Err(failed(format!("exec {exec_id}: no such binary")));
+        }
+        Ok(FakeAgent::start(self, id, Some(exec_id)))
+    }
+
+    fn wait_process(&self, id: &str, exec_id: Option<&str>) -> Result<u32, AgentError> {
+        let mut g = self.guest();
+        loop {
+            match g.procs.get(&key(id, exec_id)) {
+                None => return Err(not_found(format!("{id} {exec_id:?}"))),
+                Some(FakeProc {
+                    exit: Some(status), ..
+                }) => return Ok(*status),
+                Some(_) => g = self.guest.1.wait(g).unwrap(),
+            }
+        }
+    }
+
+    fn signal_process(
+        &self,
+        id: &str,
+        exec_id: Option<&str>,
+        signal: u32,
+        _all: bool,
+    ) -> Result<(), AgentError> {
+        self.call(format!("signal {id} {} {signal}", exec_id.unwrap_or("-")));
+        let running = self
+            .guest()
+            .procs
+            .get(&key(id, exec_id))
+            .is_some_and(|p| p.exit.is_none());
+        if !running {
+            return Err(not_found(format!("process {id} {exec_id:?} not found")));
+        }
+        if signal == 9 || signal == 15 {
+            self.exit(id, exec_id.unwrap_or_default(), 128 + signal);
+        }
+        Ok(())
+    }
+
+    fn resize_pty(&self, _: &str, _: Option<&str>, _: u32, _: u32) -> Result<(), AgentError> {
+        Ok(())
+    }
+
+    fn remove_process(&self, id: &str, exec_id: &str) -> Result<(), AgentError> {
+        self.call(format!("remove {id} {exec_id}"));
+        self.guest().procs.remove(&key(id, Some(exec_id)));
+        Ok(())
+    }
+
+    fn pause_container(&self, id: &str) -> Result<(), AgentError> {
+        self.call(format!("pause {id}"));
+        Ok(())
+    }
+
+    fn resume_container(&self, id: &str) -> Result<(), AgentError> {
+        self.call(format!("resume {id}"));
+        Ok(())
+    }
+
+    fn list_processes(&self, id: &str) -> Result<Vec<u32>, AgentError> {
+        Ok(self
+            .guest()
+            .procs
+            .iter()
+            .filter(|((c, _), p)| c == id && p.exit.is_none())
+            .map(|(_, p)| p.pid)
+            .collect())
+    }
+
+    fn container_stats(&self, _: &str) -> Result<StatsResponse, AgentError> {
+        Ok(StatsResponse::new())
+    }
+
+    fn update_container(&self, id: &str, _: Vec<u8>) -> Result<(), AgentError> {
+        self.call(format!("update {id}"));
+        Ok(())
+    }
+
+    fn wait_oom(&self, id: &str) -> Result<bool, AgentError> {
+        let mut g = self.guest();
+        while g.containers.iter().any(|c| c == id) {
+            g = self.guest.1.wait(g).unwrap();
+        }
+        Ok(false)
+    }
+
+    fn remove_container(&self, id: &str) -> Result<(), AgentError> {
+        self.call(format!("remove {id}"));
+        let mut g = self.guest();
+        g.containers.retain(|c| c != id);
+        g.procs.retain(|(c, _), _| c != id);
+        self.guest.1.notify_all();
+        Ok(())
+    }
+}
+
+struct FakeBackend {
+    agent: FakeAgent,
+}
+
+struct FakeVm {
+    agent: FakeAgent,
+}
+
+impl Backend for FakeBackend {
+    type Vm = FakeVm;
+
+    fn boot(&self, pod_id: &str, _: &Value, _: &Path, _: &Config) -> Result<FakeVm, BootError> {
+        self.agent.call(format!("boot {pod_id}"));
+        Ok(FakeVm {
+            agent: self.agent.clone(),
+        })
+    }
+}
+
+impl PodVm for FakeVm {
+    type Agent = FakeAgent;
+
+    fn agent(&self) -> FakeAgent {
+        self.agent.clone()
+    }
+
+    fn attach(
+        &self,
+        id: &str,
+        role: &Role,
+        sandbox_pid: Option<u32>,
+        _: &[MountSpec],
+        _: &mut Value,
+    ) -> Result<(), PodError> {
+        if matches!(role, Role::Member { .. }) && sandbox_pid.is_none() {
+            return Err(PodError::NoSandbox {
+                id: id.to_owned(),
+                pod: role.pod_id(id).to_owned(),
+            });
+        }
+        self.agent.call(format!("attach {id}"));
+        Ok(())
+    }
+
+    fn release(&self, id: &str) {
+        self.agent.call(format!("release {id}"));
+    }
+
+    fn shutdown(self) {
+        self.agent.call("shutdown".into());
+        self.agent.guest().shutdowns += 1;
+    }
+}
+
+struct Pod {
+    pod: PodService<FakeBackend>,
+    events: Receiver<Event>,
+    agent: FakeAgent,
+    dir: tempfile::TempDir,
+}
+
+fn pod() -> Pod {
+    let agent = FakeAgent::default();
+    let (tx, events) = channel();
+    let pod = PodService::new(
+        FakeBackend {
+            agent: agent.clone(),
+        },
+        tx,
+    );
+    Pod {
+        pod,
+        events,
+        agent,
+        dir: tempfile::tempdir().unwrap(),
+    }
+}
+
+fn spec(args: &[&str], annotations: Value) -> Value {
+    json!({ "process": { "args": args }, "annotations": annotations })
+}
+
+impl Pod {
+    /// An Io whose stdout goes to a file (containerd's would be a FIFO).
+    fn io(&self, name: &str) -> Io {
+        let stdout = self.dir.path().join(format!("{name}.out"));
+        std::fs::File::create(&stdout).unwrap();
+        Io {
+            stdout,
+            ..Io::default()
+        }
+    }
+
+    fn create(&self, id: &str, spec: Value) -> Result<(), PodApiError> {
+        self.pod.create(CreateRequest {
+            id: id.into(),
+            bundle: PathBuf::from("/bundles").join(id),
+            spec,
+            rootfs: Vec::new(),
+            io: self.io(id),
+            config: Config::default(),
+        })
+    }
+
+    fn exec_spec(args: &[&str]) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "args": args })).unwrap()
+    }
+
+    /// The next event, which must come within a second.
+    fn next(&self) -> Event {
+        self.events
+            .recv_timeout(Duration::from_secs(1))
+            .expect("an event")
+    }
+
+    fn kinds(&self) -> Vec<String> {
+        std::iter::from_fn(|| self.events.recv_timeout(Duration::from_millis(200)).ok())
+            .map(|e| {
+                format!("{e:?}")
+                    .split([' ', '{'])
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect()
+    }
+
+    fn output(&self, name: &str) -> String {
+        let mut s = String::new();
+        std::fs::File::open(self.dir.path().join(format!("{name}.out")))
+            .map(|mut f| f.read_to_string(&mut s))
+            .ok();
+        s
+    }
+}
+
+fn run(p: &Pod, id: &str) -> u32 {
+    p.create(id, spec(&["sleep"], json!({}))).unwrap();
+    p.pod.start(id, "").unwrap()
+}
+
+#[test]
+fn events_come_in_order_and_an_exit_only_after_its_output() {
+    let p = pod();
+    let pid = run(&p, "c1");
+    assert!(matches!(p.next(), Event::Created { id, .. } if id == "c1"));
+    assert_eq!(
+        p.next(),
+        Event::Started {
+            id: "c1".into(),
+            pid
+        }
+    );
+    p.pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["echo"]), p.io("e1"))
+        .unwrap();
+    let epid = p.pod.start("c1", "e1").unwrap();
+    // Output the guest wrote before the exit is on the host when the exit
+    // event comes.
+    let big = "x".repeat(200_000);
+    let writer = {
+        let a = p.agent.clone();
+        let big = big.clone();
+        std::thread::spawn(move || {
+            a.write("c1", "e1", "stdout", big.as_bytes());
+            a.exit("c1", "e1", 3);
+        })
+    };
+    assert_eq!(
+        p.next(),
+        Event::ExecAdded {
+            id: "c1".into(),
+            exec_id: "e1".into()
+        }
+    );
+    assert_eq!(
+        p.next(),
+        Event::ExecStarted {
+            id: "c1".into(),
+            exec_id: "e1".into(),
+            pid: epid
+        }
+    );
+    match p.next() {
+        Event::Exited {
+            exec_id, pid, exit, ..
+        } => {
+            assert_eq!((exec_id.as_str(), pid, exit.status), ("e1", epid, 3));
+            assert_eq!(p.output("e1").len(), big.len(), "output not drained");
+        }
+        e => panic!("expected the exec's exit, got {e:?}"),
+    }
+    writer.join().unwrap();
+    p.agent.exit("c1", "", 0);
+    assert!(matches!(p.next(), Event::Exited { exec_id, .. } if exec_id.is_empty()));
+    p.pod.delete("c1", "").unwrap();
+    assert!(matches!(p.next(), Event::Deleted { id, pid: d, .. } if id == "c1" && d == pid));
+}
+
+#[test]
+fn an_exec_before_start_is_refused_and_after_start_it_runs() {
+    let p = pod();
+    p.create("c1", spec(&["sleep"], json!({}))).unwrap();
+    let e = p
+        .pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    assert!(e.to_string().contains("not running"), "{e}");
+    p.pod.start("c1", "").unwrap();
+    p.pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .unwrap();
+    assert_eq!(
+        p.pod.process_state("c1", "e1").unwrap().status,
+        Status::Created
+    );
+    let dup = p
+        .pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .unwrap_err();
+    assert_eq!(dup.kind(), ErrorKind::AlreadyExists);
+    p.pod.start("c1", "e1").unwrap();
+    let again = p.pod.start("c1", "e1").unwrap_err();
+    assert_eq!(again.kind(), ErrorKind::FailedPrecondition);
+    p.agent.exit("c1", "e1", 0);
+    assert_eq!(p.pod.wait("c1", "e1").unwrap().status, 0);
+    let bad = p
+        .pod
+        .add_exec("c1", "e/2", Pod::exec_spec(&["true"]), Io::default())
+        .unwrap_err();
+    assert_eq!(bad.kind(), ErrorKind::InvalidArgument, "{bad}");
+}
+
+#[test]
+fn kill_after_exit_is_done_for_an_init_and_not_found_for_an_exec() {
+    let p = pod();
+    run(&p, "c1");
+    p.pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .unwrap();
+    p.pod.start("c1", "e1").unwrap();
+    p.agent.exit("c1", "e1", 0);
+    p.pod.wait("c1", "e1").unwrap();
+    let e = p.pod.kill("c1", "e1", 9, false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    p.pod.kill("c1", "", 15, false).unwrap();
+    assert_eq!(p.pod.wait("c1", "").unwrap().status, 128 + 15);
+    p.pod.kill("c1", "", 9, false).unwrap();
+    let signals = p
+        .agent
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("signal"))
+        .count();
+    assert_eq!(signals, 1, "signals after exit reached the guest");
+}
+
+#[test]
+fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
+    let p = pod();
+    run(&p, "c1");
+    p.pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["sleep"]), Io::default())
+        .unwrap();
+    p.pod.start("c1", "e1").unwrap();
+    let waiter = {
+        let pod = p.pod.clone();
+        std::thread::spawn(move || pod.wait("c1", "e1"))
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    p.pod.kill("c1", "e1", 9, false).unwrap();
+    let (_, exit) = {
+        // The exit is recorded before delete reads it.
+        p.pod.wait("c1", "e1").unwrap();
+        p.pod.delete("c1", "e1").unwrap()
+    };
+    assert_eq!(exit.status, KILLED_STATUS);
+    assert_eq!(waiter.join().unwrap().unwrap().status, KILLED_STATUS);
+    let after = p.pod.wait("c1", "e1").unwrap_err();
+    assert_eq!(after.kind(), ErrorKind::NotFound, "{after}");
+    // The container too: deleted without an exit, it reports SIGKILL's.
+    let (_, exit) = p.pod.delete("c1", "").unwrap();
+    assert_eq!(exit.status, KILLED_STATUS);
+    assert_eq!(
+        p.pod.wait("c1", "").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        p.pod.delete("c1", "").unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
+}
+
+#[test]
+fn an_exec_that_fails_to_start_has_ended_for_its_waiters() {
+    let p = pod();
+    run(&p, "c1");
+    p.pod
+        .add_exec("c1", "e1", Pod::exec_spec(&["fail"]), Io::default())
+        .unwrap();
+    let e = p.pod.start("c1", "e1").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
+    assert!(e.to_string().contains("no such binary"), "{e}");
+    let exit = p.pod.wait("c1", "e1").unwrap();
+    assert_eq!(exit.status, FAILED_START_STATUS);
+    assert_eq!(
+        p.pod.process_state("c1", "e1").unwrap().status,
+        Status::Stopped
+    );
+}
+
+#[test]
+fn the_agents_not_found_stays_not_found() {
+    let p = pod();
+    run(&p, "c1");
+    // The guest lost the process the host still thinks runs.
+    p.agent.guest().procs.clear();
+    let e = p.pod.kill("c1", "", 9, false).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    assert_eq!(
+        PodApiError::from(failed("boom".into())).kind(),
+        ErrorKind::Internal
+    );
+}
+
+#[test]
+fn a_failed_create_leaves_nothing_and_stops_an_empty_pods_vm() {
+    let p = pod();
+    let e = p.create("c1", spec(&["fail"], json!({}))).unwrap_err();
+    assert!(e.to_string().contains("no such binary"), "{e}");
+    assert_eq!(
+        p.agent.calls(),
+        [
+            "boot c1",
+            "attach c1",
+            "create c1",
+            "release c1",
+            "shutdown"
+        ]
+    );
+    assert!(p.pod.is_empty());
+    assert_eq!(p.pod.pod_id(), None);
+    // The next create boots again.
+    run(&p, "c1");
+    assert_eq!(p.agent.guest().shutdowns, 1);
+}
+
+#[test]
+fn a_pod_boots_once_and_its_vm_stops_with_the_last_container() {
+    let p = pod();
+    let sandbox = "p1";
+    let member = |name: &str| {
+        spec(
+            &["sleep"],
+            json!({ "io.kubernetes.cri.container-type": "container",
+                    "io.kubernetes.cri.sandbox-id": name }),
+        )
+    };
+    // An app container before its sandbox has nothing to join.
+    let e = p.create("a", member(sandbox)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
+    p.create(
+        sandbox,
+        spec(
+            &["pause"],
+            json!({ "io.kubernetes.cri.container-type": "sandbox" }),
+        ),
+    )
+    .unwrap();
+    p.pod.start(sandbox, "").unwrap();
+    run_member(&p, "a", member(sandbox));
+    run_member(&p, "b", member(sandbox));
+    let other = p.create("x", member("p2")).unwrap_err();
+    assert!(other.to_string().contains("not pod p2"), "{other}");
+    assert_eq!(
+        p.agent
+            .calls()
+            .iter()
+            .filter(|c| c.starts_with("boot"))
+            .count(),
+        1
+    );
+    // The sandbox's exit ends the pod: its members are killed.
+    p.agent.exit(sandbox, "", 0);
+    for id in ["a", "b"] {
+        assert_eq!(p.pod.wait(id, "").unwrap().status, 128 + 9, "{id}");
+    }
+    for id in ["a", sandbox] {
+        p.pod.delete(id, "").unwrap();
+        assert_eq!(
+            p.agent.guest().shutdowns,
+            0,
+            "VM stopped before its last container"
+        );
+    }
+    p.pod.delete("b", "").unwrap();
+    assert_eq!(p.agent.guest().shutdowns, 1);
+    assert!(p.pod.is_empty());
+}
+
+fn run_member(p: &Pod, id: &str, spec: Value) {
+    p.create(id, spec).unwrap();
+    p.pod.start(id, "").unwrap();
+}
+
+#[test]
+fn pause_resume_and_state_follow_the_container() {
+    let p = pod();
+    p.create("c1", spec(&["sleep"], json!({}))).unwrap();
+    let st = p.pod.process_state("c1", "").unwrap();
+    assert_eq!((st.status, st.pid), (Status::Created, 0));
+    assert_eq!(st.bundle, Path::new("/bundles/c1"));
+    let pid = p.pod.start("c1", "").unwrap();
+    p.pod.pause("c1").unwrap();
+    assert_eq!(
+        p.pod.process_state("c1", "").unwrap().status,
+        Status::Paused
+    );
+    p.pod.resume("c1").unwrap();
+    let st = p.pod.process_state("c1", "").unwrap();
+    assert_eq!((st.status, st.pid), (Status::Running, pid));
+    assert_eq!(p.pod.pids("c1").unwrap(), [pid]);
+    assert_eq!(
+        p.pod.update("c1", b"not json".to_vec()).unwrap_err().kind(),
+        ErrorKind::InvalidArgument
+    );
+    p.pod.update("c1", b"{}".to_vec()).unwrap();
+    assert_eq!(
+        p.kinds(),
+        ["Created", "Started", "Paused", "Resumed"],
+        "events"
+    );
+    assert_eq!(p.pod.pause("nope").unwrap_err().kind(), ErrorKind::NotFound);
+}
