@@ -28,6 +28,29 @@ pub struct Containerd {
     cri_used: std::sync::atomic::AtomicBool,
 }
 
+/// Starts containerd on the config in `d`, logging to `d/containerd.log`
+/// (appended, across restarts).
+fn spawn_containerd(d: &Path) -> Child {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .open(d.join("containerd.log"))
+        .expect("containerd log");
+    let path = format!(
+        "{}:{}",
+        profile_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    Command::new("containerd")
+        .arg("--config")
+        .arg(d.join("config.toml"))
+        .env("PATH", path)
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start containerd (apt-get install containerd)")
+}
+
 /// The target dir of this build profile (holds the shim binary): the
 /// parent of a test's `deps/`, or a binary's own directory.
 pub fn profile_dir() -> PathBuf {
@@ -81,35 +104,14 @@ impl Containerd {
             cni = cni.display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("write containerd config");
-        let log = std::fs::File::create(d.join("containerd.log")).expect("containerd log");
-        let path = format!(
-            "{}:{}",
-            profile_dir().display(),
-            std::env::var("PATH").unwrap_or_default()
-        );
-        let child = Command::new("containerd")
-            .arg("--config")
-            .arg(d.join("config.toml"))
-            .env("PATH", path)
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start containerd (apt-get install containerd)");
+        let child = spawn_containerd(d);
         let c = Self {
             dir,
             child,
             socket,
             cri_used: Default::default(),
         };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !c.ctr(&["version"]).status.success() {
-            assert!(
-                Instant::now() < deadline,
-                "containerd did not come up:\n{}",
-                c.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        c.wait_up();
         let tar = d.join("busybox.tar");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-busybox-image.sh");
         let st = Command::new("bash")
@@ -126,6 +128,33 @@ impl Containerd {
             String::from_utf8_lossy(&out.stderr)
         );
         c
+    }
+
+    fn wait_up(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.ctr(&["version"]).status.success() {
+            assert!(
+                Instant::now() < deadline,
+                "containerd did not come up:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Kills containerd as a crash or an upgrade would (its shims live on),
+    /// waits `down`, and starts it again on the same state.
+    pub fn restart(&mut self, down: Duration) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(down);
+        self.child = spawn_containerd(self.dir.path());
+        self.wait_up();
+    }
+
+    /// A new CRI client (after a restart).
+    pub fn cri_client(&self) -> crate::cri::Cri {
+        crate::cri::Cri::connect(&self.socket)
     }
 
     /// Imports the busybox and pause images for CRI (namespace k8s.io) and

@@ -765,3 +765,80 @@ fn a_host_mount_made_after_start_reaches_a_host_to_container_volume() {
         "a tmpfs mounted on the host after start never showed in the container"
     );
 }
+
+/// The numbers of the `line N` lines a CRI log holds, in order.
+fn numbered_lines(log: &Path) -> Vec<u64> {
+    cri_log_payload(&std::fs::read_to_string(log).unwrap_or_default())
+        .lines()
+        .filter_map(|l| l.strip_prefix("line ")?.trim().parse().ok())
+        .collect()
+}
+
+#[test]
+fn a_containers_output_survives_a_containerd_restart_as_with_runc() {
+    if !e2e("a_containers_output_survives_a_containerd_restart_as_with_runc") {
+        return;
+    }
+    let _vm = vm_lock();
+    let (mut ctd, cri, logs) = cri_env();
+    drop(cri);
+    let counter = "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.1; done";
+    let mut pods = Vec::new();
+    for handler in ["runc", "husk"] {
+        let cri = ctd.cri_client();
+        let dir = logs.path().join(handler);
+        std::fs::create_dir_all(&dir).expect("log dir");
+        let mut opts = PodOpts::new(&format!("restart-{handler}"), &dir);
+        opts.handler = handler.into();
+        let pod = start_pod(&ctd, &cri, &opts);
+        let c = cri
+            .run_container(
+                &pod,
+                &opts,
+                container("counter", IMAGE, &["sh", "-c", counter], false),
+            )
+            .unwrap_or_else(|e| panic!("container ({handler}): {e}\n{}", ctd.log()));
+        pods.push((handler, pod, c, dir.join("counter.log")));
+    }
+    for (handler, _, _, log) in &pods {
+        let seen = eventually(Duration::from_secs(20), || {
+            (numbered_lines(log).len() >= 10).then_some(())
+        });
+        assert!(seen.is_some(), "{handler}: no output before the restart");
+    }
+    // containerd gone for 3 s: the containers keep writing (about 30 lines
+    // each, less than a FIFO holds), then a new containerd takes over.
+    ctd.restart(Duration::from_secs(3));
+    let cri = ctd.cri_client();
+    for (handler, _, _, log) in &pods {
+        let before = numbered_lines(log).len();
+        let grown = eventually(Duration::from_secs(30), || {
+            (numbered_lines(log).len() >= before + 40).then_some(())
+        });
+        assert!(
+            grown.is_some(),
+            "{handler}: output stopped after containerd's restart (had {before} lines)\n{}",
+            ctd.log()
+        );
+        let lines = numbered_lines(log);
+        let gaps: Vec<_> = lines
+            .windows(2)
+            .filter(|w| w[1] != w[0] + 1)
+            .map(|w| (w[0], w[1]))
+            .collect();
+        assert!(
+            lines.first() == Some(&1) && gaps.is_empty(),
+            "{handler}: lines lost across the restart: gaps {gaps:?} in {} lines",
+            lines.len()
+        );
+    }
+    for (handler, pod, c, _) in &pods {
+        let r = cri
+            .exec_sync(c, &["echo", "after"], 30)
+            .unwrap_or_else(|e| panic!("{handler}: exec after the restart: {e}"));
+        assert_eq!(r.stdout, "after\n", "{handler}");
+        cri.stop_pod(pod).expect("StopPodSandbox");
+        cri.remove_pod(pod).expect("RemovePodSandbox");
+    }
+    assert_clean();
+}
