@@ -672,6 +672,26 @@ fn a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size() {
             .map(|v| v.value)
             .unwrap_or(0)
     };
+    // The pod's container figures are the guest's.
+    let guest_bytes: u64 = sh(&cri, &app, &cgroup_file("memory.current"))
+        .trim()
+        .parse()
+        .expect("the container's memory.current");
+    let entry = linux
+        .containers
+        .iter()
+        .find(|c| c.attributes.as_ref().is_some_and(|a| a.id == app))
+        .unwrap_or_else(|| panic!("no stats for {app} in the pod's: {:?}", linux.containers));
+    let ws = entry
+        .memory
+        .as_ref()
+        .and_then(|m| m.working_set_bytes.as_ref())
+        .map(|v| v.value)
+        .expect("the container's working set");
+    assert!(
+        ws > 0 && ws <= guest_bytes * 2 && guest_bytes <= ws * 2,
+        "the pod's stats say {ws} B for {app}, the guest's cgroup {guest_bytes} B"
+    );
     let cpu1 = cpu(&cri.pod_stats(&pod).expect("PodSandboxStats"));
     sh(
         &cri,
@@ -712,8 +732,8 @@ fn host(cmd: &str, args: &[&str]) {
 }
 
 #[test]
-fn a_host_mount_made_after_start_reaches_a_host_to_container_volume() {
-    if !e2e("a_host_mount_made_after_start_reaches_a_host_to_container_volume") {
+fn volumes_read_only_file_and_sub_path_and_host_mounts_made_after_start() {
+    if !e2e("volumes_read_only_file_and_sub_path_and_host_mounts_made_after_start") {
         return;
     }
     let _vm = vm_lock();
@@ -730,17 +750,66 @@ fn a_host_mount_made_after_start_reaches_a_host_to_container_volume() {
     std::fs::write(vol.path().join("early"), "early\n").expect("write early file");
     let opts = PodOpts::new("pod-prop", logs.path());
     let pod = start_pod(&ctd, &cri, &opts);
-    let mut c = container("app", IMAGE, &["sleep", "3600"], false);
-    c.mounts = vec![k8s_cri::v1::Mount {
-        container_path: "/vol".into(),
-        host_path: v.clone(),
-        propagation: k8s_cri::v1::MountPropagation::PropagationHostToContainer as i32,
+    // Beside it, as kubelet hands them over: a read-only hostPath volume,
+    // a single file, and a subPath (a bind of a directory inside a volume).
+    let other = tempfile::tempdir().expect("volume dir");
+    std::fs::create_dir(other.path().join("sub")).expect("subPath dir");
+    std::fs::write(other.path().join("sub/in-sub"), "sub\n").expect("subPath file");
+    std::fs::write(other.path().join("config"), "key=value\n").expect("file volume");
+    let bind = |host: &Path, at: &str, readonly: bool| k8s_cri::v1::Mount {
+        container_path: at.into(),
+        host_path: host.display().to_string(),
+        readonly,
         ..Default::default()
-    }];
+    };
+    let mut c = container("app", IMAGE, &["sleep", "3600"], false);
+    c.mounts = vec![
+        k8s_cri::v1::Mount {
+            container_path: "/vol".into(),
+            host_path: v.clone(),
+            propagation: k8s_cri::v1::MountPropagation::PropagationHostToContainer as i32,
+            ..Default::default()
+        },
+        bind(other.path(), "/ro", true),
+        bind(&other.path().join("config"), "/etc/app.conf", true),
+        bind(&other.path().join("sub"), "/data/sub", false),
+    ];
     let app = cri
         .run_container(&pod, &opts, c)
         .unwrap_or_else(|e| panic!("container: {e}\n{}", ctd.log()));
     assert_eq!(sh(&cri, &app, "cat /vol/early"), "early\n");
+    assert_eq!(
+        sh(&cri, &app, "cat /etc/app.conf /ro/config"),
+        "key=value\nkey=value\n"
+    );
+    let w = cri
+        .exec_sync(
+            &app,
+            &["sh", "-c", "echo x > /ro/new || echo x >> /etc/app.conf"],
+            30,
+        )
+        .expect("exec");
+    assert_ne!(w.exit_code, 0, "a read-only volume took a write: {w:?}");
+    assert!(
+        !other.path().join("new").exists(),
+        "the write reached the host"
+    );
+    assert_eq!(
+        sh(
+            &cri,
+            &app,
+            "cat /data/sub/in-sub; echo new > /data/sub/made"
+        ),
+        "sub\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.path().join("sub/made")).expect("file made in the subPath"),
+        "new\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(other.path().join("config")).expect("file volume"),
+        "key=value\n"
+    );
     // The guest looks at the mount point before anything is mounted there.
     std::fs::create_dir(vol.path().join("sub")).expect("mkdir sub");
     assert_eq!(sh(&cri, &app, "ls -A /vol/sub"), "");
