@@ -194,9 +194,13 @@ struct ExitCell {
 }
 
 impl ExitCell {
-    fn set(&self, exit: Exit) {
-        *self.exit.lock().unwrap_or_else(|e| e.into_inner()) = Some(exit);
-        self.cv.notify_all();
+    /// Sets the exit unless one is there (a deleted process's stays).
+    fn set_once(&self, exit: Exit) {
+        let mut g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        if g.is_none() {
+            *g = Some(exit);
+            self.cv.notify_all();
+        }
     }
 
     fn wait(&self) -> Exit {
@@ -253,6 +257,14 @@ impl Proc {
 
     fn running(&self) -> bool {
         self.pid != 0 && self.exit.is_none()
+    }
+
+    /// The process's exit as its delete reports it: SIGKILL's if it never
+    /// exited; a Wait still pending on it returns that.
+    fn end(&self) -> Exit {
+        let exit = self.exit.unwrap_or_else(|| Exit::now(KILLED_STATUS));
+        self.exited.set_once(exit);
+        exit
     }
 }
 
@@ -504,7 +516,7 @@ impl<B: Backend> PodService<B> {
                     if p.exit.is_none() && p.pid == 0 {
                         let exit = Exit::now(FAILED_START_STATUS);
                         p.exit = Some(exit);
-                        p.exited.set(exit);
+                        p.exited.set_once(exit);
                     }
                     Ok(())
                 });
@@ -575,6 +587,10 @@ impl<B: Backend> PodService<B> {
     fn watch_exit(&self, id: &str, exec_id: &str, pid: u32, agent: AgentOf<B>) {
         let me = self.clone();
         let (id, exec_id) = (id.to_owned(), exec_id.to_owned());
+        // Waiters hold this cell, also when the process is deleted first.
+        let Ok(cell) = self.with_proc(&id, &exec_id, |p| Ok(p.exited.clone())) else {
+            return;
+        };
         std::thread::spawn(move || {
             let exec = (!exec_id.is_empty()).then_some(exec_id.as_str());
             let status = agent.wait_process(&id, exec).unwrap_or_else(|e| {
@@ -586,23 +602,22 @@ impl<B: Backend> PodService<B> {
                 .unwrap_or_default();
             pumps.into_iter().for_each(|p| drop(p.join()));
             let exit = Exit::now(status);
-            let recorded = me.with_ctr(&id, |c| {
-                let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
-                let p = c.proc(&id, &exec_id)?;
-                p.exit = Some(exit);
-                Ok((p.exited.clone(), ends_pod))
-            });
+            let ends_pod = me
+                .with_ctr(&id, |c| {
+                    let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
+                    c.proc(&id, &exec_id)?.exit = Some(exit);
+                    Ok(ends_pod)
+                })
+                .unwrap_or(false);
             me.emit(Event::Exited {
                 id: id.clone(),
                 exec_id: exec_id.clone(),
                 pid,
                 exit,
             });
-            if let Ok((cell, ends_pod)) = recorded {
-                cell.set(exit);
-                if ends_pod {
-                    me.kill_members(&id, &agent);
-                }
+            cell.set_once(exit);
+            if ends_pod {
+                me.kill_members(&id, &agent);
             }
         });
     }
@@ -726,17 +741,17 @@ impl<B: Backend> PodService<B> {
                     );
                 }
             }
-            return Ok((p.pid, p.exit.unwrap_or_else(|| Exit::now(KILLED_STATUS))));
+            return Ok((p.pid, p.end()));
         }
         let removed = self
             .state()
             .containers
             .remove(id)
             .ok_or_else(|| PodApiError::NoContainer(id.to_owned()))?;
-        let exit = removed
-            .init
-            .exit
-            .unwrap_or_else(|| Exit::now(KILLED_STATUS));
+        for p in removed.execs.values() {
+            p.end();
+        }
+        let exit = removed.init.end();
         if let Ok(agent) = self.agent() {
             if let Err(e) = agent.remove_container(id) {
                 tracing::warn!(

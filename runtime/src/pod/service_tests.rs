@@ -534,9 +534,25 @@ fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
     assert_eq!(waiter.join().unwrap().unwrap().status, KILLED_STATUS);
     let after = p.pod.wait("c1", "e1").unwrap_err();
     assert_eq!(after.kind(), ErrorKind::NotFound, "{after}");
-    // The container too: deleted without an exit, it reports SIGKILL's.
+    // The container too: deleted without an exit, it reports SIGKILL's,
+    // and a Wait pending on it (and on an exec of it) returns that.
+    p.pod
+        .add_exec("c1", "e2", Pod::exec_spec(&["sleep"]), Io::default())
+        .unwrap();
+    p.pod.start("c1", "e2").unwrap();
+    let waiters: Vec<_> = ["", "e2"]
+        .into_iter()
+        .map(|exec| {
+            let pod = p.pod.clone();
+            std::thread::spawn(move || pod.wait("c1", exec))
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(50));
     let (_, exit) = p.pod.delete("c1", "").unwrap();
     assert_eq!(exit.status, KILLED_STATUS);
+    for w in waiters {
+        assert_eq!(w.join().unwrap().unwrap().status, KILLED_STATUS);
+    }
     assert_eq!(
         p.pod.wait("c1", "").unwrap_err().kind(),
         ErrorKind::NotFound
