@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemons;
 pub mod host;
 pub mod hypervisor;
+pub mod network;
 pub mod paths;
 pub mod pod;
 pub mod process;
