@@ -96,25 +96,7 @@ impl Backend for VmBackend {
     ) -> Result<PodSandbox, BootError> {
         let mut config = config.clone();
         size_guest(&mut config.guest, spec, pod_id)?;
-        let cgroup = match spec
-            .pointer("/linux/cgroupsPath")
-            .and_then(Value::as_str)
-            .filter(|p| !p.is_empty())
-        {
-            Some(path) => {
-                let cg = PodCgroup::enter(path)?;
-                let recorded = if bundle.as_os_str().is_empty() {
-                    Ok(())
-                } else {
-                    cgroup::record(&bundle.join(cgroup::RECORD_FILE), &cg)
-                };
-                if let Err(e) = recorded {
-                    tracing::warn!(bundle = %bundle.display(), "recording the pod's cgroup: {e}");
-                }
-                Some(cg)
-            }
-            None => None,
-        };
+        let cgroup = join_pod_cgroup(spec, bundle)?;
         let booted = Sandbox::boot(&config, pod_id)
             .map_err(BootError::from)
             .and_then(|sb| {
@@ -136,6 +118,39 @@ impl Backend for VmBackend {
             }
         }
     }
+}
+
+/// Moves this process into the cgroup the booting spec names, so the VMM
+/// and daemons it starts are charged to the pod, and records it in the
+/// bundle for `delete` after a crash (no bundle, no record).
+fn join_pod_cgroup(spec: &Value, bundle: &Path) -> Result<Option<PodCgroup>, BootError> {
+    let Some(path) = spec
+        .pointer("/linux/cgroupsPath")
+        .and_then(Value::as_str)
+        .filter(|p| !p.is_empty())
+    else {
+        return Ok(None);
+    };
+    let cg = match PodCgroup::enter(path) {
+        Ok(cg) => cg,
+        // A host without any cgroup hierarchy (a bare VM image, the nested
+        // lab's L1) has nothing to account in: the VM runs where the
+        // caller runs.
+        Err(cgroup::CgroupError::NoHierarchy) => {
+            tracing::warn!(
+                cgroup = path,
+                "no cgroup hierarchy mounted; the VM is not in a pod cgroup"
+            );
+            return Ok(None);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if !bundle.as_os_str().is_empty() {
+        if let Err(e) = cgroup::record(&bundle.join(cgroup::RECORD_FILE), &cg) {
+            tracing::warn!(bundle = %bundle.display(), "recording the pod's cgroup: {e}");
+        }
+    }
+    Ok(Some(cg))
 }
 
 impl PodVm for PodSandbox {
