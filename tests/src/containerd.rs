@@ -260,6 +260,20 @@ impl Containerd {
 
 impl Drop for Containerd {
     fn drop(&mut self) {
+        // A failed test's containerd log outlives its directory.
+        if std::thread::panicking() {
+            let kept = std::env::temp_dir().join(format!(
+                "husk-e2e-containerd-{}.log",
+                self.dir
+                    .path()
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            ));
+            if std::fs::copy(self.dir.path().join("containerd.log"), &kept).is_ok() {
+                eprintln!("containerd's log kept in {}", kept.display());
+            }
+        }
         // A test that failed midway leaves pods and tasks: end them through
         // containerd, so their shims clean up, before containerd stops.
         // Pods first, through CRI, which waits for their shims' shutdown
