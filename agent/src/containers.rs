@@ -16,7 +16,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use husk_protocol::containers::{StatsResponse, Stdio};
+use husk_protocol::containers::{Network, StatsResponse, Stdio};
 use husk_protocol::{valid_id, StreamHeader, StreamKind};
 use libcontainer::container::Container;
 use libcontainer::oci_spec::runtime::{LinuxResources, Process, Spec};
@@ -160,6 +160,14 @@ struct Entry {
     /// A pipe whose write end lives and dies with this entry: WaitOom
     /// calls hold a copy of the read end, which hangs up on removal.
     gone: (std::io::PipeReader, std::io::PipeWriter),
+}
+
+/// What a created container's network namespace needs from the agent.
+enum NetnsSetup<'a> {
+    /// It joins one that exists.
+    Joined,
+    /// It is new: loopback up, and the pod's NICs for a pod sandbox.
+    New(Option<&'a Network>),
 }
 
 /// All containers of this guest.
@@ -421,6 +429,7 @@ impl Manager {
         id: &str,
         spec_json: &[u8],
         stdio: &Stdio,
+        network: Option<&Network>,
         stream_wait: Duration,
     ) -> Result<(), ContainerError> {
         if !valid_id(id) {
@@ -472,7 +481,18 @@ impl Manager {
         let json = serde_json::to_vec(&spec).map_err(|e| spec_error(e.to_string()))?;
         let created = std::fs::write(bundle.join("config.json"), json)
             .map_err(|e| io("write config.json", e))
-            .and_then(|()| self.create_init(id, &bundle, stdio, terminal, new_netns, stream_wait));
+            .and_then(|()| {
+                let netns = match (new_netns, network) {
+                    (true, network) => NetnsSetup::New(network),
+                    (false, None) => NetnsSetup::Joined,
+                    (false, Some(_)) => {
+                        return Err(spec_error(
+                            "a pod network is given, but the spec joins a network namespace instead of making one".into(),
+                        ))
+                    }
+                };
+                self.create_init(id, &bundle, stdio, terminal, netns, stream_wait)
+            });
         if created.is_err() {
             // Nothing of a refused create stays: its bundle, and streams
             // the host opened for it that arrive late.
@@ -491,7 +511,7 @@ impl Manager {
         bundle: &Path,
         stdio: &Stdio,
         terminal: bool,
-        new_netns: bool,
+        netns: NetnsSetup<'_>,
         stream_wait: Duration,
     ) -> Result<(), ContainerError> {
         std::fs::create_dir_all(STATE_DIR).map_err(|e| ContainerError::Io {
@@ -529,6 +549,19 @@ impl Manager {
                 what: "removal pipe",
                 why: e.to_string(),
             })?;
+            let NetnsSetup::New(network) = netns else {
+                return Ok((init, gone));
+            };
+            if let Err(e) = crate::net::loopback_up(init.pid) {
+                crate::log_error!("container {id}: bringing up lo in its network namespace: {e}");
+            }
+            // The pod's NICs, before anything of the pod starts.
+            if let Some(net) = network {
+                crate::net::configure(init.pid, net).map_err(|e| ContainerError::Runtime {
+                    id: id.to_owned(),
+                    why: format!("configuring the pod network: {e}"),
+                })?;
+            }
             Ok((init, gone))
         });
         let (init, gone) = match registered {
@@ -539,11 +572,6 @@ impl Manager {
                 return Err(e);
             }
         };
-        if new_netns {
-            if let Err(e) = crate::net::loopback_up(init.pid) {
-                crate::log_error!("container {id}: bringing up lo in its network namespace: {e}");
-            }
-        }
         let cgroup = cgroup::container_path(&container);
         self.lock().insert(
             id.to_owned(),

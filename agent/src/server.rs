@@ -126,6 +126,7 @@ impl containers_ttrpc::Containers for ContainersService {
             &req.container_id,
             &req.spec_json,
             &stdio,
+            req.network.as_ref(),
             stream_wait(ctx.timeout_nano),
         ))
     }

@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use husk_protocol::agent::ShutdownRequest;
 use husk_protocol::agent_ttrpc::AgentClient as AgentRpc;
 use husk_protocol::containers::{
-    ContainerRequest, CreateContainerRequest, ExecProcessRequest, ProcessRequest, ResizePtyRequest,
-    SignalRequest, StatsResponse, Stdio, UpdateContainerRequest,
+    ContainerRequest, CreateContainerRequest, ExecProcessRequest, Network, ProcessRequest,
+    ResizePtyRequest, SignalRequest, StatsResponse, Stdio, UpdateContainerRequest,
 };
 use husk_protocol::containers_ttrpc::ContainersClient;
 use husk_protocol::health::check_response::ServingStatus;
@@ -329,11 +329,13 @@ impl Agent {
         container_id: &str,
         spec_json: Vec<u8>,
         stdio: Stdio,
+        network: Option<Network>,
     ) -> Result<(), AgentError> {
         let mut req = CreateContainerRequest::new();
         req.container_id = container_id.to_owned();
         req.spec_json = spec_json;
         req.stdio = Some(stdio).into();
+        req.network = network.into();
         rpc(
             "CreateContainer",
             self.containers.create_container(self.ctx(), &req),

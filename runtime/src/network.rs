@@ -19,11 +19,16 @@ use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
+use husk_protocol::containers as proto;
 use nix::sched::CloneFlags;
 use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+};
 use rtnetlink::packet_route::tc::TcHandle;
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 /// ETH_P_ALL, as tc's `protocol all`: the kernel compares it with the
 /// frame's protocol field, in network byte order.
@@ -82,11 +87,36 @@ pub struct Tap {
     pub link: PodLink,
 }
 
-/// The pod's links, each with its tap and redirects.
+/// A route CNI added (not one the kernel made for an address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRoute {
+    /// None: the default route.
+    pub destination: Option<(IpAddr, u8)>,
+    pub gateway: Option<IpAddr>,
+    pub source: Option<IpAddr>,
+    /// The index of the pod link it goes out of.
+    pub link: u32,
+    pub scope: u8,
+    pub metric: u32,
+    pub ipv6: bool,
+}
+
+/// A permanent neighbour entry on a pod link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNeighbour {
+    pub address: IpAddr,
+    pub lladdr: Vec<u8>,
+    pub link: u32,
+}
+
+/// The pod's links, each with its tap and redirects, and the routes and
+/// neighbours the guest needs to mirror them.
 #[derive(Debug)]
 pub struct PodNetwork {
     netns: PathBuf,
     taps: Vec<Tap>,
+    routes: Vec<PodRoute>,
+    neighbours: Vec<PodNeighbour>,
 }
 
 /// The tap name for the link with `index`.
@@ -212,6 +242,122 @@ async fn pod_links(handle: &Handle, netns: &Path) -> Result<Vec<PodLink>, Networ
         found.push(link);
     }
     Ok(found)
+}
+
+fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+    match a {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+/// The routes of the main table out of one of `links` that the kernel did
+/// not add itself (prefix routes of addresses, IPv6 link-local ones).
+async fn pod_routes(
+    handle: &Handle,
+    netns: &Path,
+    links: &[PodLink],
+) -> Result<Vec<PodRoute>, NetworkError> {
+    let mut found = Vec::new();
+    for (ipv6, query) in [
+        (
+            false,
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        ),
+        (
+            true,
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
+        ),
+    ] {
+        let routes: Vec<RouteMessage> = handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(netns, "listing routes"))?;
+        for m in routes {
+            if let Some(r) = pod_route(&m, ipv6, links) {
+                found.push(r);
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// `m` as a route the guest must be given, if it is one.
+fn pod_route(m: &RouteMessage, ipv6: bool, links: &[PodLink]) -> Option<PodRoute> {
+    let mut table = u32::from(m.header.table);
+    let mut route = PodRoute {
+        destination: None,
+        gateway: None,
+        source: None,
+        link: 0,
+        scope: m.header.scope.into(),
+        metric: 0,
+        ipv6,
+    };
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Table(t) => table = *t,
+            RouteAttribute::Destination(d) => {
+                route.destination = route_ip(d).map(|ip| (ip, m.header.destination_prefix_length))
+            }
+            RouteAttribute::Gateway(g) => route.gateway = route_ip(g),
+            RouteAttribute::PrefSource(p) => route.source = route_ip(p),
+            RouteAttribute::Oif(i) => route.link = *i,
+            RouteAttribute::Priority(p) => route.metric = *p,
+            _ => {}
+        }
+    }
+    let wanted = table == u32::from(RouteHeader::RT_TABLE_MAIN)
+        && m.header.protocol != RouteProtocol::Kernel
+        && m.header.kind == RouteType::Unicast
+        && links.iter().any(|l| l.index == route.link)
+        && !route.destination.is_some_and(|(ip, _)| is_link_local(&ip));
+    wanted.then_some(route)
+}
+
+/// The permanent neighbour entries on `links`.
+async fn pod_neighbours(
+    handle: &Handle,
+    netns: &Path,
+    links: &[PodLink],
+) -> Result<Vec<PodNeighbour>, NetworkError> {
+    let all: Vec<_> = handle
+        .neighbours()
+        .get()
+        .execute()
+        .try_collect()
+        .await
+        .map_err(netlink(netns, "listing neighbours"))?;
+    Ok(all
+        .iter()
+        .filter(|m| m.header.state == NeighbourState::Permanent)
+        .filter(|m| links.iter().any(|l| l.index == m.header.ifindex))
+        .filter_map(|m| {
+            let mut address = None;
+            let mut lladdr = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        address = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        address = Some(IpAddr::V6(*v6))
+                    }
+                    NeighbourAttribute::LinkLayerAddress(mac) => lladdr = Some(mac.clone()),
+                    _ => {}
+                }
+            }
+            Some(PodNeighbour {
+                address: address?,
+                lladdr: lladdr?,
+                link: m.header.ifindex,
+            })
+        })
+        .collect())
 }
 
 /// fe80::/10: every IPv6 link has one; it says nothing about CNI.
@@ -359,9 +505,12 @@ impl PodNetwork {
     /// Finds the CNI links of namespace `netns` and gives each a tap with
     /// redirects both ways. On error nothing of it stays.
     pub fn attach(netns: &Path) -> Result<Self, NetworkError> {
-        let taps = in_netns(netns, |handle| async move {
+        let (taps, routes, neighbours) = in_netns(netns, |handle| async move {
+            let links = pod_links(&handle, netns).await?;
+            let routes = pod_routes(&handle, netns, &links).await?;
+            let neighbours = pod_neighbours(&handle, netns, &links).await?;
             let mut taps = Vec::new();
-            for link in pod_links(&handle, netns).await? {
+            for link in links {
                 let veth = link.index;
                 match attach_link(&handle, netns, link).await {
                     Ok(tap) => taps.push(tap),
@@ -374,13 +523,63 @@ impl PodNetwork {
                     }
                 }
             }
-            Ok(taps)
+            Ok((taps, routes, neighbours))
         })?;
-        tracing::info!(netns = %netns.display(), taps = taps.len(), "pod network attached");
+        tracing::info!(netns = %netns.display(), taps = taps.len(), routes = routes.len(), "pod network attached");
         Ok(Self {
             netns: netns.to_path_buf(),
             taps,
+            routes,
+            neighbours,
         })
+    }
+
+    /// What the guest must configure: each link's MAC, MTU and addresses,
+    /// the routes and the permanent neighbours, by the link's MAC.
+    pub fn guest_config(&self) -> proto::Network {
+        let mac_of = |index: u32| {
+            self.taps
+                .iter()
+                .find(|t| t.link.index == index)
+                .map(|t| t.link.mac.clone())
+                .unwrap_or_default()
+        };
+        let mut net = proto::Network::new();
+        for t in &self.taps {
+            let mut i = proto::Interface::new();
+            i.mac = t.link.mac.clone();
+            i.mtu = t.link.mtu;
+            i.name = t.link.name.clone();
+            i.addresses = t
+                .link
+                .addresses
+                .iter()
+                .map(|(ip, len)| format!("{ip}/{len}"))
+                .collect();
+            net.interfaces.push(i);
+        }
+        for r in &self.routes {
+            let mut p = proto::Route::new();
+            p.destination = r
+                .destination
+                .map(|(ip, len)| format!("{ip}/{len}"))
+                .unwrap_or_default();
+            p.gateway = r.gateway.map(|g| g.to_string()).unwrap_or_default();
+            p.source = r.source.map(|s| s.to_string()).unwrap_or_default();
+            p.device_mac = mac_of(r.link);
+            p.scope = r.scope.into();
+            p.metric = r.metric;
+            p.ipv6 = r.ipv6;
+            net.routes.push(p);
+        }
+        for n in &self.neighbours {
+            let mut p = proto::Neighbour::new();
+            p.address = n.address.to_string();
+            p.lladdr = n.lladdr.clone();
+            p.device_mac = mac_of(n.link);
+            net.neighbours.push(p);
+        }
+        net
     }
 
     pub fn netns(&self) -> &Path {
@@ -393,7 +592,7 @@ impl PodNetwork {
 
     /// Removes the redirects and the taps: the namespace is as CNI left it.
     pub fn detach(self) -> Result<(), NetworkError> {
-        let PodNetwork { netns, taps } = self;
+        let PodNetwork { netns, taps, .. } = self;
         // A tap without `persist` goes with its last descriptor; the VMM's
         // copy is gone with the VMM. Removing it by name covers the rest.
         drop(taps);

@@ -6,6 +6,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -39,6 +40,9 @@ pub enum ProcessError {
         source: std::io::Error,
     },
 }
+
+/// The most descriptors [`Process::spawn_with_fds`] passes.
+pub const MAX_INHERITED: usize = 16;
 
 /// A running helper process and the log that holds its stdout and stderr.
 #[derive(Debug)]
@@ -84,6 +88,36 @@ impl Process {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::spawn_with_fds(name, program, args, log, &[])
+    }
+
+    /// As [`Process::spawn`], and the child gets `fds[i]` as descriptor
+    /// `3 + i` (at most [`MAX_INHERITED`]); no other descriptor of the
+    /// caller reaches it.
+    pub fn spawn_with_fds<I, S>(
+        name: &'static str,
+        program: &Path,
+        args: I,
+        log: &Path,
+        fds: &[RawFd],
+    ) -> Result<Self, ProcessError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        if fds.len() > MAX_INHERITED {
+            return Err(ProcessError::Spawn {
+                name,
+                path: program.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{} descriptors to pass, at most {MAX_INHERITED}", fds.len()),
+                ),
+            });
+        }
+        let mut inherited = [-1 as RawFd; MAX_INHERITED];
+        inherited[..fds.len()].copy_from_slice(fds);
+        let count = fds.len();
         let path = find_binary(program).ok_or_else(|| ProcessError::NotFound {
             name,
             path: program.to_path_buf(),
@@ -108,12 +142,29 @@ impl Process {
             .stdout(out)
             .stderr(err)
             .process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and only
-        // calls prctl(2), which is async-signal-safe.
+        // SAFETY: the closure runs in the child between fork and exec; it
+        // allocates nothing and calls only prctl(2), fcntl(2) and dup2(2),
+        // which are async-signal-safe, on descriptors the caller keeps open
+        // across the spawn.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                // Each passed descriptor first to a high number (closed at
+                // exec), so no source is overwritten before it is copied,
+                // then to its place (dup2 clears close-on-exec there).
+                let mut high = [-1 as RawFd; MAX_INHERITED];
+                for i in 0..count {
+                    high[i] = libc::fcntl(inherited[i], libc::F_DUPFD_CLOEXEC, 64);
+                    if high[i] < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, fd) in high.iter().enumerate().take(count) {
+                    if libc::dup2(*fd, 3 + i as RawFd) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });

@@ -13,10 +13,10 @@ use std::time::{Duration, Instant};
 use husk_protocol::AGENT_VSOCK_PORT;
 
 use crate::agent::{self, Agent, AgentError, AgentInfo};
-use crate::config::Config;
+use crate::config::{Config, HypervisorChoice};
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
-use crate::hypervisor::{HuskVmm, Hypervisor, Qemu, VmSpec};
+use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, VmSpec};
 use crate::paths::SandboxPaths;
 use crate::process::{tail_of_file, Process, ProcessError};
 
@@ -53,6 +53,8 @@ pub enum SandboxError {
     },
     #[error(transparent)]
     Backend(#[from] ChoiceError),
+    #[error("the pod has a network and hypervisor = \"husk-vmm\" is configured, which has no virtio-net device yet; set hypervisor = \"qemu\" (or \"auto\") in the husk config")]
+    NoNetworkDevice,
     #[error("no {what} configured and none installed in {searched}; run `make guest-image` or set guest.{key} in the husk config")]
     NoImage {
         what: &'static str,
@@ -177,9 +179,30 @@ pub fn validate_id(id: &str) -> Result<(), SandboxError> {
 impl Sandbox {
     /// Boots sandbox `id` and waits for its agent.
     pub fn boot(config: &Config, id: &str) -> Result<Self, SandboxError> {
+        Self::boot_with_nets(config, id, Vec::new())
+    }
+
+    /// Boots sandbox `id` with guest NICs on the taps in `nets` (which the
+    /// caller keeps open until the VMM has started) and waits for its agent.
+    pub fn boot_with_nets(
+        config: &Config,
+        id: &str,
+        nets: Vec<NetDevice>,
+    ) -> Result<Self, SandboxError> {
         let t0 = Instant::now();
         validate_id(id)?;
-        let (backend, why) = host::choose_backend(config, &host::detect_kvm())?;
+        let kvm = host::detect_kvm();
+        let (mut backend, mut why) = host::choose_backend(config, &kvm)?;
+        if backend == Backend::HuskVmm && !nets.is_empty() {
+            // husk-vmm has no virtio-net device yet (issue 10).
+            if config.hypervisor != HypervisorChoice::Auto {
+                return Err(SandboxError::NoNetworkDevice);
+            }
+            let mut qemu = config.clone();
+            qemu.hypervisor = HypervisorChoice::Qemu;
+            (backend, why) = host::choose_backend(&qemu, &kvm)?;
+            why = format!("the pod has a network, which husk-vmm cannot serve yet: {why}");
+        }
         tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
         let kernel = image(
             config.guest.kernel.as_deref(),
@@ -268,10 +291,18 @@ impl Sandbox {
             fs_socket: paths.fs_socket(),
             vsock_socket: paths.vsock_socket(),
             control_socket: paths.control_socket(),
+            nets,
         };
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
-        sb.vmm = Some(Process::spawn(name, &binary, args, &spec.vmm_log)?);
+        let fds: Vec<_> = spec.nets.iter().map(|n| n.fd).collect();
+        sb.vmm = Some(Process::spawn_with_fds(
+            name,
+            &binary,
+            args,
+            &spec.vmm_log,
+            &fds,
+        )?);
         let spawned = Instant::now();
         sb.timings.vmm_spawn = spawned - t;
 

@@ -28,6 +28,7 @@ use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult};
 use husk_runtime::cgroup;
 use husk_runtime::paths::SandboxPaths;
+use husk_runtime::pod::backend::pod_netns;
 use husk_runtime::pod::service::read_spec;
 use husk_runtime::pod::{
     CreateRequest, ErrorKind, Event, Exit, Io, PodApiError, PodService, Role, Status, VmBackend,
@@ -180,10 +181,23 @@ impl Shim for HuskShim {
         let config = Config::load(explicit.as_deref())
             .map(|(c, _)| c)
             .unwrap_or_default();
-        let role = read_spec(bundle)
-            .ok()
-            .and_then(|s| Role::of(&s, &self.id).ok())
+        let spec = read_spec(bundle).ok();
+        let role = spec
+            .as_ref()
+            .and_then(|s| Role::of(s, &self.id).ok())
             .unwrap_or(Role::Single);
+        // The tap went with the VMM; the redirect on the CNI link did not.
+        if role == Role::Sandbox {
+            if let Some(netns) = spec.as_ref().and_then(pod_netns) {
+                if let Err(e) = husk_runtime::network::cleanup(&netns) {
+                    log::warn!(
+                        "removing the pod's taps in {}: {}",
+                        netns.display(),
+                        error_chain(&e)
+                    );
+                }
+            }
+        }
         let pod = role.pod_id(&self.id);
         if husk_runtime::sandbox::validate_id(pod).is_ok()
             && husk_runtime::sandbox::validate_id(&self.id).is_ok()

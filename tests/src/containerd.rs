@@ -62,9 +62,42 @@ pub fn profile_dir() -> PathBuf {
     }
 }
 
+/// The IPv4 pod subnet of the test bridge, its gateway, and the IPv6 one.
+pub const POD_SUBNET: &str = "10.244.77.0/24";
+pub const POD_GATEWAY: &str = "10.244.77.1";
+pub const POD_SUBNET6: &str = "fd00:77::/64";
+
+/// The bridge plugin on [`TEST_BRIDGE`] with host-local addresses from
+/// [`POD_SUBNET`] (and [`POD_SUBNET6`] with `dual_stack`), links of `mtu`.
+pub fn bridge_plugin(mtu: u32, dual_stack: bool) -> String {
+    let v6 = if dual_stack {
+        format!(r#",[{{"subnet":"{POD_SUBNET6}"}}]"#)
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{{"type":"bridge","bridge":"{TEST_BRIDGE}","isGateway":true,"ipMasq":false,"mtu":{mtu},"ipam":{{"type":"host-local","ranges":[[{{"subnet":"{POD_SUBNET}"}}]{v6}],"routes":[{{"dst":"0.0.0.0/0"}}{}],"dataDir":"@IPAM_DIR@"}}}}"#,
+        if dual_stack { r#",{"dst":"::/0"}"# } else { "" }
+    )
+}
+
+/// A CNI network list `husk-e2e` of `main` followed by `more` plugins
+/// (each a JSON object with a leading comma, or nothing).
+pub fn cni_conflist(main: &str, more: &str) -> String {
+    format!(r#"{{"cniVersion":"0.4.0","name":"husk-e2e","plugins":[{main}{more}]}}"#)
+}
+
 impl Containerd {
-    /// Starts containerd and imports the busybox image.
+    /// Starts containerd and imports the busybox image; CNI is a bridge of
+    /// this test's own, [`TEST_BRIDGE`], with pod subnet 10.244.77.0/24.
     pub fn start() -> Self {
+        Self::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), ""))
+    }
+
+    /// As [`Containerd::start`] with CNI network list `conflist` (JSON; the
+    /// text `@IPAM_DIR@` in it is replaced by a host-local data dir of this
+    /// containerd's own).
+    pub fn start_with_cni(conflist: &str) -> Self {
         let shim = profile_dir().join("containerd-shim-husk-v2");
         assert!(
             shim.is_file(),
@@ -85,10 +118,7 @@ impl Containerd {
         std::fs::create_dir_all(&cni).expect("cni conf dir");
         std::fs::write(
             cni.join("10-husk-e2e.conflist"),
-            format!(
-                r#"{{"cniVersion":"0.4.0","name":"husk-e2e","plugins":[{{"type":"bridge","bridge":"{TEST_BRIDGE}","isGateway":true,"ipMasq":false,"ipam":{{"type":"host-local","ranges":[[{{"subnet":"10.244.77.0/24"}}]],"dataDir":"{}"}}}}]}}"#,
-                d.join("ipam").display()
-            ),
+            conflist.replace("@IPAM_DIR@", &d.join("ipam").display().to_string()),
         )
         .expect("write cni conf");
         let config = format!(

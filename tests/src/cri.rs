@@ -341,6 +341,34 @@ impl Cri {
             .map(|r| r.into_inner().status.unwrap_or_default())
     }
 
+    /// The network namespace containerd made for pod `id` (from the
+    /// runtime spec in its verbose status).
+    pub fn pod_netns(&self, id: &str) -> Result<PathBuf, tonic::Status> {
+        let mut c = self.runtime.clone();
+        let info = self
+            .rt
+            .block_on(c.pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: id.to_owned(),
+                verbose: true,
+            }))?
+            .into_inner()
+            .info;
+        let verbose: serde_json::Value = info
+            .get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .ok_or_else(|| tonic::Status::not_found("no verbose info"))?;
+        verbose
+            .pointer("/runtimeSpec/linux/namespaces")
+            .and_then(|n| n.as_array())
+            .and_then(|ns| {
+                ns.iter()
+                    .find(|n| n["type"] == "network")
+                    .and_then(|n| n["path"].as_str())
+            })
+            .map(PathBuf::from)
+            .ok_or_else(|| tonic::Status::not_found("no network namespace path in the pod's spec"))
+    }
+
     pub fn stop_pod(&self, id: &str) -> Result<(), tonic::Status> {
         let mut c = self.runtime.clone();
         self.rt

@@ -50,7 +50,7 @@ fn start(sb: &Sandbox, cid: &str, args: &[&str], stdin: bool) -> Running {
     stdio.stdin = stdin;
     stdio.stdout = true;
     stdio.stderr = true;
-    if let Err(e) = agent.create_container(cid, oci_spec(cid, args), stdio) {
+    if let Err(e) = agent.create_container(cid, oci_spec(cid, args), stdio, None) {
         let console = std::fs::read_to_string(sb.dir().join("console.log")).unwrap_or_default();
         panic!("create {cid}: {e}\n--- console ---\n{console}");
     }
@@ -151,7 +151,7 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     busybox_rootfs(&sb.dir().join("shared").join("c1").join("rootfs"));
 
     let refused_with = |cid: &str, spec: &[u8], stdio: Stdio| -> String {
-        match agent.create_container(cid, spec.to_vec(), stdio) {
+        match agent.create_container(cid, spec.to_vec(), stdio, None) {
             Ok(()) => panic!("spec {:?} was accepted", String::from_utf8_lossy(spec)),
             Err(e) => format!("{e:#} {:?}", std::error::Error::source(&e)),
         }
@@ -209,7 +209,7 @@ fn run_spec(sb: &Sandbox, cid: &str, spec: Vec<u8>) -> (u32, String, String) {
     stdio.stdout = true;
     stdio.stderr = true;
     agent
-        .create_container(cid, spec, stdio)
+        .create_container(cid, spec, stdio, None)
         .unwrap_or_else(|e| panic!("create {cid}: {e}"));
     let (out, err) = (reader(stdout), reader(stderr));
     agent.start_container(cid).expect("start");

@@ -81,6 +81,7 @@ mod tests {
             fs_socket: "/fs.sock".into(),
             vsock_socket: "/vsock.sock".into(),
             control_socket: "/s/vmm.sock".into(),
+            nets: Vec::new(),
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)

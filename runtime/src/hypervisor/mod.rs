@@ -4,6 +4,7 @@ mod husk_vmm;
 mod qemu;
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::PathBuf;
 
 pub use husk_vmm::HuskVmm;
@@ -31,6 +32,32 @@ pub struct VmSpec {
     /// The VMM's control socket, for backends that have one (husk-vmm:
     /// pause, resume, shutdown, status through `husk-vmm ctl`).
     pub control_socket: PathBuf,
+    /// The pod's NICs, in order; the VMM gets NIC `i`'s tap as descriptor
+    /// [`net_fd`]`(i)`.
+    pub nets: Vec<NetDevice>,
+}
+
+/// A guest NIC backed by a tap the caller holds open.
+#[derive(Debug, Clone)]
+pub struct NetDevice {
+    /// The tap's queue, in the caller (inherited by the VMM, see
+    /// [`net_fd`]).
+    pub fd: RawFd,
+    pub mac: Vec<u8>,
+    pub mtu: u32,
+}
+
+/// The descriptor number NIC `index`'s tap has in the VMM process.
+pub fn net_fd(index: usize) -> RawFd {
+    3 + index as RawFd
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// virtio-fs tag of the pod share; the agent mounts it by this name.

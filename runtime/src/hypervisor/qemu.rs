@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{Hypervisor, VmSpec, SHARE_TAG};
+use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
 use crate::host::ResolvedAccel;
 
 /// QEMU microvm with vhost-user-fs and vhost-user-vsock devices.
@@ -80,6 +80,21 @@ impl Qemu {
         args.push(prefixed("socket,id=vsock0,path=", &spec.vsock_socket));
         args.push("-device".into());
         args.push("vhost-user-vsock-device,chardev=vsock0".into());
+        // The pod's NICs: taps the caller opened, inherited as descriptors.
+        // No vhost-net (this host's kernel has none; QEMU serves the queues).
+        for (i, net) in spec.nets.iter().enumerate() {
+            args.push("-netdev".into());
+            args.push(format!("tap,id=net{i},fd={},vhost=off", net_fd(i)).into());
+            args.push("-device".into());
+            args.push(
+                format!(
+                    "virtio-net-device,netdev=net{i},mac={},host_mtu={}",
+                    mac_string(&net.mac),
+                    net.mtu
+                )
+                .into(),
+            );
+        }
         args
     }
 }
@@ -127,6 +142,7 @@ mod tests {
             fs_socket: "/s/fs.sock".into(),
             vsock_socket: "/s/vsock.sock".into(),
             control_socket: "/s/vmm.sock".into(),
+            nets: Vec::new(),
         }
     }
 
@@ -162,6 +178,33 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("-serial file:/s/console.log"), "{line}");
+    }
+
+    #[test]
+    fn nics_take_inherited_taps_with_the_pod_links_mac_and_mtu() {
+        let mut s = spec();
+        for (fd, last) in [(17, 0x0a), (9, 0x0b)] {
+            s.nets.push(super::super::NetDevice {
+                fd,
+                mac: vec![0x02, 0x42, 0xac, 0x11, 0x00, last],
+                mtu: 1450,
+            });
+        }
+        let q = Qemu::new(Path::new("q"), ResolvedAccel::Tcg);
+        let line = q
+            .args(&s)
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(
+            line.contains("-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:0a,host_mtu=1450"),
+            "{line}"
+        );
+        assert!(
+            line.contains("-netdev tap,id=net1,fd=4,vhost=off -device virtio-net-device,netdev=net1,mac=02:42:ac:11:00:0b,host_mtu=1450"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -1,14 +1,18 @@
 //! Where a pod's VM comes from: the real one (a [`Sandbox`] in the pod's
 //! host cgroup, sized by the pod's limits), or a fake in unit tests.
 
-use std::path::Path;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
 
+use husk_protocol::containers::Network;
 use serde_json::Value;
 
 use super::guest::{GuestAgent, VmAgent};
 use super::{prepare_spec, size_guest, PodError, Role};
 use crate::cgroup::{self, PodCgroup};
 use crate::config::Config;
+use crate::hypervisor::NetDevice;
+use crate::network::{self, PodNetwork};
 use crate::paths::SandboxPaths;
 use crate::storage::MountSpec;
 use crate::Sandbox;
@@ -42,6 +46,9 @@ pub trait PodVm: Send + 'static {
         rootfs: &[MountSpec],
         spec: &mut Value,
     ) -> Result<(), PodError>;
+    /// The network the guest gives a container of `role` in its new network
+    /// namespace: the pod's, for its sandbox; none for the others.
+    fn network(&self, role: &Role) -> Option<Network>;
     /// Undoes [`PodVm::attach`]; the guest no longer uses the container.
     fn release(&self, id: &str);
     /// Stops the VM and removes its host state.
@@ -58,15 +65,19 @@ pub enum BootError {
     Sandbox(#[from] crate::sandbox::SandboxError),
     #[error("the pod's VM has no connected agent")]
     NoAgent,
+    #[error("the pod's network")]
+    Network(#[from] network::NetworkError),
 }
 
 /// Real VMs.
 pub struct VmBackend;
 
-/// A real pod VM: its sandbox and the host cgroup it runs in.
+/// A real pod VM: its sandbox, the host cgroup it runs in and the taps
+/// that carry the pod's CNI network to it.
 pub struct PodSandbox {
     sandbox: Sandbox,
     cgroup: Option<PodCgroup>,
+    network: Option<PodNetwork>,
     agent: VmAgent,
 }
 
@@ -97,7 +108,31 @@ impl Backend for VmBackend {
         let mut config = config.clone();
         size_guest(&mut config.guest, spec, pod_id)?;
         let cgroup = join_pod_cgroup(spec, bundle)?;
-        let booted = Sandbox::boot(&config, pod_id)
+        let network = match Role::of(spec, pod_id) {
+            Ok(Role::Sandbox) => pod_netns(spec)
+                .map(|ns| PodNetwork::attach(&ns))
+                .transpose(),
+            _ => Ok(None),
+        };
+        let network = match network {
+            Ok(n) => n,
+            Err(e) => {
+                if let Some(cg) = cgroup {
+                    cg.remove();
+                }
+                return Err(e.into());
+            }
+        };
+        let nets = network
+            .iter()
+            .flat_map(|n| n.taps())
+            .map(|t| NetDevice {
+                fd: t.fd.as_raw_fd(),
+                mac: t.link.mac.clone(),
+                mtu: t.link.mtu,
+            })
+            .collect();
+        let booted = Sandbox::boot_with_nets(&config, pod_id, nets)
             .map_err(BootError::from)
             .and_then(|sb| {
                 let agent = sb.agent().cloned().ok_or(BootError::NoAgent)?;
@@ -108,14 +143,40 @@ impl Backend for VmBackend {
             Ok((sandbox, agent)) => Ok(PodSandbox {
                 sandbox,
                 cgroup,
+                network,
                 agent,
             }),
             Err(e) => {
+                detach(network);
                 if let Some(cg) = cgroup {
                     cg.remove();
                 }
                 Err(e)
             }
+        }
+    }
+}
+
+/// The host network namespace CNI set up for the pod: the path a
+/// sandbox spec gives its network namespace.
+pub fn pod_netns(spec: &Value) -> Option<PathBuf> {
+    spec.pointer("/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(Value::as_str) == Some("network"))?
+        .get("path")?
+        .as_str()
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Removes the pod's taps and redirects; a failure is logged (the netns
+/// goes with the pod anyway, and `delete` tries again).
+fn detach(network: Option<PodNetwork>) {
+    if let Some(n) = network {
+        let netns = n.netns().to_path_buf();
+        if let Err(e) = n.detach() {
+            tracing::warn!(netns = %netns.display(), "removing the pod's taps: {}", crate::error_chain(&e));
         }
     }
 }
@@ -172,6 +233,13 @@ impl PodVm for PodSandbox {
         self.paths().container(id).attach(rootfs, spec, guest_only)
     }
 
+    fn network(&self, role: &Role) -> Option<Network> {
+        match role {
+            Role::Sandbox => self.network.as_ref().map(PodNetwork::guest_config),
+            _ => None,
+        }
+    }
+
     fn release(&self, id: &str) {
         self.paths().container(id).release();
     }
@@ -180,6 +248,7 @@ impl PodVm for PodSandbox {
         if let Err(e) = self.sandbox.shutdown() {
             tracing::warn!("stopping the pod's VM: {}", crate::error_chain(&e));
         }
+        detach(self.network);
         if let Some(cg) = self.cgroup {
             cg.remove();
         }

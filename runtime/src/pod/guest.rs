@@ -5,7 +5,7 @@ use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use husk_protocol::containers::{StatsResponse, Stdio};
+use husk_protocol::containers::{Network, StatsResponse, Stdio};
 use husk_protocol::StreamHeader;
 
 use crate::agent::{self, Agent, AgentError};
@@ -18,7 +18,15 @@ const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
 pub trait GuestAgent: Clone + Send + Sync + 'static {
     /// Opens one stdio stream of a process, before its create or exec.
     fn open_stream(&self, header: &StreamHeader) -> Result<UnixStream, AgentError>;
-    fn create_container(&self, id: &str, spec: Vec<u8>, stdio: Stdio) -> Result<(), AgentError>;
+    /// Creates container `id`; `network` for a pod's sandbox, whose new
+    /// network namespace gets the pod's NICs.
+    fn create_container(
+        &self,
+        id: &str,
+        spec: Vec<u8>,
+        stdio: Stdio,
+        network: Option<Network>,
+    ) -> Result<(), AgentError>;
     fn start_container(&self, id: &str) -> Result<u32, AgentError>;
     fn exec_process(
         &self,
@@ -67,8 +75,14 @@ impl GuestAgent for VmAgent {
         agent::open_stream(&self.socket, header, STREAM_TIMEOUT)
     }
 
-    fn create_container(&self, id: &str, spec: Vec<u8>, stdio: Stdio) -> Result<(), AgentError> {
-        self.agent.create_container(id, spec, stdio)
+    fn create_container(
+        &self,
+        id: &str,
+        spec: Vec<u8>,
+        stdio: Stdio,
+        network: Option<Network>,
+    ) -> Result<(), AgentError> {
+        self.agent.create_container(id, spec, stdio, network)
     }
 
     fn start_container(&self, id: &str) -> Result<u32, AgentError> {

@@ -485,12 +485,13 @@ impl<B: Backend> PodService<B> {
                 .as_ref()
                 .ok_or_else(|| PodApiError::Precondition("the pod's VM is gone".into()))?;
             vm.attach(id, role, sandbox_pid, rootfs, spec)
+                .map(|()| vm.network(role))
         };
-        let created = attached.map_err(PodApiError::from).and_then(|()| {
+        let created = attached.map_err(PodApiError::from).and_then(|network| {
             let json = serde_json::to_vec(&*spec)
                 .map_err(|e| PodApiError::InvalidArgument(format!("spec of {id}: {e}")))?;
             let streams = stdio::open(&agent, id, None, io)?;
-            agent.create_container(id, json, streams.stdio)?;
+            agent.create_container(id, json, streams.stdio, network)?;
             let mut init = Proc::new(io.clone());
             init.stdin_ctl = streams.stdin.as_ref().and_then(|s| s.try_clone().ok());
             init.stdin_stream = streams.stdin;

@@ -11,7 +11,7 @@ use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use husk_protocol::containers::{StatsResponse, Stdio};
+use husk_protocol::containers::{Network, StatsResponse, Stdio};
 use husk_protocol::{StreamHeader, StreamKind};
 use serde_json::{json, Value};
 
@@ -131,8 +131,17 @@ impl GuestAgent for FakeAgent {
         Ok(host)
     }
 
-    fn create_container(&self, id: &str, spec: Vec<u8>, _: Stdio) -> Result<(), AgentError> {
-        self.call(format!("create {id}"));
+    fn create_container(
+        &self,
+        id: &str,
+        spec: Vec<u8>,
+        _: Stdio,
+        network: Option<Network>,
+    ) -> Result<(), AgentError> {
+        match network {
+            Some(n) => self.call(format!("create {id} with {} NIC", n.interfaces.len())),
+            None => self.call(format!("create {id}")),
+        }
         let spec: Value = serde_json::from_slice(&spec).unwrap();
         if spec["process"]["args"][0] == "fail" {
             return Err(failed(format!("create {id}: no such binary")));
@@ -295,6 +304,12 @@ impl PodVm for FakeVm {
         }
         self.agent.call(format!("attach {id}"));
         Ok(())
+    }
+
+    fn network(&self, role: &Role) -> Option<Network> {
+        let mut n = Network::new();
+        n.interfaces.push(Default::default());
+        (*role == Role::Sandbox).then_some(n)
     }
 
     fn release(&self, id: &str) {
@@ -642,6 +657,14 @@ fn a_pod_boots_once_and_its_vm_stops_with_the_last_container() {
     p.pod.start(sandbox, "").unwrap();
     run_member(&p, "a", member(sandbox));
     run_member(&p, "b", member(sandbox));
+    // Only the sandbox's new network namespace gets the pod's NIC.
+    let creates: Vec<_> = p
+        .agent
+        .calls()
+        .into_iter()
+        .filter(|c| c.starts_with("create"))
+        .collect();
+    assert_eq!(creates, ["create p1 with 1 NIC", "create a", "create b"]);
     let other = p.create("x", member("p2")).unwrap_err();
     assert!(other.to_string().contains("not pod p2"), "{other}");
     assert_eq!(
