@@ -209,3 +209,116 @@ fn a_pods_vm_has_its_cni_address_mac_and_routes_and_reaches_pods_host_and_gatewa
     let bridge = host("ip", &["-o", "link", "show", TEST_BRIDGE]);
     assert!(!bridge.contains("htap"), "{bridge}");
 }
+
+#[test]
+fn with_cni_mtu_1450_full_size_frames_pass_and_50_mib_arrive_intact() {
+    if !e2e("with_cni_mtu_1450_full_size_frames_pass") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1450, false), ""));
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let a = web_pod(&ctd, &cri, logs.path(), "mtu-a", "husk");
+    let b = web_pod(&ctd, &cri, logs.path(), "mtu-b", "husk");
+    let link = sh(&cri, &a.web, "ip -o link show eth0");
+    assert!(link.contains("mtu 1450"), "guest eth0: {link}");
+    // 1400 and 1422 bytes of payload: 1428- and 1450-byte IP packets, the
+    // second exactly the MTU. (busybox ping has no -M: a packet over the
+    // MTU would be fragmented, not refused, so the sizes are exact.)
+    for size in [1400, 1422] {
+        sh(
+            &cri,
+            &a.web,
+            &format!("ping -c 2 -W 10 -s {size} {}", b.ips[0]),
+        );
+    }
+    // 50 MiB from b's web server to a, hashed on both sides.
+    let want = sh(
+        &cri,
+        &b.web,
+        "head -c 52428800 /dev/urandom > /w/blob && sha256sum /w/blob",
+    );
+    let want = want.split_whitespace().next().expect("sha256").to_owned();
+    let got = sh(
+        &cri,
+        &a.web,
+        &format!(
+            "printf 'GET /blob HTTP/1.0\\r\\n\\r\\n' | nc -w 60 {} 8080 | tail -c 52428800 | sha256sum",
+            b.ips[0]
+        ),
+    );
+    assert_eq!(got.split_whitespace().next(), Some(want.as_str()));
+    for p in [&a.pod, &b.pod] {
+        cri.stop_pod(p).expect("StopPodSandbox");
+        cri.remove_pod(p).expect("RemovePodSandbox");
+    }
+    assert_clean();
+}
+
+#[test]
+fn dual_stack_pods_talk_over_ipv6() {
+    if !e2e("dual_stack_pods_talk_over_ipv6") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, true), ""));
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let a = web_pod(&ctd, &cri, logs.path(), "v6-a", "husk");
+    let b = web_pod(&ctd, &cri, logs.path(), "v6-b", "husk");
+    let v6 = |p: &WebPod| {
+        *p.ips
+            .iter()
+            .find(|ip| ip.is_ipv6())
+            .unwrap_or_else(|| panic!("pod {} has no IPv6 address: {:?}", p.pod, p.ips))
+    };
+    let (a6, b6) = (v6(&a), v6(&b));
+    let addrs = sh(&cri, &a.web, "ip -o -6 addr show eth0");
+    assert!(addrs.contains(&format!(" {a6}/64")), "guest eth0: {addrs}");
+    let routes = sh(&cri, &a.web, "ip -6 route");
+    assert!(routes.contains("default via"), "guest IPv6 routes: {routes}");
+    sh(&cri, &a.web, &format!("ping -c 2 -W 10 {b6}"));
+    assert_eq!(fetch(&cri, &a.web, &b6), "v6-b");
+    assert_eq!(fetch(&cri, &b.web, &a6), "v6-a");
+    // And IPv4 still, on the same NIC.
+    assert_eq!(fetch(&cri, &a.web, &b.ips[0]), "v6-b");
+    for p in [&a.pod, &b.pod] {
+        cri.stop_pod(p).expect("StopPodSandbox");
+        cri.remove_pod(p).expect("RemovePodSandbox");
+    }
+    assert_clean();
+}
+
+#[test]
+fn after_a_shim_is_killed_delete_leaves_the_pods_netns_as_cni_made_it() {
+    if !e2e("after_a_shim_is_killed_delete_leaves_the_pods_netns") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), ""));
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let a = web_pod(&ctd, &cri, logs.path(), "crash-net", "husk");
+    let netns = cri.pod_netns(&a.pod).expect("netns");
+    assert!(leftovers(&netns).is_some(), "no tap before the crash");
+    let shims = husk_tests::processes_mentioning(Path::new("containerd-shim-husk-v2"));
+    assert_eq!(shims.len(), 1, "{shims:?}");
+    // SAFETY: kill(2) on the pod's shim, a process this test started.
+    assert_eq!(unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) }, 0);
+    // containerd runs the shim's `delete` for the dead shim's tasks.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while leftovers(&netns).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "left in {} after the crash: {:?}",
+            netns.display(),
+            leftovers(&netns)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    cri.stop_pod(&a.pod).expect("StopPodSandbox");
+    cri.remove_pod(&a.pod).expect("RemovePodSandbox");
+    assert!(!netns.exists(), "{} left", netns.display());
+    assert_clean();
+}
