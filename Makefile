@@ -11,7 +11,7 @@ AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 # Build (kernel, static agent), run (QEMU, containerd) and daemon build deps.
 APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev \
 	cpio file gcc libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static \
-	protobuf-compiler containernetworking-plugins iproute2
+	protobuf-compiler containernetworking-plugins iproute2 iptables
 DAEMONS := virtiofsd vhost-device-vsock
 
 .PHONY: all deps build guest-image vmm-static lab install demo test unit lint bench clean

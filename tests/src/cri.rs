@@ -35,6 +35,8 @@ pub struct PodOpts {
     pub cgroup_parent: String,
     /// The pod's resources (kubelet 1.23+ sums its containers' limits).
     pub resources: Option<LinuxContainerResources>,
+    /// hostPort mappings (CNI's portmap plugin).
+    pub port_mappings: Vec<PortMapping>,
 }
 
 impl PodOpts {
@@ -49,6 +51,7 @@ impl PodOpts {
             handler: HANDLER.to_owned(),
             cgroup_parent: String::new(),
             resources: None,
+            port_mappings: Vec::new(),
         }
     }
 
@@ -69,6 +72,7 @@ impl PodOpts {
             }),
             hostname: self.hostname.clone(),
             log_directory: self.log_dir.display().to_string(),
+            port_mappings: self.port_mappings.clone(),
             dns_config: Some(DnsConfig {
                 servers: vec!["10.96.0.10".into()],
                 searches: vec!["husk-e2e.svc.cluster.local".into()],

@@ -63,6 +63,7 @@ fn web_pod(ctd: &Containerd, cri: &Cri, logs: &Path, name: &str, handler: &str) 
             container("web", IMAGE, &["sh", "-c", &script], false),
         )
         .unwrap_or_else(|e| panic!("web container of {name}: {e}\n{}", ctd.log()));
+    wait_listening(cri, &web, 8080);
     let net = cri
         .pod_status(&pod)
         .expect("PodSandboxStatus")
@@ -85,6 +86,18 @@ fn mac_in(link_show: &str) -> String {
         .nth(1)
         .unwrap_or_else(|| panic!("no MAC in {link_show:?}"))
         .to_owned()
+}
+
+/// Waits until a server listens on TCP `port` in container `id`'s network
+/// namespace (the container's start does not wait for its server).
+fn wait_listening(cri: &Cri, id: &str, port: u16) {
+    sh(
+        cri,
+        id,
+        &format!(
+            "for i in $(seq 100); do netstat -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; netstat -ltn; exit 1"
+        ),
+    );
 }
 
 /// The body of an HTTP GET of `/` from `ip:8080`, from inside container
@@ -277,7 +290,10 @@ fn dual_stack_pods_talk_over_ipv6() {
     let addrs = sh(&cri, &a.web, "ip -o -6 addr show eth0");
     assert!(addrs.contains(&format!(" {a6}/64")), "guest eth0: {addrs}");
     let routes = sh(&cri, &a.web, "ip -6 route");
-    assert!(routes.contains("default via"), "guest IPv6 routes: {routes}");
+    assert!(
+        routes.contains("default via"),
+        "guest IPv6 routes: {routes}"
+    );
     sh(&cri, &a.web, &format!("ping -c 2 -W 10 {b6}"));
     assert_eq!(fetch(&cri, &a.web, &b6), "v6-b");
     assert_eq!(fetch(&cri, &b.web, &a6), "v6-a");
@@ -321,4 +337,62 @@ fn after_a_shim_is_killed_delete_leaves_the_pods_netns_as_cni_made_it() {
     cri.remove_pod(&a.pod).expect("RemovePodSandbox");
     assert!(!netns.exists(), "{} left", netns.display());
     assert_clean();
+}
+
+#[test]
+fn a_host_port_mapping_through_the_portmap_plugin_reaches_the_vm() {
+    if !e2e("a_host_port_mapping_through_the_portmap_plugin") {
+        return;
+    }
+    let _vm = vm_lock();
+    let portmap = r#",{"type":"portmap","capabilities":{"portMappings":true}}"#;
+    let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), portmap));
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    // The host port: one free now on the bridge's address.
+    let host_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("probe port");
+        l.local_addr().expect("addr").port()
+    };
+    let mut opts = PodOpts::new("hostport", logs.path());
+    opts.port_mappings = vec![k8s_cri::v1::PortMapping {
+        protocol: k8s_cri::v1::Protocol::Tcp as i32,
+        container_port: 8080,
+        host_port: i32::from(host_port),
+        host_ip: String::new(),
+    }];
+    let pod = cri
+        .run_pod(&opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()));
+    let script = "mkdir -p /w && echo mapped > /w/index.html && exec httpd -f -p 8080 -h /w";
+    let web = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("web", IMAGE, &["sh", "-c", script], false),
+        )
+        .expect("web container");
+    wait_listening(&cri, &web, 8080);
+    // The bridge's own address is a host address: portmap's DNAT for
+    // locally made connections sends it to the pod.
+    let gateway: IpAddr = POD_GATEWAY.parse().unwrap();
+    let addr = std::net::SocketAddr::new(gateway, host_port);
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("connecting to host port {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut got = String::new();
+    s.read_to_string(&mut got).expect("reply");
+    assert!(
+        got.ends_with("mapped\n"),
+        "through host port {host_port}: {got:?}"
+    );
+    cri.stop_pod(&pod).expect("StopPodSandbox");
+    cri.remove_pod(&pod).expect("RemovePodSandbox");
+    assert_clean();
+    let nat = host("iptables", &["-t", "nat", "-S"]);
+    assert!(
+        !nat.contains(&format!("--dport {host_port}")),
+        "portmap rule left: {nat}"
+    );
 }
