@@ -833,6 +833,15 @@ impl Manager {
             .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))
     }
 
+    /// The guest pid of container `id`'s init process, while it runs.
+    pub fn running_init(&self, id: &str) -> Result<i32, ContainerError> {
+        self.lock()
+            .get(id)
+            .filter(|e| e.started && e.init.exit.get().is_none())
+            .map(|e| e.init.pid)
+            .ok_or_else(|| ContainerError::NotFound(format!("running container {id}")))
+    }
+
     pub fn processes(&self, id: &str) -> Result<Vec<u32>, ContainerError> {
         Ok(cgroup::pids(&self.cgroup_of(id)?))
     }

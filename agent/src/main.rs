@@ -9,6 +9,7 @@
 
 mod cgroup;
 mod containers;
+mod forward;
 mod init;
 mod log;
 mod net;

@@ -34,6 +34,8 @@ pub enum ServeError {
     },
     #[error("start ttrpc server")]
     Start(#[source] ttrpc::Error),
+    #[error("listen for port-forward streams")]
+    Forward(#[source] nix::Error),
     #[error("listen for stdio streams")]
     Stdio(#[source] nix::Error),
 }
@@ -80,7 +82,7 @@ pub struct AgentService {
 
 /// Container lifecycle requests.
 pub struct ContainersService {
-    manager: Manager,
+    manager: Arc<Manager>,
 }
 
 /// Maps container errors to ttrpc codes, in one place.
@@ -304,9 +306,9 @@ pub fn serve(
     let agent = AgentService {
         shutdown: Mutex::new(tx),
     };
-    let containers = ContainersService {
-        manager: Manager::new(reaper, hub, zygote),
-    };
+    let manager = Arc::new(Manager::new(reaper, hub, zygote));
+    crate::forward::listen(manager.clone()).map_err(ServeError::Forward)?;
+    let containers = ContainersService { manager };
     // Wait requests block for a process's lifetime, each on its own thread.
     let mut server = server
         .set_thread_count_max(256)

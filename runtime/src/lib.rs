@@ -15,6 +15,7 @@ pub mod hypervisor;
 pub mod network;
 pub mod paths;
 pub mod pod;
+pub mod portforward;
 pub mod process;
 pub mod sandbox;
 pub mod spec;

@@ -186,7 +186,8 @@ impl Shim for HuskShim {
             .as_ref()
             .and_then(|s| Role::of(s, &self.id).ok())
             .unwrap_or(Role::Single);
-        // The tap went with the VMM; the redirect on the CNI link did not.
+        // The tap went with the VMM; the redirect on the CNI link and the
+        // port-forward rules did not.
         if role == Role::Sandbox {
             if let Some(netns) = spec.as_ref().and_then(pod_netns) {
                 if let Err(e) = husk_runtime::network::cleanup(&netns) {
@@ -195,6 +196,9 @@ impl Shim for HuskShim {
                         netns.display(),
                         error_chain(&e)
                     );
+                }
+                if let Err(e) = husk_runtime::portforward::cleanup(&netns) {
+                    log::warn!("{}", error_chain(&e));
                 }
             }
         }

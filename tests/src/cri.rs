@@ -428,6 +428,17 @@ pub fn interactive_container(
 /// for [`crate::stream::Session`]. Stdout is always streamed; stderr unless
 /// `tty` (a terminal merges it, and CRI refuses both).
 impl Cri {
+    /// PortForward to `ports` of pod `pod`.
+    pub fn port_forward(&self, pod: &str, ports: &[i32]) -> Result<String, tonic::Status> {
+        let mut c = self.runtime.clone();
+        self.rt
+            .block_on(c.port_forward(PortForwardRequest {
+                pod_sandbox_id: pod.to_owned(),
+                port: ports.to_vec(),
+            }))
+            .map(|r| r.into_inner().url)
+    }
+
     pub fn exec(
         &self,
         id: &str,

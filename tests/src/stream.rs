@@ -218,47 +218,7 @@ impl Session {
 
     /// Connects offering `protocols` in order of preference.
     pub fn connect_with(url: &str, protocols: &[&str]) -> Result<Self, StreamError> {
-        let (ws_url, addr) = ws_url(url)?;
-        let io = |source| StreamError::Connect {
-            addr: addr.clone(),
-            source,
-        };
-        let tcp = TcpStream::connect(&addr).map_err(io)?;
-        tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
-        tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
-        let mut request = ws_url
-            .into_client_request()
-            .map_err(StreamError::Handshake)?;
-        let offered = HeaderValue::from_str(&protocols.join(", "))
-            .map_err(|_| StreamError::Url(url.to_owned()))?;
-        request
-            .headers_mut()
-            .insert("Sec-WebSocket-Protocol", offered);
-        let (ws, response) = match tungstenite::client(request, tcp) {
-            Ok(r) => r,
-            Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
-                return Err(StreamError::Refused {
-                    status: r.status().as_u16(),
-                    body: String::from_utf8_lossy(r.body().as_deref().unwrap_or_default())
-                        .into_owned(),
-                })
-            }
-            Err(tungstenite::HandshakeError::Failure(e)) => return Err(StreamError::Handshake(e)),
-            Err(tungstenite::HandshakeError::Interrupted(_)) => {
-                return Err(StreamError::Timeout {
-                    waited: HANDSHAKE_TIMEOUT,
-                    so_far: "no handshake response".into(),
-                })
-            }
-        };
-        // Short reads from here on, so that callers' deadlines hold.
-        ws.get_ref().set_read_timeout(Some(POLL)).map_err(io)?;
-        let protocol = response
-            .headers()
-            .get("Sec-WebSocket-Protocol")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_owned();
+        let (ws, protocol) = handshake(url, protocols)?;
         Ok(Self {
             ws,
             protocol,
@@ -389,6 +349,125 @@ impl Session {
         }
         Ok(())
     }
+}
+
+/// Opens a WebSocket on a streaming URL offering `protocols` in order of
+/// preference; returns it with the subprotocol the server chose.
+fn handshake(url: &str, protocols: &[&str]) -> Result<(WebSocket<TcpStream>, String), StreamError> {
+    let (ws_url, addr) = ws_url(url)?;
+    let io = |source| StreamError::Connect {
+        addr: addr.clone(),
+        source,
+    };
+    let tcp = TcpStream::connect(&addr).map_err(io)?;
+    tcp.set_read_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+    tcp.set_write_timeout(Some(HANDSHAKE_TIMEOUT)).map_err(io)?;
+    let mut request = ws_url
+        .into_client_request()
+        .map_err(StreamError::Handshake)?;
+    let offered = HeaderValue::from_str(&protocols.join(", "))
+        .map_err(|_| StreamError::Url(url.to_owned()))?;
+    request
+        .headers_mut()
+        .insert("Sec-WebSocket-Protocol", offered);
+    let (ws, response) = match tungstenite::client(request, tcp) {
+        Ok(r) => r,
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            return Err(StreamError::Refused {
+                status: r.status().as_u16(),
+                body: String::from_utf8_lossy(r.body().as_deref().unwrap_or_default()).into_owned(),
+            })
+        }
+        Err(tungstenite::HandshakeError::Failure(e)) => return Err(StreamError::Handshake(e)),
+        Err(tungstenite::HandshakeError::Interrupted(_)) => {
+            return Err(StreamError::Timeout {
+                waited: HANDSHAKE_TIMEOUT,
+                so_far: "no handshake response".into(),
+            })
+        }
+    };
+    // Short reads from here on, so that callers' deadlines hold.
+    ws.get_ref().set_read_timeout(Some(POLL)).map_err(io)?;
+    let protocol = response
+        .headers()
+        .get("Sec-WebSocket-Protocol")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    Ok((ws, protocol))
+}
+
+/// What one port-forward session brought back: the bytes on the port's
+/// data channel and the text on its error channel.
+#[derive(Debug, Default)]
+pub struct Forwarded {
+    pub data: Vec<u8>,
+    pub error: String,
+}
+
+/// A CRI PortForward session to `port` (the `v4.channel.k8s.io` port-forward
+/// protocol, as kubectl speaks it over WebSocket: channel 0 carries the
+/// port's data, channel 1 its errors, and the first message of each is the
+/// port, two bytes little-endian): sends `request`, then reads until `done`
+/// holds for the data, an error arrives, or the server closes.
+pub fn port_forward(
+    url: &str,
+    port: u16,
+    request: &[u8],
+    timeout: Duration,
+    mut done: impl FnMut(&[u8]) -> bool,
+) -> Result<Forwarded, StreamError> {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let (mut ws, _) = handshake(&format!("{url}{sep}port={port}"), &[PROTOCOL_V4])?;
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(request);
+    ws.send(Message::binary(frame))?;
+    let mut got = Forwarded::default();
+    let mut seen_port = [false; 2];
+    let deadline = Instant::now() + timeout;
+    while !done(&got.data) && got.error.is_empty() {
+        if Instant::now() > deadline {
+            return Err(StreamError::Timeout {
+                waited: timeout,
+                so_far: String::from_utf8_lossy(&got.data).into_owned(),
+            });
+        }
+        let message = match ws.read() {
+            Ok(m) => m,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+            {
+                continue
+            }
+            Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let Message::Binary(data) = message else {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+            continue;
+        };
+        let Some((&channel, mut payload)) = data.split_first() else {
+            continue;
+        };
+        let c = usize::from(channel);
+        if c > 1 {
+            return Err(StreamError::UnknownChannel(channel));
+        }
+        if !seen_port[c] {
+            // The port announcement, then (rarely) data in the same message.
+            seen_port[c] = true;
+            payload = payload.get(2..).unwrap_or_default();
+        }
+        if c == 0 {
+            got.data.extend_from_slice(payload);
+        } else {
+            got.error.push_str(&String::from_utf8_lossy(payload));
+        }
+    }
+    let _ = ws.close(None);
+    Ok(got)
 }
 
 #[cfg(test)]

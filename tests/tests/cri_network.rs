@@ -396,3 +396,120 @@ fn a_host_port_mapping_through_the_portmap_plugin_reaches_the_vm() {
         "portmap rule left: {nat}"
     );
 }
+
+/// The body of an HTTP/1.0 GET of `/` through CRI PortForward to `port` of
+/// `pod`.
+fn forwarded_get(cri: &Cri, pod: &str, port: u16) -> Result<String, String> {
+    let url = cri
+        .port_forward(pod, &[i32::from(port)])
+        .map_err(|e| format!("PortForward: {e}"))?;
+    let got = husk_tests::stream::port_forward(
+        &url,
+        port,
+        b"GET / HTTP/1.0\r\n\r\n",
+        Duration::from_secs(60),
+        // Until the session ends: the server closes after its reply.
+        |_| false,
+    )
+    .map_err(|e| format!("port-forward session: {e}"))?;
+    if !got.error.is_empty() {
+        return Err(format!("error channel: {}", got.error));
+    }
+    let text = String::from_utf8_lossy(&got.data).into_owned();
+    Ok(text
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .trim()
+        .to_owned())
+}
+
+#[test]
+fn port_forward_reaches_servers_on_guest_localhost_v4_and_v6_and_on_the_pod_ip() {
+    if !e2e("port_forward_reaches_servers_on_guest_localhost") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), ""));
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
+    let a = web_pod(&ctd, &cri, logs.path(), "fwd", "husk");
+    let opts = {
+        let mut o = PodOpts::new("fwd", logs.path());
+        o.handler = "husk".into();
+        o
+    };
+    // Two servers bound to the guest's loopback only.
+    let script = "mkdir -p /l4 /l6 && echo lo-v4 > /l4/index.html && echo lo-v6 > /l6/index.html \
+                  && httpd -p 127.0.0.1:8081 -h /l4 && exec httpd -f -p '[::1]:8082' -h /l6";
+    let lo = cri
+        .run_container(
+            &a.pod,
+            &opts,
+            container("lo", IMAGE, &["sh", "-c", script], false),
+        )
+        .expect("loopback servers");
+    wait_listening(&cri, &lo, 8081);
+    wait_listening(&cri, &lo, 8082);
+    let netns = cri.pod_netns(&a.pod).expect("netns");
+    let rules = |tool: &str| {
+        Command::new("nsenter")
+            .arg(format!("--net={}", netns.display()))
+            .args([tool, "-t", "nat", "-S", "OUTPUT"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    };
+    for tool in ["iptables", "ip6tables"] {
+        let set = rules(tool);
+        assert!(
+            set.contains("husk-port-forward"),
+            "{tool} in the pod: {set}"
+        );
+    }
+    for (port, want) in [(8081, "lo-v4"), (8082, "lo-v6"), (8080, "fwd")] {
+        let got = forwarded_get(&cri, &a.pod, port)
+            .unwrap_or_else(|e| panic!("port {port}: {e}\n{}", ctd.log()));
+        assert_eq!(got, want, "port {port}");
+    }
+    // The loopback servers are not on the pod IP: only port-forward
+    // reaches them.
+    let r = cri
+        .exec_sync(
+            &a.web,
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {} 8081",
+                    a.ips[0]
+                ),
+            ],
+            60,
+        )
+        .expect("exec");
+    assert!(
+        !r.stdout.contains("lo-v4"),
+        "8081 answered on the pod IP: {r:?}"
+    );
+    // Nothing listens on 9: the session ends with nothing, and the pod
+    // still forwards after.
+    let url = cri.port_forward(&a.pod, &[9]).expect("PortForward 9");
+    let none = husk_tests::stream::port_forward(&url, 9, b"x", Duration::from_secs(30), |_| false)
+        .expect("session to a closed port");
+    assert!(none.data.is_empty(), "{none:?}");
+    assert_eq!(forwarded_get(&cri, &a.pod, 8081).expect("after"), "lo-v4");
+
+    cri.stop_pod(&a.pod).expect("StopPodSandbox");
+    if netns.exists() {
+        for tool in ["iptables", "ip6tables"] {
+            let left = rules(tool);
+            assert!(
+                !left.contains("husk-port-forward"),
+                "{tool} after stop: {left}"
+            );
+        }
+    }
+    cri.remove_pod(&a.pod).expect("RemovePodSandbox");
+    assert_clean();
+}

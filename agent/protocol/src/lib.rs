@@ -21,6 +21,16 @@ pub const GUEST_SHARE_DIR: &str = "/run/husk/shared";
 /// vsock port on which the agent accepts stdio streams (see containers.proto).
 pub const STDIO_VSOCK_PORT: u32 = 1025;
 
+/// vsock port on which the agent accepts port-forward streams: the host
+/// sends `<container_id> <port>\n`; the agent connects to 127.0.0.1:<port>
+/// (then [::1]:<port>) in that container's network namespace and answers
+/// `OK\n` (then the bytes of the TCP connection both ways) or
+/// `ERR <reason>\n`.
+pub const FORWARD_VSOCK_PORT: u32 = 1026;
+
+/// Longest port-forward header and reply lines either side accepts.
+pub const MAX_FORWARD_LINE: usize = MAX_ID_LEN + 16;
+
 /// Longest container or exec id either side accepts.
 pub const MAX_ID_LEN: usize = 128;
 

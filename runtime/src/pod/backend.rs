@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::hypervisor::NetDevice;
 use crate::network::{self, PodNetwork};
 use crate::paths::SandboxPaths;
+use crate::portforward::{self, PortForward};
 use crate::storage::MountSpec;
 use crate::Sandbox;
 
@@ -67,6 +68,8 @@ pub enum BootError {
     NoAgent,
     #[error("the pod's network")]
     Network(#[from] network::NetworkError),
+    #[error("the pod's port-forward")]
+    Forward(#[from] portforward::ForwardError),
 }
 
 /// Real VMs.
@@ -78,6 +81,7 @@ pub struct PodSandbox {
     sandbox: Sandbox,
     cgroup: Option<PodCgroup>,
     network: Option<PodNetwork>,
+    forward: Option<PortForward>,
     agent: VmAgent,
 }
 
@@ -123,6 +127,7 @@ impl Backend for VmBackend {
                 return Err(e.into());
             }
         };
+        let netns = network.as_ref().map(|n| n.netns().to_path_buf());
         let nets = network
             .iter()
             .flat_map(|n| n.taps())
@@ -137,13 +142,18 @@ impl Backend for VmBackend {
             .and_then(|sb| {
                 let agent = sb.agent().cloned().ok_or(BootError::NoAgent)?;
                 let socket = sb.paths().agent_socket();
-                Ok((sb, VmAgent { agent, socket }))
+                let forward = netns
+                    .as_deref()
+                    .map(|ns| PortForward::start(ns, &socket, pod_id))
+                    .transpose()?;
+                Ok((sb, VmAgent { agent, socket }, forward))
             });
         match booted {
-            Ok((sandbox, agent)) => Ok(PodSandbox {
+            Ok((sandbox, agent, forward)) => Ok(PodSandbox {
                 sandbox,
                 cgroup,
                 network,
+                forward,
                 agent,
             }),
             Err(e) => {
@@ -247,6 +257,9 @@ impl PodVm for PodSandbox {
     fn shutdown(self) {
         if let Err(e) = self.sandbox.shutdown() {
             tracing::warn!("stopping the pod's VM: {}", crate::error_chain(&e));
+        }
+        if let Some(f) = self.forward {
+            f.stop();
         }
         detach(self.network);
         if let Some(cg) = self.cgroup {
