@@ -179,7 +179,7 @@ fn run(tool: &'static str, args: &[String], netns: &Path) -> Result<String, Forw
     };
     match status.strip_prefix(STATUS_MARK) {
         Some("0") => Ok(body),
-        Some(code) if code == "127" => Err(fail(format!("not found: {}", stderr.trim()))),
+        Some("127") => Err(fail(format!("not found: {}", stderr.trim()))),
         Some(code) => Err(fail(format!("{args:?} failed ({code}): {}", stderr.trim()))),
         None => Err(fail(format!("no status from sh: {}", stderr.trim()))),
     }
