@@ -129,7 +129,27 @@ fn http_get(ip: &IpAddr) -> String {
     out
 }
 
-/// The qdiscs and husk taps left in `netns`, if it still exists.
+/// husk's NAT rules in `netns` (`iptables -S` lines), both families.
+fn forward_rules(netns: &Path) -> Vec<String> {
+    ["iptables", "ip6tables"]
+        .iter()
+        .flat_map(|tool| {
+            let out = Command::new("nsenter")
+                .arg(format!("--net={}", netns.display()))
+                .args([tool, "-t", "nat", "-S", "OUTPUT"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.lines()
+                .filter(|l| l.contains("husk-port-forward"))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The husk taps, ingress qdiscs and NAT rules left in `netns`, if it
+/// still exists.
 fn leftovers(netns: &Path) -> Option<String> {
     let name = netns.file_name()?.to_string_lossy().into_owned();
     if !netns.exists() {
@@ -139,7 +159,9 @@ fn leftovers(netns: &Path) -> Option<String> {
     let qdiscs = host("tc", &["-n", &name, "qdisc", "show"]);
     let taps: Vec<_> = links.lines().filter(|l| l.contains("htap")).collect();
     let ingress: Vec<_> = qdiscs.lines().filter(|l| l.contains("ingress")).collect();
-    (!taps.is_empty() || !ingress.is_empty()).then(|| format!("{taps:?} {ingress:?}"))
+    let rules = forward_rules(netns);
+    (!taps.is_empty() || !ingress.is_empty() || !rules.is_empty())
+        .then(|| format!("taps {taps:?} qdiscs {ingress:?} rules {rules:?}"))
 }
 
 #[test]
@@ -317,7 +339,11 @@ fn after_a_shim_is_killed_delete_leaves_the_pods_netns_as_cni_made_it() {
     let logs = tempfile::tempdir().expect("log dir");
     let a = web_pod(&ctd, &cri, logs.path(), "crash-net", "husk");
     let netns = cri.pod_netns(&a.pod).expect("netns");
-    assert!(leftovers(&netns).is_some(), "no tap before the crash");
+    let before = leftovers(&netns).unwrap_or_default();
+    assert!(
+        before.contains("htap") && before.contains("husk-port-forward"),
+        "before the crash: {before}"
+    );
     let shims = husk_tests::processes_mentioning(Path::new("containerd-shim-husk-v2"));
     assert_eq!(shims.len(), 1, "{shims:?}");
     // SAFETY: kill(2) on the pod's shim, a process this test started.
@@ -452,21 +478,7 @@ fn port_forward_reaches_servers_on_guest_localhost_v4_and_v6_and_on_the_pod_ip()
     wait_listening(&cri, &lo, 8081);
     wait_listening(&cri, &lo, 8082);
     let netns = cri.pod_netns(&a.pod).expect("netns");
-    let rules = |tool: &str| {
-        Command::new("nsenter")
-            .arg(format!("--net={}", netns.display()))
-            .args([tool, "-t", "nat", "-S", "OUTPUT"])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
-    };
-    for tool in ["iptables", "ip6tables"] {
-        let set = rules(tool);
-        assert!(
-            set.contains("husk-port-forward"),
-            "{tool} in the pod: {set}"
-        );
-    }
+    assert_eq!(forward_rules(&netns).len(), 2, "a rule per loopback");
     for (port, want) in [(8081, "lo-v4"), (8082, "lo-v6"), (8080, "fwd")] {
         let got = forwarded_get(&cri, &a.pod, port)
             .unwrap_or_else(|e| panic!("port {port}: {e}\n{}", ctd.log()));
@@ -501,15 +513,7 @@ fn port_forward_reaches_servers_on_guest_localhost_v4_and_v6_and_on_the_pod_ip()
     assert_eq!(forwarded_get(&cri, &a.pod, 8081).expect("after"), "lo-v4");
 
     cri.stop_pod(&a.pod).expect("StopPodSandbox");
-    if netns.exists() {
-        for tool in ["iptables", "ip6tables"] {
-            let left = rules(tool);
-            assert!(
-                !left.contains("husk-port-forward"),
-                "{tool} after stop: {left}"
-            );
-        }
-    }
+    assert_eq!(leftovers(&netns), None, "after StopPodSandbox");
     cri.remove_pod(&a.pod).expect("RemovePodSandbox");
     assert_clean();
 }
