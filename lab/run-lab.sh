@@ -65,10 +65,10 @@ trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
 mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk,usr/bin,usr/share/qemu}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc ip ping; do
     ln -s busybox "$S/bin/$a"
 done
-for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd; do
+for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun; do
     src=$L1/lib/modules/$KVER/kernel/$m.ko
     [ -f "$src" ] || fail "module $m.ko missing from $PKG"
     cp "$src" "$S/modules/"
@@ -130,6 +130,7 @@ grep -qw svm /proc/cpuinfo && echo "LAB: L1 cpu has svm" || echo "LAB: FAIL: no 
 insmod /modules/irqbypass.ko || echo "LAB: FAIL: insmod irqbypass"
 insmod /modules/kvm.ko || echo "LAB: FAIL: insmod kvm"
 insmod /modules/kvm-amd.ko npt=0 || echo "LAB: FAIL: insmod kvm-amd"
+insmod /modules/tun.ko || echo "LAB: FAIL: insmod tun"
 [ -c /dev/kvm ] && echo "LAB: /dev/kvm ready (kvm-amd, npt=$(cat /sys/module/kvm_amd/parameters/npt))" || echo "LAB: FAIL: no /dev/kvm"
 mount -t tmpfs tmpfs /run
 # Boot to agent-ready, husk-vmm and QEMU microvm interleaved, same guest,
@@ -255,6 +256,34 @@ rc=$?
 sed 's/^/LAB: run: /' /tmp/run
 echo "LAB: husk run exit $rc, $start .. $(up) s (L1 uptime)"
 [ $rc = 0 ] || echo "LAB: FAIL: husk run exit $rc"
+# husk-vmm's own virtio-net: L2 takes a static address from its kernel
+# command line (ip=, no agent involved); L1 pings it through the tap
+# husk-vmm opened, small and near-MTU frames, then stops it.
+husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+    --memory-mib 256 --console /tmp/net.log --api-socket /run/net.sock \
+    --net tap=hvtap0,mac=02:00:0a:00:63:02,mtu=1500 \
+    --cmdline "console=ttyS0 reboot=t panic=-1 ip=10.0.99.2::10.0.99.1:255.255.255.0::eth0:off" 2> /tmp/net.err &
+npid=$!
+for i in $(seq 120); do ip link show hvtap0 > /dev/null 2>&1 && break; sleep 0.5; done
+ip addr add 10.0.99.1/24 dev hvtap0
+ip link set hvtap0 up
+for i in $(seq 240); do grep -q "IP-Config: Complete" /tmp/net.log 2>/dev/null && break; kill -0 $npid 2>/dev/null || break; sleep 0.5; done
+grep -m1 -A1 "IP-Config: Complete" /tmp/net.log | sed 's/^/LAB: net: L2 /'
+ping -c 5 -W 5 10.0.99.2 > /tmp/ping-small 2>&1
+small=$?
+ping -c 20 -i 0.2 -W 5 -s 1472 10.0.99.2 > /tmp/ping-big 2>&1
+big=$?
+tail -2 /tmp/ping-small | sed 's/^/LAB: net: 84-byte pings: /'
+tail -2 /tmp/ping-big | sed 's/^/LAB: net: 1500-byte pings: /'
+echo "LAB: net: L1 neighbour: $(ip neigh show 10.0.99.2)"
+echo "LAB: net: ping exits $small $big"
+husk-vmm ctl /run/net.sock shutdown > /dev/null 2>&1 || kill $npid
+wait $npid
+rc=$?
+[ $rc = 3 ] && spurious_crash "net run" /tmp/net.log /tmp/net.err
+sed 's/^/LAB: net: vmm: /' /tmp/net.err
+echo "LAB: net: husk-vmm exit $rc"
+[ $small = 0 ] && [ $big = 0 ] || { echo "LAB: FAIL: no ping through husk-vmm's virtio-net"; tail -20 /tmp/net.log | sed 's/^/LAB: net: L2 console: /'; }
 # A VMM's own memory while a container runs: PSS outside the guest RAM
 # memfd (husk-vmm: husk-guest-ram; QEMU: memory-backend-memfd), and the guest
 # RAM it has touched.  usage: measure <config> <process name> <memfd name>
@@ -423,6 +452,10 @@ for r in "status -> ok running" "pause -> ok paused" "resume -> ok running" "shu
     grep -q "LAB: ctl: $r" "$WORK/result" || fail "control socket: expected '$r'"
 done
 grep -q "LAB: ctl: husk-vmm exit 0" "$WORK/result" || fail "control socket: shutdown did not end husk-vmm with status 0"
+grep -q "LAB: net: ping exits 0 0" "$WORK/result" || fail "virtio-net: L1 could not ping the husk-vmm guest through the tap"
+grep -qi "LAB: net: L1 neighbour: 10.0.99.2 dev hvtap0 lladdr 02:00:0a:00:63:02" "$WORK/result" || fail "virtio-net: the guest did not answer with its MAC"
+grep "LAB: net: 1500-byte pings: .*packets" "$WORK/result" | sed 's/^LAB: net: /lab: virtio-net: /'
+grep "LAB: net: 1500-byte pings: round-trip" "$WORK/result" | sed 's/^LAB: net: /lab: virtio-net: /'
 grep -qE "LAB: ctl: sandbox [^ ]+ -> ok running" "$WORK/result" || fail "the runtime's husk-vmm did not answer on its control socket"
 ticks=$(grep -m1 "LAB: ctl: vCPU ticks" "$WORK/result" || true)
 paused=$(echo "$ticks" | sed -n 's/.*paused \([0-9-]*\),.*/\1/p')

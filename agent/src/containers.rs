@@ -557,10 +557,16 @@ impl Manager {
             }
             // The pod's NICs, before anything of the pod starts.
             if let Some(net) = network {
+                let t = std::time::Instant::now();
                 crate::net::configure(init.pid, net).map_err(|e| ContainerError::Runtime {
                     id: id.to_owned(),
                     why: format!("configuring the pod network: {e}"),
                 })?;
+                crate::log_info!(
+                    "container {id}: pod network configured in {:.1} ms ({} NICs)",
+                    t.elapsed().as_secs_f64() * 1e3,
+                    net.interfaces.len()
+                );
             }
             Ok((init, gone))
         });

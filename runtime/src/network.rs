@@ -15,7 +15,7 @@ use std::fs::File;
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use futures_util::TryStreamExt;
@@ -36,6 +36,7 @@ const ETH_P_ALL: u16 = 0x0003_u16.to_be();
 /// The ingress qdisc's handle, `ffff:`.
 const INGRESS_HANDLE: u32 = 0xffff_0000;
 /// Interface names are at most 15 bytes.
+#[cfg(test)]
 const IFNAMSIZ: usize = 16;
 /// A tap's name: `htap<index of its link>`, so a later cleanup knows which
 /// link it serves (15 bytes at most, whatever the index).
@@ -365,48 +366,6 @@ fn is_link_local(ip: &IpAddr) -> bool {
     matches!(ip, IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80)
 }
 
-/// Opens `/dev/net/tun` and makes tap `name` in the calling thread's
-/// namespace: no packet-info prefix, a virtio-net header on each frame.
-fn open_tap(name: &str) -> io::Result<OwnedFd> {
-    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
-    const IFF_TAP: libc::c_short = 0x0002;
-    const IFF_NO_PI: libc::c_short = 0x1000;
-    const IFF_VNET_HDR: libc::c_short = 0x4000;
-    #[repr(C)]
-    struct IfReq {
-        name: [u8; IFNAMSIZ],
-        flags: libc::c_short,
-        _pad: [u8; 22],
-    }
-    if name.len() >= IFNAMSIZ {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "interface name too long",
-        ));
-    }
-    // SAFETY: open(2) of a fixed C string; the result is checked.
-    let raw = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
-    if raw < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `raw` is a descriptor this function just opened and owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    let mut req = IfReq {
-        name: [0; IFNAMSIZ],
-        flags: IFF_TAP | IFF_NO_PI | IFF_VNET_HDR,
-        _pad: [0; 22],
-    };
-    req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays
-    // out (16-byte name, flags, padding to 40 bytes); it lives across the
-    // call.
-    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF, &mut req) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
 /// An ingress qdisc on `index` whose one filter redirects everything to
 /// the egress of `to`.
 async fn redirect(handle: &Handle, netns: &Path, index: u32, to: u32) -> Result<(), NetworkError> {
@@ -461,11 +420,14 @@ async fn remove_ingress(handle: &Handle, netns: &Path, index: u32) -> Result<(),
 /// Makes one link's tap, sizes it, brings it up and redirects both ways.
 async fn attach_link(handle: &Handle, netns: &Path, link: PodLink) -> Result<Tap, NetworkError> {
     let name = tap_name(link.index);
-    let fd = open_tap(&name).map_err(|source| NetworkError::Tap {
-        name: name.clone(),
-        netns: netns.to_path_buf(),
-        source,
-    })?;
+    // Opened on this thread, which is in the pod's namespace.
+    let fd = husk_vmm::net::open_tap(&name)
+        .map(OwnedFd::from)
+        .map_err(|source| NetworkError::Tap {
+            name: name.clone(),
+            netns: netns.to_path_buf(),
+            source,
+        })?;
     let index = handle
         .link()
         .get()

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use husk_protocol::AGENT_VSOCK_PORT;
 
 use crate::agent::{self, Agent, AgentError, AgentInfo};
-use crate::config::{Config, HypervisorChoice};
+use crate::config::Config;
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
 use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, VmSpec};
@@ -53,8 +53,6 @@ pub enum SandboxError {
     },
     #[error(transparent)]
     Backend(#[from] ChoiceError),
-    #[error("the pod has a network and hypervisor = \"husk-vmm\" is configured, which has no virtio-net device yet; set hypervisor = \"qemu\" (or \"auto\") in the husk config")]
-    NoNetworkDevice,
     #[error("no {what} configured and none installed in {searched}; run `make guest-image` or set guest.{key} in the husk config")]
     NoImage {
         what: &'static str,
@@ -191,18 +189,7 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let t0 = Instant::now();
         validate_id(id)?;
-        let kvm = host::detect_kvm();
-        let (mut backend, mut why) = host::choose_backend(config, &kvm)?;
-        if backend == Backend::HuskVmm && !nets.is_empty() {
-            // husk-vmm has no virtio-net device yet (issue 10).
-            if config.hypervisor != HypervisorChoice::Auto {
-                return Err(SandboxError::NoNetworkDevice);
-            }
-            let mut qemu = config.clone();
-            qemu.hypervisor = HypervisorChoice::Qemu;
-            (backend, why) = host::choose_backend(&qemu, &kvm)?;
-            why = format!("the pod has a network, which husk-vmm cannot serve yet: {why}");
-        }
+        let (backend, why) = host::choose_backend(config, &host::detect_kvm())?;
         tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
         let kernel = image(
             config.guest.kernel.as_deref(),

@@ -261,6 +261,16 @@ impl Cri {
             })
     }
 
+    /// `sh -c cmd` in container `id` through ExecSync, which must exit 0
+    /// within `timeout_s`; returns stdout.
+    pub fn sh(&self, id: &str, cmd: &str, timeout_s: i64) -> String {
+        let r = self
+            .exec_sync(id, &["sh", "-c", cmd], timeout_s)
+            .unwrap_or_else(|e| panic!("exec {cmd:?} in {id}: {e}"));
+        assert_eq!(r.exit_code, 0, "exec {cmd:?} in {id}: {r:?}");
+        r.stdout
+    }
+
     pub fn container_status(&self, id: &str) -> Result<ContainerStatus, tonic::Status> {
         let mut c = self.runtime.clone();
         self.rt

@@ -13,11 +13,7 @@ use husk_tests::{e2e, processes_mentioning, vm_lock};
 
 /// ExecSync that must succeed with exit code 0; returns stdout.
 fn sh(cri: &Cri, id: &str, cmd: &str) -> String {
-    let r = cri
-        .exec_sync(id, &["sh", "-c", cmd], 60)
-        .unwrap_or_else(|e| panic!("exec {cmd:?} in {id}: {e}"));
-    assert_eq!(r.exit_code, 0, "exec {cmd:?} in {id}: {r:?}");
-    r.stdout
+    cri.sh(id, cmd, 60)
 }
 
 /// Shims and VMMs now running on this host.

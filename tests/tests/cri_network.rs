@@ -18,11 +18,7 @@ use husk_tests::{e2e, vm_lock};
 
 /// ExecSync that must succeed with exit code 0; returns stdout.
 fn sh(cri: &Cri, id: &str, cmd: &str) -> String {
-    let r = cri
-        .exec_sync(id, &["sh", "-c", cmd], 120)
-        .unwrap_or_else(|e| panic!("exec {cmd:?} in {id}: {e}"));
-    assert_eq!(r.exit_code, 0, "exec {cmd:?} in {id}: {r:?}");
-    r.stdout
+    cri.sh(id, cmd, 120)
 }
 
 /// Runs a command on the host; its stdout, or a panic naming it.

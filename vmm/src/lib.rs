@@ -16,6 +16,7 @@ pub mod control;
 pub mod devices;
 pub mod memory;
 pub mod mptable;
+pub mod net;
 pub mod vhost_user;
 pub mod virtio_mmio;
 pub mod vm;

@@ -21,6 +21,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use husk_vmm::control::{self, ControlSocket};
+use husk_vmm::net::TapSource;
 use husk_vmm::vhost_user::Kind;
 use husk_vmm::vm::VmConfig;
 use husk_vmm::{boot, Exit, Vm, VmError};
@@ -66,6 +67,12 @@ struct Cli {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = 3)]
     guest_cid: u64,
+    /// A virtio-net device on a tap: `fd=N` (a queue this process
+    /// inherited, opened with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR) or
+    /// `tap=NAME` (opened, or made, by husk-vmm), then
+    /// `,mac=aa:bb:cc:dd:ee:ff[,mtu=M]`. Repeatable.
+    #[arg(long = "net", value_name = "SPEC")]
+    nets: Vec<husk_vmm::net::NetSpec>,
     /// Control socket to create (pause, resume, shutdown, status; one
     /// request per line). Removed when husk-vmm ends.
     #[arg(long)]
@@ -204,6 +211,20 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         cmdline.push(' ');
         cmdline.push_str(&param);
     }
+    for n in &cli.nets {
+        let tap = match &n.source {
+            TapSource::Fd(fd) => inherited(*fd).map_err(|e| {
+                Failure::Vmm(format!(
+                    "--net fd={fd}: {e}; pass the tap's queue as that descriptor"
+                ))
+            })?,
+            TapSource::Name(name) => husk_vmm::net::open_tap(name)
+                .map_err(|e| Failure::Vmm(format!("--net tap={name}: {e}")))?,
+        };
+        let param = vm.add_net(tap, n.mac, n.mtu).map_err(|e| vmm(&e))?;
+        cmdline.push(' ');
+        cmdline.push_str(&param);
+    }
     let t_devices = Instant::now();
     let entry = boot::load(
         &vm.memory().memory,
@@ -233,4 +254,16 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         Err(e @ VmError::Internal { .. }) => Err(Failure::Guest(e)),
         Err(e) => Err(vmm(&e)),
     }
+}
+
+/// Takes descriptor `fd`, which this process inherited, if it is open.
+fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: F_GETFD only asks whether `fd` is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is open and was handed to this process for this device;
+    // nothing else in it owns the descriptor.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }

@@ -14,8 +14,9 @@ use crate::boot::BootEntry;
 use crate::control::RunState;
 use crate::devices::{EventFdTrigger, PioAction, PioBus, SERIAL_IRQ};
 use crate::memory::{GuestRam, MemoryError};
+use crate::net::{NetDevice, NetError};
 use crate::vhost_user::{Kind, VhostUserDevice, VhostUserError};
-use crate::virtio_mmio::{Action, MmioTransport, WINDOW};
+use crate::virtio_mmio::{Action, MmioTransport, QueueConfig, VirtioDevice, WINDOW};
 
 /// The KVM API version every kernel since 2.6.22 reports.
 const KVM_API_VERSION: i32 = 12;
@@ -24,11 +25,82 @@ const KVM_API_VERSION: i32 = 12;
 const TSS_ADDRESS: usize = 0xfffb_d000;
 /// virtio-mmio windows start here, in the MMIO gap.
 pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
-/// Their interrupts: ISA lines 5, 6 and 7.
-const VIRTIO_IRQ_BASE: u32 = 5;
-const MAX_VIRTIO_DEVICES: usize = 3;
+/// Their interrupts: free ISA lines (the MP table routes 0..16 to the
+/// IOAPIC's pins as they are).
+const VIRTIO_IRQS: [u32; 6] = [5, 6, 7, 9, 10, 11];
+const MAX_VIRTIO_DEVICES: usize = VIRTIO_IRQS.len();
 
-type Transport = Mutex<MmioTransport<VhostUserDevice>>;
+type Transport = Mutex<MmioTransport<Device>>;
+
+/// A virtio device behind the transport: one a vhost-user daemon serves,
+/// or husk-vmm's own virtio-net.
+pub enum Device {
+    VhostUser(VhostUserDevice),
+    Net(NetDevice),
+}
+
+impl Device {
+    fn kicks(&self) -> &[vmm_sys_util::eventfd::EventFd] {
+        match self {
+            Device::VhostUser(d) => &d.kicks,
+            Device::Net(d) => &d.kicks,
+        }
+    }
+
+    fn call(&self) -> &vmm_sys_util::eventfd::EventFd {
+        match self {
+            Device::VhostUser(d) => &d.call,
+            Device::Net(d) => &d.call,
+        }
+    }
+
+    fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
+        match self {
+            Device::VhostUser(d) => d.activate(features, queues).map_err(|e| e.to_string()),
+            Device::Net(d) => d.activate(features, queues).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// The driver reset the device. (A vhost-user daemon keeps its rings
+    /// until the VM ends; the guest resets devices only on its way down.)
+    fn reset(&mut self) {
+        if let Device::Net(d) = self {
+            d.deactivate();
+        }
+    }
+
+    fn inner(&self) -> &dyn VirtioDevice {
+        match self {
+            Device::VhostUser(d) => d,
+            Device::Net(d) => d,
+        }
+    }
+}
+
+impl VirtioDevice for Device {
+    fn device_type(&self) -> u32 {
+        self.inner().device_type()
+    }
+
+    fn features(&self) -> u64 {
+        self.inner().features()
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        self.inner().queue_max_sizes()
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        self.inner().read_config(offset, data)
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        match self {
+            Device::VhostUser(d) => d.write_config(offset, data),
+            Device::Net(d) => d.write_config(offset, data),
+        }
+    }
+}
 
 /// One virtio-mmio device on the bus.
 struct MmioDevice {
@@ -70,6 +142,8 @@ pub enum VmError {
     MpTable(#[from] crate::mptable::MpTableError),
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
+    #[error(transparent)]
+    Net(#[from] NetError),
     #[error("husk-vmm supports at most {MAX_VIRTIO_DEVICES} virtio devices")]
     TooManyDevices,
     #[error("{0} vCPUs requested; husk-vmm runs 1 to {MAX_VCPUS}")]
@@ -366,14 +440,36 @@ impl Vm {
     /// irqfd on its line. Returns the kernel command-line parameter that
     /// tells the guest where it is.
     pub fn add_vhost_user(&mut self, kind: Kind, socket: &Path) -> Result<String, VmError> {
-        let n = self.mmio.len();
-        if n >= MAX_VIRTIO_DEVICES {
+        if self.mmio.len() >= MAX_VIRTIO_DEVICES {
             return Err(VmError::TooManyDevices);
         }
-        let base = VIRTIO_MMIO_BASE + n as u64 * WINDOW;
-        let irq = VIRTIO_IRQ_BASE + n as u32;
         let dev = VhostUserDevice::connect(kind, socket, self.ram.memory.clone())?;
-        for (i, kick) in dev.kicks.iter().enumerate() {
+        self.add_device(Device::VhostUser(dev))
+    }
+
+    /// Adds husk-vmm's own virtio-net device on tap queue `tap` (opened
+    /// with `IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`), with `mac` and `mtu`.
+    /// Returns the kernel command-line parameter for it.
+    pub fn add_net(
+        &mut self,
+        tap: std::fs::File,
+        mac: [u8; 6],
+        mtu: u32,
+    ) -> Result<String, VmError> {
+        if self.mmio.len() >= MAX_VIRTIO_DEVICES {
+            return Err(VmError::TooManyDevices);
+        }
+        let dev = NetDevice::new(tap, mac, mtu, self.ram.memory.clone())?;
+        self.add_device(Device::Net(dev))
+    }
+
+    /// Puts `dev` on the bus: its MMIO window, the ioeventfds on its
+    /// QueueNotify register and the irqfd on its line.
+    fn add_device(&mut self, dev: Device) -> Result<String, VmError> {
+        let n = self.mmio.len();
+        let base = VIRTIO_MMIO_BASE + n as u64 * WINDOW;
+        let irq = VIRTIO_IRQS[n];
+        for (i, kick) in dev.kicks().iter().enumerate() {
             self.fd
                 .register_ioevent(
                     kick,
@@ -383,7 +479,7 @@ impl Vm {
                 .map_err(kvm_err("register a queue ioeventfd"))?;
         }
         self.fd
-            .register_irqfd(&dev.call, irq)
+            .register_irqfd(dev.call(), irq)
             .map_err(kvm_err("register a device irqfd"))?;
         self.mmio.push(MmioDevice {
             base,
@@ -501,7 +597,7 @@ fn run_loop(
     result
 }
 
-fn lock_transport(t: &Transport) -> std::sync::MutexGuard<'_, MmioTransport<VhostUserDevice>> {
+fn lock_transport(t: &Transport) -> std::sync::MutexGuard<'_, MmioTransport<Device>> {
     t.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -519,11 +615,12 @@ fn mmio_write(d: &MmioDevice, offset: u64, data: &[u8]) {
         Ok(Action::Notify(q)) => {
             // Kicks normally end in the ioeventfd; a write KVM passed up
             // (another width) still reaches the daemon.
-            if let Some(k) = t.device().kicks.get(q as usize) {
+            if let Some(k) = t.device().kicks().get(q as usize) {
                 let _ = k.write(1);
             }
         }
-        Ok(Action::Reset) | Ok(Action::None) | Err(_) => {}
+        Ok(Action::Reset) => t.device_mut().reset(),
+        Ok(Action::None) | Err(_) => {}
     }
 }
 

@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
-use super::{Hypervisor, VmSpec, SHARE_TAG};
+use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
 use crate::daemons::GUEST_CID;
 
 pub struct HuskVmm {
@@ -39,6 +39,18 @@ impl HuskVmm {
             &spec.vsock_socket.clone().into_os_string(),
         );
         push("--guest-cid", &GUEST_CID.to_string().into());
+        for (i, net) in spec.nets.iter().enumerate() {
+            push(
+                "--net",
+                &format!(
+                    "fd={},mac={},mtu={}",
+                    net_fd(i),
+                    mac_string(&net.mac),
+                    net.mtu
+                )
+                .into(),
+            );
+        }
         push(
             "--api-socket",
             &spec.control_socket.clone().into_os_string(),
@@ -81,7 +93,11 @@ mod tests {
             fs_socket: "/fs.sock".into(),
             vsock_socket: "/vsock.sock".into(),
             control_socket: "/s/vmm.sock".into(),
-            nets: Vec::new(),
+            nets: vec![super::super::NetDevice {
+                fd: 21,
+                mac: vec![2, 0x42, 10, 0xf4, 0x4d, 3],
+                mtu: 1450,
+            }],
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)
@@ -95,6 +111,7 @@ mod tests {
             "--memory-mib 256",
             "--vcpus 2",
             "--vhost-user-fs /fs.sock",
+            "--net fd=3,mac=02:42:0a:f4:4d:03,mtu=1450",
             "--fs-tag husk",
             "--vhost-user-vsock /vsock.sock",
             "--guest-cid 3",

@@ -3,6 +3,7 @@
 
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use husk_protocol::containers::Network;
 use serde_json::Value;
@@ -112,12 +113,14 @@ impl Backend for VmBackend {
         let mut config = config.clone();
         size_guest(&mut config.guest, spec, pod_id)?;
         let cgroup = join_pod_cgroup(spec, bundle)?;
+        let t_network = Instant::now();
         let network = match Role::of(spec, pod_id) {
             Ok(Role::Sandbox) => pod_netns(spec)
                 .map(|ns| PodNetwork::attach(&ns))
                 .transpose(),
             _ => Ok(None),
         };
+        let network_time = t_network.elapsed();
         let network = match network {
             Ok(n) => n,
             Err(e) => {
@@ -142,10 +145,20 @@ impl Backend for VmBackend {
             .and_then(|sb| {
                 let agent = sb.agent().cloned().ok_or(BootError::NoAgent)?;
                 let socket = sb.paths().agent_socket();
+                let t_forward = Instant::now();
                 let forward = netns
                     .as_deref()
                     .map(|ns| PortForward::start(ns, &socket, pod_id))
                     .transpose()?;
+                if netns.is_some() {
+                    let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+                    tracing::info!(
+                        "pod {pod_id}: host network set up in {:.1} ms (taps and redirects {:.1} ms, port-forward {:.1} ms)",
+                        ms(network_time + t_forward.elapsed()),
+                        ms(network_time),
+                        ms(t_forward.elapsed())
+                    );
+                }
                 Ok((sb, VmAgent { agent, socket }, forward))
             });
         match booted {
