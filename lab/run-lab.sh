@@ -75,6 +75,15 @@ for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tu
 done
 cp "$VMM" "$HUSK" "$S/bin/"
 cp "$GUEST/vmlinux" "$GUEST/bzImage" "$GUEST/initramfs.cpio" "$S/husk/"
+# The virtio-net check's L2 userland: busybox as /init that only waits (the
+# kernel sets the address from ip=; husk's agent would end the VM without
+# its virtio-fs share).
+N=$WORK/l2net
+mkdir -p "$N/bin" "$N/proc"
+cp /bin/busybox "$N/bin/busybox"
+printf '#!/bin/busybox sh\n/bin/busybox sleep 600\n' > "$N/init"
+chmod +x "$N/init"
+(cd "$N" && find . | cpio -o -H newc --quiet) > "$S/husk/net-initramfs.cpio"
 # QEMU for the benchmark, in /usr/bin: it looks for its firmware in
 # ../share/qemu next to itself.
 cp -L $QEMU_DATA "$S/usr/share/qemu/"
@@ -248,7 +257,9 @@ sed 's/^/LAB: ping: /' /tmp/ping
 # A container command through the agent, rootfs on virtio-fs.
 mkdir -p /rootfs/bin /rootfs/proc /rootfs/sys /rootfs/dev /rootfs/tmp /rootfs/etc
 cp /bin/busybox /rootfs/bin/
-for a in sh uname echo cat; do ln -s busybox /rootfs/bin/$a; done
+# sleep too: the memory check runs `sleep 10` in a container (without it the
+# container failed at once and the check raced the sandbox teardown).
+for a in sh uname echo cat sleep; do ln -s busybox /rootfs/bin/$a; done
 start=$(up)
 husk run --rootfs /rootfs -- sh -c 'echo container on $(uname -r) sees $(cat /proc/cpuinfo | grep -c ^processor) cpus' > /tmp/run 2>&1
 rc=$?
@@ -257,9 +268,9 @@ sed 's/^/LAB: run: /' /tmp/run
 echo "LAB: husk run exit $rc, $start .. $(up) s (L1 uptime)"
 [ $rc = 0 ] || echo "LAB: FAIL: husk run exit $rc"
 # husk-vmm's own virtio-net: L2 takes a static address from its kernel
-# command line (ip=, no agent involved); L1 pings it through the tap
-# husk-vmm opened, small and near-MTU frames, then stops it.
-husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+# command line (ip=) and only waits; L1 pings it through the tap husk-vmm
+# opened, small and MTU-sized packets, then stops it.
+husk-vmm --kernel /husk/vmlinux --initramfs /husk/net-initramfs.cpio \
     --memory-mib 256 --console /tmp/net.log --api-socket /run/net.sock \
     --net tap=hvtap0,mac=02:00:0a:00:63:02,mtu=1500 \
     --cmdline "console=ttyS0 reboot=t panic=-1 ip=10.0.99.2::10.0.99.1:255.255.255.0::eth0:off" 2> /tmp/net.err &
@@ -304,7 +315,7 @@ measure() {
     done
     # The runtime gives each husk-vmm its control socket in the sandbox dir.
     for sock in /run/husk/*/vmm.sock; do
-        [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $sock)) -> $(husk-vmm ctl $sock status)"
+        [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $sock)) -> $(husk-vmm ctl $sock status 2>&1)"
     done
     wait $sleeper
     [ -n "$measured" ] || {
@@ -334,6 +345,7 @@ trap 'for p in checks bench; do cp "$WORK/l1-$p.log" "$(keep_of $p)" 2>/dev/null
 # $STALL seconds. Kernel messages do not count: a broken L1 can go on
 # printing soft-lockup and RCU-stall reports for ever while its script is
 # dead (seen: CPU 1 stuck in the L2 QEMU's KVM_RUN, CPU 0's timers dead).
+# A soft lockup of a minute or more counts as a stall on its own.
 STALL=${HUSK_LAB_STALL:-60}
 boot_l1() {
     : > "$LOG"
@@ -350,6 +362,10 @@ boot_l1() {
         local now
         now=$(grep -acE '(LAB|HEARTBEAT):' "$LOG" || true)
         if [ "$now" = "$said" ]; then quiet=$((quiet + 5)); else quiet=0; said=$now; fi
+        # A CPU stuck for a minute in a VMM's KVM_RUN (soft lockup) is the
+        # same stall with the heartbeat still going (seen in the benchmark:
+        # CPU 0 stuck 600 s in an L2 vCPU thread while the step waited).
+        grep -aqE 'soft lockup - CPU#[0-9]+ stuck for ([6-9][0-9]|[0-9]{3,})s' "$LOG" && quiet=$STALL
         if [ $quiet -ge "$STALL" ] || [ $waited -ge "$TIMEOUT" ]; then
             kill $qemu 2>/dev/null
             sleep 2
