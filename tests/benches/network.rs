@@ -55,16 +55,33 @@ fn remove(cri: &Cri, p: &Pod) {
     cri.remove_pod(&p.id).expect("RemovePodSandbox");
 }
 
-/// Starts a one-connection sink on [`SINK_PORT`] in `p` and waits until it
-/// listens.
+/// Starts a one-connection sink on [`SINK_PORT`] in `p` that counts what
+/// it gets into /tmp/sink.count, and waits until it listens. (Its stdin
+/// stays open: busybox nc half-closes on stdin's end, and a client nc
+/// stops on that.)
 fn sink(cri: &Cri, p: &Pod) {
     cri.sh(
         &p.ctr,
         &format!(
-            "nc -l -p {SINK_PORT} > /dev/null 2>&1 </dev/null & \
+            "rm -f /tmp/sink.count; (sleep 100000 | nc -l -p {SINK_PORT} | wc -c > /tmp/sink.count) > /dev/null 2>&1 </dev/null & \
              for i in $(seq 100); do netstat -ltn | grep -q ':{SINK_PORT} ' && exit 0; sleep 0.05; done; exit 1"
         ),
         60,
+    );
+}
+
+/// Waits for the sink in `p` to report, and checks that it got [`BYTES`].
+fn sink_got_all(cri: &Cri, p: &Pod) {
+    let got = cri.sh(
+        &p.ctr,
+        "for i in $(seq 200); do [ -s /tmp/sink.count ] && break; sleep 0.05; done; cat /tmp/sink.count",
+        60,
+    );
+    assert_eq!(
+        got.trim(),
+        BYTES.to_string(),
+        "bytes the sink in {} got",
+        p.id
     );
 }
 
@@ -86,6 +103,7 @@ fn pod_to_pod(cri: &Cri, from: &Pod, to: &Pod) -> Duration {
         .split_whitespace()
         .map(|v| v.parse().expect("uptime"))
         .collect();
+    sink_got_all(cri, to);
     Duration::from_secs_f64(t[1] - t[0])
 }
 
@@ -106,7 +124,9 @@ fn host_to_pod(cri: &Cri, to: &Pod) -> Duration {
     s.shutdown(std::net::Shutdown::Write).expect("half-close");
     let mut rest = Vec::new();
     let _ = s.read_to_end(&mut rest);
-    t.elapsed()
+    let took = t.elapsed();
+    sink_got_all(cri, to);
+    took
 }
 
 /// Average round-trip time of `count` pings, from busybox's summary line
