@@ -32,6 +32,9 @@ pub const KILLED_STATUS: u32 = 128 + 9;
 pub const FAILED_START_STATUS: u32 = 255;
 /// How long closing stdin lets the copier drain what the client wrote.
 const CLOSE_STDIN_GRACE: Duration = Duration::from_millis(500);
+/// The longest an exit waits for the kills in flight on its process (each
+/// ends within its RPC deadline; this only bounds a wedged one).
+const KILLS_IN_FLIGHT_GRACE: Duration = Duration::from_secs(30);
 
 /// What kind of failure an error is, for the caller's status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -229,6 +232,11 @@ struct Proc {
     stdin_copier: Option<JoinHandle<()>>,
     /// Copies from the guest to the output paths.
     pumps: Vec<JoinHandle<()>>,
+    /// Kills sent to the guest and not yet answered. The exit waits for
+    /// them: containerd answers an exit by deleting the task and closing
+    /// its connection, and a Kill still waiting on a slow guest's reply
+    /// would then fail with "ttrpc: closed".
+    kills_in_flight: u32,
 }
 
 impl Proc {
@@ -243,6 +251,7 @@ impl Proc {
             stdin_ctl: None,
             stdin_copier: None,
             pumps: Vec::new(),
+            kills_in_flight: 0,
         }
     }
 
@@ -304,6 +313,8 @@ struct Inner<B: Backend> {
     /// Serialises creates, so the pod's VM boots once.
     creating: Mutex<()>,
     events: Mutex<Sender<Event>>,
+    /// Signalled (with `state`) when a kill's reply comes.
+    kill_answered: Condvar,
 }
 
 /// One pod: its VM and containers. Cheap to clone; clones share the pod.
@@ -334,6 +345,7 @@ impl<B: Backend> PodService<B> {
                 }),
                 creating: Mutex::new(()),
                 events: Mutex::new(events),
+                kill_answered: Condvar::new(),
             }),
         }
     }
@@ -603,13 +615,7 @@ impl<B: Backend> PodService<B> {
                 .unwrap_or_default();
             pumps.into_iter().for_each(|p| drop(p.join()));
             let exit = Exit::now(status);
-            let ends_pod = me
-                .with_ctr(&id, |c| {
-                    let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
-                    c.proc(&id, &exec_id)?.exit = Some(exit);
-                    Ok(ends_pod)
-                })
-                .unwrap_or(false);
+            let ends_pod = me.record_exit(&id, &exec_id, exit);
             me.emit(Event::Exited {
                 id: id.clone(),
                 exec_id: exec_id.clone(),
@@ -621,6 +627,40 @@ impl<B: Backend> PodService<B> {
                 me.kill_members(&id, &agent);
             }
         });
+    }
+
+    /// Records a process's exit once no kill on it is in flight, and says
+    /// whether it ends the pod.
+    fn record_exit(&self, id: &str, exec_id: &str, exit: Exit) -> bool {
+        let deadline = std::time::Instant::now() + KILLS_IN_FLIGHT_GRACE;
+        let mut st = self.state();
+        loop {
+            let Some(c) = st.containers.get_mut(id) else {
+                return false;
+            };
+            let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
+            let Ok(p) = c.proc(id, exec_id) else {
+                return false;
+            };
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if p.kills_in_flight == 0 || left.is_zero() {
+                if p.kills_in_flight > 0 {
+                    tracing::warn!(
+                        container = id,
+                        exec = exec_id,
+                        "exit published with a kill unanswered"
+                    );
+                }
+                p.exit = Some(exit);
+                return ends_pod;
+            }
+            st = self
+                .inner
+                .kill_answered
+                .wait_timeout(st, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// SIGKILLs every running container of the pod but its sandbox.
@@ -686,7 +726,12 @@ impl<B: Backend> PodService<B> {
     /// init that has exited takes it as done; an exec that has exited is
     /// gone.
     pub fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
-        let exited = self.with_proc(id, exec_id, |p| Ok(p.exit.is_some()))?;
+        let exited = self.with_proc(id, exec_id, |p| {
+            if p.exit.is_none() {
+                p.kills_in_flight += 1;
+            }
+            Ok(p.exit.is_some())
+        })?;
         if exited {
             if exec_id.is_empty() {
                 return Ok(());
@@ -696,7 +741,16 @@ impl<B: Backend> PodService<B> {
             });
         }
         let exec = (!exec_id.is_empty()).then_some(exec_id);
-        Ok(self.agent()?.signal_process(id, exec, signal, all)?)
+        let sent = self
+            .agent()
+            .and_then(|a| Ok(a.signal_process(id, exec, signal, all)?));
+        // The process may have been deleted meanwhile.
+        let _ = self.with_proc(id, exec_id, |p| {
+            p.kills_in_flight = p.kills_in_flight.saturating_sub(1);
+            Ok(())
+        });
+        self.inner.kill_answered.notify_all();
+        sent
     }
 
     /// Blocks until the process has exited. A Wait for a process already

@@ -45,6 +45,9 @@ struct Guest {
     /// Every call, in order.
     calls: Vec<String>,
     shutdowns: u32,
+    /// How long a signal's reply lags the exit it causes, as a slow
+    /// guest's can.
+    signal_lag: Duration,
 }
 
 /// A fake agent: processes exit when a test says so or on SIGKILL/SIGTERM.
@@ -202,6 +205,8 @@ impl GuestAgent for FakeAgent {
         if signal == 9 || signal == 15 {
             self.exit(id, exec_id.unwrap_or_default(), 128 + signal);
         }
+        let lag = self.guest().signal_lag;
+        std::thread::sleep(lag);
         Ok(())
     }
 
@@ -524,6 +529,38 @@ fn kill_after_exit_is_done_for_an_init_and_not_found_for_an_exec() {
         .filter(|c| c.starts_with("signal"))
         .count();
     assert_eq!(signals, 1, "signals after exit reached the guest");
+}
+
+/// containerd answers an exit by killing, deleting and closing its
+/// connection to the shim: a Kill still waiting on the guest then fails with
+/// "ttrpc: closed" (seen in CI as StopPodSandbox's "failed to kill
+/// container"). So a process's exit is published only after the kills in
+/// flight on it have returned.
+#[test]
+fn an_exit_is_published_only_after_the_kill_that_caused_it_returns() {
+    let p = pod();
+    run(&p, "c1");
+    assert_eq!(p.kinds(), ["Created", "Started"]);
+    p.agent.guest().signal_lag = Duration::from_millis(300);
+    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let killer = {
+        let (pod, returned) = (p.pod.clone(), returned.clone());
+        std::thread::spawn(move || {
+            pod.kill("c1", "", 9, false).unwrap();
+            returned.store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    };
+    match p.next() {
+        Event::Exited { exec_id, exit, .. } => {
+            assert_eq!((exec_id.as_str(), exit.status), ("", 137));
+            assert!(
+                returned.load(std::sync::atomic::Ordering::SeqCst),
+                "the exit was published while the kill that caused it was in flight"
+            );
+        }
+        e => panic!("expected the exit, got {e:?}"),
+    }
+    killer.join().unwrap();
 }
 
 #[test]
