@@ -8,15 +8,12 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::Duration;
 
 use husk_protocol::{valid_id, FORWARD_VSOCK_PORT, MAX_FORWARD_LINE};
-use nix::sys::socket::{
-    accept, bind, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
-};
 
 use crate::containers::Manager;
 
@@ -27,39 +24,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Listens on [`FORWARD_VSOCK_PORT`] and serves each stream on a thread.
 pub fn listen(manager: Arc<Manager>) -> nix::Result<()> {
-    let fd = socket(
-        AddressFamily::Vsock,
-        SockType::Stream,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )?;
-    bind(
-        fd.as_raw_fd(),
-        &VsockAddr::new(libc::VMADDR_CID_ANY, FORWARD_VSOCK_PORT),
-    )?;
-    nix::sys::socket::listen(&fd, Backlog::new(64)?)?;
-    std::thread::Builder::new()
-        .name("forward-accept".into())
-        .spawn(move || loop {
-            match accept(fd.as_raw_fd()) {
-                Ok(conn) => {
-                    // SAFETY: accept returned a new descriptor that nothing
-                    // else owns.
-                    let conn = UnixStream::from(unsafe { OwnedFd::from_raw_fd(conn) });
-                    let manager = manager.clone();
-                    let _ = std::thread::Builder::new()
-                        .name("forward".into())
-                        .spawn(move || serve(&manager, conn));
-                }
-                Err(nix::Error::EINTR) | Err(nix::Error::ECONNABORTED) => {}
-                Err(e) => {
-                    crate::log_error!("port-forward listener: accept: {e}");
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        })
-        .map_err(|_| nix::Error::EAGAIN)?;
-    Ok(())
+    crate::stdio::serve_vsock(FORWARD_VSOCK_PORT, "forward", move |conn| {
+        serve(&manager, UnixStream::from(conn))
+    })
 }
 
 /// One forwarded connection. (A vsock stream is handled through the

@@ -37,43 +37,50 @@ fn key(h: &StreamHeader) -> Key {
     (h.container_id.clone(), h.exec_id.clone(), h.kind.as_str())
 }
 
+/// Listens on vsock `port` from a thread of its own and hands each
+/// connection to `handle` on a new thread (`<what>-accept`, `<what>-conn`).
+pub fn serve_vsock(
+    port: u32,
+    what: &'static str,
+    handle: impl Fn(OwnedFd) + Clone + Send + 'static,
+) -> nix::Result<()> {
+    let fd = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
+    listen(&fd, Backlog::new(64)?)?;
+    std::thread::Builder::new()
+        .name(format!("{what}-accept"))
+        .spawn(move || loop {
+            match accept(fd.as_raw_fd()) {
+                Ok(conn) => {
+                    // SAFETY: accept returned a new descriptor that nothing
+                    // else owns.
+                    let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+                    let handle = handle.clone();
+                    let _ = std::thread::Builder::new()
+                        .name(format!("{what}-conn"))
+                        .spawn(move || handle(conn));
+                }
+                Err(nix::Error::EINTR) | Err(nix::Error::ECONNABORTED) => {}
+                Err(e) => {
+                    crate::log_error!("{what} listener: accept: {e}");
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+        .map_err(|_| nix::Error::EAGAIN)?;
+    Ok(())
+}
+
 impl StreamHub {
     /// Listens on the stdio port and parks incoming streams, from a thread.
     pub fn listen(self: &Arc<Self>) -> nix::Result<()> {
-        let fd = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        bind(
-            fd.as_raw_fd(),
-            &VsockAddr::new(libc::VMADDR_CID_ANY, STDIO_VSOCK_PORT),
-        )?;
-        listen(&fd, Backlog::new(64)?)?;
         let hub = self.clone();
-        std::thread::Builder::new()
-            .name("stdio-accept".into())
-            .spawn(move || loop {
-                match accept(fd.as_raw_fd()) {
-                    // SAFETY: accept returned a new descriptor that nothing
-                    // else owns.
-                    Ok(conn) => {
-                        let conn = unsafe { OwnedFd::from_raw_fd(conn) };
-                        let hub = hub.clone();
-                        let _ = std::thread::Builder::new()
-                            .name("stdio-header".into())
-                            .spawn(move || hub.admit(conn));
-                    }
-                    Err(nix::Error::EINTR) | Err(nix::Error::ECONNABORTED) => {}
-                    Err(e) => {
-                        crate::log_error!("stdio listener: accept: {e}");
-                        std::thread::sleep(Duration::from_millis(100));
-                    }
-                }
-            })
-            .map_err(|_| nix::Error::EAGAIN)?;
-        Ok(())
+        serve_vsock(STDIO_VSOCK_PORT, "stdio", move |conn| hub.admit(conn))
     }
 
     /// Reads and checks a connection's header, then parks it.

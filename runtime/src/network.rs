@@ -134,6 +134,31 @@ fn tap_link(name: &str) -> Option<u32> {
     digits.parse().ok()
 }
 
+/// Runs `f` on a thread of its own that has entered network namespace
+/// `netns` (sockets and taps it makes belong there, and so do children it
+/// starts); no shared worker ever changes namespace. `ns_err` wraps the
+/// failure to enter it.
+pub(crate) fn on_thread_in<T, E>(
+    netns: &Path,
+    ns_err: impl Fn(io::Error) -> E + Sync,
+    f: impl FnOnce() -> Result<T, E> + Send,
+) -> Result<T, E>
+where
+    T: Send,
+    E: Send,
+{
+    let file = File::open(netns).map_err(&ns_err)?;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
+                .map_err(|e| ns_err(e.into()))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(ns_err(io::Error::other("the namespace thread panicked"))))
+    })
+}
+
 /// Runs `f` with a netlink handle inside network namespace `netns`, on a
 /// thread of its own.
 fn in_netns<T, F, Fut>(netns: &Path, f: F) -> Result<T, NetworkError>
@@ -146,23 +171,16 @@ where
         path: netns.to_path_buf(),
         source,
     };
-    let file = File::open(netns).map_err(ns_err)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(|e| ns_err(e.into()))?;
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_io()
-                .build()
-                .map_err(ns_err)?;
-            rt.block_on(async {
-                let (conn, handle, _) = rtnetlink::new_connection().map_err(ns_err)?;
-                tokio::spawn(conn);
-                f(handle).await
-            })
+    on_thread_in(netns, ns_err, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map_err(ns_err)?;
+        rt.block_on(async {
+            let (conn, handle, _) = rtnetlink::new_connection().map_err(ns_err)?;
+            tokio::spawn(conn);
+            f(handle).await
         })
-        .join()
-        .unwrap_or_else(|_| Err(ns_err(io::Error::other("the network thread panicked"))))
     })
 }
 

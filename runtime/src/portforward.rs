@@ -11,10 +11,9 @@
 //! The rules go through `iptables`/`ip6tables` run inside the namespace,
 //! marked with a comment so `delete` after a crash finds them.
 
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -22,7 +21,6 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use husk_protocol::{FORWARD_VSOCK_PORT, MAX_FORWARD_LINE};
-use nix::sched::CloneFlags;
 
 use crate::agent;
 
@@ -121,16 +119,7 @@ fn in_netns<T: Send>(
         path: netns.to_path_buf(),
         source,
     };
-    let file = File::open(netns).map_err(ns_err)?;
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(file.as_fd(), CloneFlags::CLONE_NEWNET)
-                .map_err(|e| ns_err(e.into()))?;
-            f()
-        })
-        .join()
-        .unwrap_or_else(|_| Err(ns_err(io::Error::other("the forward thread panicked"))))
-    })
+    crate::network::on_thread_in(netns, ns_err, f)
 }
 
 /// The last line `sh` prints: the tool's exit status.
