@@ -107,6 +107,9 @@ memory_mib = 256
 [agent]
 boot_timeout_ms = 120000
 rpc_timeout_ms = 60000
+# L2 under L1 under TCG answers in seconds, not milliseconds: the health
+# check gets the same deadline as any RPC here.
+health_timeout_ms = 60000
 CONF
 # The benchmark's baseline: QEMU microvm on L1's KVM, same guest.
 sed -e 's/^hypervisor = .*/hypervisor = "qemu"/' -e '/^# auto/d' "$S/etc/husk/config.toml" > "$S/etc/husk/qemu.toml"

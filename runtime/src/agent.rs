@@ -10,6 +10,8 @@ use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::ShutdownRequest;
@@ -58,12 +60,43 @@ pub enum AgentError {
     Invalid { rpc: &'static str, why: String },
 }
 
-/// The agent's own words for a failed call, or the transport's error.
+/// Most bytes of an agent's error text that reach the host's logs.
+pub const MAX_GUEST_TEXT: usize = 2048;
+
+/// The agent's own words for a failed call (capped and escaped: they go
+/// to containerd's log and the guest may be hostile), or the transport's
+/// error.
 fn rpc_message(e: &ttrpc::Error) -> String {
     match e {
-        ttrpc::Error::RpcStatus(s) => format!("{} ({:?})", s.message, s.code()),
+        ttrpc::Error::RpcStatus(s) => {
+            format!(
+                "{} ({:?})",
+                guest_text(&s.message, MAX_GUEST_TEXT),
+                s.code()
+            )
+        }
         other => other.to_string(),
     }
+}
+
+/// Text from the guest made safe to log: at most `max` bytes of it, with
+/// control characters escaped and what was cut counted.
+pub fn guest_text(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 32);
+    let mut used = 0;
+    for (i, c) in text.char_indices() {
+        if used + c.len_utf8() > max {
+            out.push_str(&format!("... ({} more bytes)", text.len() - i));
+            break;
+        }
+        used += c.len_utf8();
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Opens a guest vsock connection to `port` through the hybrid socket.
@@ -191,6 +224,10 @@ pub struct Agent {
     agent: AgentRpc,
     containers: ContainersClient,
     rpc_timeout: Duration,
+    /// The connection's socket, for [`Agent::sever`].
+    conn: Arc<UnixStream>,
+    /// Replies refused as invalid so far (see [`Agent::invalid_replies`]).
+    invalid: Arc<AtomicU32>,
 }
 
 /// Opens one stdio stream of a guest process (see containers.proto).
@@ -211,6 +248,10 @@ pub fn open_stream(
 impl Agent {
     /// Wraps a connected guest stream in ttrpc clients.
     pub fn new(stream: UnixStream, rpc_timeout: Duration) -> Result<Self, AgentError> {
+        let conn = Arc::new(stream.try_clone().map_err(|error| AgentError::Rpc {
+            rpc: "connect",
+            error: ttrpc::Error::Others(format!("duplicating the agent socket: {error}")),
+        })?);
         let client = ttrpc::Client::new(stream.into_raw_fd()).map_err(|error| AgentError::Rpc {
             rpc: "connect",
             error,
@@ -220,7 +261,29 @@ impl Agent {
             agent: AgentRpc::new(client.clone()),
             containers: ContainersClient::new(client),
             rpc_timeout,
+            conn,
+            invalid: Arc::default(),
         })
+    }
+
+    /// How many replies were refused as invalid: a guest that keeps lying
+    /// is taken for dead (see [`crate::monitor`]).
+    pub fn invalid_replies(&self) -> u32 {
+        self.invalid.load(Ordering::Relaxed)
+    }
+
+    /// Counts a reply refused as invalid.
+    fn checked<T>(&self, r: Result<T, AgentError>) -> Result<T, AgentError> {
+        if let Err(AgentError::Invalid { .. }) = &r {
+            self.invalid.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    /// Shuts the connection down: every RPC waiting on it fails now and
+    /// later ones fail at once.
+    pub fn sever(&self) {
+        let _ = self.conn.shutdown(std::net::Shutdown::Both);
     }
 
     fn ctx(&self) -> ttrpc::context::Context {
@@ -229,20 +292,28 @@ impl Agent {
 
     /// Health check; only SERVING is healthy.
     pub fn check(&self) -> Result<(), AgentError> {
+        self.check_within(self.rpc_timeout)
+    }
+
+    /// Health check that fails when the answer takes longer than `deadline`.
+    pub fn check_within(&self, deadline: Duration) -> Result<(), AgentError> {
         let resp = self
             .health
-            .check(self.ctx(), &CheckRequest::new())
+            .check(
+                ttrpc::context::with_duration(deadline),
+                &CheckRequest::new(),
+            )
             .map_err(|error| AgentError::Rpc {
                 rpc: "Check",
                 error,
             })?;
-        match resp.status.enum_value() {
+        self.checked(match resp.status.enum_value() {
             Ok(ServingStatus::SERVING) => Ok(()),
             other => Err(AgentError::Invalid {
                 rpc: "Check",
                 why: format!("status {other:?}, not SERVING"),
             }),
-        }
+        })
     }
 
     /// Agent identity and boot timings. `guest_uptime_bound` is the host's
@@ -255,7 +326,7 @@ impl Agent {
                 rpc: "Version",
                 error,
             })?;
-        validate_version(&resp, guest_uptime_bound)
+        self.checked(validate_version(&resp, guest_uptime_bound))
     }
 
     /// Asks the agent to end the VM. The VMM's exit is the real completion.
@@ -350,7 +421,7 @@ impl Agent {
             "StartContainer",
             self.containers.start_container(self.ctx(), &req),
         )?;
-        validate_pid("StartContainer", resp.pid)
+        self.checked(validate_pid("StartContainer", resp.pid))
     }
 
     /// Creates and starts an exec process (`process_json`: an OCI Process);
@@ -371,7 +442,7 @@ impl Agent {
             "ExecProcess",
             self.containers.exec_process(self.ctx(), &req),
         )?;
-        validate_pid("ExecProcess", resp.pid)
+        self.checked(validate_pid("ExecProcess", resp.pid))
     }
 
     /// Waits, without deadline, until a process (the init when `exec_id` is
@@ -388,10 +459,10 @@ impl Agent {
                 .wait_process(ttrpc::context::with_timeout(0), &req),
         )?;
         if resp.exit_status > MAX_EXIT_STATUS {
-            return Err(AgentError::Invalid {
+            return self.checked(Err(AgentError::Invalid {
                 rpc: "WaitProcess",
                 why: format!("exit status {}", resp.exit_status),
-            });
+            }));
         }
         Ok(resp.exit_status)
     }
@@ -468,7 +539,7 @@ impl Agent {
             "ListProcesses",
             self.containers.list_processes(self.ctx(), &req),
         )?;
-        validate_pids(resp.pids)
+        self.checked(validate_pids(resp.pids))
     }
 
     /// The container's cgroup figures as the guest reads them. They are
@@ -579,6 +650,124 @@ mod tests {
         v.init_started_ns = init;
         v.listening_ns = listening;
         v
+    }
+
+    #[test]
+    fn a_guest_error_text_reaches_the_log_capped_and_escaped() {
+        let huge = format!("bad\n\x1b[31mred\r{}", "é".repeat(4 << 20));
+        let e = AgentError::Rpc {
+            rpc: "CreateContainer",
+            error: ttrpc::Error::RpcStatus(ttrpc::get_status(ttrpc::Code::INTERNAL, huge.clone())),
+        };
+        let text = e.to_string();
+        assert!(text.len() < MAX_GUEST_TEXT + 200, "{} bytes", text.len());
+        assert!(
+            !text.chars().any(char::is_control),
+            "control characters: {text:?}"
+        );
+        assert!(
+            text.starts_with("CreateContainer rpc failed: bad\\n\\u{1b}[31mred\\r"),
+            "{text}"
+        );
+        assert!(text.contains("more bytes)"), "{text}");
+        assert!(text.ends_with("(INTERNAL)"), "{text}");
+        assert_eq!(guest_text("short", 100), "short");
+        // A cut never splits a character.
+        assert_eq!(guest_text("ééé", 3), "é... (4 more bytes)");
+    }
+
+    /// A guest that answers each request with what `reply` makes of the
+    /// request's stream id (raw ttrpc frames), on a fresh connection.
+    fn hostile_agent(reply: impl Fn(u32) -> Vec<u8> + Send + 'static) -> Agent {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        std::thread::spawn(move || loop {
+            let mut header = [0u8; 10];
+            if guest.read_exact(&mut header).is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes(header[..4].try_into().unwrap()) as usize;
+            let stream = u32::from_be_bytes(header[4..8].try_into().unwrap());
+            let mut body = vec![0u8; len];
+            if guest.read_exact(&mut body).is_err() {
+                return;
+            }
+            let out = reply(stream);
+            if out.is_empty() || guest.write_all(&out).is_err() {
+                return;
+            }
+        });
+        Agent::new(host, Duration::from_secs(2)).unwrap()
+    }
+
+    /// A ttrpc response frame header: length, stream id, type 2, no flags.
+    fn frame(stream: u32, len: u32) -> Vec<u8> {
+        let mut f = len.to_be_bytes().to_vec();
+        f.extend(stream.to_be_bytes());
+        f.extend([2, 0]);
+        f
+    }
+
+    /// A well-formed ttrpc response carrying `msg`.
+    fn response(stream: u32, msg: &impl protobuf::Message) -> Vec<u8> {
+        let mut r = ttrpc::proto::Response::new();
+        r.payload = msg.write_to_bytes().unwrap();
+        let body = protobuf::Message::write_to_bytes(&r).unwrap();
+        let mut f = frame(stream, body.len() as u32);
+        f.extend(body);
+        f
+    }
+
+    fn serving() -> husk_protocol::health::CheckResponse {
+        let mut c = husk_protocol::health::CheckResponse::new();
+        c.status = ServingStatus::SERVING.into();
+        c
+    }
+
+    #[test]
+    fn hostile_frames_fail_the_call_without_a_panic_or_a_huge_buffer() {
+        // Control: a well-formed answer is taken.
+        let good = hostile_agent(|id| response(id, &serving()));
+        good.check().expect("a well-formed reply");
+
+        // A frame over ttrpc's 4 MiB limit: refused from its header, the
+        // body never buffered.
+        let huge = hostile_agent(|id| {
+            let mut f = frame(id, 5 << 20);
+            f.extend(vec![0u8; 5 << 20]);
+            f
+        });
+        assert!(huge.check().is_err());
+
+        // A frame cut short: the header promises more than ever comes.
+        let cut = hostile_agent(|id| {
+            let mut f = frame(id, 100);
+            f.extend([0u8; 10]);
+            f
+        });
+        assert!(cut.check().is_err());
+
+        // Bytes that are no protobuf.
+        let garbage = hostile_agent(|id| {
+            let mut f = frame(id, 16);
+            f.extend([0xff; 16]);
+            f
+        });
+        assert!(garbage.check().is_err());
+
+        // An answer for a stream nobody asked on, then none: the call
+        // times out instead of taking the stray answer.
+        let stray = hostile_agent(|id| response(id + 1000, &serving()));
+        assert!(stray.check_within(Duration::from_millis(300)).is_err());
+
+        // A reply that parses but says nonsense counts as invalid.
+        let mut lying = husk_protocol::health::CheckResponse::new();
+        lying.status = ServingStatus::NOT_SERVING.into();
+        let liar = hostile_agent(move |id| response(id, &lying));
+        for _ in 0..3 {
+            assert!(matches!(liar.check(), Err(AgentError::Invalid { .. })));
+        }
+        assert_eq!(liar.invalid_replies(), 3);
+        assert_eq!(good.invalid_replies(), 0);
     }
 
     #[test]

@@ -90,6 +90,11 @@ pub struct QemuConfig {
     /// Binary name (searched in PATH) or absolute path.
     pub path: PathBuf,
     pub accel: Accel,
+    /// Whether QEMU may emulate the CPU (TCG) where KVM cannot run the
+    /// guest. QEMU's security policy does not count TCG as a security
+    /// boundary: nodes that must stay hardened set this to false, and
+    /// husk then refuses to boot rather than emulate.
+    pub allow_tcg: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -124,6 +129,12 @@ pub struct AgentConfig {
     pub boot_timeout_ms: u64,
     /// Deadline for one RPC.
     pub rpc_timeout_ms: u64,
+    /// How often a booted sandbox's agent gets a health check.
+    pub health_interval_ms: u64,
+    /// Deadline for a health check; the VM of an agent that misses it is
+    /// stopped and every process of the pod exits. With the interval, this
+    /// bounds how long a hung guest goes unnoticed.
+    pub health_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -172,6 +183,7 @@ impl Default for QemuConfig {
         Self {
             path: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Auto,
+            allow_tcg: true,
         }
     }
 }
@@ -199,6 +211,8 @@ impl Default for AgentConfig {
         Self {
             boot_timeout_ms: 30_000,
             rpc_timeout_ms: 5_000,
+            health_interval_ms: 1_000,
+            health_timeout_ms: 3_000,
         }
     }
 }
@@ -210,6 +224,14 @@ impl AgentConfig {
 
     pub fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.rpc_timeout_ms)
+    }
+
+    pub fn health_interval(&self) -> Duration {
+        Duration::from_millis(self.health_interval_ms)
+    }
+
+    pub fn health_timeout(&self) -> Duration {
+        Duration::from_millis(self.health_timeout_ms)
     }
 }
 
@@ -290,6 +312,14 @@ impl Config {
                 self.agent.boot_timeout_ms.to_string(),
                 "at least 100",
             ));
+        }
+        for (key, value) in [
+            ("agent.health_interval_ms", self.agent.health_interval_ms),
+            ("agent.health_timeout_ms", self.agent.health_timeout_ms),
+        ] {
+            if !(100..=600_000).contains(&value) {
+                return Err(range(key, value.to_string(), "100 to 600000"));
+            }
         }
         if self.agent.rpc_timeout_ms < 10 {
             return Err(range(

@@ -108,6 +108,18 @@ pub enum ResolvedAccel {
     Tcg,
 }
 
+impl Backend {
+    /// Whether the guest's CPU is emulated rather than run by KVM.
+    pub fn is_emulated(&self) -> bool {
+        matches!(
+            self,
+            Backend::Qemu {
+                accel: ResolvedAccel::Tcg
+            }
+        )
+    }
+}
+
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -126,10 +138,24 @@ impl std::fmt::Display for Backend {
 pub enum ChoiceError {
     #[error("qemu.accel = \"kvm\" is configured, but KVM here is {0}; set qemu.accel = \"tcg\" or \"auto\"")]
     KvmUnfit(KvmKind),
+    #[error("QEMU would emulate the CPU (TCG: {0}), and qemu.allow_tcg = false forbids it on this node; run husk where KVM runs the standard guest, or set qemu.allow_tcg = true")]
+    TcgForbidden(String),
 }
 
+/// Why TCG is worth a warning (`husk check`).
+pub const TCG_WARNING: &str = "warning: the CPU is emulated (TCG), which QEMU's security policy does not treat as a security boundary; set qemu.allow_tcg = false on nodes that must stay hardened";
+
 /// Picks the backend for `config` on a host with `kvm`, and says why.
+/// Emulation is refused where the config forbids it.
 pub fn choose_backend(config: &Config, kvm: &KvmKind) -> Result<(Backend, String), ChoiceError> {
+    let (backend, why) = choose_any_backend(config, kvm)?;
+    if backend.is_emulated() && !config.qemu.allow_tcg {
+        return Err(ChoiceError::TcgForbidden(why));
+    }
+    Ok((backend, why))
+}
+
+fn choose_any_backend(config: &Config, kvm: &KvmKind) -> Result<(Backend, String), ChoiceError> {
     let qemu_accel = |why_prefix: &str| -> Result<(Backend, String), ChoiceError> {
         match (config.qemu.accel, kvm.runs_standard_guest()) {
             (Accel::Kvm, true) | (Accel::Auto, true) => {
@@ -345,6 +371,26 @@ mod tests {
         cfg.qemu.accel = Accel::Kvm;
         let err = choose_backend(&cfg, &KvmKind::Pvm).unwrap_err().to_string();
         assert!(err.contains("qemu.accel") && err.contains("tcg"), "{err}");
+    }
+
+    #[test]
+    fn a_node_that_forbids_tcg_refuses_to_emulate_but_keeps_kvm() {
+        let mut cfg = Config::default();
+        cfg.qemu.allow_tcg = false;
+        let err = choose_backend(&cfg, &KvmKind::Pvm).unwrap_err().to_string();
+        assert!(
+            err.contains("qemu.allow_tcg") && err.contains("TCG"),
+            "{err}"
+        );
+        // Auto on hardware KVM is husk-vmm: allowed.
+        let (backend, _) = choose_backend(&cfg, &KvmKind::Vmx).unwrap();
+        assert!(!backend.is_emulated());
+        cfg.hypervisor = HypervisorChoice::Qemu;
+        let (backend, _) = choose_backend(&cfg, &KvmKind::Svm).unwrap();
+        assert!(!backend.is_emulated());
+        // QEMU told to emulate where KVM would do: refused too.
+        cfg.qemu.accel = Accel::Tcg;
+        assert!(choose_backend(&cfg, &KvmKind::Vmx).is_err());
     }
 
     #[test]

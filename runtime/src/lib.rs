@@ -9,9 +9,11 @@
 pub mod agent;
 pub mod cgroup;
 pub mod config;
+pub mod confinement;
 pub mod daemons;
 pub mod host;
 pub mod hypervisor;
+pub mod monitor;
 pub mod network;
 pub mod paths;
 pub mod pod;

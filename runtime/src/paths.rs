@@ -69,6 +69,7 @@ impl SandboxPaths {
     /// Container `id`'s paths in this sandbox.
     pub fn container(&self, id: &str) -> ContainerPaths {
         ContainerPaths {
+            share_root: self.shared(),
             rootfs_private: self.root.join("rootfs").join(id),
             share: self.shared().join(id),
             binds_private: self.root.join("binds").join(id),
@@ -97,6 +98,8 @@ impl SandboxPaths {
 /// Every host path husk keeps for one container of a sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerPaths {
+    /// The sandbox's share root (read-only but while husk changes it).
+    pub share_root: PathBuf,
     /// containerd's rootfs mounts, host-private.
     pub rootfs_private: PathBuf,
     /// The container's directory in the share (`<share>/<id>`).
@@ -125,6 +128,7 @@ impl ContainerPaths {
         spec: &mut Value,
         guest_only: GuestOnlyMounts,
     ) -> Result<(), PodError> {
+        let _writable = storage::ShareWrite::begin(&self.share_root);
         storage::mount_rootfs(rootfs, &self.rootfs_private, &self.rootfs_shared())?;
         storage::share_bind_mounts(
             spec,
@@ -139,6 +143,7 @@ impl ContainerPaths {
     /// Unmounts and removes everything of this container; the guest must
     /// no longer use it.
     pub fn release(&self) {
+        let _writable = storage::ShareWrite::begin(&self.share_root);
         for dir in [&self.share, &self.rootfs_private, &self.binds_private] {
             storage::unmount_all_under(dir);
             if let Err(e) = std::fs::remove_dir_all(dir) {

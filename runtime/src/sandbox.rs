@@ -5,20 +5,26 @@
 //! between, dropping a [`Sandbox`] kills what it started and removes its
 //! directory, so no failure path leaves a VM, daemon, socket or directory.
 
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocol::AGENT_VSOCK_PORT;
+use husk_vmm::console::{self, ConsoleLog};
 
 use crate::agent::{self, Agent, AgentError, AgentInfo};
 use crate::config::Config;
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
 use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, VmSpec};
+use crate::monitor::{Monitor, Watched};
 use crate::paths::SandboxPaths;
 use crate::process::{tail_of_file, Process, ProcessError};
+use crate::storage;
 
 /// Kernel command line husk always passes; then the backend's own parameters
 /// (how a guest reboot reaches the VMM), then `guest.kernel_params`.
@@ -67,6 +73,12 @@ pub enum SandboxError {
     },
     #[error("starting the device daemons")]
     Daemon(#[source] DaemonError),
+    #[error("the sandbox's share root")]
+    Share(#[source] crate::storage::StorageError),
+    #[error("the guest console's pipe and log")]
+    Console(#[source] std::io::Error),
+    #[error("watching the sandbox's VMM (pidfd_open needs Linux 5.3)")]
+    Monitor(#[source] std::io::Error),
     #[error(transparent)]
     Vmm(#[from] ProcessError),
     #[error("VM exited ({status}) before the agent answered\n--- guest console (tail) ---\n{console}\n--- VMM output (tail) ---\n{vmm}")]
@@ -156,6 +168,10 @@ pub struct Sandbox {
     agent: Option<Agent>,
     info: Option<AgentInfo>,
     timings: BootTimings,
+    /// Watches the VMM and the agent once booted.
+    monitor: Option<Monitor>,
+    /// Copies a piped console into the bounded log, until the VMM exits.
+    console: Option<JoinHandle<()>>,
     done: bool,
 }
 
@@ -230,6 +246,8 @@ impl Sandbox {
             agent: None,
             info: None,
             timings: BootTimings::default(),
+            monitor: None,
+            console: None,
             done: false,
         };
         let daemon_paths = DaemonPaths {
@@ -246,6 +264,7 @@ impl Sandbox {
                 dir: daemon_paths.shared_dir.clone(),
                 source,
             })?;
+        storage::mount_share_root(&daemon_paths.shared_dir).map_err(SandboxError::Share)?;
 
         let t = Instant::now();
         sb.daemons =
@@ -266,7 +285,7 @@ impl Sandbox {
         .copied()
         .collect::<Vec<_>>()
         .join(" ");
-        let spec = VmSpec {
+        let mut spec = VmSpec {
             id: id.to_owned(),
             kernel,
             initramfs,
@@ -279,22 +298,37 @@ impl Sandbox {
             vsock_socket: paths.vsock_socket(),
             control_socket: paths.control_socket(),
             nets,
+            console_pipe: None,
+        };
+        // Our end of the console pipe, and the VMM's until it has started.
+        let pipe_ends = if hv.console_through_pipe() {
+            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| SandboxError::Console(e.into()))?;
+            let log = ConsoleLog::create(&spec.console_log, console::DEFAULT_LIMIT)
+                .map_err(SandboxError::Console)?;
+            sb.console = Some(pump_console(read, log).map_err(SandboxError::Console)?);
+            spec.console_pipe = Some(write.as_raw_fd());
+            Some(write)
+        } else {
+            None
         };
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
-        let fds: Vec<_> = spec.nets.iter().map(|n| n.fd).collect();
         sb.vmm = Some(Process::spawn_with_fds(
             name,
             &binary,
             args,
             &spec.vmm_log,
-            &fds,
+            &spec.inherited_fds(),
         )?);
+        // The console's end of file is the VMM's exit.
+        drop(pipe_ends);
         let spawned = Instant::now();
         sb.timings.vmm_spawn = spawned - t;
 
         let console = spec.console_log.clone();
         let vmm = sb.vmm.as_mut().expect("set above");
+        let pump = &mut sb.console;
         let ready = agent::wait_ready(
             &paths.agent_socket(),
             AGENT_VSOCK_PORT,
@@ -304,11 +338,17 @@ impl Sandbox {
                 // trying; the handshake and the RPCs decide.
                 Ok(None) => Ok(std::fs::read(&console)
                     .is_ok_and(|c| c.windows(LISTENING_HINT.len()).any(|w| w == LISTENING_HINT))),
-                Ok(Some(status)) => Err(SandboxError::VmExited {
-                    status,
-                    console: tail_of_file(&console, LOG_TAIL),
-                    vmm: vmm.log_tail(LOG_TAIL),
-                }),
+                Ok(Some(status)) => {
+                    // A piped console's log is whole once the pipe is drained.
+                    if let Some(p) = pump.take() {
+                        let _ = p.join();
+                    }
+                    Err(SandboxError::VmExited {
+                        status,
+                        console: tail_of_file(&console, LOG_TAIL),
+                        vmm: vmm.log_tail(LOG_TAIL),
+                    })
+                }
                 Err(e) => Err(e.into()),
             },
         )?;
@@ -329,6 +369,20 @@ impl Sandbox {
         sb.timings.connect_attempts = attempts;
         sb.timings.total = t0.elapsed();
         tracing::info!(sandbox = id, backend = %sb.backend, kernel = %info.kernel_release, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
+        let watched = Watched {
+            vmm: vmm.pid(),
+            daemons: sb.daemons.iter().map(Process::pid).collect(),
+        };
+        sb.monitor = Some(
+            Monitor::start(
+                id,
+                watched,
+                agent.clone(),
+                config.agent.health_interval(),
+                config.agent.health_timeout(),
+            )
+            .map_err(SandboxError::Monitor)?,
+        );
         sb.agent = Some(agent);
         sb.info = Some(info);
         Ok(sb)
@@ -376,6 +430,9 @@ impl Sandbox {
     /// if it does not), stops the daemons and removes the state directory.
     pub fn shutdown(mut self) -> Result<ShutdownReport, SandboxError> {
         let t = Instant::now();
+        if let Some(mut m) = self.monitor.take() {
+            m.stop();
+        }
         if let Some(agent) = self.agent.take() {
             if let Err(e) = agent.shutdown() {
                 // The VM may have gone down before the reply; its exit decides.
@@ -407,6 +464,7 @@ impl Sandbox {
             return;
         }
         self.done = true;
+        self.monitor = None;
         self.agent = None;
         if let Some(vmm) = self.vmm.as_mut() {
             if let Err(e) = vmm.kill() {
@@ -419,9 +477,33 @@ impl Sandbox {
             }
         }
         self.daemons.clear();
+        // The VMM is dead: the pipe is at its end and the log complete.
+        if let Some(c) = self.console.take() {
+            let _ = c.join();
+        }
         // Never let removal reach into a container rootfs still mounted here.
         self.paths.remove();
     }
+}
+
+/// Copies the VMM's console pipe into `log` until the pipe's end.
+fn pump_console(read: OwnedFd, mut log: ConsoleLog) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("console-pipe".into())
+        .spawn(move || {
+            let mut pipe = std::fs::File::from(read);
+            let mut buf = [0u8; 16 << 10];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        let _ = log.write_all(&buf[..n]);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+        })
 }
 
 impl Drop for Sandbox {

@@ -26,6 +26,12 @@ pub enum StorageError {
         #[source]
         source: std::io::Error,
     },
+    #[error("making {target} and the mounts below it nosuid, nodev (read-only if asked); mount_setattr needs Linux 5.12")]
+    Attr {
+        target: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("mount {fstype} on {target}")]
     Mount {
         fstype: String,
@@ -79,6 +85,9 @@ pub fn mount_rootfs(
     };
     std::fs::create_dir_all(host_dir).map_err(io("create", host_dir))?;
     let (flags, data) = flags_and_data(&m.options);
+    // What the guest writes here must not become a device or a setuid
+    // program for the host.
+    let flags = flags | MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let data = (!data.is_empty()).then_some(data.as_str());
     match m.fstype.as_str() {
         "overlay" => mount(Some("overlay"), host_dir, Some("overlay"), flags, data),
@@ -104,16 +113,19 @@ pub fn mount_rootfs(
 }
 
 fn bind_into_share(host_dir: &Path, share_target: &Path) -> Result<(), StorageError> {
-    bind_via_fd(host_dir, share_target, true, MsFlags::MS_REC)
+    bind_via_fd(host_dir, share_target, true, MsFlags::MS_REC, false)
 }
 
 /// Creates `target` (a directory or an empty file; it must not exist) and
-/// binds `source` onto it through an `O_PATH | O_NOFOLLOW` descriptor.
+/// binds `source` onto it through an `O_PATH | O_NOFOLLOW` descriptor. The
+/// bind and every mount below it are nosuid and nodev, and read-only with
+/// `read_only`.
 fn bind_via_fd(
     source: &Path,
     target: &Path,
     dir: bool,
     extra: MsFlags,
+    read_only: bool,
 ) -> Result<(), StorageError> {
     if let Some(parent) = target.parent() {
         std::fs::create_dir_all(parent).map_err(io("create", parent))?;
@@ -170,7 +182,134 @@ fn bind_via_fd(
         MsFlags::MS_SLAVE | MsFlags::MS_REC,
         None::<&str>,
     )
-    .map_err(failed("bind (slave)"))
+    .map_err(failed("bind (slave)"))?;
+    restrict(&mounted, read_only).map_err(|source| StorageError::Attr {
+        target: target.to_path_buf(),
+        source,
+    })
+}
+
+/// Sets nosuid and nodev (and read-only with `read_only`) on the mount
+/// `fd` is the root of and on every mount below it: a read-only `rbind`
+/// leaves no writable submount, which a plain remount would.
+fn restrict(fd: &std::fs::File, read_only: bool) -> std::io::Result<()> {
+    let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if read_only {
+        set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    let attr = libc::mount_attr {
+        attr_set: set,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: a valid descriptor, a NUL-terminated empty path, and a
+    // mount_attr that lives across the call, with its true size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// tmpfs options of a sandbox's share root, which holds only directories
+/// and empty bind targets: a guest writing there cannot fill the host.
+const SHARE_ROOT_OPTIONS: &str = "size=1m,nr_inodes=4096,mode=0755";
+
+fn share_root_flags(read_only: bool) -> MsFlags {
+    let ro = if read_only {
+        MsFlags::MS_RDONLY
+    } else {
+        MsFlags::empty()
+    };
+    MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | ro
+}
+
+/// Mounts a sandbox's share root on `dir`: a small tmpfs, read-only except
+/// while husk itself changes it ([`ShareWrite`]). The guest writes only
+/// to the rootfs and volumes bound below it.
+pub fn mount_share_root(dir: &Path) -> Result<(), StorageError> {
+    mount(
+        Some("husk-share"),
+        dir,
+        Some("tmpfs"),
+        share_root_flags(true),
+        Some(SHARE_ROOT_OPTIONS),
+    )
+    .map_err(|source| StorageError::Mount {
+        fstype: "tmpfs".into(),
+        target: dir.to_path_buf(),
+        source,
+    })
+}
+
+/// Serialises husk's writes to share roots (one pod per shim process).
+static SHARE_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Holds a share root writable; it is read-only again when dropped.
+pub struct ShareWrite<'a> {
+    dir: Option<&'a Path>,
+    _lock: std::sync::MutexGuard<'static, ()>,
+}
+
+impl<'a> ShareWrite<'a> {
+    /// Makes the share root at `dir` writable. A `dir` that is not a mount
+    /// point (a sandbox from before share roots were tmpfs) is left alone:
+    /// remounting would reach the file system it lives on.
+    pub fn begin(dir: &'a Path) -> Self {
+        let lock = SHARE_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = is_mount_point(dir).then_some(dir);
+        if let Some(d) = dir {
+            if let Err(e) = remount_share_root(d, false) {
+                tracing::warn!(dir = %d.display(), error = %e, "making the share root writable");
+            }
+        }
+        Self { dir, _lock: lock }
+    }
+}
+
+impl Drop for ShareWrite<'_> {
+    fn drop(&mut self) {
+        if let Some(d) = self.dir {
+            // EBUSY: a guest holds a file of it open for writing; the tmpfs
+            // still caps what it can write.
+            if let Err(e) = remount_share_root(d, true) {
+                tracing::warn!(dir = %d.display(), error = %e, "making the share root read-only");
+            }
+        }
+    }
+}
+
+fn remount_share_root(dir: &Path, read_only: bool) -> nix::Result<()> {
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_REMOUNT | share_root_flags(read_only),
+        None::<&str>,
+    )
+}
+
+/// Whether `dir` is the root of a mount (its device differs from its
+/// parent's), without following a symlink at `dir`.
+pub fn is_mount_point(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(m), Some(Ok(p))) = (
+        std::fs::symlink_metadata(dir),
+        dir.parent().map(std::fs::metadata),
+    ) else {
+        return false;
+    };
+    m.is_dir() && m.dev() != p.dev()
 }
 
 /// An OCI mount's options.
@@ -226,23 +365,14 @@ pub fn share_bind_mounts(
         } else {
             MsFlags::empty()
         };
-        bind_via_fd(&source, &staging, meta.is_dir(), rec)?;
-        if read_only {
-            mount(
-                None::<&str>,
-                &staging,
-                None::<&str>,
-                MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(|source| StorageError::Mount {
-                fstype: "bind (read-only)".into(),
-                target: staging.clone(),
-                source,
-            })?;
-        }
-        // A bind of the read-only mount is read-only too.
-        bind_via_fd(&staging, &share_dir.join(n.to_string()), meta.is_dir(), rec)?;
+        bind_via_fd(&source, &staging, meta.is_dir(), rec, read_only)?;
+        bind_via_fd(
+            &staging,
+            &share_dir.join(n.to_string()),
+            meta.is_dir(),
+            rec,
+            read_only,
+        )?;
         m["source"] =
             serde_json::Value::String(guest_dir.join(n.to_string()).display().to_string());
         shared += 1;
@@ -251,7 +381,9 @@ pub fn share_bind_mounts(
 }
 
 /// Detaches every mount at or below `dir`, deepest first. Run before
-/// removing a sandbox directory, so removal never reaches into a rootfs.
+/// removing a sandbox directory, so removal never reaches into a rootfs;
+/// run once the VM and its daemons are dead, so no guest changes the tree
+/// meanwhile.
 pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
@@ -265,7 +397,11 @@ pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     points.dedup();
     for p in &points {
-        if let Err(e) = umount2(p.as_path(), MntFlags::MNT_DETACH) {
+        // Never through a symlink at the mount point's place.
+        if let Err(e) = umount2(
+            p.as_path(),
+            MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
+        ) {
             tracing::warn!(path = %p.display(), error = %e, "unmounting");
         }
     }

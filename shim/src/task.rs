@@ -202,6 +202,11 @@ impl Shim for HuskShim {
                 }
             }
         }
+        // Whatever of the pod's VM did not die with the shim is in the
+        // pod's cgroup, which goes with its booting container: first, so no
+        // VMM or daemon is alive while the mounts below go.
+        let record = bundle.join(cgroup::RECORD_FILE);
+        cgroup::remove_recorded(&record);
         let pod = role.pod_id(&self.id);
         if husk_runtime::sandbox::validate_id(pod).is_ok()
             && husk_runtime::sandbox::validate_id(&self.id).is_ok()
@@ -212,9 +217,6 @@ impl Shim for HuskShim {
                 paths.remove();
             }
         }
-        // Whatever of the pod's VM did not die with the shim is in the
-        // pod's cgroup, which goes with its booting container.
-        cgroup::remove_recorded(&bundle.join(cgroup::RECORD_FILE));
         remove_stale_socket(&bundle.join(ADDRESS_FILE));
         Ok(resp)
     }

@@ -63,11 +63,16 @@ fn main() {
         "reboot",
         "#include <sys/reboot.h>\n#include <unistd.h>\nint main(void) { reboot(RB_AUTOBOOT); for (;;) pause(); }\n",
     );
+    // The baseline runs on what husk ran on: husk-vmm is KVM, so QEMU on
+    // KVM is its baseline, never QEMU emulating the CPU.
     let accel = match backend {
         Backend::Qemu {
+            accel: ResolvedAccel::Tcg,
+        } => "tcg",
+        Backend::Qemu {
             accel: ResolvedAccel::Kvm,
-        } => "kvm",
-        _ => "tcg",
+        }
+        | Backend::HuskVmm => "kvm",
     };
     let mut bare = Vec::new();
     for _ in 0..runs {

@@ -127,7 +127,7 @@ impl Containerd {
              stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{cni}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n",
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n  pod_annotations = [\"*\"]\n  container_annotations = [\"*\"]\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
@@ -285,6 +285,16 @@ impl Containerd {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default()
+    }
+
+    /// The bundle containerd made for task `id` in `namespace` (`k8s.io`
+    /// for CRI's).
+    pub fn bundle(&self, namespace: &str, id: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task")
+            .join(namespace)
+            .join(id)
     }
 }
 

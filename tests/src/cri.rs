@@ -37,6 +37,9 @@ pub struct PodOpts {
     pub resources: Option<LinuxContainerResources>,
     /// hostPort mappings (CNI's portmap plugin).
     pub port_mappings: Vec<PortMapping>,
+    /// The pod's annotations (the harness's containerd passes every one
+    /// through to the runtime, as an operator's `pod_annotations = ["*"]`).
+    pub annotations: HashMap<String, String>,
 }
 
 impl PodOpts {
@@ -52,6 +55,7 @@ impl PodOpts {
             cgroup_parent: String::new(),
             resources: None,
             port_mappings: Vec::new(),
+            annotations: HashMap::new(),
         }
     }
 
@@ -73,6 +77,7 @@ impl PodOpts {
             hostname: self.hostname.clone(),
             log_directory: self.log_dir.display().to_string(),
             port_mappings: self.port_mappings.clone(),
+            annotations: self.annotations.clone(),
             dns_config: Some(DnsConfig {
                 servers: vec!["10.96.0.10".into()],
                 searches: vec!["husk-e2e.svc.cluster.local".into()],

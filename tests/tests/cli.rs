@@ -65,8 +65,30 @@ fn check_names_the_kvm_kind_and_the_chosen_backend() {
             s.contains("hypervisor: qemu (TCG)"),
             "PVM must fall back to TCG:\n{s}"
         );
+        assert!(s.contains("qemu.allow_tcg = false"), "no TCG warning:\n{s}");
+        // A node that forbids emulation: check fails and says which key.
+        let strict = env.file(
+            "strict.toml",
+            format!(
+                "{}[qemu]\nallow_tcg = false\n",
+                std::fs::read_to_string(config_file(&env)).expect("config")
+            )
+            .as_bytes(),
+        );
+        let out = husk()
+            .arg("check")
+            .env("HUSK_CONFIG", &strict)
+            .output()
+            .expect("run husk check");
+        let t = text(&out);
+        assert!(
+            !out.status.success(),
+            "check passed with TCG forbidden:\n{t}"
+        );
+        assert!(t.contains("qemu.allow_tcg = false forbids"), "{t}");
     } else if flags.split_whitespace().any(|f| f == "vmx" || f == "svm") {
-        assert!(s.contains("hypervisor: qemu (KVM)"), "{s}");
+        // auto prefers husk's own VMM where KVM runs the standard guest.
+        assert!(s.contains("hypervisor: husk-vmm"), "{s}");
     }
     assert!(
         s.contains("because: "),

@@ -224,6 +224,66 @@ fn host_namespace_pods_are_refused_by_field_name() {
     assert_clean();
 }
 
+/// Kata's CVE-2020-27151 pattern: pod annotations that name a kernel,
+/// VMM, daemon or kernel arguments. husk takes its VM from its own config
+/// only: with every annotation passed through, the pod still boots the
+/// configured kernel with husk's own command line.
+#[test]
+fn pod_annotations_cannot_choose_the_kernel_vmm_daemons_or_kernel_arguments() {
+    if !e2e("pod_annotations_cannot_choose_the_kernel_vmm_daemons_or_kernel_arguments") {
+        return;
+    }
+    let _vm = vm_lock();
+    let (ctd, cri, logs) = cri_env();
+    let mut opts = PodOpts::new("pod-annotated", logs.path());
+    for (k, v) in [
+        ("io.katacontainers.config.hypervisor.path", "/bin/false"),
+        (
+            "io.katacontainers.config.hypervisor.kernel",
+            "/nonexistent/vmlinux",
+        ),
+        (
+            "io.katacontainers.config.hypervisor.kernel_params",
+            "init=/bin/sh husk.evil=1",
+        ),
+        (
+            "io.katacontainers.config.hypervisor.virtio_fs_daemon",
+            "/bin/false",
+        ),
+        ("io.husk.kernel", "/nonexistent/vmlinux"),
+        ("io.husk.kernel_params", "husk.evil=2"),
+        ("io.husk.vmm", "/bin/false"),
+        ("husk.config", "/nonexistent/config.toml"),
+    ] {
+        opts.annotations.insert(k.into(), v.into());
+    }
+    let pod = start_pod(&ctd, &cri, &opts);
+    let app = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("app", IMAGE, &["sleep", "3600"], false),
+        )
+        .unwrap_or_else(|e| panic!("container: {e}\n{}", ctd.log()));
+    let cmdline = sh(&cri, &app, "cat /proc/cmdline");
+    assert!(
+        !cmdline.contains("husk.evil"),
+        "annotation reached the kernel: {cmdline}"
+    );
+    assert!(!cmdline.contains("init=/bin/sh"), "{cmdline}");
+    let release = sh(&cri, &app, "uname -r");
+    assert!(
+        release.contains("husk"),
+        "not the configured kernel: {release}"
+    );
+    // The annotations did reach the runtime: they are in the spec
+    // containerd gave the shim.
+    let spec = std::fs::read_to_string(ctd.bundle("k8s.io", &pod).join("config.json"))
+        .expect("the pod's bundle");
+    assert!(spec.contains("io.husk.kernel_params"), "{spec}");
+    teardown(&cri, &pod);
+}
+
 /// Runs `n` ExecSync calls of `true`; returns the failures.
 fn exec_loop(cri: &Cri, id: &str, n: usize) -> Vec<String> {
     (0..n)

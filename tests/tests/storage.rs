@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use husk_runtime::storage::{share_bind_mounts, unmount_all_under};
+use husk_runtime::storage::{mount_share_root, share_bind_mounts, unmount_all_under, ShareWrite};
 use husk_tests::e2e;
 
 #[test]
@@ -62,5 +62,127 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
 
     let left = unmount_all_under(d.path());
     assert!(left.len() >= 4, "mounts made: {left:?}");
+    assert!(unmount_all_under(d.path()).is_empty());
+}
+
+/// statvfs(3)'s mount flags of `p`.
+fn mount_flags(p: &Path) -> u64 {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a NUL-terminated path and a zeroed statvfs to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; both outlive the call.
+    assert_eq!(
+        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
+        0,
+        "statvfs {p:?}"
+    );
+    st.f_flag
+}
+
+fn tmpfs(at: &Path) {
+    nix::mount::mount(
+        Some("tmpfs"),
+        at,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("mount tmpfs");
+}
+
+#[test]
+fn shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_down() {
+    if !e2e("shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_down") {
+        return;
+    }
+    let d = tempfile::Builder::new()
+        .prefix("husk-share")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let src = d.path().join("src");
+    std::fs::create_dir_all(src.join("sub")).expect("mkdir");
+    // A volume with a mount below it: a plain read-only remount of the
+    // bind would leave this one writable.
+    tmpfs(&src.join("sub"));
+    // A device node and a setuid file, as a guest could write them.
+    nix::sys::stat::mknod(
+        &src.join("null"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o666),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .expect("mknod");
+    let (private, share) = (d.path().join("private"), d.path().join("share"));
+    let mut spec = serde_json::json!({"mounts": [
+        {"destination": "/ro", "type": "bind", "source": src, "options": ["rbind", "ro"]},
+        {"destination": "/rw", "type": "bind", "source": src, "options": ["rbind", "rw"]}
+    ]});
+    share_bind_mounts(&mut spec, &private, &share, Path::new("/g")).expect("share binds");
+
+    let e = std::fs::write(share.join("0/sub/new"), "x").expect_err("write below a ro rbind");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    std::fs::write(share.join("1/sub/new"), "x").expect("write below a rw rbind");
+    for p in ["0", "0/sub", "1", "1/sub"].map(|p| share.join(p)) {
+        let f = mount_flags(&p);
+        assert!(
+            f & libc::ST_NOSUID != 0 && f & libc::ST_NODEV != 0,
+            "{p:?} flags {f:#x}"
+        );
+    }
+    // The source itself is untouched: the host's own mount stays as it was.
+    assert_eq!(mount_flags(&src.join("sub")) & libc::ST_RDONLY, 0);
+    std::fs::write(src.join("sub/host"), "x").expect("the host's mount is still writable");
+    // A device node reached through the share does not open.
+    let e = std::fs::File::open(share.join("1/null")).expect_err("opened a device via the share");
+    assert_eq!(e.raw_os_error(), Some(libc::EACCES), "{e}");
+    std::fs::File::open(src.join("null")).expect("the host's own path still opens it");
+
+    unmount_all_under(d.path());
+    assert!(unmount_all_under(d.path()).is_empty());
+}
+
+#[test]
+fn the_share_root_is_a_capped_tmpfs_read_only_but_while_husk_writes() {
+    if !e2e("the_share_root_is_a_capped_tmpfs_read_only_but_while_husk_writes") {
+        return;
+    }
+    let d = tempfile::Builder::new()
+        .prefix("husk-share")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let root = d.path().join("shared");
+    std::fs::create_dir(&root).expect("mkdir");
+    mount_share_root(&root).expect("mount the share root");
+    let f = mount_flags(&root);
+    for (flag, name) in [
+        (libc::ST_RDONLY, "ro"),
+        (libc::ST_NOSUID, "nosuid"),
+        (libc::ST_NODEV, "nodev"),
+        (libc::ST_NOEXEC, "noexec"),
+    ] {
+        assert!(f & flag != 0, "share root not {name}: {f:#x}");
+    }
+    let e = std::fs::create_dir(root.join("guest-made")).expect_err("wrote a read-only root");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    {
+        let _w = ShareWrite::begin(&root);
+        std::fs::create_dir(root.join("c1")).expect("husk writes while it holds the root");
+        // Capped: however much is written, the host's /run is not reached.
+        let e = std::fs::write(root.join("c1/fill"), vec![0u8; 4 << 20])
+            .expect_err("the share root took 4 MiB");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+        std::fs::remove_file(root.join("c1/fill")).expect("rm");
+    }
+    assert!(root.join("c1").is_dir());
+    let e = std::fs::create_dir(root.join("c2")).expect_err("read-only again");
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+    // A directory that is not a mount point is never remounted (that
+    // would reach the file system holding it).
+    let plain = d.path().join("plain");
+    std::fs::create_dir(&plain).expect("mkdir");
+    drop(ShareWrite::begin(&plain));
+    assert_eq!(mount_flags(d.path()) & libc::ST_RDONLY, 0);
+
+    unmount_all_under(d.path());
     assert!(unmount_all_under(d.path()).is_empty());
 }

@@ -155,6 +155,12 @@ impl RunState {
         }
     }
 
+    /// vCPU threads registered, and how many of them are parked.
+    pub fn vcpu_counts(&self) -> (usize, usize) {
+        let g = self.lock();
+        (g.threads.len(), g.parked)
+    }
+
     /// Stops every vCPU outside the guest; returns once all are parked.
     pub fn pause(&self) -> Result<(), String> {
         let mut g = self.lock();

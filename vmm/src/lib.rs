@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod boot;
+pub mod console;
 pub mod control;
 pub mod devices;
 pub mod memory;

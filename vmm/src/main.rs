@@ -13,13 +13,13 @@
 //! shutdown or internal error), 1 the VMM failed (bad input, KVM error),
 //! 2 bad command line.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use husk_vmm::console::ConsoleLog;
 use husk_vmm::control::{self, ControlSocket};
 use husk_vmm::net::TapSource;
 use husk_vmm::vhost_user::Kind;
@@ -55,6 +55,10 @@ struct Cli {
     /// File that receives the serial console; standard output if omitted.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Most console bytes kept on disk: the file rotates to `<console>.1`
+    /// at half of this.
+    #[arg(long, default_value_t = husk_vmm::console::DEFAULT_LIMIT)]
+    console_limit: u64,
     /// virtiofsd's vhost-user socket: a virtio-fs device.
     #[arg(long)]
     vhost_user_fs: Option<PathBuf>,
@@ -169,7 +173,7 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
     }
     let console: Box<dyn Write + Send> = match &cli.console {
         Some(p) => Box::new(
-            File::create(p)
+            ConsoleLog::create(p, cli.console_limit)
                 .map_err(|e| Failure::Vmm(format!("console file {}: {e}", p.display())))?,
         ),
         None => Box::new(std::io::stdout()),

@@ -283,9 +283,22 @@ fn pause_and_shutdown_kick_a_vcpu_that_never_leaves_the_guest() {
         let mut vm = vm;
         let _ = tx.send(vm.run_vcpu(0));
     });
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    // A pause with no vCPU registered yet would pass without kicking one.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while state.vcpu_counts().0 < 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the vCPU never registered"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     assert_eq!(state.pause(), Ok(()));
     assert_eq!(state.status(), "paused");
+    assert_eq!(
+        state.vcpu_counts(),
+        (1, 1),
+        "the spinning vCPU was not parked"
+    );
     assert_eq!(state.resume(), Ok(()));
     std::thread::sleep(std::time::Duration::from_millis(100));
     assert!(rx.try_recv().is_err(), "the vCPU left the guest on its own");

@@ -113,6 +113,16 @@ fn resolved(configured: Option<&Path>, name: &str) -> String {
 fn check(config: &Config, source: &str) -> ExitCode {
     println!("config: {source}");
     let (findings, choice) = host::check(config);
+    let confinement = husk_runtime::confinement::report(&config.state_dir);
+    if confinement.is_empty() {
+        println!(
+            "confinement: no sandbox is running under {}",
+            config.state_dir.display()
+        );
+    }
+    for c in &confinement {
+        println!("confinement: {c}");
+    }
     for f in &findings {
         println!(
             "{:<20} {:<4} {}",
@@ -129,6 +139,9 @@ fn check(config: &Config, source: &str) -> ExitCode {
         Ok((backend, why)) => {
             println!("hypervisor: {backend}");
             println!("because: {why}");
+            if backend.is_emulated() {
+                println!("{}", host::TCG_WARNING);
+            }
             if needed_ok {
                 ExitCode::SUCCESS
             } else {

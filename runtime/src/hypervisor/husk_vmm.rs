@@ -98,6 +98,7 @@ mod tests {
                 mac: vec![2, 0x42, 10, 0xf4, 0x4d, 3],
                 mtu: 1450,
             }],
+            console_pipe: None,
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)

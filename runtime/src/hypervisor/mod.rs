@@ -35,6 +35,26 @@ pub struct VmSpec {
     /// The pod's NICs, in order; the VMM gets NIC `i`'s tap as descriptor
     /// [`net_fd`]`(i)`.
     pub nets: Vec<NetDevice>,
+    /// For backends that write the console through a pipe: its write end,
+    /// in the caller (the VMM gets it after the taps, as
+    /// [`VmSpec::console_fd`]). The caller caps what reaches `console_log`.
+    pub console_pipe: Option<RawFd>,
+}
+
+impl VmSpec {
+    /// The descriptor number the console pipe has in the VMM process.
+    pub fn console_fd(&self) -> RawFd {
+        net_fd(self.nets.len())
+    }
+
+    /// Every descriptor the VMM inherits, in order (see [`net_fd`]).
+    pub fn inherited_fds(&self) -> Vec<RawFd> {
+        self.nets
+            .iter()
+            .map(|n| n.fd)
+            .chain(self.console_pipe)
+            .collect()
+    }
 }
 
 /// A guest NIC backed by a tap the caller holds open.
@@ -75,4 +95,10 @@ pub trait Hypervisor: Send {
 
     /// Process name (for errors), binary and arguments that run `spec`.
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>);
+
+    /// Whether the VMM writes the console into [`VmSpec::console_pipe`]
+    /// (it cannot bound a log file itself) rather than to the file.
+    fn console_through_pipe(&self) -> bool {
+        false
+    }
 }

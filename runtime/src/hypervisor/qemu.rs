@@ -65,7 +65,10 @@ impl Qemu {
         push("-sandbox");
         push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
         push("-serial");
-        args.push(prefixed("file:", &spec.console_log));
+        match spec.console_pipe {
+            Some(_) => push(&format!("file:/dev/fd/{}", spec.console_fd())),
+            None => args.push(prefixed("file:", &spec.console_log)),
+        }
         args.push("-kernel".into());
         args.push(spec.kernel.clone().into());
         args.push("-initrd".into());
@@ -123,6 +126,12 @@ impl Hypervisor for Qemu {
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
         ("qemu", self.binary.clone(), self.args(spec))
     }
+
+    /// QEMU's file chardev grows without bound; the sandbox caps the pipe's
+    /// output instead.
+    fn console_through_pipe(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]
@@ -143,6 +152,7 @@ mod tests {
             vsock_socket: "/s/vsock.sock".into(),
             control_socket: "/s/vmm.sock".into(),
             nets: Vec::new(),
+            console_pipe: None,
         }
     }
 
@@ -205,6 +215,24 @@ mod tests {
             line.contains("-netdev tap,id=net1,fd=4,vhost=off -device virtio-net-device,netdev=net1,mac=02:42:ac:11:00:0b,host_mtu=1450"),
             "{line}"
         );
+    }
+
+    #[test]
+    fn the_console_goes_to_the_pipe_after_the_taps_when_there_is_one() {
+        let q = Qemu::new(Path::new("qemu-system-x86_64"), ResolvedAccel::Tcg);
+        assert!(q.args(&spec()).iter().any(|a| a == "file:/s/console.log"));
+        let mut s = spec();
+        s.nets = vec![super::super::NetDevice {
+            fd: 40,
+            mac: vec![2, 0, 0, 0, 0, 1],
+            mtu: 1500,
+        }];
+        s.console_pipe = Some(41);
+        assert_eq!(s.inherited_fds(), [40, 41]);
+        let args = q.args(&s);
+        let i = args.iter().position(|a| a == "-serial").unwrap();
+        assert_eq!(args[i + 1], "file:/dev/fd/4");
+        assert!(!args.iter().any(|a| a == "file:/s/console.log"));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub const FAILED_START_STATUS: u32 = 255;
 const CLOSE_STDIN_GRACE: Duration = Duration::from_millis(500);
 /// The longest an exit waits for the kills in flight on its process (each
 /// ends within its RPC deadline; this only bounds a wedged one).
+/// Least time between two OOM events of one container.
+pub const OOM_EVENT_GAP: Duration = Duration::from_secs(1);
+/// The longest an exit waits for the kills in flight on its process (each
+/// ends within its RPC deadline; this only bounds a wedged one).
 const KILLS_IN_FLIGHT_GRACE: Duration = Duration::from_secs(30);
 
 /// What kind of failure an error is, for the caller's status codes.
@@ -680,11 +684,19 @@ impl<B: Backend> PodService<B> {
         }
     }
 
+    /// Publishes a container's OOM kills, at most one event per
+    /// [`OOM_EVENT_GAP`]: those in between coalesce into the next (a guest
+    /// reporting OOMs in a loop must not flood containerd).
     fn watch_oom(&self, id: &str, agent: AgentOf<B>) {
         let me = self.clone();
         let id = id.to_owned();
         std::thread::spawn(move || {
+            let mut last: Option<std::time::Instant> = None;
             while let Ok(true) = agent.wait_oom(&id) {
+                if let Some(gap) = last.map(|t| OOM_EVENT_GAP.saturating_sub(t.elapsed())) {
+                    std::thread::sleep(gap);
+                }
+                last = Some(std::time::Instant::now());
                 me.emit(Event::Oom { id: id.clone() });
             }
         });

@@ -19,7 +19,7 @@ use super::backend::{Backend, BootError, PodVm};
 use super::guest::GuestAgent;
 use super::service::{
     CreateRequest, ErrorKind, Event, PodApiError, PodService, Status, FAILED_START_STATUS,
-    KILLED_STATUS,
+    KILLED_STATUS, OOM_EVENT_GAP,
 };
 use super::stdio::Io;
 use super::{PodError, Role};
@@ -48,6 +48,8 @@ struct Guest {
     /// How long a signal's reply lags the exit it causes, as a slow
     /// guest's can.
     signal_lag: Duration,
+    /// Whether the guest reports an OOM kill on every WaitOom.
+    oom_flood: bool,
 }
 
 /// A fake agent: processes exit when a test says so or on SIGKILL/SIGTERM.
@@ -206,7 +208,10 @@ impl GuestAgent for FakeAgent {
             self.exit(id, exec_id.unwrap_or_default(), 128 + signal);
         }
         let lag = self.guest().signal_lag;
-        std::thread::sleep(lag);
+        if !lag.is_zero() {
+            std::thread::sleep(lag);
+            self.call(format!("replied to signal {id}"));
+        }
         Ok(())
     }
 
@@ -252,6 +257,10 @@ impl GuestAgent for FakeAgent {
     fn wait_oom(&self, id: &str) -> Result<bool, AgentError> {
         let mut g = self.guest();
         while g.containers.iter().any(|c| c == id) {
+            if g.oom_flood {
+                g.calls.push(format!("oom {id}"));
+                return Ok(true);
+            }
             g = self.guest.1.wait(g).unwrap();
         }
         Ok(false)
@@ -542,25 +551,52 @@ fn an_exit_is_published_only_after_the_kill_that_caused_it_returns() {
     run(&p, "c1");
     assert_eq!(p.kinds(), ["Created", "Started"]);
     p.agent.guest().signal_lag = Duration::from_millis(300);
-    let returned = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let killer = {
-        let (pod, returned) = (p.pod.clone(), returned.clone());
-        std::thread::spawn(move || {
-            pod.kill("c1", "", 9, false).unwrap();
-            returned.store(true, std::sync::atomic::Ordering::SeqCst);
-        })
+        let pod = p.pod.clone();
+        std::thread::spawn(move || pod.kill("c1", "", 9, false).unwrap())
     };
     match p.next() {
         Event::Exited { exec_id, exit, .. } => {
             assert_eq!((exec_id.as_str(), exit.status), ("", 137));
             assert!(
-                returned.load(std::sync::atomic::Ordering::SeqCst),
+                p.agent.calls().iter().any(|c| c == "replied to signal c1"),
                 "the exit was published while the kill that caused it was in flight"
             );
         }
         e => panic!("expected the exit, got {e:?}"),
     }
     killer.join().unwrap();
+}
+
+#[test]
+fn a_guest_reporting_ooms_in_a_loop_gets_one_event_per_gap() {
+    let p = pod();
+    p.agent.guest().oom_flood = true;
+    run(&p, "c1");
+    let window = OOM_EVENT_GAP * 2 + OOM_EVENT_GAP / 2;
+    let start = std::time::Instant::now();
+    let mut ooms = 0;
+    while start.elapsed() < window {
+        if let Ok(Event::Oom { .. }) = p.events.recv_timeout(window - start.elapsed().min(window)) {
+            ooms += 1;
+        }
+    }
+    let reported = p
+        .agent
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("oom"))
+        .count();
+    assert_eq!(
+        ooms, 3,
+        "OOM events in {window:?} ({reported} reported by the guest)"
+    );
+    assert!(
+        reported <= 4,
+        "the guest is asked at most once per event: {reported}"
+    );
+    p.agent.guest().oom_flood = false;
+    p.pod.kill("c1", "", 9, false).unwrap();
 }
 
 #[test]

@@ -1,0 +1,150 @@
+//! What confines each host process of the running sandboxes, as the kernel
+//! reports it (`husk check`): seccomp mode, capabilities, no_new_privs,
+//! user and mount namespace. It shows what is, not what was meant.
+
+use std::path::Path;
+
+/// One process of a sandbox and what confines it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    pub sandbox: String,
+    pub pid: u32,
+    pub name: String,
+    /// 0 none, 1 strict, 2 filter.
+    pub seccomp: u8,
+    /// Effective capabilities (bit set).
+    pub cap_eff: u64,
+    pub no_new_privs: bool,
+    pub uid: u32,
+    /// Whether it has a mount namespace of its own (not the caller's).
+    pub own_mount_ns: bool,
+}
+
+impl std::fmt::Display for Confinement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let seccomp = match self.seccomp {
+            0 => "none",
+            1 => "strict",
+            _ => "filter",
+        };
+        let caps = match self.cap_eff.count_ones() {
+            0 => "none".to_owned(),
+            n if self.cap_eff == full_caps() => format!("all ({n})"),
+            n => format!("{n} ({:#x})", self.cap_eff),
+        };
+        write!(
+            f,
+            "{} pid {} {}: seccomp {seccomp}, capabilities {caps}, no_new_privs {}, uid {}, mount ns {}",
+            self.sandbox,
+            self.pid,
+            self.name,
+            if self.no_new_privs { "on" } else { "off" },
+            self.uid,
+            if self.own_mount_ns { "own" } else { "host's" }
+        )
+    }
+}
+
+/// Every capability this kernel knows.
+fn full_caps() -> u64 {
+    let last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(40);
+    (1u64 << (last + 1)) - 1
+}
+
+/// The processes of every sandbox under `state_dir`: those whose command
+/// line names the sandbox's directory (its VMM and device daemons).
+pub fn report(state_dir: &Path) -> Vec<Confinement> {
+    let Ok(dirs) = std::fs::read_dir(state_dir) else {
+        return Vec::new();
+    };
+    let sandboxes: Vec<String> = dirs
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    // The caller's: `husk check` runs where the shims and containerd do.
+    let host_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut out = Vec::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for pid in procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        let Some(sandbox) = sandboxes.iter().find(|s| {
+            let dir = state_dir.join(s);
+            cmdline.contains(&format!("{}/", dir.display()))
+        }) else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+            continue;
+        };
+        if let Some(c) = parse_status(sandbox, pid, &status) {
+            let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
+            out.push(Confinement {
+                own_mount_ns: ns.is_some() && ns != host_ns,
+                ..c
+            });
+        }
+    }
+    out.sort_by(|a, b| (&a.sandbox, a.pid).cmp(&(&b.sandbox, b.pid)));
+    out
+}
+
+/// Reads /proc/<pid>/status fields; `None` for a kernel thread or one
+/// that is gone.
+fn parse_status(sandbox: &str, pid: u32, status: &str) -> Option<Confinement> {
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))
+            .map(str::trim)
+    };
+    Some(Confinement {
+        sandbox: sandbox.to_owned(),
+        pid,
+        name: field("Name")?.to_owned(),
+        seccomp: field("Seccomp")?.parse().ok()?,
+        cap_eff: u64::from_str_radix(field("CapEff")?, 16).ok()?,
+        no_new_privs: field("NoNewPrivs")? == "1",
+        uid: field("Uid")?.split_whitespace().nth(1)?.parse().ok()?,
+        own_mount_ns: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_fields_are_read_and_a_partial_status_is_skipped() {
+        let status = "Name:\tvirtiofsd\nUid:\t0\t1000\t0\t0\nNoNewPrivs:\t1\nSeccomp:\t2\nCapEff:\t0000000000000003\n";
+        let c = parse_status("p1", 7, status).unwrap();
+        assert_eq!(
+            (c.name.as_str(), c.seccomp, c.cap_eff, c.no_new_privs, c.uid),
+            ("virtiofsd", 2, 3, true, 1000)
+        );
+        assert!(
+            c.to_string()
+                .contains("seccomp filter, capabilities 2 (0x3)"),
+            "{c}"
+        );
+        assert!(parse_status("p1", 7, "Name:\tx\n").is_none());
+    }
+
+    #[test]
+    fn this_process_is_not_reported_without_a_sandbox_directory() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("s1")).unwrap();
+        assert!(report(d.path()).is_empty());
+    }
+}

@@ -1,0 +1,354 @@
+//! Liveness of a booted sandbox: one thread per sandbox watches the VMM
+//! through a pidfd and asks the agent for a health check every interval.
+//! When the VMM dies or the agent misses a check's deadline, the VM and its
+//! daemons are killed and the agent connection is cut, so every RPC waiting
+//! on the guest (the waits of the pod's processes above all) fails at once
+//! and each process gets its exit instead of hanging with the guest.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crate::agent::{Agent, AgentError};
+
+/// What a monitor needs to see: the VMM and the device daemons.
+#[derive(Debug, Clone)]
+pub struct Watched {
+    pub vmm: u32,
+    pub daemons: Vec<u32>,
+}
+
+/// Why a monitor stopped the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    VmmExited,
+    AgentSilent { after: Duration, error: String },
+    AgentLying { invalid: u32 },
+}
+
+/// Invalid replies after which a guest is taken for dead: one may be a
+/// bug, a stream of them is a guest that lies or has lost its mind.
+pub const MAX_INVALID_REPLIES: u32 = 16;
+
+impl std::fmt::Display for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Verdict::VmmExited => write!(f, "the VMM exited"),
+            Verdict::AgentSilent { after, error } => write!(
+                f,
+                "the agent failed a health check after {} ms ({error})",
+                after.as_millis()
+            ),
+            Verdict::AgentLying { invalid } => {
+                write!(f, "the agent sent {invalid} invalid replies")
+            }
+        }
+    }
+}
+
+/// How a monitor checks the guest; the real agent, or a fake in tests.
+pub trait Health: Send + 'static {
+    /// One health check that fails when it takes longer than `deadline`.
+    fn check(&self, deadline: Duration) -> Result<(), AgentError>;
+    /// Cuts the connection: every RPC in flight on it fails.
+    fn sever(&self);
+    /// Replies refused as invalid so far.
+    fn invalid_replies(&self) -> u32;
+}
+
+impl Health for Agent {
+    fn check(&self, deadline: Duration) -> Result<(), AgentError> {
+        self.check_within(deadline)
+    }
+
+    fn invalid_replies(&self) -> u32 {
+        Agent::invalid_replies(self)
+    }
+
+    fn sever(&self) {
+        Agent::sever(self);
+    }
+}
+
+/// A running monitor; dropping it stops the watching (not the VM).
+pub struct Monitor {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Option<Verdict>>>,
+}
+
+impl Monitor {
+    /// Watches sandbox `id`: a check every `interval`, each within
+    /// `deadline`.
+    pub fn start(
+        id: &str,
+        watched: Watched,
+        health: impl Health,
+        interval: Duration,
+        deadline: Duration,
+    ) -> std::io::Result<Self> {
+        let vmm = pidfd_open(watched.vmm)?;
+        let daemons = watched
+            .daemons
+            .iter()
+            .map(|&pid| pidfd_open(pid))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let id = id.to_owned();
+        let thread = std::thread::Builder::new()
+            .name(format!("monitor-{}", short(&id)))
+            .spawn({
+                let stop = stop.clone();
+                move || {
+                    let verdict = watch(&vmm, &health, interval, deadline, &stop)?;
+                    if stop.load(Ordering::SeqCst) {
+                        return None;
+                    }
+                    tracing::warn!(sandbox = %id, "{verdict}; stopping the VM and its daemons");
+                    for fd in std::iter::once(&vmm).chain(&daemons) {
+                        pidfd_kill(fd);
+                    }
+                    health.sever();
+                    Some(verdict)
+                }
+            })?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops watching (an orderly shutdown is coming) without waiting.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.thread = None;
+    }
+
+    /// Waits for the monitor to act, for tests: its verdict, or `None` if
+    /// it was stopped.
+    pub fn join(mut self) -> Option<Verdict> {
+        self.thread.take().and_then(|t| t.join().ok().flatten())
+    }
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn short(id: &str) -> &str {
+    &id[..id.len().min(8)]
+}
+
+/// Watches until the VMM exits, a check fails or `stop` is set (`None`).
+fn watch(
+    vmm: &OwnedFd,
+    health: &impl Health,
+    interval: Duration,
+    deadline: Duration,
+    stop: &AtomicBool,
+) -> Option<Verdict> {
+    loop {
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        if exited_within(vmm, interval) {
+            return Some(Verdict::VmmExited);
+        }
+        if stop.load(Ordering::SeqCst) {
+            return None;
+        }
+        let t = Instant::now();
+        if let Err(e) = health.check(deadline) {
+            if exited_within(vmm, Duration::ZERO) {
+                return Some(Verdict::VmmExited);
+            }
+            return Some(Verdict::AgentSilent {
+                after: t.elapsed(),
+                error: crate::error_chain(&e),
+            });
+        }
+        let invalid = health.invalid_replies();
+        if invalid >= MAX_INVALID_REPLIES {
+            return Some(Verdict::AgentLying { invalid });
+        }
+    }
+}
+
+fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// SIGKILLs the process behind a pidfd (no pid reuse race); one that is
+/// gone already is fine.
+fn pidfd_kill(fd: &OwnedFd) {
+    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            fd.as_raw_fd(),
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ESRCH) {
+            tracing::warn!(error = %e, "killing a sandbox process");
+        }
+    }
+}
+
+/// Whether the process has exited, waiting up to `timeout`.
+fn exited_within(fd: &OwnedFd, timeout: Duration) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let n = unsafe { libc::poll(&mut p, 1, ms) };
+    n > 0 && p.revents & libc::POLLIN != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Child, Command};
+    use std::sync::Mutex;
+
+    /// A guest that answers until told to hang.
+    #[derive(Clone, Default)]
+    struct FakeHealth {
+        hung: Arc<AtomicBool>,
+        severed: Arc<AtomicBool>,
+        checks: Arc<Mutex<u32>>,
+        invalid: Arc<Mutex<u32>>,
+    }
+
+    impl Health for FakeHealth {
+        fn check(&self, deadline: Duration) -> Result<(), AgentError> {
+            *self.checks.lock().unwrap() += 1;
+            if self.hung.load(Ordering::SeqCst) {
+                std::thread::sleep(deadline);
+                return Err(AgentError::Invalid {
+                    rpc: "Check",
+                    why: "deadline passed".into(),
+                });
+            }
+            Ok(())
+        }
+
+        fn sever(&self) {
+            self.severed.store(true, Ordering::SeqCst);
+        }
+
+        fn invalid_replies(&self) -> u32 {
+            *self.invalid.lock().unwrap()
+        }
+    }
+
+    fn sleeper() -> Child {
+        Command::new("sleep").arg("60").spawn().unwrap()
+    }
+
+    fn watched(vmm: &Child, daemon: &Child) -> Watched {
+        Watched {
+            vmm: vmm.id(),
+            daemons: vec![daemon.id()],
+        }
+    }
+
+    const TICK: Duration = Duration::from_millis(20);
+
+    #[test]
+    fn a_hung_agent_gets_the_vm_and_daemons_killed_and_the_connection_cut() {
+        let (mut vmm, mut daemon) = (sleeper(), sleeper());
+        let h = FakeHealth::default();
+        let m = Monitor::start("s1", watched(&vmm, &daemon), h.clone(), TICK, TICK).unwrap();
+        std::thread::sleep(TICK * 5);
+        assert!(*h.checks.lock().unwrap() >= 2, "checks are periodic");
+        h.hung.store(true, Ordering::SeqCst);
+        let t = Instant::now();
+        let verdict = m.join().expect("a verdict");
+        assert!(matches!(verdict, Verdict::AgentSilent { .. }), "{verdict}");
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert!(h.severed.load(Ordering::SeqCst));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(vmm.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert_eq!(daemon.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_dead_vmm_is_seen_at_once_and_the_daemons_go_with_it() {
+        let (mut vmm, mut daemon) = (sleeper(), sleeper());
+        let h = FakeHealth::default();
+        let m = Monitor::start(
+            "s2",
+            watched(&vmm, &daemon),
+            h.clone(),
+            Duration::from_secs(30),
+            TICK,
+        )
+        .unwrap();
+        let t = Instant::now();
+        vmm.kill().unwrap();
+        assert_eq!(m.join(), Some(Verdict::VmmExited));
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "waited for the interval"
+        );
+        assert!(h.severed.load(Ordering::SeqCst));
+        vmm.wait().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(daemon.wait().unwrap().signal(), Some(libc::SIGKILL));
+    }
+
+    #[test]
+    fn a_guest_that_keeps_sending_invalid_replies_is_taken_for_dead() {
+        let (mut vmm, mut daemon) = (sleeper(), sleeper());
+        let h = FakeHealth::default();
+        let m = Monitor::start("s4", watched(&vmm, &daemon), h.clone(), TICK, TICK).unwrap();
+        *h.invalid.lock().unwrap() = MAX_INVALID_REPLIES - 1;
+        std::thread::sleep(TICK * 5);
+        assert!(vmm.try_wait().unwrap().is_none(), "killed below the limit");
+        *h.invalid.lock().unwrap() = MAX_INVALID_REPLIES;
+        assert_eq!(
+            m.join(),
+            Some(Verdict::AgentLying {
+                invalid: MAX_INVALID_REPLIES
+            })
+        );
+        vmm.wait().unwrap();
+        daemon.wait().unwrap();
+    }
+
+    #[test]
+    fn a_stopped_monitor_leaves_everything_alone() {
+        let (mut vmm, mut daemon) = (sleeper(), sleeper());
+        let h = FakeHealth::default();
+        let mut m = Monitor::start("s3", watched(&vmm, &daemon), h.clone(), TICK, TICK).unwrap();
+        m.stop();
+        drop(m);
+        h.hung.store(true, Ordering::SeqCst);
+        std::thread::sleep(TICK * 10);
+        assert!(vmm.try_wait().unwrap().is_none());
+        assert!(daemon.try_wait().unwrap().is_none());
+        assert!(!h.severed.load(Ordering::SeqCst));
+        vmm.kill().unwrap();
+        daemon.kill().unwrap();
+        vmm.wait().unwrap();
+        daemon.wait().unwrap();
+    }
+}

@@ -1,0 +1,192 @@
+//! Hardening against a real containerd with husk. A pod whose VM dies or
+//! whose guest stops answering: every process of it (the init and a
+//! running exec) gets its exit within 5 s, and nothing of the sandbox is
+//! left once the task is deleted. `husk check` shows what confines each
+//! host process of a running pod.
+
+use std::path::Path;
+use std::process::{Output, Stdio};
+use std::time::{Duration, Instant};
+
+use husk_tests::containerd::{assert_clean, Containerd, Events};
+use husk_tests::{e2e, processes_mentioning, vm_lock};
+
+/// How long a pod's processes may go without their exit once the VM is
+/// gone or hung (issue 11).
+const EXIT_BOUND: Duration = Duration::from_secs(5);
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn ok(ctd: &Containerd, what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what}: {}{}\n--- containerd ---\n{}",
+        text(&out.stdout),
+        text(&out.stderr),
+        ctd.log()
+    );
+}
+
+/// The VMM of sandbox `id` (its daemons mention the directory too).
+fn vmm_of(id: &str) -> u32 {
+    let vmms: Vec<u32> = processes_mentioning(Path::new(&format!("/run/husk/{id}/")))
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.starts_with("qemu") || c.starts_with("husk-vmm"))
+        })
+        .collect();
+    assert_eq!(vmms.len(), 1, "one VMM for {id}: {vmms:?}");
+    vmms[0]
+}
+
+fn exits(events: &Events, id: &str) -> usize {
+    events
+        .task_topics(id)
+        .iter()
+        .filter(|t| *t == "/tasks/exit")
+        .count()
+}
+
+/// Runs a container with an exec, hits its VMM with `signal`, and checks
+/// that both processes exit within [`EXIT_BOUND`] and that deleting the
+/// task leaves nothing.
+fn every_process_exits_when_the_vmm_gets(signal: libc::c_int, id: &str) {
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let events = Events::start(&ctd);
+    ok(
+        &ctd,
+        "ctr run -d",
+        &ctd.run(&["-d"], id, &["sleep", "3600"]),
+    );
+    let mut exec = ctd
+        .ctr_cmd(&["task", "exec", "--exec-id", "e1", id, "sleep", "3600"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ctr task exec");
+    let started = events.wait_for(id, "/tasks/exec-started", Duration::from_secs(30));
+    assert!(
+        started.iter().any(|t| t == "/tasks/exec-started"),
+        "the exec never started: {started:?}\n{}",
+        ctd.log()
+    );
+    assert_eq!(exits(&events, id), 0);
+
+    let vmm = vmm_of(id);
+    // SAFETY: kill(2) on the VMM this test's pod started.
+    assert_eq!(unsafe { libc::kill(vmm as i32, signal) }, 0);
+    let t = Instant::now();
+    while exits(&events, id) < 2 && t.elapsed() < EXIT_BOUND * 4 {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = t.elapsed();
+    println!("signal {signal}: both exits after {} ms", took.as_millis());
+    assert_eq!(
+        exits(&events, id),
+        2,
+        "exits after {took:?}: {:?}\n{}",
+        events.task_topics(id),
+        ctd.log()
+    );
+    assert!(took <= EXIT_BOUND, "the exits took {took:?}");
+    // The exec's ctr sees its process end.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while exec.try_wait().expect("wait ctr exec").is_none() {
+        assert!(Instant::now() < deadline, "ctr task exec never returned");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: kill(2) with signal 0 only checks the pid.
+    let gone = unsafe { libc::kill(vmm as i32, 0) } != 0
+        || std::fs::read_to_string(format!("/proc/{vmm}/stat")).is_ok_and(|s| s.contains(") Z "));
+    assert!(gone, "the VMM {vmm} is still alive");
+    let ls = text(&ctd.ctr(&["task", "ls"]).stdout);
+    assert!(
+        ls.lines()
+            .any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED")),
+        "{ls}"
+    );
+    ok(&ctd, "ctr task rm", &ctd.ctr(&["task", "rm", id]));
+    ok(&ctd, "ctr container rm", &ctd.ctr(&["container", "rm", id]));
+    assert_clean();
+}
+
+#[test]
+fn a_guest_that_stops_answering_ends_every_process_within_5_s() {
+    if !e2e("a_guest_that_stops_answering_ends_every_process_within_5_s") {
+        return;
+    }
+    // A stopped VMM is a guest that hangs: alive, silent.
+    every_process_exits_when_the_vmm_gets(libc::SIGSTOP, "hung");
+}
+
+#[test]
+fn a_vmm_killed_mid_exec_ends_every_process_within_5_s() {
+    if !e2e("a_vmm_killed_mid_exec_ends_every_process_within_5_s") {
+        return;
+    }
+    every_process_exits_when_the_vmm_gets(libc::SIGKILL, "vmm-killed");
+}
+
+#[test]
+fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
+    if !e2e("husk_check_lists_each_process_of_a_running_pod_with_its_confinement") {
+        return;
+    }
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let id = "confined";
+    ok(
+        &ctd,
+        "ctr run -d",
+        &ctd.run(&["-d"], id, &["sleep", "3600"]),
+    );
+    let husk = husk_tests::containerd::profile_dir().join("husk");
+    let out = std::process::Command::new(&husk)
+        .arg("check")
+        .env_remove("HUSK_CONFIG")
+        .output()
+        .expect("husk check");
+    let report = text(&out.stdout);
+    let lines: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with(&format!("confinement: {id} pid ")))
+        .collect();
+    let vmm = vmm_of(id);
+    for name in ["virtiofsd", "vhost-device-vs"] {
+        assert!(
+            lines.iter().any(|l| l.contains(&format!(" {name}: "))),
+            "{name} not listed:\n{report}"
+        );
+    }
+    assert!(
+        lines.iter().any(|l| l.contains(&format!("pid {vmm} "))),
+        "the VMM {vmm} not listed:\n{report}"
+    );
+    // What is confined shows as such: QEMU's -sandbox and virtiofsd's own
+    // filter are seccomp filters.
+    for l in &lines {
+        assert!(l.contains("seccomp ") && l.contains("capabilities "), "{l}");
+        if l.contains(" virtiofsd: ") || l.contains(" qemu-system-x86: ") {
+            assert!(l.contains("seccomp filter"), "{l}");
+        }
+    }
+    println!("{}", lines.join("\n"));
+    ok(
+        &ctd,
+        "ctr task kill",
+        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]),
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !text(&ctd.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
+        assert!(Instant::now() < deadline, "never stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ok(&ctd, "ctr task rm", &ctd.ctr(&["task", "rm", id]));
+    ok(&ctd, "ctr container rm", &ctd.ctr(&["container", "rm", id]));
+    assert_clean();
+}

@@ -1,0 +1,218 @@
+//! The guest's console log, bounded: writes land in a memory buffer (the
+//! vCPU never waits for the disk; a full buffer drops bytes and counts
+//! them) and a writer thread moves them to the file in batches. The file
+//! rotates to `<path>.1` at half the limit, so the two never hold more than
+//! the limit, whatever the guest prints.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Console bytes kept on disk by default (log and rotated log together).
+pub const DEFAULT_LIMIT: u64 = 2 << 20;
+/// Bytes waiting for the writer at most; more are dropped.
+const PENDING_MAX: usize = 256 << 10;
+/// How long the writer lets output gather before a write.
+const BATCH: Duration = Duration::from_millis(10);
+
+#[derive(Default)]
+struct Pending {
+    data: Vec<u8>,
+    dropped: u64,
+    closed: bool,
+}
+
+#[derive(Default)]
+struct Shared {
+    pending: Mutex<Pending>,
+    ready: Condvar,
+}
+
+/// A bounded console log; see the module docs. Dropping it writes what is
+/// pending.
+pub struct ConsoleLog {
+    shared: Arc<Shared>,
+    writer: Option<JoinHandle<()>>,
+}
+
+impl ConsoleLog {
+    /// Creates (truncates) `path`; at most `limit` bytes stay on disk.
+    pub fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
+        let file = File::create(path)?;
+        let shared = Arc::new(Shared::default());
+        let mut sink = Sink {
+            path: path.to_path_buf(),
+            file,
+            written: 0,
+            half: (limit / 2).max(1),
+        };
+        let writer = std::thread::Builder::new().name("console".into()).spawn({
+            let shared = shared.clone();
+            move || sink.run(&shared)
+        })?;
+        Ok(Self {
+            shared,
+            writer: Some(writer),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Write for ConsoleLog {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut p = self.lock();
+        let was_empty = p.data.is_empty();
+        let room = PENDING_MAX.saturating_sub(p.data.len());
+        let take = buf.len().min(room);
+        p.data.extend_from_slice(&buf[..take]);
+        p.dropped += (buf.len() - take) as u64;
+        if was_empty {
+            self.shared.ready.notify_one();
+        }
+        Ok(buf.len())
+    }
+
+    /// The writer flushes on its own (the UART calls this per byte).
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for ConsoleLog {
+    fn drop(&mut self) {
+        self.lock().closed = true;
+        self.shared.ready.notify_one();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The writer thread's end: the file and how full it is.
+struct Sink {
+    path: PathBuf,
+    file: File,
+    written: u64,
+    half: u64,
+}
+
+impl Sink {
+    fn run(&mut self, shared: &Shared) {
+        loop {
+            let closed = {
+                let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                while p.data.is_empty() && p.dropped == 0 && !p.closed {
+                    p = shared.ready.wait(p).unwrap_or_else(|e| e.into_inner());
+                }
+                p.closed
+            };
+            if !closed {
+                std::thread::sleep(BATCH);
+            }
+            let (data, dropped, closed) = {
+                let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let data = std::mem::take(&mut p.data);
+                (data, std::mem::take(&mut p.dropped), p.closed)
+            };
+            self.put(&data);
+            if dropped > 0 {
+                self.put(
+                    format!("\n[husk: {dropped} bytes of console output dropped]\n").as_bytes(),
+                );
+            }
+            if closed {
+                return;
+            }
+        }
+    }
+
+    /// Appends, rotating at half the limit. A failing disk loses console
+    /// output, never the VM.
+    fn put(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.written >= self.half {
+                self.rotate();
+            }
+            let n = data.len().min((self.half - self.written) as usize);
+            if self.file.write_all(&data[..n]).is_err() {
+                return;
+            }
+            self.written += n as u64;
+            data = &data[n..];
+        }
+    }
+
+    fn rotate(&mut self) {
+        let mut old = self.path.clone().into_os_string();
+        old.push(".1");
+        let _ = std::fs::rename(&self.path, &old);
+        match File::create(&self.path) {
+            Ok(f) => {
+                self.file = f;
+                self.written = 0;
+            }
+            // Keep writing where we were; the size check retries.
+            Err(_) => self.written = 0,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn size(p: &Path) -> u64 {
+        std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+    }
+
+    #[test]
+    fn a_flood_stays_within_the_limit_and_the_end_is_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("console.log");
+        let mut log = ConsoleLog::create(&path, 64 << 10).unwrap();
+        // 10 MB, one byte per write as the UART does.
+        let line = b"flood flood flood flood flood flood flood flood flood flood\n";
+        let mut sent = 0u64;
+        while sent < 10_000_000 {
+            for b in line {
+                log.write_all(&[*b]).unwrap();
+                log.flush().unwrap();
+            }
+            sent += line.len() as u64;
+        }
+        log.write_all(b"the end\n").unwrap();
+        drop(log);
+        let rotated = d.path().join("console.log.1");
+        let total = size(&path) + size(&rotated);
+        assert!(total <= 64 << 10, "{total} bytes on disk");
+        let tail = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            tail.ends_with("the end\n") || tail.contains("dropped]"),
+            "{tail:?}"
+        );
+        assert!(size(&rotated) > 0, "never rotated");
+    }
+
+    #[test]
+    fn output_reaches_the_file_without_a_flush_or_a_drop() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("console.log");
+        let mut log = ConsoleLog::create(&path, DEFAULT_LIMIT).unwrap();
+        log.write_all(b"husk-agent: listening\n").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read(&path).unwrap() != b"husk-agent: listening\n" {
+            assert!(std::time::Instant::now() < deadline, "not written");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        drop(log);
+    }
+}
