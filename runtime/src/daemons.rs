@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::process::{Process, ProcessError};
+use crate::process::{Confine, Process, ProcessError};
 
 /// Guest CID. Each sandbox has its own vsock device, so all can use 3.
 pub const GUEST_CID: u32 = 3;
@@ -66,7 +66,10 @@ pub fn start(
         ],
         &paths.log_dir.join("virtiofsd.log"),
     )?;
-    let vsock = Process::spawn(
+    // virtiofsd confines itself (its sandbox mode and seccomp filter) and
+    // needs root's file capabilities to serve the guest's files;
+    // vhost-device-vsock needs none.
+    let vsock = Process::spawn_confined(
         "vhost-device-vsock",
         &config.vsock.path,
         [
@@ -78,6 +81,8 @@ pub fn start(
             paths.agent_socket.as_os_str(),
         ],
         &paths.log_dir.join("vhost-device-vsock.log"),
+        &[],
+        Confine::UNPRIVILEGED,
     )?;
     let mut procs = vec![fs, vsock];
     let waits: [(usize, &Path); 3] = [

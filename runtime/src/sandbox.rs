@@ -23,7 +23,7 @@ use crate::host::{self, Backend, ChoiceError};
 use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, VmSpec};
 use crate::monitor::{Monitor, Watched};
 use crate::paths::SandboxPaths;
-use crate::process::{tail_of_file, Process, ProcessError};
+use crate::process::{tail_of_file, Confine, Process, ProcessError};
 use crate::storage;
 
 /// Kernel command line husk always passes; then the backend's own parameters
@@ -314,12 +314,13 @@ impl Sandbox {
         };
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
-        sb.vmm = Some(Process::spawn_with_fds(
+        sb.vmm = Some(Process::spawn_confined(
             name,
             &binary,
             args,
             &spec.vmm_log,
             &spec.inherited_fds(),
+            Confine::VMM,
         )?);
         // The console's end of file is the VMM's exit.
         drop(pipe_ends);

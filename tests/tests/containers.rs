@@ -36,10 +36,34 @@ fn reader(mut s: std::os::unix::net::UnixStream) -> std::thread::JoinHandle<Vec<
     })
 }
 
+/// A busybox rootfs for container `cid`, shared into `sb`'s guest as husk
+/// shares containerd's (a bind into the read-only, capped share root).
+/// Returns the host directory behind it.
+fn shared_rootfs(sb: &Sandbox, cid: &str) -> std::path::PathBuf {
+    let src = sb.dir().join("test-rootfs").join(cid);
+    let paths = sb.paths().container(cid);
+    if paths.rootfs_shared().exists() {
+        return src;
+    }
+    busybox_rootfs(&src);
+    let _writable = husk_runtime::storage::ShareWrite::begin(&paths.share_root);
+    husk_runtime::storage::mount_rootfs(
+        &[husk_runtime::storage::MountSpec {
+            fstype: "bind".into(),
+            source: src.display().to_string(),
+            options: vec!["rbind".into()],
+        }],
+        &paths.rootfs_private,
+        &paths.rootfs_shared(),
+    )
+    .expect("share the rootfs");
+    src
+}
+
 /// Creates and starts `args` in container `cid` of `sb`, with a busybox
 /// rootfs in the share and stdio streams attached.
 fn start(sb: &Sandbox, cid: &str, args: &[&str], stdin: bool) -> Running {
-    busybox_rootfs(&sb.dir().join("shared").join(cid).join("rootfs"));
+    shared_rootfs(sb, cid);
     let sock = sb.dir().join("agent.sock");
     let input = stdin
         .then(|| open_stream(&sock, &header(cid, StreamKind::Stdin), T).expect("stdin stream"));
@@ -148,7 +172,7 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "bad").expect("boot");
     let agent = sb.agent().expect("agent").clone();
-    busybox_rootfs(&sb.dir().join("shared").join("c1").join("rootfs"));
+    shared_rootfs(&sb, "c1");
 
     let refused_with = |cid: &str, spec: &[u8], stdio: Stdio| -> String {
         match agent.create_container(cid, spec.to_vec(), stdio, None) {
@@ -199,8 +223,8 @@ fn spec_with(cid: &str, args: &[&str], edit: impl FnOnce(&mut serde_json::Value)
 
 /// Runs a prepared spec to completion; returns (status, stdout, stderr).
 fn run_spec(sb: &Sandbox, cid: &str, spec: Vec<u8>) -> (u32, String, String) {
-    busybox_rootfs(&sb.dir().join("shared").join(cid).join("rootfs"));
-    std::fs::create_dir_all(sb.dir().join("shared").join(cid).join("rootfs/work")).expect("mkdir");
+    let rootfs = shared_rootfs(sb, cid);
+    std::fs::create_dir_all(rootfs.join("work")).expect("mkdir");
     let sock = sb.dir().join("agent.sock");
     let stdout = open_stream(&sock, &header(cid, StreamKind::Stdout), T).expect("stdout");
     let stderr = open_stream(&sock, &header(cid, StreamKind::Stderr), T).expect("stderr");

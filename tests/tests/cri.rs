@@ -909,6 +909,9 @@ fn a_containers_output_survives_a_containerd_restart_as_with_runc() {
     drop(cri);
     let counter = "i=0; while :; do i=$((i+1)); echo line $i; sleep 0.1; done";
     let mut pods = Vec::new();
+    // In the husk pod also a created container never started and one that
+    // has exited: their states must survive the restarts too.
+    let mut others = Vec::new();
     for handler in ["runc", "husk"] {
         let cri = ctd.cri_client();
         let dir = logs.path().join(handler);
@@ -923,6 +926,25 @@ fn a_containers_output_survives_a_containerd_restart_as_with_runc() {
                 container("counter", IMAGE, &["sh", "-c", counter], false),
             )
             .unwrap_or_else(|e| panic!("container ({handler}): {e}\n{}", ctd.log()));
+        if handler == "husk" {
+            let created = cri
+                .create_container(
+                    &pod,
+                    &opts,
+                    container("later", IMAGE, &["sleep", "3600"], false),
+                )
+                .unwrap_or_else(|e| panic!("created container: {e}\n{}", ctd.log()));
+            let exited = cri
+                .run_container(
+                    &pod,
+                    &opts,
+                    container("done", IMAGE, &["sh", "-c", "exit 3"], false),
+                )
+                .unwrap_or_else(|e| panic!("exiting container: {e}\n{}", ctd.log()));
+            assert_eq!(wait_exited(&cri, &exited), 3);
+            others.push((created, k8s_cri::v1::ContainerState::ContainerCreated));
+            others.push((exited, k8s_cri::v1::ContainerState::ContainerExited));
+        }
         pods.push((handler, pod, c, dir.join("counter.log")));
     }
     for (handler, _, _, log) in &pods {
@@ -931,36 +953,65 @@ fn a_containers_output_survives_a_containerd_restart_as_with_runc() {
         });
         assert!(seen.is_some(), "{handler}: no output before the restart");
     }
-    // containerd gone for 3 s: the containers keep writing (about 30 lines
-    // each, less than a FIFO holds), then a new containerd takes over.
-    ctd.restart(Duration::from_secs(3));
-    let cri = ctd.cri_client();
-    for (handler, _, _, log) in &pods {
-        let before = numbered_lines(log).len();
-        let grown = eventually(Duration::from_secs(30), || {
-            (numbered_lines(log).len() >= before + 40).then_some(())
-        });
-        assert!(
-            grown.is_some(),
-            "{handler}: output stopped after containerd's restart (had {before} lines)\n{}",
-            ctd.log()
-        );
-        let lines = numbered_lines(log);
-        let gaps: Vec<_> = lines
-            .windows(2)
-            .filter(|w| w[1] != w[0] + 1)
-            .map(|w| (w[0], w[1]))
-            .collect();
-        assert!(
-            lines.first() == Some(&1) && gaps.is_empty(),
-            "{handler}: lines lost across the restart: gaps {gaps:?} in {} lines",
-            lines.len()
-        );
+    // containerd gone for 2 s, three times: the containers keep writing
+    // (about 20 lines each, less than a FIFO holds), then a new containerd
+    // takes over.
+    for restart in 1..=3 {
+        ctd.restart(Duration::from_secs(2));
+        let cri = ctd.cri_client();
+        for (handler, _, c, log) in &pods {
+            let before = numbered_lines(log).len();
+            let grown = eventually(Duration::from_secs(30), || {
+                (numbered_lines(log).len() >= before + 30).then_some(())
+            });
+            assert!(
+                grown.is_some(),
+                "{handler}: output stopped after containerd's restart {restart} (had {before} lines)\n{}",
+                ctd.log()
+            );
+            let lines = numbered_lines(log);
+            let gaps: Vec<_> = lines
+                .windows(2)
+                .filter(|w| w[1] != w[0] + 1)
+                .map(|w| (w[0], w[1]))
+                .collect();
+            assert!(
+                lines.first() == Some(&1) && gaps.is_empty(),
+                "{handler}: lines lost across restart {restart}: gaps {gaps:?} in {} lines",
+                lines.len()
+            );
+            let state = cri.container_status(c).expect("status").state;
+            assert_eq!(
+                state,
+                k8s_cri::v1::ContainerState::ContainerRunning as i32,
+                "{handler}: after restart {restart}"
+            );
+        }
+        for (id, want) in &others {
+            let st = cri.container_status(id).expect("status");
+            assert_eq!(st.state, *want as i32, "{id} after restart {restart}");
+            if *want == k8s_cri::v1::ContainerState::ContainerExited {
+                assert_eq!(st.exit_code, 3, "{id} after restart {restart}");
+            }
+        }
     }
+    let cri = ctd.cri_client();
+    // The container created before the restarts still starts.
+    let (created, _) = &others[0];
+    cri.start_container(created).unwrap_or_else(|e| {
+        panic!(
+            "starting a container created before the restarts: {e}\n{}",
+            ctd.log()
+        )
+    });
+    assert_eq!(
+        cri.container_status(created).expect("status").state,
+        k8s_cri::v1::ContainerState::ContainerRunning as i32
+    );
     for (handler, pod, c, _) in &pods {
         let r = cri
             .exec_sync(c, &["echo", "after"], 30)
-            .unwrap_or_else(|e| panic!("{handler}: exec after the restart: {e}"));
+            .unwrap_or_else(|e| panic!("{handler}: exec after the restarts: {e}"));
         assert_eq!(r.stdout, "after\n", "{handler}");
         cri.stop_pod(pod).expect("StopPodSandbox");
         cri.remove_pod(pod).expect("RemovePodSandbox");

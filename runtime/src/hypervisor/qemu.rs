@@ -66,7 +66,8 @@ impl Qemu {
         push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
         push("-serial");
         match spec.console_pipe {
-            Some(_) => push(&format!("file:/dev/fd/{}", spec.console_fd())),
+            // /proc, not /dev/fd: a minimal host may lack the /dev/fd link.
+            Some(_) => push(&format!("file:/proc/self/fd/{}", spec.console_fd())),
             None => args.push(prefixed("file:", &spec.console_log)),
         }
         args.push("-kernel".into());
@@ -231,7 +232,7 @@ mod tests {
         assert_eq!(s.inherited_fds(), [40, 41]);
         let args = q.args(&s);
         let i = args.iter().position(|a| a == "-serial").unwrap();
-        assert_eq!(args[i + 1], "file:/dev/fd/4");
+        assert_eq!(args[i + 1], "file:/proc/self/fd/4");
         assert!(!args.iter().any(|a| a == "file:/s/console.log"));
     }
 
