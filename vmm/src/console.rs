@@ -15,6 +15,8 @@ use std::time::Duration;
 pub const DEFAULT_LIMIT: u64 = 2 << 20;
 /// Bytes waiting for the writer at most; more are dropped.
 const PENDING_MAX: usize = 256 << 10;
+/// The writer thread's stack.
+const WRITER_STACK: usize = 128 << 10;
 /// How long the writer lets output gather before a write.
 const BATCH: Duration = Duration::from_millis(10);
 
@@ -49,10 +51,15 @@ impl ConsoleLog {
             written: 0,
             half: (limit / 2).max(1),
         };
-        let writer = std::thread::Builder::new().name("console".into()).spawn({
-            let shared = shared.clone();
-            move || sink.run(&shared)
-        })?;
+        // A small stack: it copies bytes and nothing else, and a default
+        // 2 MiB stack may be backed by a huge page (2 MiB of PSS).
+        let writer = std::thread::Builder::new()
+            .name("console".into())
+            .stack_size(WRITER_STACK)
+            .spawn({
+                let shared = shared.clone();
+                move || sink.run(&shared)
+            })?;
         Ok(Self {
             shared,
             writer: Some(writer),
