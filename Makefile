@@ -14,7 +14,7 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl
 	protobuf-compiler containernetworking-plugins iproute2 iptables
 DAEMONS := virtiofsd vhost-device-vsock
 
-.PHONY: all deps build guest-image vmm-static lab install demo test unit lint bench clean
+.PHONY: all deps build guest-image vmm-static lab install demo test unit lint soak bench clean
 
 all: build guest-image
 
@@ -73,6 +73,10 @@ unit:
 # Everything: lint, unit tests, and end-to-end tests against real guests.
 test: build guest-image lint lab
 	HUSK_E2E=1 $(CARGO) test --release --workspace
+
+# Long fault cases: a 100 MB console flood (about 7 min under TCG).
+soak: build guest-image
+	HUSK_E2E=1 HUSK_FLOOD_MB=100 $(CARGO) test --release -p husk-tests --test hardening -- --test-threads=1 --nocapture a_console_flood
 
 bench: build guest-image
 	$(CARGO) bench -p husk-tests

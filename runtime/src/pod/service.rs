@@ -32,8 +32,6 @@ pub const KILLED_STATUS: u32 = 128 + 9;
 pub const FAILED_START_STATUS: u32 = 255;
 /// How long closing stdin lets the copier drain what the client wrote.
 const CLOSE_STDIN_GRACE: Duration = Duration::from_millis(500);
-/// The longest an exit waits for the kills in flight on its process (each
-/// ends within its RPC deadline; this only bounds a wedged one).
 /// Least time between two OOM events of one container.
 pub const OOM_EVENT_GAP: Duration = Duration::from_secs(1);
 /// The longest an exit waits for the kills in flight on its process (each
