@@ -192,7 +192,7 @@ impl Default for VirtiofsdConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("virtiofsd"),
-            sandbox: "namespace".into(),
+            sandbox: "chroot".into(),
             cache: "auto".into(),
         }
     }

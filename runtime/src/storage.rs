@@ -238,14 +238,6 @@ fn share_root_flags(read_only: bool) -> MsFlags {
 /// while husk itself changes it ([`ShareWrite`]). The guest writes only
 /// to the rootfs and volumes bound below it.
 pub fn mount_share_root(dir: &Path) -> Result<(), StorageError> {
-    let failed = |what: &str| {
-        let (what, target) = (what.to_owned(), dir.to_path_buf());
-        move |source| StorageError::Mount {
-            fstype: what,
-            target,
-            source,
-        }
-    };
     mount(
         Some("husk-share"),
         dir,
@@ -253,17 +245,11 @@ pub fn mount_share_root(dir: &Path) -> Result<(), StorageError> {
         share_root_flags(true),
         Some(SHARE_ROOT_OPTIONS),
     )
-    .map_err(failed("tmpfs"))?;
-    // Shared, so what husk binds below it later reaches virtiofsd's own
-    // mount namespace (its copy of this mount is a slave of this one).
-    mount(
-        None::<&str>,
-        dir,
-        None::<&str>,
-        MsFlags::MS_SHARED,
-        None::<&str>,
-    )
-    .map_err(failed("tmpfs (shared)"))
+    .map_err(|source| StorageError::Mount {
+        fstype: "tmpfs".into(),
+        target: dir.to_path_buf(),
+        source,
+    })
 }
 
 /// Serialises husk's writes to share roots (one pod per shim process).
