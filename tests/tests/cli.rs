@@ -42,10 +42,9 @@ fn config_file(env: &TestEnv) -> PathBuf {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn check_names_the_kvm_kind_and_the_chosen_backend() {
-    if !e2e("check_names_the_kvm_kind_and_the_chosen_backend") {
-        return;
-    }
+    e2e();
     let env = TestEnv::new();
     let out = husk()
         .arg("check")
@@ -110,10 +109,9 @@ fn check_names_the_kvm_kind_and_the_chosen_backend() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn vm_ping_prints_agent_ready_and_leaves_nothing() {
-    if !e2e("vm_ping_prints_agent_ready_and_leaves_nothing") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let out = husk()
@@ -196,10 +194,9 @@ fn vm_ping_with_a_missing_kernel_says_what_to_do() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn husk_run_runs_a_command_in_a_microvm_and_returns_its_status() {
-    if !e2e("husk_run_runs_a_command_in_a_microvm_and_returns_its_status") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let rootfs = env.dir.path().join("rootfs");

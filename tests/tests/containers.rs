@@ -108,10 +108,9 @@ fn run(sb: &Sandbox, cid: &str, args: &[&str], input: Option<&[u8]>) -> (u32, Ve
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn container_runs_on_the_guest_kernel_with_stdio_and_exit_codes() {
-    if !e2e("container_runs_on_the_guest_kernel_with_stdio_and_exit_codes") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "ctr").expect("boot");
@@ -164,10 +163,9 @@ fn container_runs_on_the_guest_kernel_with_stdio_and_exit_codes() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
-    if !e2e("malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "bad").expect("boot");
@@ -248,10 +246,9 @@ fn run_spec(sb: &Sandbox, cid: &str, spec: Vec<u8>) -> (u32, String, String) {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn the_spec_is_honoured_user_env_cwd_rlimits_caps_readonly_masked_seccomp() {
-    if !e2e("the_spec_is_honoured_user_env_cwd_rlimits_caps_readonly_masked_seccomp") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "spec").expect("boot");

@@ -58,10 +58,9 @@ fn teardown(cri: &Cri, pod: &str) {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
-    if !e2e("a_pod_of_two_containers_shares_one_vm_and_its_namespaces") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-a", logs.path());
@@ -183,10 +182,9 @@ fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn share_process_namespace_puts_every_container_under_the_pause_process() {
-    if !e2e("share_process_namespace_puts_every_container_under_the_pause_process") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-shared-pid", logs.path());
@@ -208,10 +206,9 @@ fn share_process_namespace_puts_every_container_under_the_pause_process() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn host_namespace_pods_are_refused_by_field_name() {
-    if !e2e("host_namespace_pods_are_refused_by_field_name") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (_ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-hostnet", logs.path());
@@ -229,10 +226,9 @@ fn host_namespace_pods_are_refused_by_field_name() {
 /// only: with every annotation passed through, the pod still boots the
 /// configured kernel with husk's own command line.
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn pod_annotations_cannot_choose_the_kernel_vmm_daemons_or_kernel_arguments() {
-    if !e2e("pod_annotations_cannot_choose_the_kernel_vmm_daemons_or_kernel_arguments") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-annotated", logs.path());
@@ -296,10 +292,9 @@ fn exec_loop(cri: &Cri, id: &str, n: usize) -> Vec<String> {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill() {
-    if !e2e("exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-soak", logs.path());
@@ -398,10 +393,9 @@ fn cri_log_payload(log: &str) -> String {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn pod_lifecycle_logs_stats_updates_and_exec_timeout() {
-    if !e2e("pod_lifecycle_logs_stats_updates_and_exec_timeout") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-life", logs.path());
@@ -536,10 +530,9 @@ fn pod_lifecycle_logs_stats_updates_and_exec_timeout() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
-    if !e2e("a_killed_pod_shim_is_cleaned_up_container_by_container") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-crash", logs.path());
@@ -606,10 +599,9 @@ fn shim_sockets() -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size() {
-    if !e2e("a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let sockets_before = shim_sockets();
@@ -788,10 +780,9 @@ fn host(cmd: &str, args: &[&str]) {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn volumes_read_only_file_and_sub_path_and_host_mounts_made_after_start() {
-    if !e2e("volumes_read_only_file_and_sub_path_and_host_mounts_made_after_start") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     // HostToContainer needs a shared (or slave) source, as for runc: CRI
@@ -900,10 +891,9 @@ fn numbered_lines(log: &Path) -> Vec<u64> {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_containers_output_survives_a_containerd_restart_as_with_runc() {
-    if !e2e("a_containers_output_survives_a_containerd_restart_as_with_runc") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let (mut ctd, cri, logs) = cri_env();
     drop(cri);

@@ -161,10 +161,9 @@ fn leftovers(netns: &Path) -> Option<String> {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_pods_vm_has_its_cni_address_mac_and_routes_and_reaches_pods_host_and_gateway() {
-    if !e2e("a_pods_vm_has_its_cni_address") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), ""));
     let cri = ctd.cri();
@@ -242,10 +241,9 @@ fn a_pods_vm_has_its_cni_address_mac_and_routes_and_reaches_pods_host_and_gatewa
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn with_cni_mtu_1450_full_size_frames_pass_and_50_mib_arrive_intact() {
-    if !e2e("with_cni_mtu_1450_full_size_frames_pass") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1450, false), ""));
     let cri = ctd.cri();
@@ -288,10 +286,9 @@ fn with_cni_mtu_1450_full_size_frames_pass_and_50_mib_arrive_intact() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn dual_stack_pods_talk_over_ipv6() {
-    if !e2e("dual_stack_pods_talk_over_ipv6") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, true), ""));
     let cri = ctd.cri();
@@ -325,10 +322,9 @@ fn dual_stack_pods_talk_over_ipv6() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn after_a_shim_is_killed_delete_leaves_the_pods_netns_as_cni_made_it() {
-    if !e2e("after_a_shim_is_killed_delete_leaves_the_pods_netns") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), ""));
     let cri = ctd.cri();
@@ -362,10 +358,9 @@ fn after_a_shim_is_killed_delete_leaves_the_pods_netns_as_cni_made_it() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_host_port_mapping_through_the_portmap_plugin_reaches_the_vm() {
-    if !e2e("a_host_port_mapping_through_the_portmap_plugin") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let portmap = r#",{"type":"portmap","capabilities":{"portMappings":true}}"#;
     let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), portmap));
@@ -447,10 +442,9 @@ fn forwarded_get(cri: &Cri, pod: &str, port: u16) -> Result<String, String> {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn port_forward_reaches_servers_on_guest_localhost_v4_and_v6_and_on_the_pod_ip() {
-    if !e2e("port_forward_reaches_servers_on_guest_localhost") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start_with_cni(&cni_conflist(&bridge_plugin(1500, false), ""));
     let cri = ctd.cri();

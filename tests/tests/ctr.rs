@@ -9,10 +9,9 @@ use husk_tests::containerd::{assert_clean, Containerd};
 use husk_tests::{e2e, vm_lock};
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {
-    if !e2e("ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
 
@@ -70,10 +69,9 @@ fn ctr_run_prints_the_guest_kernel_returns_exit_codes_and_passes_stdin() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn ctr_task_kill_stops_a_detached_container() {
-    if !e2e("ctr_task_kill_stops_a_detached_container") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let out = ctd.run(&["-d"], "sleeper", &["sleep", "1000"]);
@@ -110,10 +108,9 @@ fn ctr_task_kill_stops_a_detached_container() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
-    if !e2e("a_shim_killed_with_sigkill_is_cleaned_up_by_containerd") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let out = ctd.run(&["-d"], "doomed", &["sleep", "1000"]);

@@ -72,10 +72,9 @@ fn assert_order(topics: &[String], order: &[&str]) {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
-    if !e2e("exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let events = Events::start(&ctd);
@@ -293,10 +292,9 @@ fn exec_pause_resume_ps_metrics_update_and_sigterm_on_a_detached_container() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn output_tty_oom_and_failures_through_ctr_run() {
-    if !e2e("output_tty_oom_and_failures_through_ctr_run") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let events = Events::start(&ctd);
@@ -414,10 +412,9 @@ fn output_tty_oom_and_failures_through_ctr_run() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn five_containers_start_concurrently() {
-    if !e2e("five_containers_start_concurrently") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let children: Vec<_> = (0..5)
@@ -447,10 +444,9 @@ fn five_containers_start_concurrently() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn host_bind_mounts_and_the_config_path_option() {
-    if !e2e("host_bind_mounts_and_the_config_path_option") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let host = tempfile::Builder::new()

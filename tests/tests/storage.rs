@@ -7,10 +7,9 @@ use husk_runtime::storage::{mount_share_root, share_bind_mounts, unmount_all_und
 use husk_tests::e2e;
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
-    if !e2e("read_only_binds_are_read_only_in_the_share_whatever_the_guest_does") {
-        return;
-    }
+    e2e();
     let d = tempfile::Builder::new()
         .prefix("husk-share")
         .tempdir_in("/tmp")
@@ -91,10 +90,9 @@ fn tmpfs(at: &Path) {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_down() {
-    if !e2e("shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_down") {
-        return;
-    }
+    e2e();
     let d = tempfile::Builder::new()
         .prefix("husk-share")
         .tempdir_in("/tmp")
@@ -142,10 +140,9 @@ fn shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_do
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn the_share_root_is_a_capped_tmpfs_read_only_but_while_husk_writes() {
-    if !e2e("the_share_root_is_a_capped_tmpfs_read_only_but_while_husk_writes") {
-        return;
-    }
+    e2e();
     let d = tempfile::Builder::new()
         .prefix("husk-share")
         .tempdir_in("/tmp")

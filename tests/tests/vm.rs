@@ -8,10 +8,9 @@ use husk_runtime::Sandbox;
 use husk_tests::{assert_nothing_left, e2e, initramfs_with_init, vm_lock, TestEnv};
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn boots_answers_health_and_leaves_nothing() {
-    if !e2e("boots_answers_health_and_leaves_nothing") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "ping").expect("boot");
@@ -48,10 +47,9 @@ fn boots_answers_health_and_leaves_nothing() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn dropping_a_sandbox_kills_everything() {
-    if !e2e("dropping_a_sandbox_kills_everything") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "dropped").expect("boot");
@@ -61,10 +59,9 @@ fn dropping_a_sandbox_kills_everything() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn missing_kernel_is_named_and_nothing_starts() {
-    if !e2e("missing_kernel_is_named_and_nothing_starts") {
-        return;
-    }
+    e2e();
     let mut env = TestEnv::new();
     env.config.guest.kernel = Some(env.dir.path().join("no-such-vmlinux"));
     let t = Instant::now();
@@ -81,10 +78,9 @@ fn missing_kernel_is_named_and_nothing_starts() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn corrupt_kernel_fails_fast_with_qemus_reason() {
-    if !e2e("corrupt_kernel_fails_fast_with_qemus_reason") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let mut env = TestEnv::new();
     let junk: Vec<u8> = (0..1_000_000u32)
@@ -110,10 +106,9 @@ fn corrupt_kernel_fails_fast_with_qemus_reason() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn corrupt_initramfs_ends_the_vm_with_the_guest_console() {
-    if !e2e("corrupt_initramfs_ends_the_vm_with_the_guest_console") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let mut env = TestEnv::new();
     env.config.guest.initramfs = Some(env.file("junk.cpio", &vec![0x5a; 64 * 1024]));
@@ -140,10 +135,9 @@ fn corrupt_initramfs_ends_the_vm_with_the_guest_console() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn missing_daemon_binary_is_named() {
-    if !e2e("missing_daemon_binary_is_named") {
-        return;
-    }
+    e2e();
     let mut env = TestEnv::new();
     env.config.vsock.path = "/nonexistent/vhost-device-vsock".into();
     let t = Instant::now();
@@ -163,10 +157,9 @@ fn missing_daemon_binary_is_named() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn agent_that_never_answers_times_out_and_leaves_nothing() {
-    if !e2e("agent_that_never_answers_times_out_and_leaves_nothing") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let mut env = TestEnv::new();
     // A guest whose /init lives but never listens on vsock.
@@ -195,10 +188,9 @@ fn agent_that_never_answers_times_out_and_leaves_nothing() {
 }
 
 #[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
 fn second_sandbox_with_the_same_id_is_refused() {
-    if !e2e("second_sandbox_with_the_same_id_is_refused") {
-        return;
-    }
+    e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
     let sb = Sandbox::boot(&env.config, "twin").expect("boot");

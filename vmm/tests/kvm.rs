@@ -10,19 +10,11 @@ use husk_vmm::control::{ControlSocket, RunState};
 use husk_vmm::vm::{kvm_present, VmConfig};
 use husk_vmm::{Exit, Vm, VmError};
 
-/// Whether to run; without /dev/kvm the tests skip, unless HUSK_E2E=1 (make
-/// test, CI) where a missing KVM is a failure.
-fn kvm_available(test: &str) -> bool {
-    if kvm_present() {
-        return true;
-    }
-    assert_ne!(
-        std::env::var("HUSK_E2E").as_deref(),
-        Ok("1"),
-        "{test}: /dev/kvm is missing"
-    );
-    eprintln!("skipping {test}: no /dev/kvm");
-    false
+/// Called first by each test that needs KVM. They are `#[ignore]`d, so a plain
+/// `cargo test` counts them as skipped; `make test` runs them with
+/// `--include-ignored`, where a missing /dev/kvm fails the test.
+fn kvm_available() {
+    assert!(kvm_present(), "/dev/kvm is missing");
 }
 
 #[derive(Clone, Default)]
@@ -76,10 +68,9 @@ fn run(vm: Vm) -> (Vm, Result<Exit, VmError>) {
 const RESET: &[u8] = &[0xb0, 0xfe, 0xe6, 0x64, 0xf4];
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn a_tiny_guest_prints_on_the_serial_port_and_resets() {
-    if !kvm_available("a_tiny_guest_prints_on_the_serial_port_and_resets") {
-        return;
-    }
+    kvm_available();
     let (mut vm, console) = new_vm(2);
     assert!(vm.vcpu(1).is_some(), "two vCPUs");
     vm.load_long_mode(0, 0x1000, &printer(b"hello from husk-vmm\n", RESET))
@@ -93,10 +84,9 @@ fn a_tiny_guest_prints_on_the_serial_port_and_resets() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn a_guest_that_triple_faults_is_told_apart_from_reset() {
-    if !kvm_available("a_guest_that_triple_faults_is_told_apart_from_reset") {
-        return;
-    }
+    kvm_available();
     // lidt of an empty table, then int3: no handler, double, triple fault.
     let (mut vm, _) = new_vm(1);
     let code = [
@@ -114,10 +104,9 @@ fn a_guest_that_triple_faults_is_told_apart_from_reset() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn bad_memory_sizes_and_vcpu_counts_are_refused_by_name() {
-    if !kvm_available("bad_memory_sizes_and_vcpu_counts_are_refused_by_name") {
-        return;
-    }
+    kvm_available();
     let config = |memory_mib, vcpus| VmConfig {
         memory_mib,
         vcpus,
@@ -134,13 +123,10 @@ fn bad_memory_sizes_and_vcpu_counts_are_refused_by_name() {
 }
 
 /// A 2-vCPU VM with our guest `kernel` (from target/guest) loaded and the
-/// boot vCPU set up; None (skip) without KVM or a guest image outside
-/// `make test`.
-fn boot_guest(test: &str, kernel: &str) -> Option<(Vm, BootEntry)> {
-    if !kvm_available(test) {
-        return None;
-    }
-    let guest = guest_dir()?;
+/// boot vCPU set up.
+fn boot_guest(kernel: &str) -> (Vm, BootEntry) {
+    kvm_available();
+    let guest = guest_dir();
     let (mut vm, _) = new_vm(2);
     let boot = husk_vmm::boot::load(
         &vm.memory().memory,
@@ -152,15 +138,13 @@ fn boot_guest(test: &str, kernel: &str) -> Option<(Vm, BootEntry)> {
     .unwrap_or_else(|e| panic!("load {kernel}: {e}"));
     vm.setup_boot(boot)
         .unwrap_or_else(|e| panic!("boot state for {kernel}: {e}"));
-    Some((vm, boot))
+    (vm, boot)
 }
 
 #[test]
+#[ignore = "needs /dev/kvm and a guest image (make test)"]
 fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
-    let test = "the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state";
-    let Some((vm, boot)) = boot_guest(test, "vmlinux") else {
-        return;
-    };
+    let (vm, boot) = boot_guest("vmlinux");
     let BootEntry::Pvh { entry, start_info } = boot else {
         panic!("vmlinux boots through PVH: {boot:?}");
     };
@@ -178,26 +162,21 @@ fn the_guest_kernel_loads_and_the_boot_vcpu_takes_the_pvh_state() {
     assert_eq!((lapic.regs[0x361] as u8) & 0x7, 0x4, "LINT1 NMI");
 }
 
-/// target/guest, or None (skip) outside `make test`.
-fn guest_dir() -> Option<std::path::PathBuf> {
+/// target/guest, built by `make guest-image`.
+fn guest_dir() -> std::path::PathBuf {
     let guest = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/guest");
-    if guest.join("vmlinux").is_file() && guest.join("bzImage").is_file() {
-        return Some(guest);
-    }
-    assert_ne!(
-        std::env::var("HUSK_E2E").as_deref(),
-        Ok("1"),
-        "make guest-image first"
+    assert!(
+        guest.join("vmlinux").is_file() && guest.join("bzImage").is_file(),
+        "{} has no guest kernel: run `make guest-image`",
+        guest.display()
     );
-    None
+    guest
 }
 
 #[test]
+#[ignore = "needs /dev/kvm and a guest image (make test)"]
 fn the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state() {
-    let test = "the_bzimage_loads_and_the_boot_vcpu_takes_the_64_bit_boot_state";
-    let Some((vm, boot)) = boot_guest(test, "bzImage") else {
-        return;
-    };
+    let (vm, boot) = boot_guest("bzImage");
     let BootEntry::Linux64 { entry, boot_params } = boot else {
         panic!("a bzImage boots through its 64-bit entry: {boot:?}");
     };
@@ -223,10 +202,9 @@ fn chatter(c: u8) -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn the_control_socket_pauses_resumes_and_stops_a_running_guest() {
-    if !kvm_available("the_control_socket_pauses_resumes_and_stops_a_running_guest") {
-        return;
-    }
+    kvm_available();
     let (mut vm, console) = new_vm(2);
     vm.load_long_mode(0, 0x1000, &chatter(b'.')).expect("load");
     let dir = tempfile::tempdir().unwrap();
@@ -270,10 +248,9 @@ fn the_control_socket_pauses_resumes_and_stops_a_running_guest() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn pause_and_shutdown_kick_a_vcpu_that_never_leaves_the_guest() {
-    if !kvm_available("pause_and_shutdown_kick_a_vcpu_that_never_leaves_the_guest") {
-        return;
-    }
+    kvm_available();
     // jmp $: no exit to the VMM unless a signal forces one.
     let (mut vm, _) = new_vm(1);
     vm.load_long_mode(0, 0x1000, &[0xeb, 0xfe]).expect("load");
@@ -310,10 +287,9 @@ fn pause_and_shutdown_kick_a_vcpu_that_never_leaves_the_guest() {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn each_vcpu_gets_its_apic_id_the_hypervisor_bit_and_kvm_signature_leaves() {
-    if !kvm_available("each_vcpu_gets_its_apic_id_the_hypervisor_bit_and_kvm_signature_leaves") {
-        return;
-    }
+    kvm_available();
     let kvm = kvm_ioctls::Kvm::new().expect("open /dev/kvm");
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -380,10 +356,9 @@ fn tiny_bzimage() -> Vec<u8> {
 }
 
 #[test]
+#[ignore = "needs /dev/kvm (make test)"]
 fn the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm() {
-    if !kvm_available("the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm") {
-        return;
-    }
+    kvm_available();
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
     let kernel = dir.path().join("bzImage");
