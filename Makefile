@@ -14,7 +14,7 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl
 	protobuf-compiler containernetworking-plugins iproute2 iptables
 DAEMONS := virtiofsd vhost-device-vsock
 
-.PHONY: all deps build guest-image vmm-static lab install demo test unit lint soak bench clean
+.PHONY: all deps build guest-image vmm-static lab install demo test unit lint fuzz soak bench clean
 
 all: build guest-image
 
@@ -70,8 +70,16 @@ lint:
 unit:
 	$(CARGO) test --workspace
 
-# Everything: lint, unit tests, and end-to-end tests against real guests.
+# Every parser the guest (or containerd's options) feeds, under libFuzzer
+# with sanitizers (cargo fuzz, nightly): FUZZ_SECONDS per target.
+FUZZ_SECONDS ?= 300
+fuzz: deps
+	bash fuzz/run.sh $(FUZZ_SECONDS)
+
+# Everything: lint, unit tests, each fuzz target briefly (30 s), and
+# end-to-end tests against real guests.
 test: build guest-image lint lab
+	bash fuzz/run.sh 30
 	$(CARGO) test --release --workspace -- --include-ignored
 
 # Long fault cases: a 100 MB console flood (about 7 min under TCG).

@@ -224,6 +224,11 @@ pub struct Agent {
     agent: AgentRpc,
     containers: ContainersClient,
     rpc_timeout: Duration,
+    /// Deadline of the calls that make processes in the guest (create,
+    /// start, exec, remove): they mount, fork and exec there, and a guest
+    /// starved of CPU (many pods starting at once) takes far longer for them
+    /// than for a health check.
+    create_timeout: Duration,
     /// The connection's socket, for [`Agent::sever`].
     conn: Arc<UnixStream>,
     /// Replies refused as invalid so far (see [`Agent::invalid_replies`]).
@@ -261,9 +266,17 @@ impl Agent {
             agent: AgentRpc::new(client.clone()),
             containers: ContainersClient::new(client),
             rpc_timeout,
+            create_timeout: rpc_timeout,
             conn,
             invalid: Arc::default(),
         })
+    }
+
+    /// Gives the calls that make processes in the guest `deadline` (the
+    /// others keep the RPC deadline).
+    pub fn with_create_timeout(mut self, deadline: Duration) -> Self {
+        self.create_timeout = deadline.max(self.rpc_timeout);
+        self
     }
 
     /// How many replies were refused as invalid: a guest that keeps lying
@@ -288,6 +301,10 @@ impl Agent {
 
     fn ctx(&self) -> ttrpc::context::Context {
         ttrpc::context::with_duration(self.rpc_timeout)
+    }
+
+    fn create_ctx(&self) -> ttrpc::context::Context {
+        ttrpc::context::with_duration(self.create_timeout)
     }
 
     /// Health check; only SERVING is healthy.
@@ -409,7 +426,7 @@ impl Agent {
         req.network = network.into();
         rpc(
             "CreateContainer",
-            self.containers.create_container(self.ctx(), &req),
+            self.containers.create_container(self.create_ctx(), &req),
         )
         .map(drop)
     }
@@ -419,7 +436,7 @@ impl Agent {
         let req = container_request(container_id);
         let resp = rpc(
             "StartContainer",
-            self.containers.start_container(self.ctx(), &req),
+            self.containers.start_container(self.create_ctx(), &req),
         )?;
         self.checked(validate_pid("StartContainer", resp.pid))
     }
@@ -440,7 +457,7 @@ impl Agent {
         req.stdio = Some(stdio).into();
         let resp = rpc(
             "ExecProcess",
-            self.containers.exec_process(self.ctx(), &req),
+            self.containers.exec_process(self.create_ctx(), &req),
         )?;
         self.checked(validate_pid("ExecProcess", resp.pid))
     }
@@ -585,7 +602,7 @@ impl Agent {
         let req = container_request(container_id);
         rpc(
             "RemoveContainer",
-            self.containers.remove_container(self.ctx(), &req),
+            self.containers.remove_container(self.create_ctx(), &req),
         )
         .map(drop)
     }

@@ -129,6 +129,10 @@ pub struct AgentConfig {
     pub boot_timeout_ms: u64,
     /// Deadline for one RPC.
     pub rpc_timeout_ms: u64,
+    /// Deadline for the RPCs that create, start, exec or remove a guest
+    /// process (mounts, fork and exec in the guest; slow when many pods
+    /// start on few cores).
+    pub create_timeout_ms: u64,
     /// How often a booted sandbox's agent gets a health check.
     pub health_interval_ms: u64,
     /// Deadline for a health check; the VM of an agent that misses it is
@@ -209,8 +213,9 @@ impl Default for VsockConfig {
 impl Default for AgentConfig {
     fn default() -> Self {
         Self {
-            boot_timeout_ms: 30_000,
+            boot_timeout_ms: 60_000,
             rpc_timeout_ms: 5_000,
+            create_timeout_ms: 60_000,
             health_interval_ms: 1_000,
             health_timeout_ms: 3_000,
         }
@@ -224,6 +229,10 @@ impl AgentConfig {
 
     pub fn rpc_timeout(&self) -> Duration {
         Duration::from_millis(self.rpc_timeout_ms)
+    }
+
+    pub fn create_timeout(&self) -> Duration {
+        Duration::from_millis(self.create_timeout_ms)
     }
 
     pub fn health_interval(&self) -> Duration {
@@ -321,12 +330,13 @@ impl Config {
                 return Err(range(key, value.to_string(), "100 to 600000"));
             }
         }
-        if self.agent.rpc_timeout_ms < 10 {
-            return Err(range(
-                "agent.rpc_timeout_ms",
-                self.agent.rpc_timeout_ms.to_string(),
-                "at least 10",
-            ));
+        for (key, value) in [
+            ("agent.rpc_timeout_ms", self.agent.rpc_timeout_ms),
+            ("agent.create_timeout_ms", self.agent.create_timeout_ms),
+        ] {
+            if value < 10 {
+                return Err(range(key, value.to_string(), "at least 10"));
+            }
         }
         if !["namespace", "chroot", "none"].contains(&self.virtiofsd.sandbox.as_str()) {
             return Err(range(

@@ -359,7 +359,9 @@ impl Sandbox {
         };
         let (stream, attempts) = ready.map_err(agent_err)?;
         let connected = Instant::now();
-        let agent = Agent::new(stream, config.agent.rpc_timeout()).map_err(agent_err)?;
+        let agent = Agent::new(stream, config.agent.rpc_timeout())
+            .map_err(agent_err)?
+            .with_create_timeout(config.agent.create_timeout());
         let info = agent.version(spawned.elapsed()).map_err(agent_err)?;
         sb.timings.first_rpc = connected.elapsed();
         agent.check().map_err(agent_err)?;

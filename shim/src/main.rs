@@ -4,10 +4,23 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-mod options;
 mod task;
 
 #[tokio::main]
 async fn main() {
-    containerd_shim::asynchronous::run::<task::HuskShim>("io.containerd.husk.v2", None).await;
+    // No reaper and no subreaper. containerd-shim's reaper answers SIGCHLD
+    // with waitpid(-1), which takes the exit status of every child, the VMM
+    // and the device daemons included, before the runtime's own wait for
+    // them: a VMM that died during boot showed as "waiting for exit: No
+    // child processes" instead of its exit and console (seen with 20 pods
+    // starting at once). husk waits for each child it starts; the pod's
+    // processes live in the guest, so nothing is reparented to the shim that
+    // it should reap, and orphans go to init.
+    let config = containerd_shim::Config {
+        no_reaper: true,
+        no_sub_reaper: true,
+        ..Default::default()
+    };
+    containerd_shim::asynchronous::run::<task::HuskShim>("io.containerd.husk.v2", Some(config))
+        .await;
 }

@@ -36,7 +36,7 @@ use husk_runtime::pod::{
 use husk_runtime::storage::MountSpec;
 use husk_runtime::{error_chain, Config};
 
-use crate::options;
+use containerd_shim_husk_v2::options;
 
 /// File in the bundle holding the shim's ttrpc address.
 const ADDRESS_FILE: &str = "address";

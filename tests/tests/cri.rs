@@ -1008,3 +1008,123 @@ fn a_containers_output_survives_a_containerd_restart_as_with_runc() {
     }
     assert_clean();
 }
+
+/// Pods started at once, as kubelet starts them after a node restart or a
+/// scale-up (`HUSK_CROWD` pods, 20 by default): every pod boots, runs its
+/// container and answers an exec; all are then stopped and removed at once.
+/// No call fails, and no shim, VM process, sandbox directory, mount or pod
+/// cgroup is left.
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn twenty_pods_started_at_once_all_run_then_all_go_away() {
+    e2e();
+    let _vm = vm_lock();
+    let (ctd, _cri, logs) = cri_env();
+    let n: usize = std::env::var("HUSK_CROWD")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    let socket = ctd.dir.path().join("containerd.sock");
+    let parent = format!("/husk-e2e-crowd-{}", std::process::id());
+    let start = |i: usize| -> Result<(String, String), String> {
+        let cri = Cri::connect(&socket);
+        let mut opts = PodOpts::new(&format!("crowd-{i}"), logs.path());
+        opts.cgroup_parent = format!("{parent}/pod{i}");
+        let pod = cri
+            .run_pod(&opts)
+            .map_err(|e| format!("pod {i}: RunPodSandbox: {e}"))?;
+        let c = cri
+            .run_container(
+                &pod,
+                &opts,
+                container("c", IMAGE, &["sleep", "3600"], false),
+            )
+            .map_err(|e| format!("pod {i}: container: {e}"))?;
+        let r = cri
+            .exec_sync(&c, &["echo", &format!("crowd-{i}")], 120)
+            .map_err(|e| format!("pod {i}: ExecSync: {e}"))?;
+        if r.exit_code != 0 || r.stdout.trim() != format!("crowd-{i}") {
+            return Err(format!("pod {i}: exec answered {r:?}"));
+        }
+        Ok((pod, c))
+    };
+    let t = Instant::now();
+    let started: Vec<_> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..n).map(|i| s.spawn(move || start(i))).collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("start thread"))
+            .collect()
+    });
+    let start_time = t.elapsed();
+    let failures: Vec<&String> = started.iter().filter_map(|r| r.as_ref().err()).collect();
+    // Each pod's own cgroup (kubelet's parent, then the pod id), in every
+    // hierarchy this host mounts.
+    let mounts: Vec<std::path::PathBuf> = cgroups_of(std::process::id())
+        .into_iter()
+        .map(|(mount, _)| mount)
+        .collect();
+    let cgroups: Vec<std::path::PathBuf> = started
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| Some((i, &r.as_ref().ok()?.0)))
+        .flat_map(|(i, pod)| {
+            let rel = format!("{}/pod{i}/{pod}", &parent[1..]);
+            mounts.iter().map(move |m| m.join(&rel))
+        })
+        .filter(|p| p.exists())
+        .collect();
+    let (_, vmms) = shims_and_vmms();
+    let running = vmms.len();
+
+    let t = Instant::now();
+    let stopped: Vec<String> = std::thread::scope(|s| {
+        let workers: Vec<_> = started
+            .iter()
+            .filter_map(|r| r.as_ref().ok())
+            .map(|(pod, _)| {
+                let socket = &socket;
+                s.spawn(move || {
+                    let cri = Cri::connect(socket);
+                    cri.stop_pod(pod)
+                        .and_then(|_| cri.remove_pod(pod))
+                        .err()
+                        .map(|e| format!("pod {pod}: stop/remove: {e}"))
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .filter_map(|w| w.join().expect("stop thread"))
+            .collect()
+    });
+    let stop_time = t.elapsed();
+    ctd.cri().remove_all_pods();
+    eprintln!(
+        "crowd: {n} pods started at once in {:.1} s ({running} VMs running), stopped and removed in {:.1} s; {} start and {} stop failures",
+        start_time.as_secs_f64(),
+        stop_time.as_secs_f64(),
+        failures.len(),
+        stopped.len()
+    );
+    assert!(
+        failures.is_empty() && stopped.is_empty(),
+        "failures: {failures:?} {stopped:?}\n--- containerd ---\n{}",
+        ctd.log()
+    );
+    assert_eq!(running, n, "VMs running with {n} pods");
+    assert!(
+        cgroups.len() >= n,
+        "{} pod cgroups found under {parent} for {n} pods",
+        cgroups.len()
+    );
+    assert_clean();
+    let left: Vec<_> = cgroups.iter().filter(|p| p.exists()).collect();
+    assert!(left.is_empty(), "pod cgroups left: {left:?}");
+    for m in &mounts {
+        for i in 0..n {
+            let _ = std::fs::remove_dir(m.join(format!("{}/pod{i}", &parent[1..])));
+        }
+        let _ = std::fs::remove_dir(m.join(&parent[1..]));
+    }
+}

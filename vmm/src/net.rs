@@ -261,21 +261,15 @@ impl NetDevice {
         if self.worker.is_some() {
             return Ok(());
         }
-        let mut rings = Vec::with_capacity(2);
-        for (i, q) in queues.iter().enumerate().take(2) {
-            rings.push(queue_from(q, &self.memory).ok_or(NetError::QueueAddress(i))?);
-        }
-        let [rx, tx]: [Queue; 2] = rings.try_into().map_err(|_| NetError::QueueAddress(2))?;
+        let call = self.call.try_clone().map_err(NetError::EventFd)?;
+        let mut worker = Worker::new(
+            self.memory.clone(),
+            queues,
+            self.tap.clone(),
+            call,
+            self.mtu,
+        )?;
         let clone = |e: &EventFd| e.try_clone().map_err(NetError::EventFd);
-        let mut worker = Worker {
-            mem: self.memory.clone(),
-            rx,
-            tx,
-            tap: self.tap.clone(),
-            call: clone(&self.call)?,
-            max_frame: max_frame(self.mtu),
-            pending: None,
-        };
         let kicks = [clone(&self.kicks[RX])?, clone(&self.kicks[TX])?];
         let stop = clone(&self.stop)?;
         self.worker = Some(
@@ -385,6 +379,33 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// A data path over the driver's receive and transmit `queues` (in that
+    /// order) in `mem`, frames of at most `mtu` plus headers, `call`
+    /// signalled when chains were used. Refuses queues the driver placed
+    /// outside guest memory.
+    pub fn new(
+        mem: GuestMemoryMmap,
+        queues: &[QueueConfig],
+        tap: Arc<File>,
+        call: EventFd,
+        mtu: u16,
+    ) -> Result<Self, NetError> {
+        let mut rings = Vec::with_capacity(2);
+        for (i, q) in queues.iter().enumerate().take(2) {
+            rings.push(queue_from(q, &mem).ok_or(NetError::QueueAddress(i))?);
+        }
+        let [rx, tx]: [Queue; 2] = rings.try_into().map_err(|_| NetError::QueueAddress(2))?;
+        Ok(Self {
+            mem,
+            rx,
+            tx,
+            tap,
+            call,
+            max_frame: max_frame(mtu),
+            pending: None,
+        })
+    }
+
     /// Serves the queues until `stop` is signalled or the guest breaks a
     /// rule.
     fn run(&mut self, kicks: &[EventFd; 2], stop: &EventFd) -> Result<(), NetError> {
@@ -658,15 +679,9 @@ mod tests {
         peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
         let tap = File::from(OwnedFd::from(ours));
-        let worker = Worker {
-            mem: mem.clone(),
-            rx: queue_from(&ring(RX_BASE), &mem).unwrap(),
-            tx: queue_from(&ring(TX_BASE), &mem).unwrap(),
-            tap: Arc::new(tap),
-            call: EventFd::new(EFD_NONBLOCK).unwrap(),
-            max_frame: max_frame(1500),
-            pending: None,
-        };
+        let queues = [ring(RX_BASE), ring(TX_BASE)];
+        let call = EventFd::new(EFD_NONBLOCK).unwrap();
+        let worker = Worker::new(mem.clone(), &queues, Arc::new(tap), call, 1500).unwrap();
         let driver = Driver {
             mem,
             next_desc: [0, 0],
