@@ -541,6 +541,36 @@ fn host_bind_mounts_and_the_config_path_option() {
     );
     assert_clean();
 
+    // A VM that dies while it boots (an initramfs of junk: the guest
+    // panics, panic=-1 ends QEMU). Through the shim the error carries the
+    // VM's exit and the guest's console, not a lost exit status (the shim
+    // once let containerd-shim's reaper take it: "No child processes").
+    let junk = host.path().join("junk.cpio");
+    std::fs::write(&junk, vec![0x5a; 64 * 1024]).expect("write junk");
+    let dying = host.path().join("dying.toml");
+    std::fs::write(
+        &dying,
+        format!(
+            "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
+            guest.join("vmlinux").display(),
+            junk.display()
+        ),
+    )
+    .expect("write config");
+    let out = ctd.run(
+        &["--rm", "--runtime-config-path", dying.to_str().expect("utf-8")],
+        "dying",
+        &["true"],
+    );
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("Kernel panic") && !err.contains("No child processes"),
+        "{err}"
+    );
+    let _ = ctd.ctr(&["container", "rm", "dying"]);
+    assert_clean();
+
     let out = ctd.run(
         &["--rm", "--runtime-config-path", "/nonexistent/husk.toml"],
         "badcfg",
