@@ -558,7 +558,11 @@ fn host_bind_mounts_and_the_config_path_option() {
     )
     .expect("write config");
     let out = ctd.run(
-        &["--rm", "--runtime-config-path", dying.to_str().expect("utf-8")],
+        &[
+            "--rm",
+            "--runtime-config-path",
+            dying.to_str().expect("utf-8"),
+        ],
         "dying",
         &["true"],
     );
