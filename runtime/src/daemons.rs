@@ -5,7 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::process::{Confine, Process, ProcessError};
+use crate::jail::{Jail, JailError};
+use crate::process::{find_binary, Confine, Process, ProcessError};
 
 /// Guest CID. Each sandbox has its own vsock device, so all can use 3.
 pub const GUEST_CID: u32 = 3;
@@ -14,6 +15,8 @@ pub const GUEST_CID: u32 = 3;
 pub enum DaemonError {
     #[error(transparent)]
     Process(#[from] ProcessError),
+    #[error("vhost-device-vsock's jail")]
+    Jail(#[source] JailError),
     #[error("{name} exited ({status}) before listening on {socket}; its log says:\n{log}")]
     Died {
         name: &'static str,
@@ -43,6 +46,10 @@ pub struct DaemonPaths {
     pub agent_socket: PathBuf,
     /// Directory for the daemons' logs.
     pub log_dir: PathBuf,
+    /// The directory the sockets are in (the jailed daemon's writable one).
+    pub sockets: PathBuf,
+    /// An empty directory for vhost-device-vsock's jail root.
+    pub vsock_jail: PathBuf,
 }
 
 /// Starts virtiofsd and vhost-device-vsock and waits until both listen.
@@ -68,7 +75,16 @@ pub fn start(
     )?;
     // virtiofsd confines itself (its sandbox mode and seccomp filter) and
     // needs root's file capabilities to serve the guest's files;
-    // vhost-device-vsock needs none.
+    // vhost-device-vsock needs none, and sees only its sockets' directory
+    // (and the system's programs).
+    let jail = Jail::create(&paths.vsock_jail)
+        .and_then(|j| match find_binary(&config.vsock.path) {
+            Some(bin) => j.program(&bin),
+            // Not found: the spawn below says so.
+            None => Ok(j),
+        })
+        .and_then(|j| j.writable(&paths.sockets))
+        .map_err(DaemonError::Jail)?;
     let vsock = Process::spawn_confined(
         "vhost-device-vsock",
         &config.vsock.path,
@@ -83,6 +99,7 @@ pub fn start(
         &paths.log_dir.join("vhost-device-vsock.log"),
         &[],
         Confine::UNPRIVILEGED,
+        Some(jail),
     )?;
     let mut procs = vec![fs, vsock];
     let waits: [(usize, &Path); 3] = [

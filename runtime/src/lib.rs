@@ -13,6 +13,7 @@ pub mod confinement;
 pub mod daemons;
 pub mod host;
 pub mod hypervisor;
+pub mod jail;
 pub mod monitor;
 pub mod network;
 pub mod paths;

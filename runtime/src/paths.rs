@@ -38,19 +38,30 @@ impl SandboxPaths {
         self.root.join("shared")
     }
 
+    /// The directory of the sandbox's sockets: the one place the jailed
+    /// daemons and VMM may write to.
+    pub fn sockets(&self) -> PathBuf {
+        self.root.join("sock")
+    }
+
+    /// The (empty) root directory of process `name`'s jail.
+    pub fn jail(&self, name: &str) -> PathBuf {
+        self.root.join("jail").join(name)
+    }
+
     /// virtiofsd's vhost-user socket.
     pub fn fs_socket(&self) -> PathBuf {
-        self.root.join("fs.sock")
+        self.sockets().join("fs.sock")
     }
 
     /// vhost-device-vsock's vhost-user socket.
     pub fn vsock_socket(&self) -> PathBuf {
-        self.root.join("vsock.sock")
+        self.sockets().join("vsock.sock")
     }
 
     /// The hybrid vsock socket the host reaches the agent through.
     pub fn agent_socket(&self) -> PathBuf {
-        self.root.join("agent.sock")
+        self.sockets().join("agent.sock")
     }
 
     pub fn console_log(&self) -> PathBuf {
@@ -63,7 +74,7 @@ impl SandboxPaths {
 
     /// The VMM's control socket.
     pub fn control_socket(&self) -> PathBuf {
-        self.root.join("vmm.sock")
+        self.sockets().join("vmm.sock")
     }
 
     /// Container `id`'s paths in this sandbox.
@@ -162,17 +173,20 @@ mod tests {
     #[test]
     fn every_path_stays_under_the_sandbox_directory() {
         let sb = SandboxPaths::at("/run/husk/p1");
+        for p in [sb.shared(), sb.console_log(), sb.vmm_log(), sb.sockets()] {
+            assert_eq!(p.parent(), Some(Path::new("/run/husk/p1")), "{p:?}");
+        }
+        // The sockets, and nothing else, in the directory the jails may
+        // write to.
         for p in [
-            sb.shared(),
             sb.fs_socket(),
             sb.vsock_socket(),
             sb.agent_socket(),
-            sb.console_log(),
-            sb.vmm_log(),
             sb.control_socket(),
         ] {
-            assert_eq!(p.parent(), Some(Path::new("/run/husk/p1")), "{p:?}");
+            assert_eq!(p.parent(), Some(sb.sockets().as_path()), "{p:?}");
         }
+        assert_eq!(sb.jail("vsock"), Path::new("/run/husk/p1/jail/vsock"));
         let c = sb.container("c1");
         assert_eq!(
             c.rootfs_shared(),

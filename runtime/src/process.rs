@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
+use crate::jail::Jail;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
     #[error("{name}: binary {path} not found; install it or set its path in the husk config")]
@@ -235,7 +237,7 @@ impl Process {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        Self::spawn_confined(name, program, args, log, fds, Confine::NONE)
+        Self::spawn_confined(name, program, args, log, fds, Confine::NONE, None)
     }
 
     /// As [`Process::spawn_with_fds`], under `confine`.
@@ -246,6 +248,7 @@ impl Process {
         log: &Path,
         fds: &[RawFd],
         confine: Confine,
+        jail: Option<Jail>,
     ) -> Result<Self, ProcessError>
     where
         I: IntoIterator<Item = S>,
@@ -290,8 +293,10 @@ impl Process {
             .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec; it
         // allocates nothing and calls only prctl(2), fcntl(2), dup2(2),
-        // setrlimit(2) and capget/capset(2), which are async-signal-safe,
-        // on descriptors the caller keeps open across the spawn.
+        // setrlimit(2), capget/capset(2) and the jail's unshare, mount,
+        // mkdir, open, symlink, chdir, pivot_root and chroot, which are
+        // async-signal-safe, on descriptors the caller keeps open across
+        // the spawn and strings the jail's plan owns.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
@@ -311,6 +316,9 @@ impl Process {
                     if libc::dup2(*fd, 3 + i as RawFd) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
+                }
+                if let Some(j) = &jail {
+                    j.enter()?;
                 }
                 confine.apply()
             });
@@ -538,6 +546,7 @@ mod tests {
             &log,
             &[],
             Confine::UNPRIVILEGED,
+            None,
         )
         .unwrap();
         assert!(p.wait_timeout(Duration::from_secs(10)).unwrap().is_some());

@@ -256,7 +256,16 @@ impl Sandbox {
             vsock_socket: paths.vsock_socket(),
             agent_socket: paths.agent_socket(),
             log_dir: dir.clone(),
+            sockets: paths.sockets(),
+            vsock_jail: paths.jail("vhost-device-vsock"),
         };
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&daemon_paths.sockets)
+            .map_err(|source| SandboxError::StateDir {
+                dir: daemon_paths.sockets.clone(),
+                source,
+            })?;
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&daemon_paths.shared_dir)
@@ -321,6 +330,7 @@ impl Sandbox {
             &spec.vmm_log,
             &spec.inherited_fds(),
             Confine::VMM,
+            None,
         )?);
         // The console's end of file is the VMM's exit.
         drop(pipe_ends);

@@ -181,6 +181,34 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             );
         }
     }
+    // vhost-device-vsock lives in a jail: a mount namespace of its own
+    // whose root holds the system's programs and the sandbox's sockets,
+    // and nothing else of the host (no /etc, no share, no other pod).
+    let vsock = lines
+        .iter()
+        .find(|l| l.contains(" vhost-device-vs: "))
+        .expect("vsock listed");
+    assert!(vsock.contains("mount ns own"), "{vsock}");
+    let pid: u32 = vsock
+        .split(" pid ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {vsock}"));
+    let root = Path::new("/proc").join(pid.to_string()).join("root");
+    let sandbox = Path::new("/run/husk").join(id);
+    let seen = |p: &Path| root.join(p.strip_prefix("/").expect("absolute")).exists();
+    assert!(seen(&sandbox.join("sock/agent.sock")), "its sockets");
+    assert!(seen(Path::new("/usr/bin")), "the system's programs");
+    for hidden in [
+        sandbox.join("shared"),
+        sandbox.join("console.log"),
+        Path::new("/etc/passwd").to_path_buf(),
+        Path::new("/root").to_path_buf(),
+        Path::new("/proc/1").to_path_buf(),
+    ] {
+        assert!(!seen(&hidden), "{} visible in its jail", hidden.display());
+    }
     ok(
         &ctd,
         "ctr task kill",
