@@ -316,9 +316,10 @@ measure() {
             /proc/$pid/smaps > /tmp/mem 2>/dev/null
         grep -q "LAB: mem" /tmp/mem && { cat /tmp/mem; measured=1; break; }
     done
-    # The runtime gives each husk-vmm its control socket in the sandbox dir.
-    for sock in /run/husk/*/vmm.sock; do
-        [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $sock)) -> $(husk-vmm ctl $sock status 2>&1)"
+    # The runtime gives each husk-vmm its control socket in the sandbox's
+    # socket dir.
+    for sock in /run/husk/*/sock/vmm.sock; do
+        [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $(dirname $sock))) -> $(husk-vmm ctl $sock status 2>&1)"
     done
     wait $sleeper
     [ -n "$measured" ] || {

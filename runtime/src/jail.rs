@@ -49,6 +49,9 @@ pub struct Jail {
     tmpfs: CString,
     options: CString,
     ops: Vec<Op>,
+    /// What is bound so far (resolved host path, flags), so that a path
+    /// already visible through a bind is not bound again.
+    bound: Vec<(PathBuf, libc::c_ulong)>,
 }
 
 /// Why a jail could not be planned.
@@ -90,6 +93,7 @@ impl Jail {
             tmpfs: CString::from(c"tmpfs"),
             options: CString::from(c"size=64k,nr_inodes=256,mode=0755"),
             ops: Vec::new(),
+            bound: Vec::new(),
         };
         for dir in SYSTEM_DIRS {
             let p = Path::new(dir);
@@ -126,11 +130,8 @@ impl Jail {
         Self::new(root)
     }
 
-    /// Program `path`, read-only, unless a system directory brings it.
+    /// Program `path`, read-only (a system directory usually brings it).
     pub fn program(self, path: &Path) -> Result<Self, JailError> {
-        if SYSTEM_DIRS.iter().any(|d| path.starts_with(d)) {
-            return Ok(self);
-        }
         self.read_only(path)
     }
 
@@ -167,10 +168,19 @@ impl Jail {
         if !path.is_absolute() {
             return Err(JailError::Relative(path.to_path_buf()));
         }
-        let meta = std::fs::metadata(path).map_err(|source| JailError::Missing {
+        let missing = |source| JailError::Missing {
             path: path.to_path_buf(),
             source,
-        })?;
+        };
+        let meta = std::fs::metadata(path).map_err(missing)?;
+        let real = std::fs::canonicalize(path).map_err(missing)?;
+        if self
+            .bound
+            .iter()
+            .any(|(b, f)| real.starts_with(b) && *f == flags | libc::MS_NOSUID)
+        {
+            return Ok(());
+        }
         let mut parents: Vec<&Path> = path.ancestors().skip(1).collect();
         parents.reverse();
         for p in parents.into_iter().filter(|p| *p != Path::new("/")) {
@@ -190,6 +200,7 @@ impl Jail {
             at,
             flags: flags | libc::MS_NOSUID,
         });
+        self.bound.push((real, flags | libc::MS_NOSUID));
         Ok(())
     }
 
@@ -333,6 +344,15 @@ mod tests {
             .position(|op| matches!(op, Op::Bind { at, .. } if at.to_string_lossy() == want))
             .unwrap();
         assert!(first_dir < bind);
+    }
+
+    #[test]
+    fn a_path_a_system_directory_already_shows_is_not_bound_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Jail::new(&dir.path().join("j")).unwrap();
+        let before = targets(&j).len();
+        let j = j.program(Path::new("/usr/bin/env")).unwrap();
+        assert_eq!(targets(&j).len(), before, "{:?}", targets(&j));
     }
 
     #[test]

@@ -51,6 +51,8 @@ pub enum SandboxError {
     InvalidId(String),
     #[error("sandbox {id} already exists at {dir}; stop it first or remove the stale directory")]
     Exists { id: String, dir: PathBuf },
+    #[error("the VMM's jail")]
+    Jail(#[source] crate::jail::JailError),
     #[error("creating sandbox directory {dir}")]
     StateDir {
         dir: PathBuf,
@@ -323,6 +325,9 @@ impl Sandbox {
         };
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
+        let jail = hv
+            .jail(&spec, &paths.jail(name))
+            .map_err(SandboxError::Jail)?;
         sb.vmm = Some(Process::spawn_confined(
             name,
             &binary,
@@ -330,7 +335,7 @@ impl Sandbox {
             &spec.vmm_log,
             &spec.inherited_fds(),
             Confine::VMM,
-            None,
+            jail,
         )?);
         // The console's end of file is the VMM's exit.
         drop(pipe_ends);

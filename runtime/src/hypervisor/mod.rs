@@ -5,7 +5,9 @@ mod qemu;
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use crate::jail::{Jail, JailError};
 
 pub use husk_vmm::HuskVmm;
 pub use qemu::Qemu;
@@ -100,5 +102,11 @@ pub trait Hypervisor: Send {
     /// (it cannot bound a log file itself) rather than to the file.
     fn console_through_pipe(&self) -> bool {
         false
+    }
+
+    /// The jail (see [`crate::jail`]) the VMM runs in, rooted at `root`, an
+    /// empty directory it makes; None runs it in the host's mounts.
+    fn jail(&self, _spec: &VmSpec, _root: &Path) -> Result<Option<Jail>, JailError> {
+        Ok(None)
     }
 }

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 
 use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
 use crate::host::ResolvedAccel;
+use crate::jail::{Jail, JailError};
+use crate::process::find_binary;
 
 /// QEMU microvm with vhost-user-fs and vhost-user-vsock devices.
 pub struct Qemu {
@@ -64,11 +66,21 @@ impl Qemu {
         // QEMU's own seccomp filter: no spawning, no privilege changes.
         push("-sandbox");
         push("on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny");
-        push("-serial");
         match spec.console_pipe {
-            // /proc, not /dev/fd: a minimal host may lack the /dev/fd link.
-            Some(_) => push(&format!("file:/proc/self/fd/{}", spec.console_fd())),
-            None => args.push(prefixed("file:", &spec.console_log)),
+            // The pipe as QEMU's own fd set: no /proc or /dev/fd needed (its
+            // jail has neither); append, as a pipe cannot be truncated.
+            Some(_) => {
+                push("-add-fd");
+                push(&format!("fd={},set=1", spec.console_fd()));
+                push("-chardev");
+                push("file,id=console,path=/dev/fdset/1,append=on");
+                push("-serial");
+                push("chardev:console");
+            }
+            None => {
+                push("-serial");
+                args.push(prefixed("file:", &spec.console_log));
+            }
         }
         args.push("-kernel".into());
         args.push(spec.kernel.clone().into());
@@ -132,6 +144,29 @@ impl Hypervisor for Qemu {
     /// output instead.
     fn console_through_pipe(&self) -> bool {
         true
+    }
+
+    /// QEMU opens its binary's libraries and firmware (the system's
+    /// directories), the kernel and initramfs, the sockets of the device
+    /// daemons, and /dev/kvm when it accelerates; taps and the console
+    /// come as descriptors.
+    fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
+        let mut jail = Jail::create(root)?
+            .read_only(&spec.kernel)?
+            .read_only(&spec.initramfs)?;
+        // Not found: the spawn says so.
+        if let Some(binary) = find_binary(&self.binary) {
+            jail = jail.program(&binary)?;
+        }
+        for socket in [&spec.fs_socket, &spec.vsock_socket] {
+            if let Some(dir) = socket.parent() {
+                jail = jail.writable(dir)?;
+            }
+        }
+        if self.accel == ResolvedAccel::Kvm {
+            jail = jail.device(Path::new("/dev/kvm"))?;
+        }
+        Ok(Some(jail))
     }
 }
 
@@ -231,8 +266,10 @@ mod tests {
         s.console_pipe = Some(41);
         assert_eq!(s.inherited_fds(), [40, 41]);
         let args = q.args(&s);
+        let i = args.iter().position(|a| a == "-add-fd").unwrap();
+        assert_eq!(args[i + 1], "fd=4,set=1");
         let i = args.iter().position(|a| a == "-serial").unwrap();
-        assert_eq!(args[i + 1], "file:/proc/self/fd/4");
+        assert_eq!(args[i + 1], "chardev:console");
         assert!(!args.iter().any(|a| a == "file:/s/console.log"));
     }
 
