@@ -4,7 +4,9 @@
 
 #![no_main]
 
-use husk_vmm::virtio_mmio::{Action, MmioTransport, VirtioDevice, F_VERSION_1, MAGIC, WINDOW};
+use husk_vmm::virtio_mmio::{
+    read_config_bytes, Action, MmioTransport, VirtioDevice, F_VERSION_1, MAGIC, WINDOW,
+};
 use libfuzzer_sys::fuzz_target;
 
 struct Device {
@@ -22,13 +24,7 @@ impl VirtioDevice for Device {
         &[256, 256]
     }
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        read_config_bytes(&self.config, offset, data);
     }
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         for (i, b) in data.iter().enumerate() {

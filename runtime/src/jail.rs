@@ -185,7 +185,11 @@ impl Jail {
         parents.reverse();
         for p in parents.into_iter().filter(|p| *p != Path::new("/")) {
             let at = self.inside(p)?;
-            if !self.ops.iter().any(|op| matches!(op, Op::Dir(d) if *d == at)) {
+            if !self
+                .ops
+                .iter()
+                .any(|op| matches!(op, Op::Dir(d) if *d == at))
+            {
                 self.ops.push(Op::Dir(at));
             }
         }
@@ -282,7 +286,11 @@ impl Jail {
                 null,
                 self.root.as_ptr(),
                 null,
-                libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                libc::MS_REMOUNT
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
                 std::ptr::null(),
             ))?;
             check(libc::chdir(self.root.as_ptr()))?;

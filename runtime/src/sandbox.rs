@@ -261,20 +261,15 @@ impl Sandbox {
             sockets: paths.sockets(),
             vsock_jail: paths.jail("vhost-device-vsock"),
         };
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&daemon_paths.sockets)
-            .map_err(|source| SandboxError::StateDir {
-                dir: daemon_paths.sockets.clone(),
-                source,
-            })?;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&daemon_paths.shared_dir)
-            .map_err(|source| SandboxError::StateDir {
-                dir: daemon_paths.shared_dir.clone(),
-                source,
-            })?;
+        for d in [&daemon_paths.sockets, &daemon_paths.shared_dir] {
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(d)
+                .map_err(|source| SandboxError::StateDir {
+                    dir: d.clone(),
+                    source,
+                })?;
+        }
         storage::mount_share_root(&daemon_paths.shared_dir).map_err(SandboxError::Share)?;
 
         let t = Instant::now();

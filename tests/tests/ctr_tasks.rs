@@ -4,6 +4,7 @@
 //! errors users see for bad input. Events are checked in containerd's order.
 
 use std::io::{BufRead, Write};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
@@ -511,21 +512,23 @@ fn host_bind_mounts_and_the_config_path_option() {
     // ConfigPath (ctr --runtime-config-path): a per-container husk config.
     let config = host.path().join("husk.toml");
     let guest = husk_tests::guest_dir();
-    std::fs::write(
+    // A husk config at `path` with the guest image's kernel, `initramfs`
+    // and `more` lines; a `ctr run --rm` of `cmd` as `id` with it.
+    let run_with = |path: &Path, initramfs: &Path, more: &str, id: &str, cmd: &[&str]| {
+        let kernel = guest.join("vmlinux");
+        let text = format!(
+            "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n{more}",
+            kernel.display(),
+            initramfs.display()
+        );
+        std::fs::write(path, text).expect("write config");
+        let p = path.to_str().expect("utf-8");
+        ctd.run(&["--rm", "--runtime-config-path", p], id, cmd)
+    };
+    let out = run_with(
         &config,
-        format!(
-            "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\nmemory_mib = 200\n",
-            guest.join("vmlinux").display(),
-            guest.join("initramfs.cpio").display()
-        ),
-    )
-    .expect("write config");
-    let out = ctd.run(
-        &[
-            "--rm",
-            "--runtime-config-path",
-            config.to_str().expect("utf-8"),
-        ],
+        &guest.join("initramfs.cpio"),
+        "memory_mib = 200\n",
         "small",
         &["grep", "MemTotal", "/proc/meminfo"],
     );
@@ -547,22 +550,10 @@ fn host_bind_mounts_and_the_config_path_option() {
     // once let containerd-shim's reaper take it: "No child processes").
     let junk = host.path().join("junk.cpio");
     std::fs::write(&junk, vec![0x5a; 64 * 1024]).expect("write junk");
-    let dying = host.path().join("dying.toml");
-    std::fs::write(
-        &dying,
-        format!(
-            "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\n",
-            guest.join("vmlinux").display(),
-            junk.display()
-        ),
-    )
-    .expect("write config");
-    let out = ctd.run(
-        &[
-            "--rm",
-            "--runtime-config-path",
-            dying.to_str().expect("utf-8"),
-        ],
+    let out = run_with(
+        &host.path().join("dying.toml"),
+        &junk,
+        "",
         "dying",
         &["true"],
     );

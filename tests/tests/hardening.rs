@@ -215,7 +215,10 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             .unwrap_or_else(|| panic!("no pid in {line}"));
         let root = Path::new("/proc").join(pid.to_string()).join("root");
         let seen = |p: &Path| root.join(p.strip_prefix("/").expect("absolute")).exists();
-        assert!(seen(&sandbox.join("sock/agent.sock")), "{name}: its sockets");
+        assert!(
+            seen(&sandbox.join("sock/agent.sock")),
+            "{name}: its sockets"
+        );
         assert!(seen(Path::new("/usr/bin")), "{name}: the system's programs");
         for hidden in [
             sandbox.join("shared"),
@@ -224,7 +227,11 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             Path::new("/root").to_path_buf(),
             Path::new("/proc/1").to_path_buf(),
         ] {
-            assert!(!seen(&hidden), "{} visible in {name}'s jail", hidden.display());
+            assert!(
+                !seen(&hidden),
+                "{} visible in {name}'s jail",
+                hidden.display()
+            );
         }
     }
     ok(

@@ -325,14 +325,7 @@ impl VirtioDevice for NetDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let c = self.config();
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| c.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio_mmio::read_config_bytes(&self.config(), offset, data);
     }
 
     /// The MAC is the host's to give (the CNI link's); the driver's writes

@@ -246,13 +246,7 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        for (i, b) in data.iter_mut().enumerate() {
-            *b = usize::try_from(offset)
-                .ok()
-                .and_then(|o| self.config.get(o + i))
-                .copied()
-                .unwrap_or(0);
-        }
+        crate::virtio_mmio::read_config_bytes(&self.config, offset, data);
     }
 
     /// Both devices' config spaces are read-only for the driver.

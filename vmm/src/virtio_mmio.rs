@@ -69,6 +69,18 @@ pub trait VirtioDevice {
     fn write_config(&mut self, offset: u64, data: &[u8]);
 }
 
+/// Reads `data.len()` bytes of a device's config space `config` from
+/// `offset`; bytes past its end read as zero (a driver may probe any width).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        *b = usize::try_from(offset)
+            .ok()
+            .and_then(|o| config.get(o.checked_add(i)?))
+            .copied()
+            .unwrap_or(0);
+    }
+}
+
 /// One queue as the driver configured it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueueConfig {
