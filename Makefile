@@ -80,7 +80,7 @@ fuzz: deps
 # end-to-end tests against real guests.
 test: build guest-image lint lab
 	bash fuzz/run.sh 30
-	$(CARGO) test --release --workspace -- --include-ignored
+	$(CARGO) test --release --workspace --no-fail-fast -- --include-ignored
 
 # Long fault cases: a 100 MB console flood (about 7 min under TCG).
 soak: build guest-image

@@ -98,7 +98,7 @@ pub fn start(
         ],
         &paths.log_dir.join("vhost-device-vsock.log"),
         &[],
-        Confine::UNPRIVILEGED,
+        Confine::VSOCK_DAEMON,
         Some(jail),
     )?;
     let mut procs = vec![fs, vsock];

@@ -21,6 +21,7 @@ pub mod pod;
 pub mod portforward;
 pub mod process;
 pub mod sandbox;
+pub mod seccomp;
 pub mod spec;
 pub mod storage;
 

@@ -16,6 +16,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::jail::Jail;
+use crate::seccomp::Filter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -55,6 +56,9 @@ pub struct Confine {
     pub max_files: Option<u64>,
     /// RLIMIT_FSIZE, in bytes: no file it writes grows past this.
     pub max_file_size: Option<u64>,
+    /// The only system calls it may make; any other kills it (see
+    /// [`crate::seccomp`]). Needs `no_capabilities` (no_new_privs).
+    pub seccomp: Option<&'static crate::seccomp::Allow>,
 }
 
 impl Confine {
@@ -63,6 +67,7 @@ impl Confine {
         no_capabilities: false,
         max_files: None,
         max_file_size: None,
+        seccomp: None,
     };
 
     /// A device daemon that needs no privilege: descriptors it is given,
@@ -71,6 +76,13 @@ impl Confine {
         no_capabilities: true,
         max_files: Some(4096),
         max_file_size: Some(64 << 20),
+        seccomp: None,
+    };
+
+    /// vhost-device-vsock: unprivileged, under husk's own filter.
+    pub const VSOCK_DAEMON: Confine = Confine {
+        seccomp: Some(crate::seccomp::VSOCK_DAEMON),
+        ..Confine::UNPRIVILEGED
     };
 
     /// A VMM: unprivileged as well (/dev/kvm is root's, the taps come as
@@ -285,6 +297,8 @@ impl Process {
             path: log.to_path_buf(),
             source,
         })?;
+        // Built here: the child may not allocate.
+        let filter = confine.seccomp.map(Filter::allow);
         let mut cmd = Command::new(&path);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -320,7 +334,11 @@ impl Process {
                 if let Some(j) = &jail {
                     j.enter()?;
                 }
-                confine.apply()
+                confine.apply()?;
+                match &filter {
+                    Some(f) => f.install(),
+                    None => Ok(()),
+                }
             });
         }
         let child =

@@ -186,7 +186,11 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
     // it serves the guest with.
     for l in &lines {
         assert!(l.contains("seccomp ") && l.contains("capabilities "), "{l}");
-        if l.contains(" virtiofsd: ") || l.contains(" qemu-system-x86: ") {
+        // virtiofsd's and QEMU's own filters, husk's for vhost-device-vsock.
+        if l.contains(" virtiofsd: ")
+            || l.contains(" qemu-system-x86: ")
+            || l.contains(" vhost-device-vs: ")
+        {
             assert!(l.contains("seccomp filter"), "{l}");
         }
         if !l.contains(" virtiofsd: ") {

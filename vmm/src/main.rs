@@ -89,7 +89,7 @@ enum Ctl {
     /// the reply: pause, resume, shutdown or status.
     Ctl {
         /// The socket given to husk-vmm's --api-socket (the runtime uses
-        /// <state_dir>/<sandbox id>/vmm.sock).
+        /// <state_dir>/<sandbox id>/sock/vmm.sock).
         socket: PathBuf,
         /// pause, resume, shutdown or status.
         request: String,
