@@ -10,7 +10,7 @@ AGENT_TARGET := x86_64-unknown-linux-gnu
 AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
 # Build (kernel, static agent), run (QEMU, containerd) and daemon build deps.
 APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev \
-	cpio file gcc libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static \
+	cpio file gcc g++ libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static \
 	protobuf-compiler containernetworking-plugins iproute2 iptables
 DAEMONS := virtiofsd vhost-device-vsock
 
