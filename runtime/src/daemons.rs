@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::Config;
 use crate::jail::{Jail, JailError};
-use crate::process::{find_binary, Confine, Process, ProcessError};
+use crate::process::{Confine, Process, ProcessError};
 
 /// Guest CID. Each sandbox has its own vsock device, so all can use 3.
 pub const GUEST_CID: u32 = 3;
@@ -78,11 +78,6 @@ pub fn start(
     // vhost-device-vsock needs none, and sees only its sockets' directory
     // (and the system's programs).
     let jail = Jail::create(&paths.vsock_jail)
-        .and_then(|j| match find_binary(&config.vsock.path) {
-            Some(bin) => j.program(&bin),
-            // Not found: the spawn below says so.
-            None => Ok(j),
-        })
         .and_then(|j| j.writable(&paths.sockets))
         .map_err(DaemonError::Jail)?;
     let vsock = Process::spawn_confined(

@@ -130,11 +130,6 @@ impl Jail {
         Self::new(root)
     }
 
-    /// Program `path`, read-only (a system directory usually brings it).
-    pub fn program(self, path: &Path) -> Result<Self, JailError> {
-        self.read_only(path)
-    }
-
     /// `path` as the jail's own, read-only.
     pub fn read_only(mut self, path: &Path) -> Result<Self, JailError> {
         self.bind(path, libc::MS_RDONLY | libc::MS_NODEV)?;
@@ -359,7 +354,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Jail::new(&dir.path().join("j")).unwrap();
         let before = targets(&j).len();
-        let j = j.program(Path::new("/usr/bin/env")).unwrap();
+        let j = j.read_only(Path::new("/usr/bin/env")).unwrap();
         assert_eq!(targets(&j).len(), before, "{:?}", targets(&j));
     }
 

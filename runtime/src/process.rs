@@ -36,6 +36,12 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{name}: its jail")]
+    Jail {
+        name: &'static str,
+        #[source]
+        source: crate::jail::JailError,
+    },
     #[error("{name}: waiting for exit")]
     Wait {
         name: &'static str,
@@ -283,6 +289,12 @@ impl Process {
             name,
             path: program.to_path_buf(),
         })?;
+        // The program itself is in its jail (a system directory there
+        // usually shows it already).
+        let jail = jail
+            .map(|j| j.read_only(&path))
+            .transpose()
+            .map_err(|source| ProcessError::Jail { name, source })?;
         let out = File::options()
             .create(true)
             .append(true)

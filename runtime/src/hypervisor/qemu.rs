@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
 use crate::host::ResolvedAccel;
 use crate::jail::{Jail, JailError};
-use crate::process::find_binary;
 
 /// QEMU microvm with vhost-user-fs and vhost-user-vsock devices.
 pub struct Qemu {
@@ -146,18 +145,14 @@ impl Hypervisor for Qemu {
         true
     }
 
-    /// QEMU opens its binary's libraries and firmware (the system's
-    /// directories), the kernel and initramfs, the sockets of the device
+    /// QEMU opens its binary (the spawn adds it) and its libraries and
+    /// firmware (the system's directories), the kernel and initramfs, the sockets of the device
     /// daemons, and /dev/kvm when it accelerates; taps and the console
     /// come as descriptors.
     fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
         let mut jail = Jail::create(root)?
             .read_only(&spec.kernel)?
             .read_only(&spec.initramfs)?;
-        // Not found: the spawn says so.
-        if let Some(binary) = find_binary(&self.binary) {
-            jail = jail.program(&binary)?;
-        }
         for socket in [&spec.fs_socket, &spec.vsock_socket] {
             if let Some(dir) = socket.parent() {
                 jail = jail.writable(dir)?;
