@@ -65,7 +65,7 @@ trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
 mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk,usr/bin,usr/share/qemu}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc ip ping; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc ip ping mkdir cp touch switch_root dmesg; do
     ln -s busybox "$S/bin/$a"
 done
 for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun; do
@@ -125,6 +125,18 @@ printf 'RUNS=%s\n' "$RUNS" > "$S/etc/lab.env"
 cat > "$S/init" <<'INIT'
 #!/bin/sh
 export PATH=/bin:/usr/bin
+# Off the initramfs first: pivot_root (virtiofsd's namespace sandbox,
+# husk's jails) refuses an initramfs root. The files move to a tmpfs and
+# switch_root frees the initramfs; this script then runs again from there.
+if [ ! -e /.tmpfs-root ]; then
+    mkdir -p /newroot
+    mount -t tmpfs -o mode=0755 root /newroot
+    for d in /*; do
+        case $d in /newroot|/proc|/sys|/dev|/run|/tmp) mkdir -p /newroot$d ;; *) cp -a $d /newroot/ ;; esac
+    done
+    touch /newroot/.tmpfs-root
+    exec switch_root /newroot /init
+fi
 mount -t proc proc /proc
 mount -t sysfs sys /sys
 mount -t devtmpfs dev /dev
@@ -316,6 +328,14 @@ measure() {
             /proc/$pid/smaps > /tmp/mem 2>/dev/null
         grep -q "LAB: mem" /tmp/mem && { cat /tmp/mem; measured=1; break; }
     done
+    # What confines the running pod's processes, and husk-vmm's threads
+    # one by one (each has a seccomp filter of its own kind).
+    husk check 2>&1 | sed "s/^/LAB: check: $2: /"
+    if [ -n "$measured" ] && [ "$2" = husk-vmm ]; then
+        for t in /proc/$pid/task/*; do
+            echo "LAB: thread: $(cat $t/comm) seccomp $(awk '/^Seccomp:/ {print $2}' $t/status) filters $(awk '/^Seccomp_filters:/ {print $2}' $t/status)"
+        done
+    fi
     # The runtime gives each husk-vmm its control socket in the sandbox's
     # socket dir.
     for sock in /run/husk/*/sock/vmm.sock; do
@@ -330,6 +350,22 @@ measure() {
 }
 measure /etc/husk/config.toml husk-vmm husk-guest-ram
 measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
+# Every call a seccomp filter refused (or, with --seccomp-log, let through)
+# in the steps above, from the kernel's log: each is a missing entry.
+dmesg | grep "type=1326" | sed 's/.*\(pid=.*\)/LAB: FAIL: seccomp refused: \1/'
+# A husk-vmm thread that makes a call outside its filter kills husk-vmm,
+# with the real guest: the vCPU thread before the guest's first
+# instruction, the virtio-net worker as it starts.
+for kind in vcpu net; do
+    extra=
+    [ $kind = net ] && extra="--net tap=hvtap1,mac=02:00:0a:00:63:03"
+    timeout 60 husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
+        --memory-mib 128 --console /tmp/sec.log --test-seccomp $kind $extra \
+        --cmdline "console=ttyS0 reboot=t panic=-1" 2> /tmp/sec.err
+    echo "LAB: seccomp test: $kind exit $?"
+    sed "s/^/LAB: seccomp test: $kind: /" /tmp/sec.err
+    dmesg | grep "type=1326" | tail -1 | sed "s/.*\(pid=.*\)/LAB: seccomp test: $kind: kernel: \1/"
+done
 echo "LAB: done"
 poweroff -f
 INIT
@@ -485,6 +521,25 @@ running=$(echo "$ticks" | sed -n 's/.*running \([0-9-]*\)$/\1/p')
 [ "$paused" -le 5 ] || fail "control socket: a paused vCPU ran for $paused ticks in 2 s"
 [ "$running" -ge 40 ] || fail "control socket: a resumed vCPU ran for only $running ticks in 2 s"
 echo "lab: control socket: ${ticks#LAB: ctl: }; shutdown exit 0"
+# husk-vmm's threads, each under its own filter, and the filters' test.
+threads=$(grep "LAB: thread: " "$WORK/result" || true)
+[ -n "$threads" ] || fail "husk-vmm's threads were not listed"
+for t in husk-vmm vcpu0 vcpu1 control signals console; do
+    echo "$threads" | grep -q "LAB: thread: $t seccomp 2 filters 1$" || fail "husk-vmm thread $t not under one seccomp filter: $threads"
+done
+echo "$threads" | grep -v "seccomp 2 filters 1$" && fail "a husk-vmm thread without its filter"
+echo "lab: husk-vmm's threads under their filters: $(echo "$threads" | sed 's/LAB: thread: \([^ ]*\) .*/\1/' | tr '\n' ' ')"
+for kind in vcpu net; do
+    # 159: killed by SIGSYS (128 + 31), as the shell reports it.
+    grep -q "LAB: seccomp test: $kind exit 159" "$WORK/result" || fail "husk-vmm's $kind thread made a forbidden call and was not killed: $(grep "seccomp test: $kind" "$WORK/result")"
+    grep -q "LAB: seccomp test: $kind: kernel: .*sig=31 .*syscall=41 " "$WORK/result" || fail "the kernel did not log the $kind thread's kill"
+    grep -m1 "LAB: seccomp test: $kind: kernel:" "$WORK/result" | sed 's/^LAB: /lab: /'
+done
+grep "LAB: check: husk-vmm: " "$WORK/result" | sed 's/^LAB: check: husk-vmm: /lab: husk check (husk-vmm pod): /'
+grep "LAB: check: husk-vmm: .*husk-vmm: seccomp filter, capabilities none, .*mount ns own" "$WORK/result" > /dev/null || fail "husk check does not show husk-vmm filtered, without capabilities, in its own mount namespace"
+for p in vhost-device-vs virtiofsd; do
+    grep "LAB: check: husk-vmm: .* $p: seccomp filter, .*mount ns own" "$WORK/result" > /dev/null || fail "husk check does not show $p filtered in its own mount namespace"
+done
 qmem=$(grep -m1 "LAB: mem: qemu" "$WORK/result" || true)
 [ -n "$qmem" ] || fail "QEMU's memory was not measured"
 echo "lab: ${qmem#LAB: mem: }"

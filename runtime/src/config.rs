@@ -196,7 +196,7 @@ impl Default for VirtiofsdConfig {
     fn default() -> Self {
         Self {
             path: PathBuf::from("virtiofsd"),
-            sandbox: "chroot".into(),
+            sandbox: "namespace".into(),
             cache: "auto".into(),
         }
     }

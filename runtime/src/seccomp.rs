@@ -4,101 +4,11 @@
 //! built in the parent and installed in the child between fork and exec,
 //! after no_new_privs, so it covers exec and everything the program does.
 
-use libc::{c_long, sock_filter};
+#[cfg(test)]
+use libc::c_long;
 
-/// AUDIT_ARCH_X86_64: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-/// Bit 30 marks the x32 ABI's system call numbers; none are allowed.
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
-const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-/// Offsets in struct seccomp_data: the call number, the architecture, and
-/// the low half of the second argument (an ioctl's request).
-const NR: u32 = 0;
-const ARCH: u32 = 4;
-const ARG1_LOW: u32 = 24;
-
-const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-
-fn op(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
-    sock_filter { code, jt, jf, k }
-}
-
-/// What a filtered process may call.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Allow {
-    /// System calls (x86_64 numbers).
-    pub calls: &'static [c_long],
-    /// ioctl requests, when ioctl is not in `calls` (the request is checked,
-    /// so a descriptor the process holds cannot be driven at will).
-    pub ioctls: &'static [u32],
-}
-
-/// A filter that allows what `allow` names and kills the process on any
-/// other call, on any other architecture's entry, and on x32 calls.
-#[derive(Debug, Clone)]
-pub struct Filter {
-    program: Vec<sock_filter>,
-}
-
-impl Filter {
-    pub fn allow(allow: &Allow) -> Self {
-        let mut p = vec![
-            op(BPF_LD_W_ABS, 0, 0, ARCH),
-            op(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
-            op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
-            op(BPF_LD_W_ABS, 0, 0, NR),
-            op(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
-            op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
-        ];
-        for nr in allow.calls {
-            p.push(op(BPF_JEQ_K, 0, 1, *nr as u32));
-            p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
-        }
-        if !allow.ioctls.is_empty() {
-            // Not ioctl: on to the kill at the end; ioctl: its request.
-            let block = 1 + 2 * allow.ioctls.len();
-            p.push(op(BPF_JEQ_K, 0, block as u8, libc::SYS_ioctl as u32));
-            p.push(op(BPF_LD_W_ABS, 0, 0, ARG1_LOW));
-            for req in allow.ioctls {
-                p.push(op(BPF_JEQ_K, 0, 1, *req));
-                p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
-            }
-        }
-        p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS));
-        Self { program: p }
-    }
-
-    /// Installs the filter on the calling thread (and what it execs).
-    ///
-    /// # Safety
-    /// Async-signal-safe (one prctl on memory the filter owns); needs
-    /// no_new_privs or CAP_SYS_ADMIN. Meant for a child between fork and
-    /// exec.
-    pub(crate) unsafe fn install(&self) -> std::io::Result<()> {
-        let prog = libc::sock_fprog {
-            len: self.program.len() as u16,
-            filter: self.program.as_ptr() as *mut sock_filter,
-        };
-        // SAFETY: a sock_fprog pointing at this filter's instructions, which
-        // outlive the call (the kernel copies them).
-        let rc = unsafe {
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const libc::sock_fprog,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
-    }
-}
+// The BPF builder is husk-vmm's (it filters its own threads with it).
+pub use husk_vmm::seccomp::{Allow, Filter};
 
 /// What vhost-device-vsock (0.x from crates.io) calls from exec to exit: the
 /// dynamic loader, its vhost-user and unix socket serving (epoll, eventfd,

@@ -249,6 +249,21 @@ pub fn mount_share_root(dir: &Path) -> Result<(), StorageError> {
         fstype: "tmpfs".into(),
         target: dir.to_path_buf(),
         source,
+    })?;
+    // Shared: virtiofsd's namespace sandbox takes a slave copy of it when
+    // it starts, and the binds husk makes below it later (rootfs, volumes)
+    // must reach that copy.
+    mount(
+        None::<&str>,
+        dir,
+        None::<&str>,
+        MsFlags::MS_SHARED,
+        None::<&str>,
+    )
+    .map_err(|source| StorageError::Mount {
+        fstype: "shared propagation".into(),
+        target: dir.to_path_buf(),
+        source,
     })
 }
 

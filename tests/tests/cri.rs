@@ -1128,3 +1128,93 @@ fn twenty_pods_started_at_once_all_run_then_all_go_away() {
         let _ = std::fs::remove_dir(m.join(&parent[1..]));
     }
 }
+
+/// Mount points in this (the host's) mount namespace.
+fn host_mount_points() -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(str::to_owned)
+        .collect();
+    points.sort();
+    points
+}
+
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn symlinks_a_guest_plants_during_create_and_teardown_move_no_host_mount() {
+    e2e();
+    let _vm = vm_lock();
+    let (ctd, cri, logs) = cri_env();
+    // A host mount outside every sandbox, with a file: what the symlinks
+    // point at.
+    let victim = tempfile::tempdir().expect("victim dir");
+    let v = victim.path().to_str().expect("utf-8 path").to_owned();
+    host(
+        "mount",
+        &["-t", "tmpfs", "-o", "size=1m", "husk-e2e-victim", &v],
+    );
+    std::fs::write(victim.path().join("keep"), "keep\n").expect("victim file");
+    let vol = tempfile::tempdir().expect("volume dir");
+    let before = host_mount_points();
+    let opts = PodOpts::new("pod-planter", logs.path());
+    let pod = start_pod(&ctd, &cri, &opts);
+    let volume = |c: &mut k8s_cri::v1::ContainerConfig| {
+        c.mounts = vec![k8s_cri::v1::Mount {
+            container_path: "/vol".into(),
+            host_path: vol.path().display().to_string(),
+            ..Default::default()
+        }];
+    };
+    // Plants, without a pause, symlinks to the victim, to / and to the
+    // parent directories, in its rootfs and in the volume, at the names
+    // of the directories it replaces.
+    let plant = format!(
+        "while :; do for d in / /vol; do \
+         ln -sfn {v} $d/victim; ln -sfn / $d/root; ln -sfn ../../../.. $d/up; \
+         rm -rf $d/mnt; ln -sfn {v} $d/mnt; done; done"
+    );
+    let mut planter = container("planter", IMAGE, &["sh", "-c", &plant], false);
+    volume(&mut planter);
+    let planter = cri
+        .run_container(&pod, &opts, planter)
+        .unwrap_or_else(|e| panic!("planter: {e}\n{}", ctd.log()));
+    // A second container is created, and started, while it plants: its
+    // rootfs and the same volume are bound beside the planted links.
+    std::thread::sleep(Duration::from_secs(1));
+    let mut second = container("second", IMAGE, &["sleep", "3600"], false);
+    volume(&mut second);
+    let second = cri
+        .run_container(&pod, &opts, second)
+        .unwrap_or_else(|e| panic!("second: {e}\n{}", ctd.log()));
+    let seen = sh(
+        &cri,
+        &second,
+        "readlink /vol/victim; ls /vol/victim/ 2>&1 | head -1",
+    );
+    assert!(seen.starts_with(&format!("{v}\n")), "{seen:?}");
+    assert!(
+        !seen.contains("keep"),
+        "the guest sees the host's file: {seen:?}"
+    );
+    // Torn down while the links keep coming.
+    let still = cri
+        .exec_sync(&planter, &["true"], 30)
+        .expect("exec in the planter");
+    assert_eq!(still.exit_code, 0, "the planter stopped: {still:?}");
+    teardown(&cri, &pod);
+    assert_eq!(
+        host_mount_points(),
+        before,
+        "a mount appeared or went outside the sandbox"
+    );
+    assert_eq!(
+        std::fs::read_to_string(victim.path().join("keep")).expect("the victim's file"),
+        "keep\n"
+    );
+    // The links are the guest's data in its volume, nothing more.
+    let link = std::fs::read_link(vol.path().join("victim")).expect("the planted link");
+    assert_eq!(link, victim.path());
+    host("umount", &[&v]);
+}

@@ -44,13 +44,27 @@ impl ConsoleLog {
     /// Creates (truncates) `path`; at most `limit` bytes stay on disk.
     pub fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
         let file = File::create(path)?;
-        let shared = Arc::new(Shared::default());
-        let mut sink = Sink {
-            path: path.to_path_buf(),
+        Self::start(Sink {
+            path: Some(path.to_path_buf()),
             file,
             written: 0,
             half: (limit / 2).max(1),
-        };
+        })
+    }
+
+    /// Writes into `stream` (a pipe whose reader bounds what it keeps),
+    /// without rotation.
+    pub fn stream(stream: File) -> std::io::Result<Self> {
+        Self::start(Sink {
+            path: None,
+            file: stream,
+            written: 0,
+            half: u64::MAX,
+        })
+    }
+
+    fn start(mut sink: Sink) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared::default());
         // A small stack: it copies bytes and nothing else, and a default
         // 2 MiB stack may be backed by a huge page (2 MiB of PSS).
         let writer = std::thread::Builder::new()
@@ -58,7 +72,10 @@ impl ConsoleLog {
             .stack_size(WRITER_STACK)
             .spawn({
                 let shared = shared.clone();
-                move || sink.run(&shared)
+                move || {
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
+                    sink.run(&shared)
+                }
             })?;
         Ok(Self {
             shared,
@@ -104,9 +121,10 @@ impl Drop for ConsoleLog {
     }
 }
 
-/// The writer thread's end: the file and how full it is.
+/// The writer thread's end: the file (rotated when it has a path) and how
+/// full it is.
 struct Sink {
-    path: PathBuf,
+    path: Option<PathBuf>,
     file: File,
     written: u64,
     half: u64,
@@ -159,10 +177,14 @@ impl Sink {
     }
 
     fn rotate(&mut self) {
-        let mut old = self.path.clone().into_os_string();
+        let Some(path) = &self.path else {
+            self.written = 0;
+            return;
+        };
+        let mut old = path.clone().into_os_string();
         old.push(".1");
-        let _ = std::fs::rename(&self.path, &old);
-        match File::create(&self.path) {
+        let _ = std::fs::rename(path, &old);
+        match File::create(path) {
             Ok(f) => {
                 self.file = f;
                 self.written = 0;

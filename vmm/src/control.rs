@@ -301,6 +301,7 @@ impl ControlSocket {
         std::thread::Builder::new()
             .name("control".into())
             .spawn(move || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Control);
                 for conn in listener.incoming().flatten() {
                     serve_connection(conn, &state);
                 }
@@ -393,6 +394,7 @@ pub fn stop_on_signals(state: Arc<RunState>) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
+            crate::seccomp::enter(crate::seccomp::ThreadKind::Signals);
             let set = stop_signals();
             let mut sig: libc::c_int = 0;
             // SAFETY: a valid set and a place for the signal number.

@@ -18,6 +18,7 @@ pub mod devices;
 pub mod memory;
 pub mod mptable;
 pub mod net;
+pub mod seccomp;
 pub mod vhost_user;
 pub mod virtio_mmio;
 pub mod vm;

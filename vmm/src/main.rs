@@ -6,7 +6,8 @@
 //! virtio-vsock are virtio-mmio devices served by their vhost-user daemons
 //! (virtiofsd, vhost-device-vsock). `--api-socket` opens the control socket
 //! (pause, resume, shutdown, status); `husk-vmm ctl SOCKET REQUEST` is its
-//! client.
+//! client. Every thread runs under the seccomp filter of its kind
+//! ([`husk_vmm::seccomp`]); a call outside it kills the process.
 //!
 //! Exit status: 0 the guest powered off (reset) or the VM was shut down
 //! through the control socket or by SIGTERM/SIGINT, 3 the guest crashed (triple fault, KVM
@@ -24,7 +25,7 @@ use husk_vmm::control::{self, ControlSocket};
 use husk_vmm::net::TapSource;
 use husk_vmm::vhost_user::Kind;
 use husk_vmm::vm::VmConfig;
-use husk_vmm::{boot, Exit, Vm, VmError};
+use husk_vmm::{boot, seccomp, Exit, Vm, VmError};
 
 #[derive(Parser)]
 #[command(
@@ -55,6 +56,11 @@ struct Cli {
     /// File that receives the serial console; standard output if omitted.
     #[arg(long)]
     console: Option<PathBuf>,
+    /// Descriptor (inherited) that receives the serial console instead of
+    /// a file, e.g. a pipe whose reader bounds what it keeps. Not with
+    /// --console.
+    #[arg(long, conflicts_with = "console")]
+    console_fd: Option<std::os::fd::RawFd>,
     /// Most console bytes kept on disk: the file rotates to `<console>.1`
     /// at half of this.
     #[arg(long, default_value_t = husk_vmm::console::DEFAULT_LIMIT)]
@@ -81,6 +87,16 @@ struct Cli {
     /// request per line). Removed when husk-vmm ends.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// A call outside a thread's seccomp filter is logged by the kernel
+    /// (dmesg, audit type 1326) instead of killing husk-vmm: for finding a
+    /// call a filter lacks, never for production.
+    #[arg(long)]
+    seccomp_log: bool,
+    /// Tests the filters: the thread of this kind (vmm, vcpu, control,
+    /// signals, console, net) makes a call none allows once its filter is
+    /// in; husk-vmm must die by SIGSYS.
+    #[arg(long, hide = true)]
+    test_seccomp: Option<husk_vmm::seccomp::ThreadKind>,
 }
 
 #[derive(Subcommand)]
@@ -171,12 +187,27 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
             i.display()
         )));
     }
-    let console: Box<dyn Write + Send> = match &cli.console {
-        Some(p) => Box::new(
+    // Before the first thread: each installs its filter as it starts.
+    seccomp::configure(seccomp::Policy {
+        otherwise: if cli.seccomp_log {
+            seccomp::Action::Log
+        } else {
+            seccomp::Action::Kill
+        },
+        test_kind: cli.test_seccomp,
+    })
+    .map_err(|e| Failure::Vmm(format!("seccomp: {e}")))?;
+    let console: Box<dyn Write + Send> = match (&cli.console, cli.console_fd) {
+        (Some(p), _) => Box::new(
             ConsoleLog::create(p, cli.console_limit)
                 .map_err(|e| Failure::Vmm(format!("console file {}: {e}", p.display())))?,
         ),
-        None => Box::new(std::io::stdout()),
+        (None, Some(fd)) => Box::new(inherited(fd).and_then(ConsoleLog::stream).map_err(|e| {
+            Failure::Vmm(format!(
+                "--console-fd {fd}: {e}; pass the console pipe as that descriptor"
+            ))
+        })?),
+        (None, None) => Box::new(std::io::stdout()),
     };
     let mut api = cli
         .api_socket

@@ -13,6 +13,7 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -199,18 +200,34 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// The device: config space, the tap, and (once active) its worker.
+/// The device: config space, the tap, and its worker thread. The thread
+/// starts with the device (before the guest runs) and waits for the
+/// driver: a vCPU that activates the device hands it the queues, so no
+/// vCPU ever starts a thread (each thread kind has its own seccomp filter,
+/// and a thread would inherit its maker's).
 pub struct NetDevice {
     mac: [u8; 6],
     mtu: u16,
-    tap: Arc<File>,
-    memory: GuestMemoryMmap,
     /// One kick eventfd per queue (ioeventfds on QueueNotify).
     pub kicks: Vec<EventFd>,
     /// The interrupt eventfd (an irqfd on the device's line).
     pub call: EventFd,
     stop: EventFd,
+    /// Queues to serve and the interrupt to signal, to the worker;
+    /// dropped, it ends.
+    jobs: Option<Sender<Job>>,
+    /// The worker's word: one `Started` per job, then one `Ended` for each
+    /// that started.
+    replies: Receiver<Reply>,
+    active: bool,
     worker: Option<JoinHandle<()>>,
+}
+
+type Job = (Vec<QueueConfig>, EventFd);
+
+enum Reply {
+    Started(Result<(), NetError>),
+    Ended,
 }
 
 /// TUNSETVNETHDRSZ and TUNSETOFFLOAD.
@@ -243,54 +260,69 @@ impl NetDevice {
             return Err(tap_err("turn offloads off")(io::Error::last_os_error()));
         }
         set_nonblocking(fd).map_err(tap_err("make it non-blocking"))?;
+        Self::start(tap, mac, mtu, memory)
+    }
+
+    /// The device on a tap that is set up, with its worker thread started.
+    fn start(tap: File, mac: [u8; 6], mtu: u16, memory: GuestMemoryMmap) -> Result<Self, NetError> {
         let efd = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
+        let (kicks, call, stop) = (vec![efd()?, efd()?], efd()?, efd()?);
+        let clone = |e: &EventFd| e.try_clone().map_err(NetError::EventFd);
+        let serve = Serve {
+            memory,
+            tap: Arc::new(tap),
+            kicks: [clone(&kicks[RX])?, clone(&kicks[TX])?],
+            stop: clone(&stop)?,
+            mtu,
+        };
+        let (jobs, job) = std::sync::mpsc::channel();
+        let (reply, replies) = std::sync::mpsc::channel();
+        let worker = std::thread::Builder::new()
+            .name("virtio-net".into())
+            .spawn(move || serve.run(&job, &reply))
+            .map_err(NetError::Worker)?;
         Ok(Self {
             mac,
             mtu,
-            tap: Arc::new(tap),
-            memory,
-            kicks: vec![efd()?, efd()?],
-            call: efd()?,
-            stop: efd()?,
-            worker: None,
+            kicks,
+            call,
+            stop,
+            jobs: Some(jobs),
+            replies,
+            active: false,
+            worker: Some(worker),
         })
     }
 
-    /// Starts the worker on the queues the driver set up.
+    /// Has the worker serve the queues the driver set up.
     pub fn activate(&mut self, _features: u64, queues: &[QueueConfig]) -> Result<(), NetError> {
-        if self.worker.is_some() {
+        if self.active {
             return Ok(());
         }
+        let gone = || NetError::Ring("worker", "the virtio-net thread is gone".into());
+        let jobs = self.jobs.as_ref().ok_or_else(gone)?;
+        // Duplicated here: the worker's filter has no fcntl.
         let call = self.call.try_clone().map_err(NetError::EventFd)?;
-        let mut worker = Worker::new(
-            self.memory.clone(),
-            queues,
-            self.tap.clone(),
-            call,
-            self.mtu,
-        )?;
-        let clone = |e: &EventFd| e.try_clone().map_err(NetError::EventFd);
-        let kicks = [clone(&self.kicks[RX])?, clone(&self.kicks[TX])?];
-        let stop = clone(&self.stop)?;
-        self.worker = Some(
-            std::thread::Builder::new()
-                .name("virtio-net".into())
-                .spawn(move || {
-                    if let Err(e) = worker.run(&kicks, &stop) {
-                        eprintln!("husk-vmm: virtio-net failed: {e}");
-                    }
-                })
-                .map_err(NetError::Worker)?,
-        );
+        jobs.send((queues.to_vec(), call)).map_err(|_| gone())?;
+        match self.replies.recv() {
+            Ok(Reply::Started(r)) => r?,
+            _ => return Err(gone()),
+        }
+        self.active = true;
         Ok(())
     }
 
-    /// Stops the worker (device reset); the queues are dropped.
+    /// Stops serving (device reset); the queues are dropped.
     pub fn deactivate(&mut self) {
-        if let Some(w) = self.worker.take() {
+        if std::mem::take(&mut self.active) {
             let _ = self.stop.write(1);
-            let _ = w.join();
-            let _ = self.stop.read();
+            // Its end: for this stop, or earlier when the guest broke a
+            // rule (the stop is then cleared at the next start).
+            while let Ok(r) = self.replies.recv() {
+                if matches!(r, Reply::Ended) {
+                    break;
+                }
+            }
         }
     }
 
@@ -308,6 +340,50 @@ impl NetDevice {
 impl Drop for NetDevice {
     fn drop(&mut self) {
         self.deactivate();
+        self.jobs = None;
+        if let Some(w) = self.worker.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The worker thread's side: what it serves queues with.
+struct Serve {
+    memory: GuestMemoryMmap,
+    tap: Arc<File>,
+    kicks: [EventFd; 2],
+    stop: EventFd,
+    mtu: u16,
+}
+
+impl Serve {
+    /// Takes jobs until the device goes; each is served until the stop or
+    /// the guest's first broken rule.
+    fn run(self, jobs: &Receiver<Job>, replies: &Sender<Reply>) {
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Net);
+        while let Ok((queues, call)) = jobs.recv() {
+            let worker = Worker::new(
+                self.memory.clone(),
+                &queues,
+                self.tap.clone(),
+                call,
+                self.mtu,
+            );
+            let mut worker = match worker {
+                Ok(w) => w,
+                Err(e) => {
+                    let _ = replies.send(Reply::Started(Err(e)));
+                    continue;
+                }
+            };
+            // A stop left from a run that had ended on its own.
+            let _ = self.stop.read();
+            let _ = replies.send(Reply::Started(Ok(())));
+            if let Err(e) = worker.run(&self.kicks, &self.stop) {
+                eprintln!("husk-vmm: virtio-net failed: {e}");
+            }
+            let _ = replies.send(Reply::Ended);
+        }
     }
 }
 
@@ -839,20 +915,58 @@ mod tests {
         }
     }
 
+    /// A device whose "tap" is a datagram socket (see [`setup`]).
+    fn device(mac: [u8; 6], mtu: u16) -> (NetDevice, GuestMemoryMmap, UnixDatagram) {
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
+        let (ours, peer) = UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let tap = File::from(OwnedFd::from(ours));
+        let dev = NetDevice::start(tap, mac, mtu, mem.clone()).unwrap();
+        (dev, mem, peer)
+    }
+
+    #[test]
+    fn the_worker_serves_from_activation_to_reset_and_again_and_ends_with_the_device() {
+        let (mut dev, mem, peer) = device([2, 0, 0, 0, 0, 1], 1500);
+        // Rings outside guest memory: refused, the device stays inactive.
+        let mut outside = ring(RX_BASE);
+        outside.desc = MEM + 0x1000;
+        let e = dev.activate(0, &[outside, ring(TX_BASE)]).unwrap_err();
+        assert!(matches!(e, NetError::QueueAddress(0)), "{e}");
+        for round in 0..2 {
+            dev.activate(0, &[ring(RX_BASE), ring(TX_BASE)]).unwrap();
+            // A frame the driver queues leaves on the tap, its kick through
+            // the worker's poll.
+            let mut driver = Driver {
+                mem: mem.clone(),
+                next_desc: [0, 0],
+                avail_idx: [0, 0],
+            };
+            let f = frame(60 + round);
+            mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+            driver.chain(TX, &[(BUFS, f.len() as u32, false)]);
+            dev.kicks[TX].write(1).unwrap();
+            let mut got = vec![0u8; 2048];
+            let n = peer.recv(&mut got).expect("the frame on the tap");
+            assert_eq!(&got[..n], &f[..], "round {round}");
+            dev.deactivate();
+            // Reset: the queues start over in guest memory.
+            mem.write_slice(&[0u8; 0x2000], GuestAddress(RX_BASE))
+                .unwrap();
+            mem.write_slice(&[0u8; 0x2000], GuestAddress(TX_BASE))
+                .unwrap();
+        }
+        // The worker holds the tap too: once the device is dropped (it
+        // joins the worker), nothing does.
+        drop(dev);
+        assert!(peer.send(b"x").is_err(), "the worker outlived its device");
+    }
+
     #[test]
     fn config_space_has_mac_link_up_one_pair_and_the_mtu() {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
-        let (a, _b) = UnixDatagram::pair().unwrap();
-        let dev = NetDevice {
-            mac: [2, 0x42, 10, 0, 0, 7],
-            mtu: 1450,
-            tap: Arc::new(File::from(OwnedFd::from(a))),
-            memory: mem.clone(),
-            kicks: Vec::new(),
-            call: EventFd::new(EFD_NONBLOCK).unwrap(),
-            stop: EventFd::new(EFD_NONBLOCK).unwrap(),
-            worker: None,
-        };
+        let (dev, _mem, _peer) = device([2, 0x42, 10, 0, 0, 7], 1450);
         let mut c = [0u8; 12];
         dev.read_config(0, &mut c);
         assert_eq!(c, [2, 0x42, 10, 0, 0, 7, 1, 0, 1, 0, 0xaa, 0x05]);

@@ -513,6 +513,8 @@ impl Vm {
             std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
+                    // Before the guest's first instruction on this vCPU.
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
                     let r = run_loop(index, &mut vcpu, &bus, &mmio, &state);
                     let _ = tx.send(r);
                     // Keep the fd open until the process ends.
@@ -524,6 +526,8 @@ impl Vm {
                 })?;
         }
         drop(tx);
+        // From here this thread only waits and ends the process.
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Vmm);
         let result = rx.recv().unwrap_or(Err(VmError::Vcpus(0)));
         // Guest memory and the VM fd stay mapped for the vCPUs still running.
         std::mem::forget(self);

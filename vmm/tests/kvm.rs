@@ -361,20 +361,11 @@ fn the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm() {
     kvm_available();
     use std::time::{Duration, Instant};
     let dir = tempfile::tempdir().unwrap();
-    let kernel = dir.path().join("bzImage");
-    std::fs::write(&kernel, tiny_bzimage()).unwrap();
     let console = dir.path().join("console");
     let api = dir.path().join("vmm.sock");
     let start = |extra: &[&str]| {
         let _ = std::fs::remove_file(&console);
-        std::process::Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
-            .args(["--kernel", kernel.to_str().unwrap(), "--cmdline", "Zebra"])
-            .args(["--memory-mib", "64", "--console", console.to_str().unwrap()])
-            .args(["--api-socket", api.to_str().unwrap()])
-            .args(extra)
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("start husk-vmm")
+        spawn_vmm(dir.path(), extra)
     };
     let printed = || std::fs::read(&console).map(|c| c.len()).unwrap_or(0);
     let grows = |what: &str| {
@@ -414,6 +405,21 @@ fn the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm() {
     grows("boot");
     let shown = String::from_utf8_lossy(&std::fs::read(&console).unwrap()).into_owned();
     assert!(shown.starts_with("boot:Z\n"), "console: {shown:?}");
+    // Every thread is under a filter of its own (one each), the guest
+    // running: the calls below (pause, resume, SIGTERM) pass them.
+    let threads = seccomp_by_thread(child.id());
+    let names: Vec<&str> = threads.iter().map(|(n, _)| n.as_str()).collect();
+    for want in [
+        "husk-vmm", "vcpu0", "vcpu1", "control", "signals", "console",
+    ] {
+        assert!(names.contains(&want), "no {want} thread in {names:?}");
+    }
+    for (name, status) in &threads {
+        assert!(
+            status.contains("Seccomp:\t2\n") && status.contains("Seccomp_filters:\t1\n"),
+            "thread {name}: {status}"
+        );
+    }
     assert_eq!(ctl("pause"), "ok paused");
     let at_pause = printed();
     std::thread::sleep(Duration::from_millis(300));
@@ -434,4 +440,79 @@ fn the_husk_vmm_binary_boots_a_bzimage_and_obeys_ctl_and_sigterm() {
     let (code, stderr) = finish(child);
     assert_eq!(code, Some(0), "{stderr}");
     assert!(!api.exists(), "the control socket was left behind");
+}
+
+/// Starts the husk-vmm binary on the tiny bzImage (written into `dir`),
+/// console into `dir/console`, control socket `dir/vmm.sock`, stderr piped.
+fn spawn_vmm(dir: &std::path::Path, extra: &[&str]) -> std::process::Child {
+    let kernel = dir.join("bzImage");
+    if !kernel.exists() {
+        std::fs::write(&kernel, tiny_bzimage()).unwrap();
+    }
+    let path = |name: &str| dir.join(name).to_str().unwrap().to_owned();
+    std::process::Command::new(env!("CARGO_BIN_EXE_husk-vmm"))
+        .args(["--kernel", &path("bzImage"), "--cmdline", "Zebra"])
+        .args(["--memory-mib", "64", "--console", &path("console")])
+        .args(["--api-socket", &path("vmm.sock")])
+        .args(extra)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start husk-vmm")
+}
+
+/// Each thread of `pid`: its name and the seccomp lines of its status.
+fn seccomp_by_thread(pid: u32) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let read = |f: &str| std::fs::read_to_string(t.path().join(f)).unwrap_or_default();
+        let status: String = read("status")
+            .lines()
+            .filter(|l| l.starts_with("Seccomp"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        out.push((read("comm").trim().to_owned(), status));
+    }
+    out
+}
+
+#[test]
+#[ignore = "needs /dev/kvm and root for the tap (make test)"]
+fn a_call_outside_its_threads_filter_kills_husk_vmm_whichever_thread_makes_it() {
+    kvm_available();
+    use std::os::unix::process::ExitStatusExt;
+    use std::time::Duration;
+    // The net thread needs a NIC: a tap husk-vmm makes and that goes with it.
+    let net = ["--net", "tap=hkseccomp0,mac=02:00:00:00:00:01"];
+    for kind in ["vmm", "vcpu", "control", "signals", "console", "net"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut extra = vec!["--vcpus", "2", "--test-seccomp", kind];
+        if kind == "net" {
+            extra.extend(net);
+        }
+        let child = spawn_vmm(dir.path(), &extra);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        let out = rx
+            .recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| panic!("{kind}: husk-vmm still runs after its forbidden call"))
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{kind}: {stderr}");
+        assert!(stderr.contains("opens a TCP socket"), "{kind}: {stderr}");
+        assert!(!stderr.contains("was not stopped"), "{kind}: {stderr}");
+    }
+    // Told to log instead, the same call goes through and the VM runs on.
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_vmm(dir.path(), &["--seccomp-log", "--test-seccomp", "vcpu"]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "it ended");
+    child.kill().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("was not stopped"), "{stderr}");
 }

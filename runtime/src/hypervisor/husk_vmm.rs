@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
 use crate::daemons::GUEST_CID;
+use crate::jail::{Jail, JailError};
 
 pub struct HuskVmm {
     binary: PathBuf,
@@ -31,7 +32,10 @@ impl HuskVmm {
         push("--cmdline", &spec.cmdline.clone().into());
         push("--memory-mib", &spec.memory_mib.to_string().into());
         push("--vcpus", &spec.vcpus.to_string().into());
-        push("--console", &spec.console_log.clone().into_os_string());
+        match spec.console_pipe {
+            Some(_) => push("--console-fd", &spec.console_fd().to_string().into()),
+            None => push("--console", &spec.console_log.clone().into_os_string()),
+        }
         push("--vhost-user-fs", &spec.fs_socket.clone().into_os_string());
         push("--fs-tag", &SHARE_TAG.into());
         push(
@@ -72,6 +76,18 @@ impl Hypervisor for HuskVmm {
 
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
         ("husk-vmm", self.binary.clone(), self.args(spec))
+    }
+
+    /// Through a pipe: husk-vmm in its jail has no sandbox directory to
+    /// write a log into (the sandbox caps what reaches the file).
+    fn console_through_pipe(&self) -> bool {
+        true
+    }
+
+    /// It has no seccomp filter of QEMU's kind for the whole process: each
+    /// of its threads installs its own (`husk_vmm::seccomp`).
+    fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
+        super::vmm_jail(spec, root, true).map(Some)
     }
 }
 
@@ -122,5 +138,19 @@ mod tests {
         }
         let i = args.iter().position(|a| a == "--cmdline").unwrap();
         assert_eq!(args[i + 1], "console=ttyS0 reboot=t", "one argument");
+        assert!(joined.contains("--console /c"), "{joined}");
+        // With a console pipe it is the descriptor after the taps.
+        let piped = VmSpec {
+            console_pipe: Some(9),
+            ..spec
+        };
+        let joined = HuskVmm::new(Path::new("husk-vmm"))
+            .args(&piped)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ");
+        assert!(joined.contains("--console-fd 4"), "{joined}");
+        assert!(!joined.contains("--console /c"), "{joined}");
     }
 }

@@ -82,6 +82,26 @@ pub fn mac_string(mac: &[u8]) -> String {
         .join(":")
 }
 
+/// The jail of a VMM process at `root`: the kernel and initramfs
+/// read-only, the directories of the device daemons' sockets and of its
+/// control socket writable (it connects and binds there), and /dev/kvm
+/// when it accelerates. Taps and the console come as descriptors; the
+/// spawn adds the program itself.
+fn vmm_jail(spec: &VmSpec, root: &Path, kvm: bool) -> Result<Jail, JailError> {
+    let mut jail = Jail::create(root)?
+        .read_only(&spec.kernel)?
+        .read_only(&spec.initramfs)?;
+    for socket in [&spec.fs_socket, &spec.vsock_socket, &spec.control_socket] {
+        if let Some(dir) = socket.parent() {
+            jail = jail.writable(dir)?;
+        }
+    }
+    if kvm {
+        jail = jail.device(Path::new("/dev/kvm"))?;
+    }
+    Ok(jail)
+}
+
 /// virtio-fs tag of the pod share; the agent mounts it by this name.
 pub const SHARE_TAG: &str = "husk";
 

@@ -145,23 +145,10 @@ impl Hypervisor for Qemu {
         true
     }
 
-    /// QEMU opens its binary (the spawn adds it) and its libraries and
-    /// firmware (the system's directories), the kernel and initramfs, the sockets of the device
-    /// daemons, and /dev/kvm when it accelerates; taps and the console
-    /// come as descriptors.
+    /// QEMU's libraries and firmware are in the system's directories,
+    /// which every jail has.
     fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
-        let mut jail = Jail::create(root)?
-            .read_only(&spec.kernel)?
-            .read_only(&spec.initramfs)?;
-        for socket in [&spec.fs_socket, &spec.vsock_socket] {
-            if let Some(dir) = socket.parent() {
-                jail = jail.writable(dir)?;
-            }
-        }
-        if self.accel == ResolvedAccel::Kvm {
-            jail = jail.device(Path::new("/dev/kvm"))?;
-        }
-        Ok(Some(jail))
+        super::vmm_jail(spec, root, self.accel == ResolvedAccel::Kvm).map(Some)
     }
 }
 

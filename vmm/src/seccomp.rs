@@ -1,0 +1,444 @@
+//! Seccomp filters: a classic BPF allowlist builder (x86_64), and
+//! husk-vmm's own filters, one per thread kind.
+//!
+//! Every husk-vmm thread installs the filter of its kind on itself before
+//! it does the work of its kind: a vCPU before its first KVM_RUN (so before
+//! the guest runs an instruction), the device and socket threads before
+//! they serve anything, the main thread once the vCPUs run. Filters are
+//! per thread (no TSYNC), so a vCPU cannot make the calls the control
+//! thread may, and the reverse. A call outside a thread's list kills the
+//! whole process (SECCOMP_RET_KILL_PROCESS); the kernel logs it (audit
+//! type 1326, in `dmesg`, with the thread's name as `comm`).
+//!
+//! The lists come from strace of husk-vmm on the host's KVM (tiny guests,
+//! the control socket, signals) and from the kernel's seccomp log in the
+//! nested lab (the real guest with virtio-fs, virtio-vsock and virtio-net
+//! working), plus the calls a Rust thread makes to allocate, panic and end.
+//! `--seccomp-log` turns the kill into a log entry, to find a missing call
+//! without losing the VM.
+
+use std::sync::OnceLock;
+
+use libc::{c_long, sock_filter};
+
+/// AUDIT_ARCH_X86_64: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+/// Bit 30 marks the x32 ABI's system call numbers; none are allowed.
+const X32_SYSCALL_BIT: u32 = 0x4000_0000;
+const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
+const SECCOMP_RET_LOG: u32 = 0x7ffc_0000;
+const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
+/// Offsets in struct seccomp_data: the call number, the architecture, and
+/// the low half of the second argument (an ioctl's request).
+const NR: u32 = 0;
+const ARCH: u32 = 4;
+const ARG1_LOW: u32 = 24;
+
+const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+
+fn op(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
+    sock_filter { code, jt, jf, k }
+}
+
+/// What a filtered thread or process may call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Allow {
+    /// System calls (x86_64 numbers).
+    pub calls: &'static [c_long],
+    /// ioctl requests, when ioctl is not in `calls` (the request is checked,
+    /// so a descriptor the process holds cannot be driven at will).
+    pub ioctls: &'static [u32],
+}
+
+/// What happens on a call the filter does not allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// The process dies by SIGSYS.
+    Kill,
+    /// The call goes through and the kernel logs it (finding a missing
+    /// call; never the default).
+    Log,
+}
+
+/// A filter that allows what its lists name; any other call, any other
+/// architecture's entry and any x32 call meet its [`Action`] (other
+/// architectures and x32 are always killed).
+#[derive(Debug, Clone)]
+pub struct Filter {
+    program: Vec<sock_filter>,
+}
+
+impl Filter {
+    /// Allows what `allow` names; kills on anything else.
+    pub fn allow(allow: &Allow) -> Self {
+        Self::of(&[allow], Action::Kill)
+    }
+
+    /// Allows what any of `lists` names; `otherwise` on anything else.
+    pub fn of(lists: &[&Allow], otherwise: Action) -> Self {
+        let mut p = vec![
+            op(BPF_LD_W_ABS, 0, 0, ARCH),
+            op(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
+            op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+            op(BPF_LD_W_ABS, 0, 0, NR),
+            op(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
+            op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
+        ];
+        let mut calls: Vec<c_long> = lists.iter().flat_map(|l| l.calls).copied().collect();
+        calls.sort_unstable();
+        calls.dedup();
+        for nr in calls {
+            p.push(op(BPF_JEQ_K, 0, 1, nr as u32));
+            p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+        }
+        let mut ioctls: Vec<u32> = lists.iter().flat_map(|l| l.ioctls).copied().collect();
+        ioctls.sort_unstable();
+        ioctls.dedup();
+        // A jump offset is a byte: a list that long is a mistake.
+        assert!(ioctls.len() < 100, "too many ioctl requests for one filter");
+        let refuse = match otherwise {
+            Action::Kill => SECCOMP_RET_KILL_PROCESS,
+            Action::Log => SECCOMP_RET_LOG,
+        };
+        if !ioctls.is_empty() {
+            // Not ioctl: on to the refusal at the end; ioctl: its request.
+            let block = 1 + 2 * ioctls.len();
+            p.push(op(BPF_JEQ_K, 0, block as u8, libc::SYS_ioctl as u32));
+            p.push(op(BPF_LD_W_ABS, 0, 0, ARG1_LOW));
+            for req in ioctls {
+                p.push(op(BPF_JEQ_K, 0, 1, req));
+                p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+            }
+        }
+        p.push(op(BPF_RET_K, 0, 0, refuse));
+        Self { program: p }
+    }
+
+    /// Installs the filter on the calling thread (and the threads and
+    /// programs it starts afterwards); filters already there stay.
+    ///
+    /// # Safety
+    /// Async-signal-safe (one prctl on memory the filter owns), so it may
+    /// run in a child between fork and exec. Needs no_new_privs (or
+    /// CAP_SYS_ADMIN).
+    pub unsafe fn install(&self) -> std::io::Result<()> {
+        let prog = libc::sock_fprog {
+            len: self.program.len() as u16,
+            filter: self.program.as_ptr() as *mut sock_filter,
+        };
+        // SAFETY: a sock_fprog pointing at this filter's instructions, which
+        // outlive the call (the kernel copies them).
+        let rc = unsafe {
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    }
+}
+
+/// husk-vmm's thread kinds, each with a filter of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The main thread once the guest runs: it waits for the vCPUs' end,
+    /// removes the control socket and exits.
+    Vmm,
+    /// A vCPU: KVM_RUN, the legacy devices, virtio-mmio register access,
+    /// vhost-user messages on device activation and reset.
+    Vcpu,
+    /// The control socket's server (pause, resume, status, shutdown).
+    Control,
+    /// The thread that takes SIGTERM and SIGINT.
+    Signals,
+    /// The console log's writer.
+    Console,
+    /// virtio-net's worker: the tap and the queues.
+    Net,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 6] = [
+        ThreadKind::Vmm,
+        ThreadKind::Vcpu,
+        ThreadKind::Control,
+        ThreadKind::Signals,
+        ThreadKind::Console,
+        ThreadKind::Net,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ThreadKind::Vmm => "vmm",
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Control => "control",
+            ThreadKind::Signals => "signals",
+            ThreadKind::Console => "console",
+            ThreadKind::Net => "net",
+        }
+    }
+
+    /// What this kind may call, beyond [`THREAD`].
+    pub fn allow(self) -> &'static Allow {
+        match self {
+            ThreadKind::Vmm => VMM,
+            ThreadKind::Vcpu => VCPU,
+            ThreadKind::Control => CONTROL,
+            ThreadKind::Signals => SIGNALS,
+            ThreadKind::Console => CONSOLE,
+            ThreadKind::Net => NET,
+        }
+    }
+
+    /// The filter of this kind.
+    pub fn filter(self, otherwise: Action) -> Filter {
+        Filter::of(&[THREAD, self.allow()], otherwise)
+    }
+}
+
+impl std::str::FromStr for ThreadKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        ThreadKind::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<_> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown thread kind {s:?}; one of {}", names.join(", "))
+            })
+    }
+}
+
+/// Every husk-vmm thread: memory (the allocator, a new thread's arena),
+/// locks, its end (the stack and signal stack go, signals blocked), a
+/// message on stderr, a panic's abort, sleeps and the clock.
+pub const THREAD: &Allow = &Allow {
+    calls: &[
+        libc::SYS_write, // stderr
+        libc::SYS_close,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mprotect,
+        libc::SYS_mremap,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_futex,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sigaltstack,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_tgkill, // abort
+        libc::SYS_clock_gettime,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_nanosleep,
+        libc::SYS_restart_syscall,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+    ],
+    ioctls: &[],
+};
+
+/// KVM_RUN: _IO(KVMIO, 0x80).
+pub const KVM_RUN: u32 = 0xae80;
+
+/// The main thread: it waits, then removes the control socket and exits.
+const VMM: &Allow = &Allow {
+    calls: &[libc::SYS_unlink, libc::SYS_unlinkat],
+    ioctls: &[],
+};
+
+/// A vCPU: KVM_RUN only among ioctls; a kick's eventfd write; the
+/// vhost-user messages of device activation and reset (descriptors sent
+/// and replies read on the daemon's socket).
+const VCPU: &Allow = &Allow {
+    calls: &[
+        libc::SYS_read,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_sendto,
+        libc::SYS_recvfrom,
+        libc::SYS_fcntl, // a kick's descriptor duplicated for the daemon
+    ],
+    ioctls: &[KVM_RUN],
+};
+
+/// The control socket: accept, read a request, answer, kick the vCPUs
+/// with a signal.
+const CONTROL: &Allow = &Allow {
+    calls: &[
+        libc::SYS_accept4,
+        libc::SYS_read,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_fcntl,      // try_clone of the connection
+        libc::SYS_setsockopt, // the read timeout
+        libc::SYS_shutdown,
+        libc::SYS_poll,
+    ],
+    ioctls: &[],
+};
+
+/// SIGTERM and SIGINT: waits for one and kicks the vCPUs.
+const SIGNALS: &Allow = &Allow {
+    calls: &[libc::SYS_rt_sigtimedwait],
+    ioctls: &[],
+};
+
+/// The console writer: writes, and rotates a log file it was given by
+/// path.
+const CONSOLE: &Allow = &Allow {
+    calls: &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_openat],
+    ioctls: &[],
+};
+
+/// virtio-net's worker: waits on the tap and the kicks, moves frames.
+const NET: &Allow = &Allow {
+    calls: &[
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_writev,
+    ],
+    ioctls: &[],
+};
+
+/// How this process's threads are filtered: set once, by the husk-vmm
+/// program, before its first thread starts. Without it (the library in
+/// tests) threads run unfiltered.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub otherwise: Action,
+    /// A test of the filters: the thread of this kind makes a call no
+    /// list allows right after its filter is in.
+    pub test_kind: Option<ThreadKind>,
+}
+
+static POLICY: OnceLock<Policy> = OnceLock::new();
+
+/// Sets the process's policy and no_new_privs (which the threads started
+/// afterwards inherit); once only.
+pub fn configure(policy: Policy) -> std::io::Result<()> {
+    set_no_new_privs()?;
+    POLICY.set(policy).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "the seccomp policy is set already",
+        )
+    })
+}
+
+fn set_no_new_privs() -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Whether threads are filtered in this process.
+pub fn active() -> bool {
+    POLICY.get().is_some()
+}
+
+/// Installs `kind`'s filter on the calling thread when the process has a
+/// policy. A thread that cannot be filtered must not go on: the process
+/// exits (status 1) with the reason on stderr.
+pub fn enter(kind: ThreadKind) {
+    let Some(policy) = POLICY.get() else {
+        return;
+    };
+    let filter = kind.filter(policy.otherwise);
+    // SAFETY: one prctl on the filter's own memory; no_new_privs is set
+    // (here and by `configure`, which ran before this thread started).
+    let installed = set_no_new_privs().and_then(|()| unsafe { filter.install() });
+    if let Err(e) = installed {
+        eprintln!(
+            "husk-vmm: installing the {} thread's seccomp filter: {e}",
+            kind.name()
+        );
+        std::process::exit(1);
+    }
+    if policy.test_kind == Some(kind) {
+        eprintln!(
+            "husk-vmm: --test-seccomp: the {} thread opens a TCP socket, which no filter allows",
+            kind.name()
+        );
+        // SAFETY: socket(2) with integer arguments; a descriptor it returns
+        // (with the filter missing) is closed at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        if fd >= 0 {
+            // SAFETY: the descriptor just made.
+            unsafe { libc::close(fd) };
+        }
+        eprintln!(
+            "husk-vmm: --test-seccomp: the {} thread was not stopped",
+            kind.name()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_parses_by_its_name_and_an_unknown_one_is_named() {
+        for k in ThreadKind::ALL {
+            assert_eq!(k.name().parse::<ThreadKind>(), Ok(k));
+        }
+        let e = "gpu".parse::<ThreadKind>().unwrap_err();
+        assert!(e.contains("\"gpu\"") && e.contains("vcpu"), "{e}");
+    }
+
+    #[test]
+    fn no_thread_kind_may_open_a_socket_exec_or_mount() {
+        for k in ThreadKind::ALL {
+            for nr in [
+                libc::SYS_socket,
+                libc::SYS_execve,
+                libc::SYS_mount,
+                libc::SYS_ptrace,
+            ] {
+                assert!(
+                    !THREAD.calls.contains(&nr) && !k.allow().calls.contains(&nr),
+                    "{} may call {nr}",
+                    k.name()
+                );
+            }
+            // Only a vCPU drives KVM, and only KVM_RUN.
+            let ioctl = k.allow().calls.contains(&libc::SYS_ioctl);
+            assert!(!ioctl, "{} may make any ioctl", k.name());
+        }
+        assert_eq!(VCPU.ioctls, &[KVM_RUN]);
+    }
+
+    #[test]
+    fn lists_merge_without_duplicates_and_the_program_ends_in_the_action() {
+        let a = &Allow {
+            calls: &[libc::SYS_read, libc::SYS_write],
+            ioctls: &[1],
+        };
+        let b = &Allow {
+            calls: &[libc::SYS_write],
+            ioctls: &[1, 2],
+        };
+        let f = Filter::of(&[a, b], Action::Log);
+        // Header 6, two calls 4, ioctl block 2 + 4, final 1.
+        assert_eq!(f.program.len(), 17);
+        assert_eq!(f.program.last().unwrap().k, SECCOMP_RET_LOG);
+        let k = Filter::of(&[a], Action::Kill);
+        assert_eq!(k.program.last().unwrap().k, SECCOMP_RET_KILL_PROCESS);
+    }
+}
