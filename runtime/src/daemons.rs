@@ -59,7 +59,7 @@ pub fn start(
     paths: &DaemonPaths,
     timeout: Duration,
 ) -> Result<Vec<Process>, DaemonError> {
-    let fs = Process::spawn(
+    let fs = Process::spawn_confined(
         "virtiofsd",
         &config.virtiofsd.path,
         [
@@ -72,9 +72,12 @@ pub fn start(
             "--log-level=warn".as_ref(),
         ],
         &paths.log_dir.join("virtiofsd.log"),
+        &[],
+        Confine::FS_DAEMON,
+        None,
     )?;
-    // virtiofsd confines itself (its sandbox mode and seccomp filter) and
-    // needs root's file capabilities to serve the guest's files;
+    // virtiofsd confines itself (its sandbox mode and seccomp filter, under
+    // husk's) and needs root's file capabilities to serve the guest's files;
     // vhost-device-vsock needs none, and sees only its sockets' directory
     // (and the system's programs).
     let jail = Jail::create(&paths.vsock_jail)

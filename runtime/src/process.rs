@@ -63,7 +63,8 @@ pub struct Confine {
     /// RLIMIT_FSIZE, in bytes: no file it writes grows past this.
     pub max_file_size: Option<u64>,
     /// The only system calls it may make; any other kills it (see
-    /// [`crate::seccomp`]). Needs `no_capabilities` (no_new_privs).
+    /// [`crate::seccomp`]). Installed with no_new_privs when
+    /// `no_capabilities`, else through the caller's CAP_SYS_ADMIN.
     pub seccomp: Option<&'static crate::seccomp::Allow>,
 }
 
@@ -89,6 +90,14 @@ impl Confine {
     pub const VSOCK_DAEMON: Confine = Confine {
         seccomp: Some(crate::seccomp::VSOCK_DAEMON),
         ..Confine::UNPRIVILEGED
+    };
+
+    /// virtiofsd: root's file capabilities (it serves the guest's files
+    /// with their owners and modes, and sets up its namespace sandbox),
+    /// its own limits, under husk's filter on top of its own.
+    pub const FS_DAEMON: Confine = Confine {
+        seccomp: Some(crate::seccomp::VIRTIOFSD),
+        ..Confine::NONE
     };
 
     /// A VMM: unprivileged as well (/dev/kvm is root's, the taps come as

@@ -1,5 +1,6 @@
-//! Seccomp filters of husk's own for the host processes it starts that have
-//! none of their own (vhost-device-vsock): an allowlist of system calls,
+//! Seccomp filters of husk's own for the host processes it starts:
+//! vhost-device-vsock, which has none of its own, and virtiofsd as a whole
+//! (its own filter covers only its server): an allowlist of system calls,
 //! anything else kills the process. The filter is a classic BPF program
 //! built in the parent and installed in the child between fork and exec,
 //! after no_new_privs, so it covers exec and everything the program does.
@@ -90,6 +91,149 @@ pub const VSOCK_DAEMON: &Allow = &Allow {
     ioctls: &[libc::FIONBIO as u32, libc::TCGETS as u32],
 };
 
+/// virtiofsd (1.x from crates.io) as a whole, on top of the filter it
+/// installs on its server: what that filter allows (virtiofsd's own list in
+/// its src/seccomp.rs: the FUSE operations on the share, its threads), plus
+/// what it calls before it filters itself and what the parent its namespace
+/// sandbox leaves behind calls while it waits (from strace -f of every
+/// virtiofsd through the ctr, ctr_tasks, containers, cri_streaming and cri
+/// suites): exec and the loader, its namespaces, mounts and pivot_root,
+/// capabilities and ids, the vhost-user socket, installing its own filter,
+/// waiting for its child. So the waiting parent is filtered too, and no
+/// stage may load modules, trace, use bpf, keys, io_uring, perf or kexec.
+pub const VIRTIOFSD: &Allow = &Allow {
+    calls: &[
+        // Its own serving filter's list.
+        libc::SYS_accept4,
+        libc::SYS_brk,
+        libc::SYS_capget,
+        libc::SYS_capset,
+        libc::SYS_clock_gettime,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_close,
+        libc::SYS_copy_file_range,
+        libc::SYS_dup,
+        libc::SYS_epoll_create,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_pwait,
+        libc::SYS_epoll_wait,
+        libc::SYS_eventfd2,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_fallocate,
+        libc::SYS_fchdir,
+        libc::SYS_fchmod,
+        libc::SYS_fchmodat,
+        libc::SYS_fchownat,
+        libc::SYS_fcntl,
+        libc::SYS_fdatasync,
+        libc::SYS_fgetxattr,
+        libc::SYS_flistxattr,
+        libc::SYS_flock,
+        libc::SYS_fremovexattr,
+        libc::SYS_fsetxattr,
+        libc::SYS_fstat,
+        libc::SYS_fstatfs,
+        libc::SYS_fsync,
+        libc::SYS_ftruncate,
+        libc::SYS_futex,
+        libc::SYS_getdents,
+        libc::SYS_getdents64,
+        libc::SYS_getegid,
+        libc::SYS_geteuid,
+        libc::SYS_getpid,
+        libc::SYS_getrandom,
+        libc::SYS_gettid,
+        libc::SYS_gettimeofday,
+        libc::SYS_getxattr,
+        libc::SYS_linkat,
+        libc::SYS_listxattr,
+        libc::SYS_lseek,
+        libc::SYS_madvise,
+        libc::SYS_membarrier,
+        libc::SYS_mkdirat,
+        libc::SYS_mknodat,
+        libc::SYS_mmap,
+        libc::SYS_mprotect,
+        libc::SYS_mremap,
+        libc::SYS_munmap,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_newfstatat,
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_prctl,
+        libc::SYS_preadv,
+        libc::SYS_pread64,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev,
+        libc::SYS_pwritev2,
+        libc::SYS_pwrite64,
+        libc::SYS_read,
+        libc::SYS_readv,
+        libc::SYS_readlinkat,
+        libc::SYS_recvmsg,
+        libc::SYS_renameat,
+        libc::SYS_renameat2,
+        libc::SYS_removexattr,
+        libc::SYS_rseq,
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_sched_yield,
+        libc::SYS_sendmsg,
+        libc::SYS_setgroups,
+        libc::SYS_setresgid,
+        libc::SYS_setresuid,
+        libc::SYS_set_robust_list,
+        libc::SYS_setxattr,
+        libc::SYS_sigaltstack,
+        libc::SYS_statx,
+        libc::SYS_symlinkat,
+        libc::SYS_syncfs,
+        libc::SYS_time,
+        libc::SYS_tkill,
+        libc::SYS_tgkill,
+        libc::SYS_umask,
+        libc::SYS_unlink,
+        libc::SYS_unlinkat,
+        libc::SYS_unshare,
+        libc::SYS_utimensat,
+        libc::SYS_write,
+        libc::SYS_writev,
+        // Before its own filter, and the waiting parent (traced).
+        libc::SYS_execve,
+        libc::SYS_arch_prctl,
+        libc::SYS_set_tid_address,
+        libc::SYS_access,
+        libc::SYS_prlimit64,
+        libc::SYS_seccomp,
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_open_tree,
+        libc::SYS_move_mount,
+        libc::SYS_getgroups,
+        libc::SYS_socket,
+        libc::SYS_bind,
+        libc::SYS_listen,
+        libc::SYS_poll,
+        libc::SYS_pipe2,
+        libc::SYS_pidfd_open,
+        libc::SYS_wait4,
+        // Sleeps and a restarted wait.
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_restart_syscall,
+    ],
+    // The logger's terminal check.
+    ioctls: &[libc::TCGETS as u32],
+};
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::process::ExitStatusExt;
@@ -141,6 +285,28 @@ mod tests {
                 .into_boxed_slice(),
         );
         Box::leak(Box::new(Allow { calls, ioctls }))
+    }
+
+    #[test]
+    fn neither_daemon_may_trace_load_modules_use_bpf_keys_io_uring_perf_or_kexec() {
+        for (name, list) in [("vsock", VSOCK_DAEMON), ("virtiofsd", VIRTIOFSD)] {
+            for nr in [
+                libc::SYS_ptrace,
+                libc::SYS_init_module,
+                libc::SYS_finit_module,
+                libc::SYS_bpf,
+                libc::SYS_keyctl,
+                libc::SYS_add_key,
+                libc::SYS_io_uring_setup,
+                libc::SYS_perf_event_open,
+                libc::SYS_kexec_load,
+                libc::SYS_userfaultfd,
+                libc::SYS_process_vm_writev,
+            ] {
+                assert!(!list.calls.contains(&nr), "{name} may call {nr}");
+            }
+            assert!(!list.calls.contains(&libc::SYS_ioctl), "{name}: any ioctl");
+        }
     }
 
     #[test]
