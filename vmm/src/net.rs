@@ -739,15 +739,21 @@ mod tests {
         }
     }
 
-    /// A worker whose "tap" is one end of a datagram socket pair (frames
-    /// keep their boundaries, as on a tap); the other end is returned.
-    fn setup() -> (Worker, Driver, UnixDatagram) {
+    /// Guest memory, a "tap" (one end of a non-blocking datagram socket
+    /// pair: frames keep their boundaries, as on a tap) and its other end.
+    fn fake_tap() -> (GuestMemoryMmap, File, UnixDatagram) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
         let (ours, peer) = UnixDatagram::pair().unwrap();
         ours.set_nonblocking(true).unwrap();
         peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
             .unwrap();
-        let tap = File::from(OwnedFd::from(ours));
+        (mem, File::from(OwnedFd::from(ours)), peer)
+    }
+
+    /// A worker whose "tap" is one end of a datagram socket pair (frames
+    /// keep their boundaries, as on a tap); the other end is returned.
+    fn setup() -> (Worker, Driver, UnixDatagram) {
+        let (mem, tap, peer) = fake_tap();
         let queues = [ring(RX_BASE), ring(TX_BASE)];
         let call = EventFd::new(EFD_NONBLOCK).unwrap();
         let worker = Worker::new(mem.clone(), &queues, Arc::new(tap), call, 1500).unwrap();
@@ -917,12 +923,7 @@ mod tests {
 
     /// A device whose "tap" is a datagram socket (see [`setup`]).
     fn device(mac: [u8; 6], mtu: u16) -> (NetDevice, GuestMemoryMmap, UnixDatagram) {
-        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM as usize)]).unwrap();
-        let (ours, peer) = UnixDatagram::pair().unwrap();
-        ours.set_nonblocking(true).unwrap();
-        peer.set_read_timeout(Some(std::time::Duration::from_secs(5)))
-            .unwrap();
-        let tap = File::from(OwnedFd::from(ours));
+        let (mem, tap, peer) = fake_tap();
         let dev = NetDevice::start(tap, mac, mtu, mem.clone()).unwrap();
         (dev, mem, peer)
     }
