@@ -278,7 +278,9 @@ impl Sandbox {
         sb.timings.daemons = t.elapsed();
 
         let hv: Box<dyn Hypervisor> = match backend {
-            Backend::Qemu { accel } => Box::new(Qemu::new(&config.qemu.path, accel)),
+            Backend::Qemu { accel } => Box::new(
+                Qemu::new(&config.qemu.path, accel).with_tb_size(config.qemu.tcg_tb_size_mib),
+            ),
             Backend::HuskVmm => Box::new(HuskVmm::new(&config.husk_vmm.binary())),
         };
         let cmdline = [

@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use husk_tests::bench::{self, median, ms};
+use husk_tests::bench::{self, median, ms, pss_kib};
 use husk_tests::containerd::{run_args, Containerd, RUNTIME};
 use husk_tests::processes_mentioning;
 
@@ -31,33 +31,6 @@ fn timed_ok(ctd: &Containerd, args: &[&str]) -> Duration {
 
 fn run_rm(ctd: &Containerd, runtime: &str, id: &str) -> Duration {
     timed_ok(ctd, &run_args(&["--rm"], runtime, id, &["true"]))
-}
-
-/// (PSS outside guest-memory mappings, PSS of guest-memory mappings) in KiB.
-fn pss_kib(pid: u32) -> (u64, u64) {
-    let Ok(smaps) = std::fs::read_to_string(format!("/proc/{pid}/smaps")) else {
-        return (0, 0);
-    };
-    let (mut own, mut guest) = (0, 0);
-    let mut in_guest_mem = false;
-    for line in smaps.lines() {
-        let first = line.split_whitespace().next().unwrap_or("");
-        if first.contains('-') && first.chars().next().is_some_and(|c| c.is_ascii_hexdigit()) {
-            // A mapping header: the 6th field is the path, if any.
-            in_guest_mem = line
-                .split_whitespace()
-                .nth(5)
-                .is_some_and(|p| p.starts_with("/memfd:"));
-        } else if let Some(v) = line.strip_prefix("Pss:") {
-            let kib: u64 = v.trim().trim_end_matches("kB").trim().parse().unwrap_or(0);
-            if in_guest_mem {
-                guest += kib;
-            } else {
-                own += kib;
-            }
-        }
-    }
-    (own, guest)
 }
 
 fn shim_of(kind: &str, id: &str) -> Vec<u32> {

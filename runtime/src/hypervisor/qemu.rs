@@ -12,6 +12,8 @@ use crate::jail::{Jail, JailError};
 pub struct Qemu {
     binary: PathBuf,
     accel: ResolvedAccel,
+    /// TCG's translation cache in MiB; 0 leaves QEMU's default.
+    tb_size_mib: u32,
 }
 
 impl Qemu {
@@ -19,14 +21,25 @@ impl Qemu {
         Self {
             binary: binary.to_path_buf(),
             accel,
+            tb_size_mib: 0,
         }
+    }
+
+    /// Bounds TCG's translation cache to `mib` (0: QEMU's default); no
+    /// effect under KVM.
+    pub fn with_tb_size(mut self, mib: u32) -> Self {
+        self.tb_size_mib = mib;
+        self
     }
 
     /// The QEMU command line for `spec`.
     pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
         let (accel, cpu) = match self.accel {
-            ResolvedAccel::Kvm => ("kvm", "host"),
-            ResolvedAccel::Tcg => ("tcg", "max"),
+            ResolvedAccel::Kvm => ("kvm".to_owned(), "host"),
+            ResolvedAccel::Tcg if self.tb_size_mib > 0 => {
+                (format!("tcg,tb-size={}", self.tb_size_mib), "max")
+            }
+            ResolvedAccel::Tcg => ("tcg".to_owned(), "max"),
         };
         let mem = format!("{}M", spec.memory_mib);
         let mut args: Vec<OsString> = Vec::new();
@@ -37,9 +50,9 @@ impl Qemu {
         // stays: without it the guest spins 1 s in its wall-clock read and
         // containers would start in 1970.
         push("-machine");
-        push(&format!(
-            "microvm,accel={accel},acpi=off,rtc=on,x-option-roms=off,isa-serial=on,memory-backend=mem"
-        ));
+        push("microvm,acpi=off,rtc=on,x-option-roms=off,isa-serial=on,memory-backend=mem");
+        push("-accel");
+        push(&accel);
         push("-cpu");
         push(cpu);
         push("-smp");
@@ -188,8 +201,10 @@ mod tests {
             Path::new("qemu-system-x86_64"),
             ResolvedAccel::Tcg,
         ));
-        assert!(line.contains("microvm,accel=tcg,"), "{line}");
-        assert!(line.contains("-cpu max"), "{line}");
+        assert!(line.contains("-machine microvm,"), "{line}");
+        assert!(line.contains("-accel tcg -cpu max"), "{line}");
+        let bounded = joined(&Qemu::new(Path::new("q"), ResolvedAccel::Tcg).with_tb_size(48));
+        assert!(bounded.contains("-accel tcg,tb-size=48 "), "{bounded}");
         assert!(
             line.contains("memory-backend-memfd,id=mem,size=256M,share=on"),
             "{line}"
@@ -257,10 +272,8 @@ mod tests {
 
     #[test]
     fn kvm_command_line_uses_the_host_cpu() {
-        let line = joined(&Qemu::new(Path::new("q"), ResolvedAccel::Kvm));
-        assert!(
-            line.contains("accel=kvm") && line.contains("-cpu host"),
-            "{line}"
-        );
+        let line = joined(&Qemu::new(Path::new("q"), ResolvedAccel::Kvm).with_tb_size(48));
+        assert!(!line.contains("tb-size"), "{line}");
+        assert!(line.contains("-accel kvm -cpu host"), "{line}");
     }
 }
