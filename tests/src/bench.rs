@@ -59,22 +59,6 @@ pub fn runs() -> usize {
         .max(1)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn nearest_rank_percentiles() {
-        let v: Vec<Duration> = [5, 1, 4, 2, 3]
-            .iter()
-            .map(|&n| Duration::from_millis(n))
-            .collect();
-        assert_eq!(median(&v), Duration::from_millis(3));
-        assert_eq!(percentile(&v, 95), Duration::from_millis(5));
-        assert_eq!(percentile(&v[..1], 95), Duration::from_millis(5));
-    }
-}
-
 /// (PSS outside guest-memory mappings, PSS of guest-memory mappings) of
 /// process `pid`, in KiB; zeros for a process that is gone. Guest memory is
 /// what the VMMs map from a memfd.
@@ -144,4 +128,20 @@ pub fn mem_available_kib() -> u64 {
                 .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         })
         .expect("MemAvailable in /proc/meminfo")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_percentiles() {
+        let v: Vec<Duration> = [5, 1, 4, 2, 3]
+            .iter()
+            .map(|&n| Duration::from_millis(n))
+            .collect();
+        assert_eq!(median(&v), Duration::from_millis(3));
+        assert_eq!(percentile(&v, 95), Duration::from_millis(5));
+        assert_eq!(percentile(&v[..1], 95), Duration::from_millis(5));
+    }
 }
