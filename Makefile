@@ -7,7 +7,8 @@ CARGO ?= cargo
 PREFIX ?= /usr/local
 GUEST := target/guest
 AGENT_TARGET := x86_64-unknown-linux-gnu
-AGENT_BIN := target/$(AGENT_TARGET)/release/husk-agent
+# Built with the `guest` profile (for size: its pages are guest RAM in every pod).
+AGENT_BIN := target/$(AGENT_TARGET)/guest/husk-agent
 # Build (kernel, static agent), run (QEMU, containerd) and daemon build deps.
 APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl-dev \
 	cpio file gcc g++ libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static \
@@ -37,11 +38,11 @@ guest-image: deps
 	bash guest-image/build-kernel.sh $(GUEST)
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
 	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-		$(CARGO) build --release -p husk-agent --target $(AGENT_TARGET)
+		$(CARGO) build --profile guest -p husk-agent --target $(AGENT_TARGET)
 	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs.cpio
 
 # husk-vmm and husk linked statically, for the nested lab's busybox
-# initramfs. Same flags as the agent build so they share one cache.
+# initramfs (same flags as the agent build, release profile).
 STATIC_BIN := target/$(AGENT_TARGET)/release
 vmm-static: deps
 	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \

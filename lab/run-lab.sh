@@ -121,6 +121,10 @@ for vmm in husk-vmm qemu; do
     [ $vmm = qemu ] && src=$S/etc/husk/qemu.toml
     sed 's/^boot_timeout_ms = .*/boot_timeout_ms = 30000/' "$src" > "$S/etc/husk/bench-$vmm.toml"
 done
+# Density: the same husk-vmm pods with free page reporting on (the
+# default) and off.
+cp "$S/etc/husk/config.toml" "$S/etc/husk/density-on.toml"
+sed '/^\[guest\]/a free_page_reporting = false' "$S/etc/husk/config.toml" > "$S/etc/husk/density-off.toml"
 printf 'RUNS=%s\n' "$RUNS" > "$S/etc/lab.env"
 cat > "$S/init" <<'INIT'
 #!/bin/sh
@@ -195,8 +199,81 @@ spurious_crash() {
     tail -q -n 15 "$@" 2>/dev/null | sed 's/^/LAB: L2 crash log: /'
     poweroff -f
 }
+# A busybox container root for `husk run`: sleep too, the memory checks run
+# `sleep` in a container (without it the container failed at once and the
+# check raced the sandbox teardown).
+make_rootfs() {
+    mkdir -p /rootfs/bin /rootfs/proc /rootfs/sys /rootfs/dev /rootfs/tmp /rootfs/etc
+    cp /bin/busybox /rootfs/bin/
+    for a in sh uname echo cat sleep dd; do ln -sf busybox /rootfs/bin/$a; done
+}
+# Density: $DENSITY_PODS idle pods (`husk run ... sleep`, one VM each) at
+# once; once L1's MemAvailable settles, the PSS of every process of each
+# pod (husk, husk-vmm, the daemons) split into guest RAM (the memfd) and
+# their own, and the drop in MemAvailable. usage: density <on|off>
+DENSITY_PODS=3
+mem_available() { awk '/^MemAvailable:/ {print $2}' /proc/meminfo; }
+settled() {
+    local last now i
+    last=$(mem_available)
+    for i in $(seq 24); do
+        sleep 5; now=$(mem_available)
+        [ $((now > last ? now - last : last - now)) -lt 2048 ] && break
+        last=$now
+    done
+    echo $now
+}
+# The pids of $1 and everything below it.
+tree() {
+    for s in /proc/[0-9]*/stat; do cut -d' ' -f1,4 $s 2>/dev/null; done |
+        awk -v root=$1 '{ pp[$1] = $2 } END { t[root] = 1; do { n = 0; for (p in pp) if ((pp[p] in t) && !(p in t)) { t[p] = 1; n++ } } while (n); for (p in t) print p }'
+}
+density() {
+    local mode=$1 before after pids i own=0 guest=0 pod failed alive
+    rm -f /rootfs/density-stop
+    before=$(settled)
+    pids=
+    for i in $(seq $DENSITY_PODS); do
+        HUSK_CONFIG=/etc/husk/density-$mode.toml husk run --id density-$mode-$i --rootfs /rootfs -- \
+            sh -c 'while [ ! -e /density-stop ]; do sleep 1; done' > /tmp/density-$i 2>&1 &
+        pids="$pids $!"
+    done
+    for i in $(seq 240); do
+        [ $(ls -d /run/husk/density-$mode-*/shared/*/rootfs/bin 2>/dev/null | wc -l) -ge $DENSITY_PODS ] && break
+        sleep 0.5
+    done
+    after=$(settled)
+    for p in $pids; do
+        pod=$(for t in $(tree $p); do cat /proc/$t/smaps 2>/dev/null; done |
+            awk '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ "^/memfd:husk-guest-ram( |$)") }
+                 /^Pss:/ { if (g) guest += $2; else own += $2 } END { print own + 0, guest + 0 }')
+        own=$((own + ${pod% *})) guest=$((guest + ${pod#* }))
+    done
+    # The pods end once they see the file through virtio-fs.
+    touch /rootfs/density-stop
+    for i in $(seq 120); do
+        alive=
+        for p in $pids; do kill -0 $p 2>/dev/null && alive=1; done
+        [ -n "$alive" ] || break
+        sleep 0.5
+    done
+    for p in $pids; do kill -9 $p 2>/dev/null; done
+    failed=0
+    for p in $pids; do wait $p || failed=1; done
+    # A measurement, as the boot benchmark's: a pod the emulator broke is
+    # reported and the round taken again once; the host wants both rounds.
+    if [ $failed = 0 ]; then
+        echo "LAB: density: $mode pods $DENSITY_PODS own_kib $own guest_kib $guest drop_kib $((before - after))"
+    else
+        echo "LAB: density-broken: $mode: $(cat /tmp/density-* | tr '\n' ' ' | cut -c1-300)"
+        [ -n "$2" ] || density $mode again
+    fi
+}
 if [ "$phase" = bench ]; then
     bench
+    make_rootfs
+    density off
+    density on
     echo "LAB: done"
     poweroff -f
 fi
@@ -270,11 +347,7 @@ rc=$?
 sed 's/^/LAB: ping: /' /tmp/ping
 [ $rc = 0 ] || { echo "LAB: FAIL: husk vm-ping exit $rc"; for f in /run/husk/*/console.log /run/husk/*/vmm.log; do [ -f $f ] && sed "s|^|LAB: $f: |" $f; done; }
 # A container command through the agent, rootfs on virtio-fs.
-mkdir -p /rootfs/bin /rootfs/proc /rootfs/sys /rootfs/dev /rootfs/tmp /rootfs/etc
-cp /bin/busybox /rootfs/bin/
-# sleep too: the memory check runs `sleep 10` in a container (without it the
-# container failed at once and the check raced the sandbox teardown).
-for a in sh uname echo cat sleep; do ln -s busybox /rootfs/bin/$a; done
+make_rootfs
 start=$(up)
 husk run --rootfs /rootfs -- sh -c 'echo container on $(uname -r) sees $(cat /proc/cpuinfo | grep -c ^processor) cpus' > /tmp/run 2>&1
 rc=$?
@@ -350,6 +423,41 @@ measure() {
 }
 measure /etc/husk/config.toml husk-vmm husk-guest-ram
 measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
+# husk-vmm's free page reporting with the real guest: once the guest's
+# first report of its free memory is done, a container touches 96 MiB (dd's
+# buffer) and frees it; husk-vmm must punch it out of the guest RAM memfd
+# (its counter grows by it) and the guest RAM it holds fall back.
+guest_ram() { awk '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ "^/memfd:husk-guest-ram( |$)") } /^Pss:/ { if (g) s += $2 } END { print s + 0 }' /proc/$1/smaps; }
+given() { husk-vmm ctl /run/husk/fpr/sock/vmm.sock status 2>/dev/null | sed -n 's/.*balloon_discarded_bytes=\([0-9]*\).*/\1/p'; }
+rm -f /rootfs/fpr-go /rootfs/fpr-stop
+husk run --id fpr --rootfs /rootfs -- sh -c 'while [ ! -e /fpr-go ]; do sleep 1; done; dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null; while [ ! -e /fpr-stop ]; do sleep 1; done' > /tmp/fpr 2>&1 &
+fpid=$!
+for i in $(seq 240); do
+    ls /run/husk/fpr/shared/*/rootfs/bin > /dev/null 2>&1 && break
+    sleep 0.5
+done
+# The container runs, so the guest has booted; its first report (all the
+# memory free at boot) ends when the counter stops moving.
+last=-1
+for i in $(seq 60); do
+    sleep 2
+    now=$(given)
+    [ "${now:-0}" -gt 0 ] && [ "$now" = "$last" ] && break
+    last=${now:--1}
+done
+vpid=$(pidof husk-vmm)
+rest=$(guest_ram $vpid)
+before=$(given)
+touch /rootfs/fpr-go
+after=$before
+for i in $(seq 120); do
+    sleep 1
+    after=$(given)
+    [ "${after:-0}" -ge $((${before:-0} + (80 << 20))) ] && [ "$(guest_ram $vpid)" -lt $((rest + (16 << 10))) ] && break
+done
+echo "LAB: fpr: guest RAM PSS at rest $rest KiB, after dd $(guest_ram $vpid) KiB; given back by husk-vmm $(( (${after:-0} - ${before:-0}) >> 20 )) MiB after dd, ${before:-0} bytes before"
+touch /rootfs/fpr-stop
+wait $fpid || { echo "LAB: FAIL: fpr: the container failed"; sed 's/^/LAB: fpr: /' /tmp/fpr; }
 # Every call a seccomp filter refused (or, with --seccomp-log, let through)
 # in the steps above, from the kernel's log: each is a missing entry.
 dmesg | grep "type=1326" | sed 's/.*\(pid=.*\)/LAB: FAIL: seccomp refused: \1/'
@@ -540,6 +648,13 @@ grep "LAB: check: husk-vmm: .*husk-vmm: seccomp filter, capabilities none, .*mou
 for p in vhost-device-vs virtiofsd; do
     grep "LAB: check: husk-vmm: .* $p: seccomp filter, .*mount ns own" "$WORK/result" > /dev/null || fail "husk check does not show $p filtered in its own mount namespace"
 done
+fpr=$(grep -m1 "LAB: fpr: guest RAM" "$WORK/result" || true)
+[ -n "$fpr" ] || fail "husk-vmm's free page reporting was not measured"
+echo "lab: free page reporting: ${fpr#LAB: fpr: }"
+read -r at_rest after_dd given_mib <<< "$(echo "$fpr" | sed -n 's/.*at rest \([0-9]*\) KiB, after dd \([0-9]*\) KiB; given back by husk-vmm \([0-9-]*\) MiB.*/\1 \2 \3/p')"
+[ -n "$given_mib" ] || fail "free page reporting: unreadable: $fpr"
+[ "$given_mib" -ge 80 ] || fail "free page reporting: husk-vmm gave back $given_mib MiB of the 96 MiB the guest freed"
+[ "$after_dd" -lt $((at_rest + 16384)) ] || fail "free page reporting: the guest RAM husk-vmm holds stayed up: $after_dd KiB after dd, $at_rest KiB at rest"
 qmem=$(grep -m1 "LAB: mem: qemu" "$WORK/result" || true)
 [ -n "$qmem" ] || fail "QEMU's memory was not measured"
 echo "lab: ${qmem#LAB: mem: }"
@@ -557,6 +672,21 @@ for vmm in husk-vmm qemu; do
 done
 h=$(field husk-vmm total_ms | median); q=$(field qemu total_ms | median)
 grep "LAB: bench-broken:" "$WORK/result" | sed 's/^LAB: bench-broken: /lab: broken boot taken again: /' || true
+# Density of husk-vmm pods in L1, free page reporting off and on.
+dfield() { grep -m1 "LAB: density: $1 pods" "$WORK/result" | grep -oE " $2 [0-9-]+" | awk '{print $2}'; }
+for mode in off on; do
+    [ -n "$(dfield $mode pods)" ] || fail "density: the round with free page reporting $mode was not measured"
+done
+echo "lab: density, $(dfield on pods) idle husk-vmm pods at once in L1, per pod (MiB):"
+echo "lab: | free page reporting | PSS (all) | of which guest RAM | MemAvailable drop | pods/GiB (PSS) | pods/GiB (drop) |"
+for mode in off on; do
+    awk -v m=$mode -v n="$(dfield $mode pods)" -v own="$(dfield $mode own_kib)" -v g="$(dfield $mode guest_kib)" -v d="$(dfield $mode drop_kib)" \
+        'BEGIN { all = (own + g) / n / 1024; drop = d / n / 1024
+                 printf "lab: | %s | %.1f | %.1f | %.1f | %.1f | %.1f |\n", m, all, g / n / 1024, drop, 1024 / all, (drop > 0 ? 1024 / drop : 0) }'
+done
+grep "LAB: density-broken:" "$WORK/result" | sed 's/^LAB: density-broken: /lab: density round taken again: /' || true
+# The guest gave back what it freed: less of its RAM stays with the host.
+[ "$(dfield on guest_kib)" -lt "$(dfield off guest_kib)" ] || fail "free page reporting returned nothing: guest RAM PSS $(dfield on guest_kib) KiB with it, $(dfield off guest_kib) KiB without"
 [ -f "$WORK/spoiled" ] && sed 's/^/lab: spoiled by the emulator, run again: /' "$WORK/spoiled"
 echo "lab: husk-vmm / QEMU boot time: $(echo "scale=2; $h / $q" | bc | sed 's/^\./0./') (goal at most 0.8)"
 echo "lab: husk-vmm booted the guest kernel to /init under SVM KVM and ended on its reset; total $(echo "$end - $start" | bc) s"

@@ -82,6 +82,11 @@ pub struct GuestConfig {
     pub memory_mib: u32,
     /// Appended to the kernel command line husk builds.
     pub kernel_params: String,
+    /// A virtio-balloon device with free page reporting: memory the guest
+    /// frees (its initramfs, a finished build's cache) goes back to the
+    /// host a few seconds later instead of staying with the pod. Costs the
+    /// guest a re-fault of such pages when it uses them again.
+    pub free_page_reporting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,13 +101,14 @@ pub struct QemuConfig {
     /// husk then refuses to boot rather than emulate.
     pub allow_tcg: bool,
     /// Under TCG, QEMU's translation cache in MiB (`-accel tcg,tb-size=`);
-    /// 0 keeps QEMU's default (1 GiB, filled as code is translated). 16
+    /// 0 keeps QEMU's default (1 GiB, filled as code is translated). 32
     /// by default: measured here (QEMU 7.2, busybox pod), QEMU's own PSS
     /// with an idle container is 104 MiB with the default, 92 at 32, 73
     /// at 16 and 64 at 8; boot to agent-ready stayed within noise down to
-    /// 16 (0.86-0.88 s against 0.99-1.2 s) and grew at 8 (1.03-1.22 s). A
-    /// busy workload re-translates more with a small cache: raise it for
-    /// those.
+    /// 16 (0.86-0.88 s against 0.99-1.2 s) and grew at 8 (1.03-1.22 s).
+    /// An exec-heavy pod re-translates with a small cache: 200 sequential
+    /// `exec true` took 205 ms each at 64, 210 at 32, 666 at 16 (224 with
+    /// the default), hence 32.
     pub tcg_tb_size_mib: u32,
 }
 
@@ -173,6 +179,7 @@ impl Default for GuestConfig {
             vcpus: 1,
             memory_mib: 512,
             kernel_params: String::new(),
+            free_page_reporting: true,
         }
     }
 }
@@ -197,7 +204,7 @@ impl Default for QemuConfig {
             path: PathBuf::from("qemu-system-x86_64"),
             accel: Accel::Auto,
             allow_tcg: true,
-            tcg_tb_size_mib: 16,
+            tcg_tb_size_mib: 32,
         }
     }
 }

@@ -307,6 +307,7 @@ impl Sandbox {
             control_socket: paths.control_socket(),
             nets,
             console_pipe: None,
+            free_page_reporting: config.guest.free_page_reporting,
         };
         // Our end of the console pipe, and the VMM's until it has started.
         let pipe_ends = if hv.console_through_pipe() {

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use husk_tests::bench::{pss_kib, with_descendants};
 use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
 use husk_tests::cri::{container, Cri, ExecResult, PodOpts};
 use husk_tests::{e2e, processes_mentioning, vm_lock};
@@ -596,6 +597,66 @@ fn shim_sockets() -> Vec<std::path::PathBuf> {
     std::fs::read_dir("/run/containerd/s")
         .map(|d| d.flatten().map(|e| e.path()).collect())
         .unwrap_or_default()
+}
+
+/// Guest RAM the pod's processes hold on the host (PSS of the memfd
+/// mappings of the shim and everything below it), in KiB.
+fn pod_guest_ram_kib() -> u64 {
+    let (shims, _) = shims_and_vmms();
+    assert_eq!(shims.len(), 1, "one pod shim: {shims:?}");
+    with_descendants(shims[0])
+        .into_iter()
+        .map(|pid| pss_kib(pid).1)
+        .sum()
+}
+
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn memory_a_guest_frees_goes_back_to_the_host() {
+    e2e();
+    let _vm = vm_lock();
+    let (ctd, cri, logs) = cri_env();
+    let opts = PodOpts::new("pod-fpr", logs.path());
+    let pod = start_pod(&ctd, &cri, &opts);
+    let c = cri
+        .run_container(
+            &pod,
+            &opts,
+            container("c", IMAGE, &["sleep", "3600"], false),
+        )
+        .expect("container");
+    let at_rest = pod_guest_ram_kib();
+    // dd's 96 MiB buffer is touched (filled from /dev/zero) and freed when
+    // dd exits: the guest reports the free blocks, the VMM discards them.
+    sh(
+        &cri,
+        &c,
+        "dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null",
+    );
+    let after_dd = pod_guest_ram_kib();
+    let back = eventually(Duration::from_secs(60), || {
+        let now = pod_guest_ram_kib();
+        (now < at_rest + (16 << 10)).then_some(now)
+    });
+    eprintln!(
+        "guest RAM on the host: {at_rest} KiB at rest, {after_dd} KiB after dd, {back:?} KiB later"
+    );
+    assert!(
+        back.is_some(),
+        "the 96 MiB the guest freed stayed with the host: {at_rest} KiB at rest, {} KiB a minute after dd",
+        pod_guest_ram_kib()
+    );
+    // The guest takes the memory it gave back again.
+    assert_eq!(
+        sh(
+            &cri,
+            &c,
+            "dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null && echo again"
+        )
+        .trim(),
+        "again"
+    );
+    teardown(&cri, &pod);
 }
 
 #[test]

@@ -3,7 +3,10 @@
 //! The protocol is one request per line on a Unix stream socket, answered
 //! by one line: `pause`, `resume`, `shutdown` or `status`, and
 //! `ok running`, `ok paused`, `ok stopping` or `error <why>`. A connection
-//! may send any number of requests.
+//! may send any number of requests. `status` follows the state with the
+//! VM's counters as `name=value`, space-separated, when it has any
+//! (`ok running balloon_discarded_bytes=1048576` with a virtio-balloon
+//! device: guest RAM handed back to the host so far).
 //!
 //! Pausing parks every vCPU thread outside KVM_RUN: the control thread
 //! raises the request, then kicks each vCPU thread with a real-time signal
@@ -16,7 +19,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
@@ -74,6 +77,8 @@ pub struct RunState {
     asked: AtomicBool,
     inner: Mutex<Inner>,
     changed: Condvar,
+    /// What `status` reports after the state, as `name=value`.
+    counters: Mutex<Vec<(&'static str, Arc<AtomicU64>)>>,
 }
 
 /// The signal that kicks a vCPU thread out of KVM_RUN.
@@ -102,7 +107,25 @@ impl RunState {
                 parked: 0,
             }),
             changed: Condvar::new(),
+            counters: Mutex::new(Vec::new()),
         })
+    }
+
+    /// Has `status` report `counter` as `name=value` after the state.
+    pub fn report(&self, name: &'static str, counter: Arc<AtomicU64>) {
+        self.counters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, counter));
+    }
+
+    /// The counters as ` name=value` each.
+    fn counters(&self) -> String {
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        counters
+            .iter()
+            .map(|(name, c)| format!(" {name}={}", c.load(Ordering::Relaxed)))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -234,6 +257,9 @@ impl RunState {
             Request::Status => Ok(()),
         };
         match r {
+            Ok(()) if request == Request::Status => {
+                format!("ok {}{}", self.status(), self.counters())
+            }
             Ok(()) => format!("ok {}", self.status()),
             Err(e) => format!("error {e}"),
         }
@@ -479,6 +505,25 @@ mod tests {
         assert_eq!(vcpu.join().unwrap(), Exit::Stopped);
         assert!(state.lock().threads.is_empty());
         assert!(state.handle(Request::Resume).starts_with("error "));
+    }
+
+    #[test]
+    fn status_reports_the_counters_after_the_state_and_only_status_does() {
+        let state = RunState::new();
+        assert_eq!(state.handle(Request::Status), "ok running");
+        let discarded = Arc::new(AtomicU64::new(0));
+        state.report("balloon_discarded_bytes", discarded.clone());
+        assert_eq!(
+            state.handle(Request::Status),
+            "ok running balloon_discarded_bytes=0"
+        );
+        discarded.fetch_add(2 << 20, Ordering::Relaxed);
+        state.report("other", Arc::new(AtomicU64::new(7)));
+        assert_eq!(
+            state.handle(Request::Status),
+            "ok running balloon_discarded_bytes=2097152 other=7"
+        );
+        assert_eq!(state.handle(Request::Resume), "ok running");
     }
 
     #[test]

@@ -4,10 +4,12 @@
 //! through its 64-bit entry) with an initramfs, the serial console to a
 //! file and the i8042 reset as the power-off path. virtio-fs and
 //! virtio-vsock are virtio-mmio devices served by their vhost-user daemons
-//! (virtiofsd, vhost-device-vsock). `--api-socket` opens the control socket
-//! (pause, resume, shutdown, status); `husk-vmm ctl SOCKET REQUEST` is its
-//! client. Every thread runs under the seccomp filter of its kind
-//! ([`husk_vmm::seccomp`]); a call outside it kills the process.
+//! (virtiofsd, vhost-device-vsock); virtio-net (`--net`) and
+//! virtio-balloon (`--free-page-reporting`) are served in husk-vmm.
+//! `--api-socket` opens the control socket (pause, resume, shutdown,
+//! status); `husk-vmm ctl SOCKET REQUEST` is its client. Every thread runs
+//! under the seccomp filter of its kind ([`husk_vmm::seccomp`]); a call
+//! outside it kills the process.
 //!
 //! Exit status: 0 the guest powered off (reset) or the VM was shut down
 //! through the control socket or by SIGTERM/SIGINT, 3 the guest crashed (triple fault, KVM
@@ -83,6 +85,11 @@ struct Cli {
     /// `,mac=aa:bb:cc:dd:ee:ff[,mtu=M]`. Repeatable.
     #[arg(long = "net", value_name = "SPEC")]
     nets: Vec<husk_vmm::net::NetSpec>,
+    /// A virtio-balloon device for free page reporting: memory the guest
+    /// frees goes back to the host. The control socket's `status` reports
+    /// the bytes given back (balloon_discarded_bytes=N).
+    #[arg(long)]
+    free_page_reporting: bool,
     /// Control socket to create (pause, resume, shutdown, status; one
     /// request per line). Removed when husk-vmm ends.
     #[arg(long)]
@@ -93,8 +100,8 @@ struct Cli {
     #[arg(long)]
     seccomp_log: bool,
     /// Tests the filters: the thread of this kind (vmm, vcpu, control,
-    /// signals, console, net) makes a call none allows once its filter is
-    /// in; husk-vmm must die by SIGSYS.
+    /// signals, console, net, balloon) makes a call none allows once its
+    /// filter is in; husk-vmm must die by SIGSYS.
     #[arg(long, hide = true)]
     test_seccomp: Option<husk_vmm::seccomp::ThreadKind>,
 }
@@ -257,6 +264,11 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
                 .map_err(|e| Failure::Vmm(format!("--net tap={name}: {e}")))?,
         };
         let param = vm.add_net(tap, n.mac, n.mtu).map_err(|e| vmm(&e))?;
+        cmdline.push(' ');
+        cmdline.push_str(&param);
+    }
+    if cli.free_page_reporting {
+        let param = vm.add_balloon().map_err(|e| vmm(&e))?;
         cmdline.push(' ');
         cmdline.push_str(&param);
     }

@@ -13,14 +13,14 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{Receiver, Sender};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::EventFd;
 
+use crate::device_thread::{poll_fd, queue_from, wait, DeviceThread, Service, ThreadError};
+use crate::seccomp::ThreadKind;
 use crate::virtio_mmio::{QueueConfig, VirtioDevice, F_VERSION_1};
 
 /// VIRTIO_NET_F_MTU, _MAC, _STATUS.
@@ -35,6 +35,7 @@ pub const HDR_LEN: usize = 12;
 const QUEUE_SIZE: u16 = 256;
 const RX: usize = 0;
 const TX: usize = 1;
+const QUEUES: usize = 2;
 /// The largest frame: no GSO is offered, so a frame is at most the MTU
 /// plus an Ethernet header with two VLAN tags, plus the virtio header.
 fn max_frame(mtu: u16) -> usize {
@@ -52,12 +53,10 @@ pub enum NetError {
     },
     #[error("MTU {0} is not 68..=65535")]
     Mtu(u32),
-    #[error("eventfd: {0}")]
-    EventFd(io::Error),
+    #[error(transparent)]
+    Thread(#[from] ThreadError),
     #[error("queue {0}: the driver's ring addresses are outside guest memory")]
     QueueAddress(usize),
-    #[error("starting the device's worker: {0}")]
-    Worker(io::Error),
     // What the guest can get wrong; each fails the device.
     #[error("{queue} chain {head}: a descriptor outside guest memory ({addr:#x}, {len} bytes)")]
     OutOfRange {
@@ -200,34 +199,12 @@ fn parse_mac(s: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(mac)
 }
 
-/// The device: config space, the tap, and its worker thread. The thread
-/// starts with the device (before the guest runs) and waits for the
-/// driver: a vCPU that activates the device hands it the queues, so no
-/// vCPU ever starts a thread (each thread kind has its own seccomp filter,
-/// and a thread would inherit its maker's).
+/// The device: config space, the tap, and its worker thread (see
+/// [`crate::device_thread`]).
 pub struct NetDevice {
     mac: [u8; 6],
     mtu: u16,
-    /// One kick eventfd per queue (ioeventfds on QueueNotify).
-    pub kicks: Vec<EventFd>,
-    /// The interrupt eventfd (an irqfd on the device's line).
-    pub call: EventFd,
-    stop: EventFd,
-    /// Queues to serve and the interrupt to signal, to the worker;
-    /// dropped, it ends.
-    jobs: Option<Sender<Job>>,
-    /// The worker's word: one `Started` per job, then one `Ended` for each
-    /// that started.
-    replies: Receiver<Reply>,
-    active: bool,
-    worker: Option<JoinHandle<()>>,
-}
-
-type Job = (Vec<QueueConfig>, EventFd);
-
-enum Reply {
-    Started(Result<(), NetError>),
-    Ended,
+    pub thread: DeviceThread<Serve>,
 }
 
 /// TUNSETVNETHDRSZ and TUNSETOFFLOAD.
@@ -265,65 +242,16 @@ impl NetDevice {
 
     /// The device on a tap that is set up, with its worker thread started.
     fn start(tap: File, mac: [u8; 6], mtu: u16, memory: GuestMemoryMmap) -> Result<Self, NetError> {
-        let efd = || EventFd::new(EFD_NONBLOCK).map_err(NetError::EventFd);
-        let (kicks, call, stop) = (vec![efd()?, efd()?], efd()?, efd()?);
-        let clone = |e: &EventFd| e.try_clone().map_err(NetError::EventFd);
         let serve = Serve {
             memory,
             tap: Arc::new(tap),
-            kicks: [clone(&kicks[RX])?, clone(&kicks[TX])?],
-            stop: clone(&stop)?,
             mtu,
         };
-        let (jobs, job) = std::sync::mpsc::channel();
-        let (reply, replies) = std::sync::mpsc::channel();
-        let worker = std::thread::Builder::new()
-            .name("virtio-net".into())
-            .spawn(move || serve.run(&job, &reply))
-            .map_err(NetError::Worker)?;
         Ok(Self {
             mac,
             mtu,
-            kicks,
-            call,
-            stop,
-            jobs: Some(jobs),
-            replies,
-            active: false,
-            worker: Some(worker),
+            thread: DeviceThread::start("virtio-net", ThreadKind::Net, QUEUES, serve)?,
         })
-    }
-
-    /// Has the worker serve the queues the driver set up.
-    pub fn activate(&mut self, _features: u64, queues: &[QueueConfig]) -> Result<(), NetError> {
-        if self.active {
-            return Ok(());
-        }
-        let gone = || NetError::Ring("worker", "the virtio-net thread is gone".into());
-        let jobs = self.jobs.as_ref().ok_or_else(gone)?;
-        // Duplicated here: the worker's filter has no fcntl.
-        let call = self.call.try_clone().map_err(NetError::EventFd)?;
-        jobs.send((queues.to_vec(), call)).map_err(|_| gone())?;
-        match self.replies.recv() {
-            Ok(Reply::Started(r)) => r?,
-            _ => return Err(gone()),
-        }
-        self.active = true;
-        Ok(())
-    }
-
-    /// Stops serving (device reset); the queues are dropped.
-    pub fn deactivate(&mut self) {
-        if std::mem::take(&mut self.active) {
-            let _ = self.stop.write(1);
-            // Its end: for this stop, or earlier when the guest broke a
-            // rule (the stop is then cleared at the next start).
-            while let Ok(r) = self.replies.recv() {
-                if matches!(r, Reply::Ended) {
-                    break;
-                }
-            }
-        }
     }
 
     fn config(&self) -> [u8; 12] {
@@ -337,53 +265,34 @@ impl NetDevice {
     }
 }
 
-impl Drop for NetDevice {
-    fn drop(&mut self) {
-        self.deactivate();
-        self.jobs = None;
-        if let Some(w) = self.worker.take() {
-            let _ = w.join();
-        }
-    }
-}
-
 /// The worker thread's side: what it serves queues with.
-struct Serve {
+pub struct Serve {
     memory: GuestMemoryMmap,
     tap: Arc<File>,
-    kicks: [EventFd; 2],
-    stop: EventFd,
     mtu: u16,
 }
 
-impl Serve {
-    /// Takes jobs until the device goes; each is served until the stop or
-    /// the guest's first broken rule.
-    fn run(self, jobs: &Receiver<Job>, replies: &Sender<Reply>) {
-        crate::seccomp::enter(crate::seccomp::ThreadKind::Net);
-        while let Ok((queues, call)) = jobs.recv() {
-            let worker = Worker::new(
-                self.memory.clone(),
-                &queues,
-                self.tap.clone(),
-                call,
-                self.mtu,
-            );
-            let mut worker = match worker {
-                Ok(w) => w,
-                Err(e) => {
-                    let _ = replies.send(Reply::Started(Err(e)));
-                    continue;
-                }
-            };
-            // A stop left from a run that had ended on its own.
-            let _ = self.stop.read();
-            let _ = replies.send(Reply::Started(Ok(())));
-            if let Err(e) = worker.run(&self.kicks, &self.stop) {
-                eprintln!("husk-vmm: virtio-net failed: {e}");
-            }
-            let _ = replies.send(Reply::Ended);
-        }
+impl Service for Serve {
+    type Worker = Worker;
+    type Error = NetError;
+
+    fn worker(&self, queues: &[QueueConfig], call: EventFd) -> Result<Worker, NetError> {
+        Worker::new(
+            self.memory.clone(),
+            queues,
+            self.tap.clone(),
+            call,
+            self.mtu,
+        )
+    }
+
+    fn serve(
+        &self,
+        worker: &mut Worker,
+        kicks: &[EventFd],
+        stop: &EventFd,
+    ) -> Result<(), NetError> {
+        worker.run(kicks, stop)
     }
 }
 
@@ -419,22 +328,6 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A virtio-queue [`Queue`] for a queue the driver configured, if its rings
-/// lie in guest memory.
-pub fn queue_from(q: &QueueConfig, mem: &GuestMemoryMmap) -> Option<Queue> {
-    let mut queue = Queue::new(q.max_size).ok()?;
-    queue.set_size(q.size);
-    let split = |a: u64| (Some(a as u32), Some((a >> 32) as u32));
-    let (lo, hi) = split(q.desc);
-    queue.set_desc_table_address(lo, hi);
-    let (lo, hi) = split(q.driver);
-    queue.set_avail_ring_address(lo, hi);
-    let (lo, hi) = split(q.device);
-    queue.set_used_ring_address(lo, hi);
-    queue.set_ready(q.ready);
-    queue.is_valid(mem).then_some(queue)
-}
-
 /// The device's data path, separate from the thread so tests can drive it.
 pub struct Worker {
     mem: GuestMemoryMmap,
@@ -459,11 +352,13 @@ impl Worker {
         call: EventFd,
         mtu: u16,
     ) -> Result<Self, NetError> {
-        let mut rings = Vec::with_capacity(2);
-        for (i, q) in queues.iter().enumerate().take(2) {
-            rings.push(queue_from(q, &mem).ok_or(NetError::QueueAddress(i))?);
-        }
-        let [rx, tx]: [Queue; 2] = rings.try_into().map_err(|_| NetError::QueueAddress(2))?;
+        let ring = |i: usize| {
+            queues
+                .get(i)
+                .and_then(|q| queue_from(q, &mem))
+                .ok_or(NetError::QueueAddress(i))
+        };
+        let (rx, tx) = (ring(RX)?, ring(TX)?);
         Ok(Self {
             mem,
             rx,
@@ -477,13 +372,14 @@ impl Worker {
 
     /// Serves the queues until `stop` is signalled or the guest breaks a
     /// rule.
-    fn run(&mut self, kicks: &[EventFd; 2], stop: &EventFd) -> Result<(), NetError> {
-        let mut fds = [
-            poll_fd(self.tap.as_raw_fd()),
-            poll_fd(kicks[RX].as_raw_fd()),
-            poll_fd(kicks[TX].as_raw_fd()),
-            poll_fd(stop.as_raw_fd()),
-        ];
+    fn run(&mut self, kicks: &[EventFd], stop: &EventFd) -> Result<(), NetError> {
+        // The tap, each kick, the stop.
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.tap.as_raw_fd())
+            .chain(kicks.iter().map(|k| k.as_raw_fd()))
+            .chain([stop.as_raw_fd()])
+            .map(poll_fd)
+            .collect();
+        let stopped = fds.len() - 1;
         loop {
             // Read the tap only while a frame can be placed.
             fds[0].events = if self.pending.is_none() {
@@ -491,23 +387,12 @@ impl Worker {
             } else {
                 0
             };
-            for f in &mut fds {
-                f.revents = 0;
-            }
-            // SAFETY: `fds` is a live array of pollfd of the given length.
-            let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-            if n < 0 {
-                let e = io::Error::last_os_error();
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(NetError::Ring("poll", e.to_string()));
-            }
-            if fds[3].revents != 0 {
+            wait(&mut fds, -1).map_err(|e| NetError::Ring("poll", e.to_string()))?;
+            if fds[stopped].revents != 0 {
                 return Ok(());
             }
-            for (i, k) in kicks.iter().enumerate() {
-                if fds[i + 1].revents != 0 {
+            for (k, f) in kicks.iter().zip(&fds[1..]) {
+                if f.revents != 0 {
                     let _ = k.read();
                 }
             }
@@ -630,20 +515,13 @@ impl Worker {
     }
 }
 
-fn poll_fd(fd: RawFd) -> libc::pollfd {
-    libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::os::fd::OwnedFd;
     use std::os::unix::net::UnixDatagram;
 
     use vm_memory::GuestAddress;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use super::*;
 
@@ -934,10 +812,12 @@ mod tests {
         // Rings outside guest memory: refused, the device stays inactive.
         let mut outside = ring(RX_BASE);
         outside.desc = MEM + 0x1000;
-        let e = dev.activate(0, &[outside, ring(TX_BASE)]).unwrap_err();
+        let e = dev.thread.activate(&[outside, ring(TX_BASE)]).unwrap_err();
         assert!(matches!(e, NetError::QueueAddress(0)), "{e}");
         for round in 0..2 {
-            dev.activate(0, &[ring(RX_BASE), ring(TX_BASE)]).unwrap();
+            dev.thread
+                .activate(&[ring(RX_BASE), ring(TX_BASE)])
+                .unwrap();
             // A frame the driver queues leaves on the tap, its kick through
             // the worker's poll.
             let mut driver = Driver {
@@ -948,11 +828,11 @@ mod tests {
             let f = frame(60 + round);
             mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
             driver.chain(TX, &[(BUFS, f.len() as u32, false)]);
-            dev.kicks[TX].write(1).unwrap();
+            dev.thread.kicks[TX].write(1).unwrap();
             let mut got = vec![0u8; 2048];
             let n = peer.recv(&mut got).expect("the frame on the tap");
             assert_eq!(&got[..n], &f[..], "round {round}");
-            dev.deactivate();
+            dev.thread.deactivate();
             // Reset: the queues start over in guest memory.
             mem.write_slice(&[0u8; 0x2000], GuestAddress(RX_BASE))
                 .unwrap();

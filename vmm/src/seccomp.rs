@@ -14,6 +14,8 @@
 //! the control socket, signals) and from the kernel's seccomp log in the
 //! nested lab (the real guest with virtio-fs, virtio-vsock and virtio-net
 //! working), plus the calls a Rust thread makes to allocate, panic and end.
+//! The virtio-balloon worker's list comes from strace of its thread in the
+//! device's unit test (activation, reports, reset, its end).
 //! `--seccomp-log` turns the kill into a log entry, to find a missing call
 //! without losing the VM.
 
@@ -163,16 +165,20 @@ pub enum ThreadKind {
     Console,
     /// virtio-net's worker: the tap and the queues.
     Net,
+    /// virtio-balloon's worker: the queues, and holes punched in the guest
+    /// RAM memfd for the pages the guest gives back.
+    Balloon,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vmm,
         ThreadKind::Vcpu,
         ThreadKind::Control,
         ThreadKind::Signals,
         ThreadKind::Console,
         ThreadKind::Net,
+        ThreadKind::Balloon,
     ];
 
     pub fn name(self) -> &'static str {
@@ -183,6 +189,7 @@ impl ThreadKind {
             ThreadKind::Signals => "signals",
             ThreadKind::Console => "console",
             ThreadKind::Net => "net",
+            ThreadKind::Balloon => "balloon",
         }
     }
 
@@ -195,6 +202,7 @@ impl ThreadKind {
             ThreadKind::Signals => SIGNALS,
             ThreadKind::Console => CONSOLE,
             ThreadKind::Net => NET,
+            ThreadKind::Balloon => BALLOON,
         }
     }
 
@@ -314,6 +322,19 @@ const NET: &Allow = &Allow {
     ioctls: &[],
 };
 
+/// virtio-balloon's worker: waits on the kicks and reads them, punches
+/// holes in the guest RAM memfd (fallocate); its irqfd write is in
+/// [`THREAD`]'s list.
+const BALLOON: &Allow = &Allow {
+    calls: &[
+        libc::SYS_poll,
+        libc::SYS_ppoll,
+        libc::SYS_read,
+        libc::SYS_fallocate,
+    ],
+    ioctls: &[],
+};
+
 /// How this process's threads are filtered: set once, by the husk-vmm
 /// program, before its first thread starts. Without it (the library in
 /// tests) threads run unfiltered.
@@ -422,6 +443,15 @@ mod tests {
             assert!(!ioctl, "{} may make any ioctl", k.name());
         }
         assert_eq!(VCPU.ioctls, &[KVM_RUN]);
+    }
+
+    #[test]
+    fn only_the_balloon_worker_may_punch_holes_in_guest_memory() {
+        for k in ThreadKind::ALL {
+            let may = THREAD.calls.contains(&libc::SYS_fallocate)
+                || k.allow().calls.contains(&libc::SYS_fallocate);
+            assert_eq!(may, k == ThreadKind::Balloon, "{}", k.name());
+        }
     }
 
     #[test]

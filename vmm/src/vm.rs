@@ -10,6 +10,7 @@ use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_EN
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::balloon::{BalloonDevice, BalloonError};
 use crate::boot::BootEntry;
 use crate::control::RunState;
 use crate::devices::{EventFdTrigger, PioAction, PioBus, SERIAL_IRQ};
@@ -29,43 +30,51 @@ pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 /// IOAPIC's pins as they are).
 const VIRTIO_IRQS: [u32; 6] = [5, 6, 7, 9, 10, 11];
 const MAX_VIRTIO_DEVICES: usize = VIRTIO_IRQS.len();
+// A pod's VM has virtio-fs, virtio-vsock, virtio-balloon and a NIC.
+const _: () = assert!(MAX_VIRTIO_DEVICES >= 4);
 
 type Transport = Mutex<MmioTransport<Device>>;
 
 /// A virtio device behind the transport: one a vhost-user daemon serves,
-/// or husk-vmm's own virtio-net.
+/// or one of husk-vmm's own (virtio-net, virtio-balloon).
 pub enum Device {
     VhostUser(VhostUserDevice),
     Net(NetDevice),
+    Balloon(BalloonDevice),
 }
 
 impl Device {
     fn kicks(&self) -> &[vmm_sys_util::eventfd::EventFd] {
         match self {
             Device::VhostUser(d) => &d.kicks,
-            Device::Net(d) => &d.kicks,
+            Device::Net(d) => &d.thread.kicks,
+            Device::Balloon(d) => &d.thread.kicks,
         }
     }
 
     fn call(&self) -> &vmm_sys_util::eventfd::EventFd {
         match self {
             Device::VhostUser(d) => &d.call,
-            Device::Net(d) => &d.call,
+            Device::Net(d) => &d.thread.call,
+            Device::Balloon(d) => &d.thread.call,
         }
     }
 
     fn activate(&mut self, features: u64, queues: &[QueueConfig]) -> Result<(), String> {
         match self {
             Device::VhostUser(d) => d.activate(features, queues).map_err(|e| e.to_string()),
-            Device::Net(d) => d.activate(features, queues).map_err(|e| e.to_string()),
+            Device::Net(d) => d.thread.activate(queues).map_err(|e| e.to_string()),
+            Device::Balloon(d) => d.thread.activate(queues).map_err(|e| e.to_string()),
         }
     }
 
     /// The driver reset the device. (A vhost-user daemon keeps its rings
     /// until the VM ends; the guest resets devices only on its way down.)
     fn reset(&mut self) {
-        if let Device::Net(d) = self {
-            d.deactivate();
+        match self {
+            Device::VhostUser(_) => {}
+            Device::Net(d) => d.thread.deactivate(),
+            Device::Balloon(d) => d.thread.deactivate(),
         }
     }
 
@@ -73,6 +82,7 @@ impl Device {
         match self {
             Device::VhostUser(d) => d,
             Device::Net(d) => d,
+            Device::Balloon(d) => d,
         }
     }
 }
@@ -98,6 +108,7 @@ impl VirtioDevice for Device {
         match self {
             Device::VhostUser(d) => d.write_config(offset, data),
             Device::Net(d) => d.write_config(offset, data),
+            Device::Balloon(d) => d.write_config(offset, data),
         }
     }
 }
@@ -144,6 +155,8 @@ pub enum VmError {
     VhostUser(#[from] VhostUserError),
     #[error(transparent)]
     Net(#[from] NetError),
+    #[error(transparent)]
+    Balloon(#[from] BalloonError),
     #[error("husk-vmm supports at most {MAX_VIRTIO_DEVICES} virtio devices")]
     TooManyDevices,
     #[error("{0} vCPUs requested; husk-vmm runs 1 to {MAX_VCPUS}")]
@@ -440,9 +453,7 @@ impl Vm {
     /// irqfd on its line. Returns the kernel command-line parameter that
     /// tells the guest where it is.
     pub fn add_vhost_user(&mut self, kind: Kind, socket: &Path) -> Result<String, VmError> {
-        if self.mmio.len() >= MAX_VIRTIO_DEVICES {
-            return Err(VmError::TooManyDevices);
-        }
+        self.room()?;
         let dev = VhostUserDevice::connect(kind, socket, self.ram.memory.clone())?;
         self.add_device(Device::VhostUser(dev))
     }
@@ -456,11 +467,30 @@ impl Vm {
         mac: [u8; 6],
         mtu: u32,
     ) -> Result<String, VmError> {
+        self.room()?;
+        let dev = NetDevice::new(tap, mac, mtu, self.ram.memory.clone())?;
+        self.add_device(Device::Net(dev))
+    }
+
+    /// Adds husk-vmm's own virtio-balloon device for free page reporting:
+    /// pages the guest frees go back to the host. The control socket's
+    /// `status` reports the bytes given back as `balloon_discarded_bytes`.
+    /// Returns the kernel command-line parameter for it.
+    pub fn add_balloon(&mut self) -> Result<String, VmError> {
+        self.room()?;
+        let dev = BalloonDevice::new(&self.ram)?;
+        self.state
+            .report("balloon_discarded_bytes", dev.discarded());
+        self.add_device(Device::Balloon(dev))
+    }
+
+    /// Refuses a device beyond the windows and lines there are (before it
+    /// is made: a daemon connected or a thread started for nothing).
+    fn room(&self) -> Result<(), VmError> {
         if self.mmio.len() >= MAX_VIRTIO_DEVICES {
             return Err(VmError::TooManyDevices);
         }
-        let dev = NetDevice::new(tap, mac, mtu, self.ram.memory.clone())?;
-        self.add_device(Device::Net(dev))
+        Ok(())
     }
 
     /// Puts `dev` on the bus: its MMIO window, the ioeventfds on its

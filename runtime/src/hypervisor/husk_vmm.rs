@@ -59,6 +59,9 @@ impl HuskVmm {
             "--api-socket",
             &spec.control_socket.clone().into_os_string(),
         );
+        if spec.free_page_reporting {
+            args.push("--free-page-reporting".into());
+        }
         args
     }
 }
@@ -115,6 +118,7 @@ mod tests {
                 mtu: 1450,
             }],
             console_pipe: None,
+            free_page_reporting: true,
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)
@@ -133,6 +137,7 @@ mod tests {
             "--vhost-user-vsock /vsock.sock",
             "--guest-cid 3",
             "--api-socket /s/vmm.sock",
+            "--free-page-reporting",
         ] {
             assert!(joined.contains(want), "{want} missing from {joined}");
         }
@@ -152,5 +157,11 @@ mod tests {
             .join(" ");
         assert!(joined.contains("--console-fd 4"), "{joined}");
         assert!(!joined.contains("--console /c"), "{joined}");
+        let plain = VmSpec {
+            free_page_reporting: false,
+            ..piped
+        };
+        let args = HuskVmm::new(Path::new("husk-vmm")).args(&plain);
+        assert!(!args.iter().any(|a| a == "--free-page-reporting"));
     }
 }

@@ -41,6 +41,8 @@ pub struct VmSpec {
     /// in the caller (the VMM gets it after the taps, as
     /// [`VmSpec::console_fd`]). The caller caps what reaches `console_log`.
     pub console_pipe: Option<RawFd>,
+    /// A virtio-balloon device whose only job is free page reporting.
+    pub free_page_reporting: bool,
 }
 
 impl VmSpec {

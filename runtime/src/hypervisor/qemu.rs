@@ -108,6 +108,12 @@ impl Qemu {
         args.push(prefixed("socket,id=vsock0,path=", &spec.vsock_socket));
         args.push("-device".into());
         args.push("vhost-user-vsock-device,chardev=vsock0".into());
+        // Pages the guest frees are punched out of the memfd (QEMU discards
+        // each reported range). No balloon target: husk never inflates.
+        if spec.free_page_reporting {
+            args.push("-device".into());
+            args.push("virtio-balloon-device,free-page-reporting=on".into());
+        }
         // The pod's NICs: taps the caller opened, inherited as descriptors.
         // No vhost-net (this host's kernel has none; QEMU serves the queues).
         for (i, net) in spec.nets.iter().enumerate() {
@@ -184,6 +190,7 @@ mod tests {
             control_socket: "/s/vmm.sock".into(),
             nets: Vec::new(),
             console_pipe: None,
+            free_page_reporting: true,
         }
     }
 
@@ -221,6 +228,17 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("-serial file:/s/console.log"), "{line}");
+        assert!(
+            line.contains("-device virtio-balloon-device,free-page-reporting=on"),
+            "{line}"
+        );
+        let plain = Qemu::new(Path::new("q"), ResolvedAccel::Tcg).args(&VmSpec {
+            free_page_reporting: false,
+            ..spec()
+        });
+        assert!(!plain
+            .iter()
+            .any(|a| a.to_string_lossy().contains("balloon")));
     }
 
     #[test]
