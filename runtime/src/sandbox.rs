@@ -7,7 +7,7 @@
 
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::thread::JoinHandle;
@@ -142,6 +142,68 @@ impl std::fmt::Display for BootTimings {
             self.connect_attempts,
             ms(self.first_rpc),
         )
+    }
+}
+
+/// Watches a growing log for a line, reading only what was added since
+/// the last look (the boot wait asks every 5 ms; the console holds the
+/// whole kernel log by then).
+struct HintScan<'a> {
+    path: &'a Path,
+    needle: &'a [u8],
+    /// The file looked at (device, inode), and how many of its bytes.
+    file: (u64, u64),
+    offset: u64,
+    /// The last `needle.len() - 1` bytes looked at: a needle may straddle
+    /// two reads.
+    carry: Vec<u8>,
+    found: bool,
+}
+
+impl<'a> HintScan<'a> {
+    fn new(path: &'a Path, needle: &'a [u8]) -> Self {
+        Self {
+            path,
+            needle,
+            file: (0, 0),
+            offset: 0,
+            carry: Vec::new(),
+            found: false,
+        }
+    }
+
+    /// Whether the needle is in the file by now.
+    fn seen(&mut self) -> bool {
+        use std::io::Seek;
+        if self.found {
+            return true;
+        }
+        let Ok(mut f) = std::fs::File::open(self.path) else {
+            return false;
+        };
+        // Another file than last time (the log was rotated): start over.
+        let Ok(meta) = f.metadata() else {
+            return false;
+        };
+        let file = (meta.dev(), meta.ino());
+        if file != self.file || meta.len() < self.offset {
+            self.file = file;
+            self.offset = 0;
+            self.carry.clear();
+        }
+        let mut added = Vec::new();
+        if f.seek(std::io::SeekFrom::Start(self.offset)).is_err()
+            || f.read_to_end(&mut added).is_err()
+        {
+            return false;
+        }
+        self.offset += added.len() as u64;
+        let mut window = std::mem::take(&mut self.carry);
+        window.extend_from_slice(&added);
+        self.found = window.windows(self.needle.len()).any(|w| w == self.needle);
+        let keep = window.len().min(self.needle.len().saturating_sub(1));
+        self.carry = window.split_off(window.len() - keep);
+        self.found
     }
 }
 
@@ -341,6 +403,7 @@ impl Sandbox {
         sb.timings.vmm_spawn = spawned - t;
 
         let console = spec.console_log.clone();
+        let mut hint = HintScan::new(&console, LISTENING_HINT);
         let vmm = sb.vmm.as_mut().expect("set above");
         let pump = &mut sb.console;
         let ready = agent::wait_ready(
@@ -350,8 +413,7 @@ impl Sandbox {
             || match vmm.try_wait() {
                 // The agent's console line is only a hint of when to start
                 // trying; the handshake and the RPCs decide.
-                Ok(None) => Ok(std::fs::read(&console)
-                    .is_ok_and(|c| c.windows(LISTENING_HINT.len()).any(|w| w == LISTENING_HINT))),
+                Ok(None) => Ok(hint.seen()),
                 Ok(Some(status)) => {
                     // A piped console's log is whole once the pipe is drained.
                     if let Some(p) = pump.take() {
@@ -601,6 +663,41 @@ mod tests {
         assert!(matches!(err, SandboxError::BadImage { .. }), "{err}");
         assert!(err.to_string().contains("no-vmlinux"), "{err}");
         assert!(!cfg.state_dir.join("t").exists(), "sandbox dir left behind");
+    }
+
+    #[test]
+    fn the_hint_is_found_across_reads_and_after_a_rotation() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut scan = HintScan::new(&log, b"agent: listening");
+        assert!(!scan.seen(), "no file yet");
+        let append = |text: &str| {
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .unwrap();
+            f.write_all(text.as_bytes()).unwrap();
+        };
+        append("[0.1] booting\nagent: list");
+        assert!(!scan.seen());
+        append("en");
+        assert!(!scan.seen());
+        append("ing on port 1024\n");
+        assert!(scan.seen(), "the needle straddled three reads");
+        assert!(scan.seen(), "found stays found");
+
+        assert!(!HintScan::new(&log, b"absent").seen());
+
+        // Rotated (renamed, a new file in its place) after a first look:
+        // the new file is read from its start, even once it has grown past
+        // the old offset.
+        let mut scan = HintScan::new(&log, b"agent: listening");
+        std::fs::write(&log, "x".repeat(40)).unwrap();
+        assert!(!scan.seen());
+        std::fs::rename(&log, dir.path().join("console.log.1")).unwrap();
+        append("agent: listening, and more than forty bytes in all\n");
+        assert!(scan.seen(), "a rotated file is read from its start");
     }
 
     #[test]
