@@ -223,6 +223,14 @@ settled() {
     done
     echo $now
 }
+# PSS in KiB of processes $2...: "own guest", guest being their mappings of
+# the guest RAM memfd named $1.
+pss() {
+    local ram="^/memfd:$1( |\$)"
+    shift
+    for p; do cat /proc/$p/smaps 2>/dev/null; done |
+        awk -v ram="$ram" '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ ram) } /^Pss:/ { if (g) guest += $2; else own += $2 } END { print own + 0, guest + 0 }'
+}
 # The pids of $1 and everything below it.
 tree() {
     for s in /proc/[0-9]*/stat; do cut -d' ' -f1,4 $s 2>/dev/null; done |
@@ -244,9 +252,7 @@ density() {
     done
     after=$(settled)
     for p in $pids; do
-        pod=$(for t in $(tree $p); do cat /proc/$t/smaps 2>/dev/null; done |
-            awk '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ "^/memfd:husk-guest-ram( |$)") }
-                 /^Pss:/ { if (g) guest += $2; else own += $2 } END { print own + 0, guest + 0 }')
+        pod=$(pss husk-guest-ram $(tree $p))
         own=$((own + ${pod% *})) guest=$((guest + ${pod#* }))
     done
     # The pods end once they see the file through virtio-fs.
@@ -395,11 +401,8 @@ measure() {
         ls /run/husk/*/shared/*/rootfs/bin > /dev/null 2>&1 || continue
         pid=$(pidof $2)
         [ -n "$pid" ] && [ -r /proc/$pid/smaps ] || continue
-        awk -v vmm=$2 -v ram="^/memfd:$3( |$)" '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ ram) }
-            /^Pss:/ { if (g) guest += $2; else own += $2 }
-            END { if (own > 0) print "LAB: mem: " vmm " own PSS " own " KiB, guest RAM PSS " guest " KiB" }' \
-            /proc/$pid/smaps > /tmp/mem 2>/dev/null
-        grep -q "LAB: mem" /tmp/mem && { cat /tmp/mem; measured=1; break; }
+        mem=$(pss $3 $pid)
+        [ "${mem% *}" -gt 0 ] && { echo "LAB: mem: $2 own PSS ${mem% *} KiB, guest RAM PSS ${mem#* } KiB"; measured=1; break; }
     done
     # What confines the running pod's processes, and husk-vmm's threads
     # one by one (each has a seccomp filter of its own kind).
@@ -429,7 +432,7 @@ measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
 # (its counter grows by at least 64 MiB: reports take only whole free 4 MiB
 # blocks, so the edges of the buffer may stay) and the guest RAM it holds
 # falls back to within 16 MiB of what it was at rest.
-guest_ram() { awk '/^[0-9a-f]+-[0-9a-f]+ / { g = ($6 ~ "^/memfd:husk-guest-ram( |$)") } /^Pss:/ { if (g) s += $2 } END { print s + 0 }' /proc/$1/smaps; }
+guest_ram() { local m; m=$(pss husk-guest-ram $1); echo ${m#* }; }
 given() { husk-vmm ctl /run/husk/fpr/sock/vmm.sock status 2>/dev/null | sed -n 's/.*balloon_discarded_bytes=\([0-9]*\).*/\1/p'; }
 rm -f /rootfs/fpr-go /rootfs/fpr-stop
 husk run --id fpr --rootfs /rootfs -- sh -c 'while [ ! -e /fpr-go ]; do sleep 1; done; dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null; while [ ! -e /fpr-stop ]; do sleep 1; done' > /tmp/fpr 2>&1 &

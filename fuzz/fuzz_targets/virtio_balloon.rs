@@ -9,26 +9,15 @@
 
 use husk_vmm::balloon::{Backing, Worker};
 use husk_vmm::memory::GuestRam;
-use husk_vmm::virtio_mmio::QueueConfig;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const INPUT: usize = 64 << 10;
 
-/// A queue of at most 16 entries with its rings packed from `base`
-/// (descriptors, then driver and device areas), so that short inputs
-/// already reach them: inflate at 0, deflate at 0x400, reporting at 0x800.
-fn queue(base: u64, size: u16) -> QueueConfig {
-    QueueConfig {
-        max_size: 16,
-        size,
-        ready: true,
-        desc: base,
-        driver: base + 0x100,
-        device: base + 0x200,
-    }
-}
+// Queues (see common::queue): inflate at 0, deflate at 0x400, reporting at 0x800.
+mod common;
+use common::queue;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&head, rest)) = data.split_first() else {

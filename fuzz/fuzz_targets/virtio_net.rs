@@ -11,26 +11,15 @@ use std::os::unix::net::UnixDatagram;
 use std::sync::Arc;
 
 use husk_vmm::net::Worker;
-use husk_vmm::virtio_mmio::QueueConfig;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const MEM: usize = 64 << 10;
 
-/// A queue of at most 16 entries with its rings packed from `base`
-/// (descriptors, then driver and device areas), so that short inputs
-/// already reach them: transmit at 0, receive at 0x400.
-fn queue(base: u64, size: u16) -> QueueConfig {
-    QueueConfig {
-        max_size: 16,
-        size,
-        ready: true,
-        desc: base,
-        driver: base + 0x100,
-        device: base + 0x200,
-    }
-}
+// Queues (see common::queue): transmit at 0, receive at 0x400.
+mod common;
+use common::queue;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&head, rest)) = data.split_first() else {

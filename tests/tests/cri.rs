@@ -17,6 +17,12 @@ fn sh(cri: &Cri, id: &str, cmd: &str) -> String {
     cri.sh(id, cmd, 60)
 }
 
+/// Runs container `name` (`sleep 3600`) in `pod`.
+fn sleeper(cri: &Cri, pod: &str, opts: &PodOpts, name: &str) -> String {
+    cri.run_container(pod, opts, container(name, IMAGE, &["sleep", "3600"], false))
+        .unwrap_or_else(|e| panic!("container {name}: {e}"))
+}
+
 /// Shims and VMMs now running on this host.
 fn shims_and_vmms() -> (Vec<u32>, Vec<u32>) {
     let shims = processes_mentioning(Path::new("containerd-shim-husk-v2"));
@@ -300,13 +306,7 @@ fn exec_soak_sequential_and_concurrent_then_the_pod_still_answers_kill() {
     let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-soak", logs.path());
     let pod = start_pod(&ctd, &cri, &opts);
-    let c = cri
-        .run_container(
-            &pod,
-            &opts,
-            container("c", IMAGE, &["sleep", "3600"], false),
-        )
-        .expect("container");
+    let c = sleeper(&cri, &pod, &opts, "c");
     let sequential: usize = std::env::var("HUSK_SOAK_EXECS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -540,13 +540,7 @@ fn a_killed_pod_shim_is_cleaned_up_container_by_container() {
     let parent = format!("/husk-e2e-{}", std::process::id());
     opts.cgroup_parent = format!("{parent}/pod-crash");
     let pod = start_pod(&ctd, &cri, &opts);
-    let app = cri
-        .run_container(
-            &pod,
-            &opts,
-            container("app", IMAGE, &["sleep", "3600"], false),
-        )
-        .expect("container");
+    let app = sleeper(&cri, &pod, &opts, "app");
     let (shims, _) = shims_and_vmms();
     assert_eq!(shims.len(), 1, "{shims:?}");
     let pod_cgroup = format!("{parent}/pod-crash/{pod}");
@@ -618,13 +612,7 @@ fn memory_a_guest_frees_goes_back_to_the_host() {
     let (ctd, cri, logs) = cri_env();
     let opts = PodOpts::new("pod-fpr", logs.path());
     let pod = start_pod(&ctd, &cri, &opts);
-    let c = cri
-        .run_container(
-            &pod,
-            &opts,
-            container("c", IMAGE, &["sleep", "3600"], false),
-        )
-        .expect("container");
+    let c = sleeper(&cri, &pod, &opts, "c");
     let at_rest = pod_guest_ram_kib();
     // dd's 96 MiB buffer is touched (filled from /dev/zero) and freed when
     // dd exits: the guest reports the free blocks, the VMM discards them.
@@ -682,13 +670,7 @@ fn a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size() {
 
     // The configured size, from a pod without limits.
     let base = start_pod(&ctd, &cri, &plain);
-    let b = cri
-        .run_container(
-            &base,
-            &plain,
-            container("b", IMAGE, &["sleep", "3600"], false),
-        )
-        .expect("container in the plain pod");
+    let b = sleeper(&cri, &base, &plain, "b");
     let mem_kib = |id: &str| -> u64 {
         sh(&cri, id, "awk '/MemTotal/ {print $2}' /proc/meminfo")
             .trim()
@@ -700,13 +682,7 @@ fn a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size() {
     teardown(&cri, &base);
 
     let pod = start_pod(&ctd, &cri, &opts);
-    let app = cri
-        .run_container(
-            &pod,
-            &opts,
-            container("app", IMAGE, &["sleep", "3600"], false),
-        )
-        .expect("container");
+    let app = sleeper(&cri, &pod, &opts, "app");
     // The VM grew by the pod's limits: 256 MiB and ceil(1.5) = 2 vCPUs.
     let (mem, n) = (mem_kib(&app), cpus(&app));
     assert_eq!(
