@@ -249,6 +249,7 @@ fn mkdir_p(path: &str) -> Result<(), InitError> {
 /// runs from the first instructions. The kernel logs `Run /init as init
 /// process` with that clock just before exec'ing us; it is in the kernel log
 /// buffer even with `quiet`.
+#[derive(Clone, Copy)]
 pub struct BootClock {
     init_ns: u64,
     boottime_at_init: u64,
@@ -311,6 +312,40 @@ fn parse_kmsg_record(record: &[u8], prefix: &str) -> Option<u64> {
     Some(usec * 1000)
 }
 
+/// The kernel parameter setting the smallest free block free page
+/// reporting gives back (2^order pages).
+const PAGE_REPORTING_ORDER_PARAM: &str = "page_reporting.page_reporting_order=";
+const PAGE_REPORTING_ORDER_SYSFS: &str =
+    "/sys/module/page_reporting/parameters/page_reporting_order";
+
+/// The order `page_reporting.page_reporting_order=N` on the command line
+/// asks for, if any (the last one wins, as in the kernel).
+fn page_reporting_order(cmdline: &str) -> Option<&str> {
+    cmdline
+        .split_whitespace()
+        .filter_map(|w| w.strip_prefix(PAGE_REPORTING_ORDER_PARAM))
+        .next_back()
+}
+
+/// Applies the command line's page reporting order. Linux 6.1 parses the
+/// parameter at boot but overwrites it with pageblock_order (4 MiB) when
+/// virtio-balloon registers (mm/page_reporting.c, page_reporting_register),
+/// so the guest frees smaller blocks than that without ever reporting them;
+/// by the time /init runs the driver has registered and the parameter's
+/// sysfs file sets it for good. Nothing to do without the parameter or
+/// without reporting (no balloon device).
+pub fn apply_page_reporting_order(cmdline: &str) -> Result<(), String> {
+    let Some(order) = page_reporting_order(cmdline) else {
+        return Ok(());
+    };
+    if !Path::new(PAGE_REPORTING_ORDER_SYSFS).exists() {
+        return Ok(());
+    }
+    fs::write(PAGE_REPORTING_ORDER_SYSFS, order).map_err(|e| {
+        format!("setting page reporting order {order:?} ({PAGE_REPORTING_ORDER_SYSFS}): {e}")
+    })
+}
+
 /// Guest CLOCK_BOOTTIME in nanoseconds.
 pub fn boottime_ns() -> u64 {
     clock_gettime(ClockId::CLOCK_BOOTTIME)
@@ -364,6 +399,19 @@ fn i8042_reset() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_reporting_order_comes_from_the_command_line() {
+        assert_eq!(page_reporting_order("console=ttyS0 quiet"), None);
+        assert_eq!(
+            page_reporting_order(
+                "quiet page_reporting.page_reporting_order=9 x page_reporting.page_reporting_order=5"
+            ),
+            Some("5")
+        );
+        // Nothing asked: nothing written, whatever the guest has.
+        assert_eq!(apply_page_reporting_order("quiet"), Ok(()));
+    }
 
     #[test]
     fn kmsg_record_timestamp() {

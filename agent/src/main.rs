@@ -49,8 +49,8 @@ fn main() -> ExitCode {
     }
     // After setup: /proc is mounted. libcontainer reports through `tracing`; send it to the console.
     // `husk.debug` on the kernel command line raises the level.
-    let debug = std::fs::read_to_string("/proc/cmdline")
-        .is_ok_and(|c| c.split_whitespace().any(|w| w == "husk.debug"));
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    let debug = cmdline.split_whitespace().any(|w| w == "husk.debug");
     tracing_subscriber::fmt()
         .with_max_level(if debug {
             tracing_subscriber::filter::LevelFilter::DEBUG
@@ -61,6 +61,12 @@ fn main() -> ExitCode {
         .with_ansi(false)
         .without_time()
         .init();
+
+    if is_init {
+        if let Err(e) = init::apply_page_reporting_order(&cmdline) {
+            log_error!("{e}");
+        }
+    }
 
     // Forked while the agent is still single-threaded (see zygote.rs).
     let zygote = match zygote::start() {

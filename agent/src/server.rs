@@ -45,6 +45,8 @@ pub struct HealthService {
     init_started_ns: u64,
     listening_ns: u64,
     kernel_release: String,
+    /// Guest boot clock now, in nanoseconds since the kernel started.
+    now_ns: Box<dyn Fn() -> u64 + Send + Sync>,
 }
 
 impl HealthService {
@@ -61,6 +63,7 @@ impl HealthService {
         resp.init_started_ns = self.init_started_ns;
         resp.listening_ns = self.listening_ns;
         resp.kernel_release = self.kernel_release.clone();
+        resp.replied_ns = (self.now_ns)();
         resp
     }
 }
@@ -296,10 +299,15 @@ pub fn serve(
             port: AGENT_VSOCK_PORT,
             source,
         })?;
+    // Bound is listening: the guest kernel completes the host's connection
+    // and queues its first request until the server below takes them, so
+    // the host is told now and connects while the rest is set up.
+    crate::log_info!("listening on vsock port {AGENT_VSOCK_PORT}");
     let health = HealthService {
         init_started_ns: clock.init_ns(),
         listening_ns: clock.now_ns(),
         kernel_release,
+        now_ns: Box::new(move || clock.now_ns()),
     };
     let hub = Arc::new(StreamHub::default());
     hub.listen().map_err(ServeError::Stdio)?;
@@ -316,7 +324,6 @@ pub fn serve(
         .register_service(agent_ttrpc::create_agent(Arc::new(agent)))
         .register_service(containers_ttrpc::create_containers(Arc::new(containers)));
     server.start().map_err(ServeError::Start)?;
-    crate::log_info!("listening on vsock port {AGENT_VSOCK_PORT}");
 
     // A closed channel cannot happen while `server` holds the sender; treat
     // it as a shutdown request all the same.
@@ -335,11 +342,15 @@ mod tests {
             init_started_ns: 5,
             listening_ns: 9,
             kernel_release: "6.1.0-husk".into(),
+            now_ns: Box::new(|| 12),
         };
         let v = svc.version();
         assert_eq!(v.protocol_version, PROTOCOL_VERSION);
         assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
-        assert_eq!((v.init_started_ns, v.listening_ns), (5, 9));
+        assert_eq!(
+            (v.init_started_ns, v.listening_ns, v.replied_ns),
+            (5, 9, 12)
+        );
         assert_eq!(v.kernel_release, "6.1.0-husk");
         assert_eq!(svc.check().status.enum_value(), Ok(ServingStatus::SERVING));
     }

@@ -212,6 +212,8 @@ pub struct AgentInfo {
     pub kernel_to_init: Duration,
     /// Guest kernel start to the agent listening on vsock.
     pub kernel_to_listening: Duration,
+    /// Guest kernel start to the agent's reply to this Version call.
+    pub kernel_to_reply: Duration,
 }
 
 /// Highest exit status a process can report (runc: code, or 128 + signal).
@@ -638,11 +640,12 @@ pub fn validate_version(
     }
     let init = Duration::from_nanos(resp.init_started_ns);
     let listening = Duration::from_nanos(resp.listening_ns);
+    let replied = Duration::from_nanos(resp.replied_ns);
     // Guest and host clocks differ a little in rate; allow 10% and 250 ms.
     let bound = guest_uptime_bound + guest_uptime_bound / 10 + Duration::from_millis(250);
-    if init > listening || listening > bound || init.is_zero() {
+    if init > listening || listening > replied || replied > bound || init.is_zero() {
         return Err(invalid(format!(
-            "boot timings init={init:?} listening={listening:?} are impossible for a guest up at most {guest_uptime_bound:?}"
+            "boot timings init={init:?} listening={listening:?} replied={replied:?} are impossible for a guest up at most {guest_uptime_bound:?}"
         )));
     }
     Ok(AgentInfo {
@@ -650,6 +653,7 @@ pub fn validate_version(
         kernel_release: resp.kernel_release.clone(),
         kernel_to_init: init,
         kernel_to_listening: listening,
+        kernel_to_reply: replied,
     })
 }
 
@@ -666,6 +670,7 @@ mod tests {
         v.kernel_release = "6.1.0-husk".into();
         v.init_started_ns = init;
         v.listening_ns = listening;
+        v.replied_ns = listening + 1_000;
         v
     }
 
@@ -792,6 +797,7 @@ mod tests {
         let info =
             validate_version(&version(1_000_000, 2_000_000), Duration::from_secs(1)).unwrap();
         assert_eq!(info.kernel_to_init, Duration::from_millis(1));
+        assert_eq!(info.kernel_to_reply, Duration::from_micros(2_001));
         assert_eq!(info.kernel_release, "6.1.0-husk");
     }
 
@@ -811,6 +817,17 @@ mod tests {
         assert!(
             validate_version(&version(1, 60_000_000_000), bound).is_err(),
             "up longer than the VM"
+        );
+        let mut v = version(1, 2_000);
+        v.replied_ns = 1_999;
+        assert!(
+            validate_version(&v, bound).is_err(),
+            "replied before listening"
+        );
+        v.replied_ns = 60_000_000_000;
+        assert!(
+            validate_version(&v, bound).is_err(),
+            "replied after the call"
         );
         let mut v = version(1, 2);
         v.kernel_release = "x".repeat(4096);

@@ -87,6 +87,14 @@ pub struct GuestConfig {
     /// host a few seconds later instead of staying with the pod. Costs the
     /// guest a re-fault of such pages when it uses them again.
     pub free_page_reporting: bool,
+    /// With free page reporting: the smallest free block the guest reports,
+    /// 2^order pages of 4 KiB (0 to 10). Linux 6.1's own choice is 10
+    /// (4 MiB), which leaves the smaller holes a guest frees after boot
+    /// with the pod; 5 (128 KiB) gave back 2.5 MiB more per idle pod here
+    /// (QEMU, 3 pods: guest RAM 47.3 -> 44.8 MiB; 0 gave the same as 5 for
+    /// more, smaller reports). The agent applies it (the kernel's own
+    /// parameter `page_reporting.page_reporting_order`, which 6.1 ignores).
+    pub page_reporting_order: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -180,6 +188,7 @@ impl Default for GuestConfig {
             memory_mib: 512,
             kernel_params: String::new(),
             free_page_reporting: true,
+            page_reporting_order: 5,
         }
     }
 }
@@ -332,6 +341,13 @@ impl Config {
                 "64 to 65536",
             ));
         }
+        if self.guest.page_reporting_order > 10 {
+            return Err(range(
+                "guest.page_reporting_order",
+                self.guest.page_reporting_order.to_string(),
+                "0 to 10: blocks of 4 KiB to 4 MiB",
+            ));
+        }
         if self.agent.boot_timeout_ms < 100 {
             return Err(range(
                 "agent.boot_timeout_ms",
@@ -424,6 +440,12 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "config c.toml: guest.vcpus = 0 is out of range (1 to 32)"
+        );
+        let err =
+            Config::parse("[guest]\npage_reporting_order = 11\n", Path::new("c.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "config c.toml: guest.page_reporting_order = 11 is out of range (0 to 10: blocks of 4 KiB to 4 MiB)"
         );
     }
 

@@ -109,9 +109,17 @@ pub struct BootTimings {
     pub kernel_to_init: Duration,
     /// Guest: /init to the agent listening on vsock.
     pub init_to_listening: Duration,
-    /// Host time from VMM spawned to agent connected, less the guest's own
-    /// boot: VMM start-up, firmware-less loading, and connect polling.
-    pub vmm_and_connect: Duration,
+    /// VMM spawned to the guest kernel's clock starting: the VMM's own
+    /// start-up and loading the kernel. The guest's start is placed on the
+    /// host's clock by the Version reply (the guest's uptime then, taken at
+    /// the middle of the call), so it is good to half the first RPC.
+    pub vmm_start: Duration,
+    /// The agent listening (guest clock, placed as above) to the host
+    /// connected: the boot wait's polling and the vsock handshake.
+    pub connect: Duration,
+    /// Of `connect`: the host seeing the agent's console line to the host
+    /// connected (the handshake, and any failed attempts).
+    pub handshake: Duration,
     /// The first RPC (Version) round trip.
     pub first_rpc: Duration,
     /// Boot call to agent ready, end to end.
@@ -133,16 +141,39 @@ impl std::fmt::Display for BootTimings {
         write!(
             f,
             "daemons up {}, vmm spawned {}, guest kernel to /init {}, /init to agent listening {}, \
-             vmm start + connect {} ({} attempts), first rpc {}",
+             vmm start {}, connect {} ({} attempts, handshake {}), first rpc {}",
             ms(self.daemons),
             ms(self.vmm_spawn),
             ms(self.kernel_to_init),
             ms(self.init_to_listening),
-            ms(self.vmm_and_connect),
+            ms(self.vmm_start),
+            ms(self.connect),
             self.connect_attempts,
+            ms(self.handshake),
             ms(self.first_rpc),
         )
     }
+}
+
+/// Splits the host's time from VMM spawned to agent connected around the
+/// guest's own boot: (VMM start-up, connect after the agent listened). The
+/// guest's kernel start goes on the host's clock through the Version reply
+/// made between `connected` and `answered` (its uptime then, taken at the
+/// middle of the call); never before the VMM was spawned.
+fn vmm_start_and_connect(
+    spawned: Instant,
+    connected: Instant,
+    answered: Instant,
+    info: &AgentInfo,
+) -> (Duration, Duration) {
+    let replied = connected + (answered - connected) / 2;
+    let kernel_start = replied
+        .checked_sub(info.kernel_to_reply)
+        .map_or(spawned, |k| k.max(spawned));
+    (
+        kernel_start - spawned,
+        connected.saturating_duration_since(kernel_start + info.kernel_to_listening),
+    )
 }
 
 /// Watches a growing log for a line, reading only what was added since
@@ -345,9 +376,18 @@ impl Sandbox {
             ),
             Backend::HuskVmm => Box::new(HuskVmm::new(&config.husk_vmm.binary())),
         };
+        let reporting = if config.guest.free_page_reporting {
+            format!(
+                "page_reporting.page_reporting_order={}",
+                config.guest.page_reporting_order
+            )
+        } else {
+            String::new()
+        };
         let cmdline = [
             BASE_CMDLINE,
             hv.kernel_params(),
+            &reporting,
             config.guest.kernel_params.trim(),
         ]
         .iter()
@@ -404,6 +444,7 @@ impl Sandbox {
 
         let console = spec.console_log.clone();
         let mut hint = HintScan::new(&console, LISTENING_HINT);
+        let mut hint_at = None;
         let vmm = sb.vmm.as_mut().expect("set above");
         let pump = &mut sb.console;
         let ready = agent::wait_ready(
@@ -413,7 +454,13 @@ impl Sandbox {
             || match vmm.try_wait() {
                 // The agent's console line is only a hint of when to start
                 // trying; the handshake and the RPCs decide.
-                Ok(None) => Ok(hint.seen()),
+                Ok(None) => {
+                    let seen = hint.seen();
+                    if seen && hint_at.is_none() {
+                        hint_at = Some(Instant::now());
+                    }
+                    Ok(seen)
+                }
                 Ok(Some(status)) => {
                     // A piped console's log is whole once the pipe is drained.
                     if let Some(p) = pump.take() {
@@ -434,16 +481,19 @@ impl Sandbox {
         };
         let (stream, attempts) = ready.map_err(agent_err)?;
         let connected = Instant::now();
+        sb.timings.handshake = connected - hint_at.unwrap_or(connected);
         let agent = Agent::new(stream, config.agent.rpc_timeout())
             .map_err(agent_err)?
             .with_create_timeout(config.agent.create_timeout());
         let info = agent.version(spawned.elapsed()).map_err(agent_err)?;
-        sb.timings.first_rpc = connected.elapsed();
+        let answered = Instant::now();
+        sb.timings.first_rpc = answered - connected;
         agent.check().map_err(agent_err)?;
 
         sb.timings.kernel_to_init = info.kernel_to_init;
         sb.timings.init_to_listening = info.kernel_to_listening - info.kernel_to_init;
-        sb.timings.vmm_and_connect = (connected - spawned).saturating_sub(info.kernel_to_listening);
+        (sb.timings.vmm_start, sb.timings.connect) =
+            vmm_start_and_connect(spawned, connected, answered, &info);
         sb.timings.connect_attempts = attempts;
         sb.timings.total = t0.elapsed();
         tracing::info!(sandbox = id, backend = %sb.backend, kernel = %info.kernel_release, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
@@ -698,6 +748,45 @@ mod tests {
         std::fs::rename(&log, dir.path().join("console.log.1")).unwrap();
         append("agent: listening, and more than forty bytes in all\n");
         assert!(scan.seen(), "a rotated file is read from its start");
+    }
+
+    #[test]
+    fn the_guest_boot_is_placed_between_vmm_start_and_connect() {
+        let ms = Duration::from_millis;
+        let info = |listening, reply| AgentInfo {
+            agent_version: "0.1.0".into(),
+            kernel_release: "6.1.0-husk".into(),
+            kernel_to_init: ms(100),
+            kernel_to_listening: ms(listening),
+            kernel_to_reply: ms(reply),
+        };
+        let spawned = Instant::now();
+        // Kernel started 50 ms after spawn; agent listening at 300 ms of
+        // guest time (350 host); connected at 370; the call took 370..390
+        // and the guest replied at 330 of its time (380 host).
+        let (vmm, connect) = vmm_start_and_connect(
+            spawned,
+            spawned + ms(370),
+            spawned + ms(390),
+            &info(300, 330),
+        );
+        assert_eq!((vmm, connect), (ms(50), ms(20)));
+        // A guest claiming to be up longer than the VMM: start at spawn.
+        let (vmm, connect) = vmm_start_and_connect(
+            spawned,
+            spawned + ms(370),
+            spawned + ms(390),
+            &info(300, 900),
+        );
+        assert_eq!((vmm, connect), (ms(0), ms(70)));
+        // Listening after the connect (clock skew): no negative connect.
+        let (_, connect) = vmm_start_and_connect(
+            spawned,
+            spawned + ms(370),
+            spawned + ms(390),
+            &info(360, 361),
+        );
+        assert_eq!(connect, ms(0));
     }
 
     #[test]

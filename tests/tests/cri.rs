@@ -613,6 +613,20 @@ fn memory_a_guest_frees_goes_back_to_the_host() {
     let opts = PodOpts::new("pod-fpr", logs.path());
     let pod = start_pod(&ctd, &cri, &opts);
     let c = sleeper(&cri, &pod, &opts, "c");
+    // The agent set the configured reporting order (Linux 6.1 would keep
+    // 10, 4 MiB blocks, whatever the command line says).
+    assert_eq!(
+        sh(
+            &cri,
+            &c,
+            "cat /sys/module/page_reporting/parameters/page_reporting_order"
+        )
+        .trim(),
+        husk_runtime::Config::default()
+            .guest
+            .page_reporting_order
+            .to_string()
+    );
     let at_rest = pod_guest_ram_kib();
     // dd's 96 MiB buffer is touched (filled from /dev/zero) and freed when
     // dd exits: the guest reports the free blocks, the VMM discards them.
