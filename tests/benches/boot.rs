@@ -1,11 +1,13 @@
 //! Boot benchmark: husk sandbox boot to agent-ready, phase by phase, against
 //! a baseline measured in the same run: bare QEMU microvm booting the same
 //! kernel with an /init that reboots at once (no daemons, no vhost-user
-//! devices, no agent), timed from spawn to QEMU's exit.
+//! devices, no agent), timed from spawn to QEMU's exit, and from spawn to
+//! the guest's clock starting (as husk's "vmm start" row).
 //!
 //! `make bench` (or `cargo bench -p husk-tests --bench boot`);
 //! HUSK_BENCH_RUNS sets the number of boots of each kind (default 10).
 
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -61,11 +63,20 @@ fn main() {
         }
     }
 
-    // Baseline: the same kernel under bare QEMU, /init reboots immediately.
+    // Baseline: the same kernel under bare QEMU; /init prints the guest's
+    // clock (CLOCK_BOOTTIME, as the agent's timings) and reboots at once.
     let reboot_init = initramfs_with_init(
         &env,
         "reboot",
-        "#include <sys/reboot.h>\n#include <unistd.h>\nint main(void) { reboot(RB_AUTOBOOT); for (;;) pause(); }\n",
+        "#include <stdio.h>\n#include <sys/reboot.h>\n#include <time.h>\n#include <unistd.h>\n\
+         int main(void) {\n\
+           struct timespec t;\n\
+           clock_gettime(CLOCK_BOOTTIME, &t);\n\
+           printf(\"husk-bench-uptime-ns %lld\\n\", (long long)t.tv_sec * 1000000000LL + t.tv_nsec);\n\
+           fflush(stdout);\n\
+           reboot(RB_AUTOBOOT);\n\
+           for (;;) pause();\n\
+         }\n",
     );
     // The baseline runs on what husk ran on: husk-vmm is KVM, so QEMU on
     // KVM is its baseline, never QEMU emulating the CPU.
@@ -79,9 +90,10 @@ fn main() {
         | Backend::HuskVmm => "kvm",
     };
     let mut bare = Vec::new();
+    let mut bare_start = Vec::new();
     for _ in 0..runs {
         let t = Instant::now();
-        let status = Command::new("qemu-system-x86_64")
+        let mut qemu = Command::new("qemu-system-x86_64")
             .args([
                 "-machine",
                 &format!("microvm,accel={accel},acpi=off,rtc=on,x-option-roms=off,isa-serial=on"),
@@ -95,20 +107,39 @@ fn main() {
                 "none",
                 "-no-reboot",
                 "-serial",
-                "null",
+                "stdio",
                 "-kernel",
             ])
             .arg(guest_dir().join("vmlinux"))
             .arg("-initrd")
             .arg(&reboot_init)
             .args(["-append", "console=ttyS0 panic=-1 quiet reboot=t"])
-            .stdout(Stdio::null())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .status()
+            .spawn()
             .expect("run qemu");
+        // The guest's clock started (the line's arrival less the uptime it
+        // reports) after QEMU's own start and the kernel's steps before its
+        // clock: what husk's "vmm start" row measures too.
+        let mut uptime = None;
+        for line in BufReader::new(qemu.stdout.take().expect("piped")).lines() {
+            let Ok(line) = line else { break };
+            if let Some(ns) = line.trim().strip_prefix("husk-bench-uptime-ns ") {
+                let up =
+                    Duration::from_nanos(ns.parse().expect("uptime from the baseline's /init"));
+                uptime = Some(t.elapsed().saturating_sub(up));
+            }
+        }
+        let status = qemu.wait().expect("wait for qemu");
         assert!(status.success(), "bare qemu baseline failed: {status}");
         bare.push(t.elapsed());
+        bare_start.push(uptime.expect("the baseline's /init printed no uptime"));
     }
+    rows.push((
+        "baseline: bare QEMU, spawn to guest kernel start",
+        bare_start,
+    ));
     rows.push(("baseline: bare QEMU, same kernel, spawn to exit", bare));
 
     let rows: Vec<(String, Vec<Duration>)> =

@@ -1127,6 +1127,21 @@ fn twenty_pods_started_at_once_all_run_then_all_go_away() {
         .collect();
     let (_, vmms) = shims_and_vmms();
     let running = vmms.len();
+    // A starved guest must not have had its timer rerouted (the kernel's
+    // timer check; see BASE_CMDLINE): it hangs some boots.
+    let state_dir = husk_runtime::config::Config::load(None)
+        .expect("husk config")
+        .0
+        .state_dir;
+    let rerouted: Vec<String> = started
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .filter(|(pod, _)| {
+            std::fs::read_to_string(state_dir.join(pod).join("console.log"))
+                .is_ok_and(|c| c.contains("timer not connected"))
+        })
+        .map(|(pod, _)| pod.clone())
+        .collect();
 
     let t = Instant::now();
     let stopped: Vec<String> = std::thread::scope(|s| {
@@ -1164,6 +1179,10 @@ fn twenty_pods_started_at_once_all_run_then_all_go_away() {
         ctd.log()
     );
     assert_eq!(running, n, "VMs running with {n} pods");
+    assert!(
+        rerouted.is_empty(),
+        "the guest kernel of pods {rerouted:?} found its timer not connected and rerouted it"
+    );
     assert!(
         cgroups.len() >= n,
         "{} pod cgroups found under {parent} for {n} pods",
