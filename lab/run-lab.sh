@@ -236,6 +236,27 @@ tree() {
     for s in /proc/[0-9]*/stat; do cut -d' ' -f1,4 $s 2>/dev/null; done |
         awk -v root=$1 '{ pp[$1] = $2 } END { t[root] = 1; do { n = 0; for (p in pp) if ((pp[p] in t) && !(p in t)) { t[p] = 1; n++ } } while (n); for (p in t) print p }'
 }
+# Bytes the VMMs of pods $1... (globs) have been given back so far, all
+# together.
+discarded() {
+    local d t=0 b
+    for d; do
+        b=$(husk-vmm ctl $d/sock/vmm.sock status 2>/dev/null | sed -n 's/.*balloon_discarded_bytes=\([0-9]*\).*/\1/p')
+        t=$((t + ${b:-0}))
+    done
+    echo $t
+}
+# Free page reporting works in passes a few seconds apart: waits (at most
+# 60 s) until a 10 s window gives back less than 1 MiB more.
+reported() {
+    local last now i
+    last=$(discarded /run/husk/density-on-*)
+    for i in $(seq 6); do
+        sleep 10; now=$(discarded /run/husk/density-on-*)
+        [ $((now - last)) -lt 1048576 ] && break
+        last=$now
+    done
+}
 density() {
     local mode=$1 before after pids i own=0 guest=0 pod failed alive
     rm -f /rootfs/density-stop
@@ -250,6 +271,7 @@ density() {
         [ $(ls -d /run/husk/density-$mode-*/shared/*/rootfs/bin 2>/dev/null | wc -l) -ge $DENSITY_PODS ] && break
         sleep 0.5
     done
+    [ $mode = off ] || reported
     after=$(settled)
     for p in $pids; do
         pod=$(pss husk-guest-ram $(tree $p))
@@ -433,7 +455,6 @@ measure /etc/husk/qemu.toml qemu-system-x86_64 memory-backend-memfd
 # blocks, so the edges of the buffer may stay) and the guest RAM it holds
 # falls back to within 16 MiB of what it was at rest.
 guest_ram() { local m; m=$(pss husk-guest-ram $1); echo ${m#* }; }
-given() { husk-vmm ctl /run/husk/fpr/sock/vmm.sock status 2>/dev/null | sed -n 's/.*balloon_discarded_bytes=\([0-9]*\).*/\1/p'; }
 rm -f /rootfs/fpr-go /rootfs/fpr-stop
 husk run --id fpr --rootfs /rootfs -- sh -c 'while [ ! -e /fpr-go ]; do sleep 1; done; dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null; while [ ! -e /fpr-stop ]; do sleep 1; done' > /tmp/fpr 2>&1 &
 fpid=$!
@@ -446,18 +467,18 @@ done
 last=-1
 for i in $(seq 60); do
     sleep 2
-    now=$(given)
+    now=$(discarded /run/husk/fpr)
     [ "${now:-0}" -gt 0 ] && [ "$now" = "$last" ] && break
     last=${now:--1}
 done
 vpid=$(pidof husk-vmm)
 rest=$(guest_ram $vpid)
-before=$(given)
+before=$(discarded /run/husk/fpr)
 touch /rootfs/fpr-go
 after=$before
 for i in $(seq 120); do
     sleep 1
-    after=$(given)
+    after=$(discarded /run/husk/fpr)
     [ "${after:-0}" -ge $((${before:-0} + (64 << 20))) ] && [ "$(guest_ram $vpid)" -lt $((rest + (16 << 10))) ] && break
 done
 echo "LAB: fpr: guest RAM PSS at rest $rest KiB, after dd $(guest_ram $vpid) KiB; given back by husk-vmm $(( (${after:-0} - ${before:-0}) >> 20 )) MiB after dd, ${before:-0} bytes before"
