@@ -236,8 +236,8 @@ tree() {
     for s in /proc/[0-9]*/stat; do cut -d' ' -f1,4 $s 2>/dev/null; done |
         awk -v root=$1 '{ pp[$1] = $2 } END { t[root] = 1; do { n = 0; for (p in pp) if ((pp[p] in t) && !(p in t)) { t[p] = 1; n++ } } while (n); for (p in t) print p }'
 }
-# Bytes the VMMs of pods $1... (globs) have been given back so far, all
-# together.
+# Bytes the VMMs of the pods whose state directories are $1... have been
+# given back so far, all together.
 discarded() {
     local d t=0 b
     for d; do
