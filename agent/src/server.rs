@@ -1,5 +1,6 @@
 //! The agent's ttrpc services on vsock.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -44,6 +45,8 @@ pub enum ServeError {
 pub struct HealthService {
     init_started_ns: u64,
     listening_ns: u64,
+    /// Set once, just before the server starts taking requests.
+    serving_ns: Arc<AtomicU64>,
     kernel_release: String,
     /// Guest boot clock now, in nanoseconds since the kernel started.
     now_ns: Box<dyn Fn() -> u64 + Send + Sync>,
@@ -62,6 +65,7 @@ impl HealthService {
         resp.protocol_version = PROTOCOL_VERSION;
         resp.init_started_ns = self.init_started_ns;
         resp.listening_ns = self.listening_ns;
+        resp.serving_ns = self.serving_ns.load(Ordering::Relaxed);
         resp.kernel_release = self.kernel_release.clone();
         resp.replied_ns = (self.now_ns)();
         resp
@@ -303,9 +307,11 @@ pub fn serve(
     // and queues its first request until the server below takes them, so
     // the host is told now and connects while the rest is set up.
     crate::log_info!("listening on vsock port {AGENT_VSOCK_PORT}");
+    let serving_ns = Arc::new(AtomicU64::new(0));
     let health = HealthService {
         init_started_ns: clock.init_ns(),
         listening_ns: clock.now_ns(),
+        serving_ns: serving_ns.clone(),
         kernel_release,
         now_ns: Box::new(move || clock.now_ns()),
     };
@@ -323,6 +329,8 @@ pub fn serve(
         .register_service(health_ttrpc::create_health(Arc::new(health)))
         .register_service(agent_ttrpc::create_agent(Arc::new(agent)))
         .register_service(containers_ttrpc::create_containers(Arc::new(containers)));
+    // Stored before the server's threads exist, so every reply carries it.
+    serving_ns.store(clock.now_ns(), Ordering::Relaxed);
     server.start().map_err(ServeError::Start)?;
 
     // A closed channel cannot happen while `server` holds the sender; treat
@@ -341,6 +349,7 @@ mod tests {
         let svc = HealthService {
             init_started_ns: 5,
             listening_ns: 9,
+            serving_ns: Arc::new(AtomicU64::new(10)),
             kernel_release: "6.1.0-husk".into(),
             now_ns: Box::new(|| 12),
         };
@@ -348,8 +357,13 @@ mod tests {
         assert_eq!(v.protocol_version, PROTOCOL_VERSION);
         assert_eq!(v.agent_version, env!("CARGO_PKG_VERSION"));
         assert_eq!(
-            (v.init_started_ns, v.listening_ns, v.replied_ns),
-            (5, 9, 12)
+            (
+                v.init_started_ns,
+                v.listening_ns,
+                v.serving_ns,
+                v.replied_ns
+            ),
+            (5, 9, 10, 12)
         );
         assert_eq!(v.kernel_release, "6.1.0-husk");
         assert_eq!(svc.check().status.enum_value(), Ok(ServingStatus::SERVING));

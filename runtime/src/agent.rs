@@ -212,6 +212,8 @@ pub struct AgentInfo {
     pub kernel_to_init: Duration,
     /// Guest kernel start to the agent listening on vsock.
     pub kernel_to_listening: Duration,
+    /// Guest kernel start to the agent set up and taking requests.
+    pub kernel_to_serving: Duration,
     /// Guest kernel start to the agent's reply to this Version call.
     pub kernel_to_reply: Duration,
 }
@@ -640,12 +642,18 @@ pub fn validate_version(
     }
     let init = Duration::from_nanos(resp.init_started_ns);
     let listening = Duration::from_nanos(resp.listening_ns);
+    let serving = Duration::from_nanos(resp.serving_ns);
     let replied = Duration::from_nanos(resp.replied_ns);
     // Guest and host clocks differ a little in rate; allow 10% and 250 ms.
     let bound = guest_uptime_bound + guest_uptime_bound / 10 + Duration::from_millis(250);
-    if init > listening || listening > replied || replied > bound || init.is_zero() {
+    if init.is_zero()
+        || init > listening
+        || listening > serving
+        || serving > replied
+        || replied > bound
+    {
         return Err(invalid(format!(
-            "boot timings init={init:?} listening={listening:?} replied={replied:?} are impossible for a guest up at most {guest_uptime_bound:?}"
+            "boot timings init={init:?} listening={listening:?} serving={serving:?} replied={replied:?} are impossible for a guest up at most {guest_uptime_bound:?}"
         )));
     }
     Ok(AgentInfo {
@@ -653,6 +661,7 @@ pub fn validate_version(
         kernel_release: resp.kernel_release.clone(),
         kernel_to_init: init,
         kernel_to_listening: listening,
+        kernel_to_serving: serving,
         kernel_to_reply: replied,
     })
 }
@@ -670,6 +679,7 @@ mod tests {
         v.kernel_release = "6.1.0-husk".into();
         v.init_started_ns = init;
         v.listening_ns = listening;
+        v.serving_ns = listening + 500;
         v.replied_ns = listening + 1_000;
         v
     }
@@ -818,17 +828,17 @@ mod tests {
             validate_version(&version(1, 60_000_000_000), bound).is_err(),
             "up longer than the VM"
         );
-        let mut v = version(1, 2_000);
-        v.replied_ns = 1_999;
-        assert!(
-            validate_version(&v, bound).is_err(),
-            "replied before listening"
-        );
-        v.replied_ns = 60_000_000_000;
-        assert!(
-            validate_version(&v, bound).is_err(),
-            "replied after the call"
-        );
+        // version(1, 2_000) serves at 2_500 and replies at 3_000.
+        for (serving, replied, why) in [
+            (2_500, 2_499, "replied before serving"),
+            (1_999, 2_600, "serving before listening"),
+            (0, 2_600, "serving not said (an older agent)"),
+            (2_500, 60_000_000_000, "replied after the call"),
+        ] {
+            let mut v = version(1, 2_000);
+            (v.serving_ns, v.replied_ns) = (serving, replied);
+            assert!(validate_version(&v, bound).is_err(), "{why}");
+        }
         let mut v = version(1, 2);
         v.kernel_release = "x".repeat(4096);
         assert!(validate_version(&v, bound).is_err(), "oversized field");

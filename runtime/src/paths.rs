@@ -73,6 +73,12 @@ impl SandboxPaths {
     }
 
     /// The VMM's control socket.
+    /// Where the socket the VMM says it runs on is bound, for a moment
+    /// (see `hypervisor::ReadySocket`).
+    pub fn ready_socket(&self) -> PathBuf {
+        self.sockets().join("ready.sock")
+    }
+
     pub fn control_socket(&self) -> PathBuf {
         self.sockets().join("vmm.sock")
     }

@@ -20,7 +20,7 @@ use crate::agent::{self, Agent, AgentError, AgentInfo};
 use crate::config::Config;
 use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
-use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, VmSpec};
+use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, ReadySocket, ReadyWatch, VmSpec};
 use crate::monitor::{Monitor, Watched};
 use crate::paths::SandboxPaths;
 use crate::process::{tail_of_file, Confine, Process, ProcessError};
@@ -86,6 +86,12 @@ pub enum SandboxError {
     Share(#[source] crate::storage::StorageError),
     #[error("the guest console's pipe and log")]
     Console(#[source] std::io::Error),
+    #[error("the socket the VMM says it runs on, {path}")]
+    ReadySocket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("watching the sandbox's VMM (pidfd_open needs Linux 5.3)")]
     Monitor(#[source] std::io::Error),
     #[error(transparent)]
@@ -104,8 +110,8 @@ pub enum SandboxError {
     },
 }
 
-/// Where the time of one boot went, measured on the host except the two
-/// guest figures, which come from the guest's own clock (CLOCK_BOOTTIME).
+/// Where the time of one boot went, measured on the host except the guest
+/// figures, which come from the guest's own clock (CLOCK_BOOTTIME).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct BootTimings {
     /// Spawning virtiofsd and vhost-device-vsock until both listen.
@@ -116,11 +122,20 @@ pub struct BootTimings {
     pub kernel_to_init: Duration,
     /// Guest: /init to the agent listening on vsock.
     pub init_to_listening: Duration,
+    /// Guest: the agent listening to its set-up done and serving.
+    pub listening_to_serving: Duration,
+    /// Guest: serving to its reply to the first RPC (the reply waits for
+    /// the host's request: host time on the boot's path).
+    pub serving_to_reply: Duration,
     /// VMM spawned to the guest kernel's clock starting: the VMM's own
-    /// start-up and loading the kernel. The guest's start is placed on the
-    /// host's clock by the Version reply (the guest's uptime then, taken at
-    /// the middle of the call), so it is good to half the first RPC.
+    /// start-up, then the guest's steps before its clock runs. The guest's
+    /// start is placed on the host's clock by the Version reply (the
+    /// guest's uptime then, as the reply arrived: its trip back, a part of
+    /// the handshake's round trip, counts as guest time).
     pub vmm_start: Duration,
+    /// Of `vmm_start`: the VMM's own start-up, spawned to running the
+    /// guest, where the VMM tells ([`Hypervisor::tells_ready`]).
+    pub vmm_ready: Option<Duration>,
     /// The agent listening (guest clock, placed as above) to the host
     /// connected: the boot wait's polling and the vsock handshake.
     pub connect: Duration,
@@ -136,10 +151,19 @@ pub struct BootTimings {
 }
 
 impl BootTimings {
-    /// Host-side time outside the guest's own boot.
+    /// The guest's own boot: from the VMM running it (where the VMM tells;
+    /// else from the kernel's clock starting) to the agent serving.
+    pub fn guest_boot(&self) -> Duration {
+        let before_clock = self
+            .vmm_ready
+            .map_or(Duration::ZERO, |r| self.vmm_start.saturating_sub(r));
+        before_clock + self.kernel_to_init + self.init_to_listening + self.listening_to_serving
+    }
+
+    /// Host-side time outside the guest's own boot: up to the VMM running
+    /// the guest, and from the agent serving to its first reply.
     pub fn host_overhead(&self) -> Duration {
-        self.total
-            .saturating_sub(self.kernel_to_init + self.init_to_listening)
+        self.total.saturating_sub(self.guest_boot())
     }
 }
 
@@ -148,12 +172,14 @@ impl std::fmt::Display for BootTimings {
         write!(
             f,
             "daemons up {}, vmm spawned {}, guest kernel to /init {}, /init to agent listening {}, \
-             vmm start {}, connect {} ({} attempts, handshake {}), first rpc {}",
+             listening to serving {}, vmm start {} (vmm ready {}), connect {} ({} attempts, handshake {}), first rpc {}",
             ms(self.daemons),
             ms(self.vmm_spawn),
             ms(self.kernel_to_init),
             ms(self.init_to_listening),
+            ms(self.listening_to_serving),
             ms(self.vmm_start),
+            self.vmm_ready.map_or_else(|| "unknown".to_owned(), ms),
             ms(self.connect),
             self.connect_attempts,
             ms(self.handshake),
@@ -162,25 +188,16 @@ impl std::fmt::Display for BootTimings {
     }
 }
 
-/// Splits the host's time from VMM spawned to agent connected around the
-/// guest's own boot: (VMM start-up, connect after the agent listened). The
-/// guest's kernel start goes on the host's clock through the Version reply
-/// made between `connected` and `answered` (its uptime then, taken at the
-/// middle of the call); never before the VMM was spawned.
-fn vmm_start_and_connect(
-    spawned: Instant,
-    connected: Instant,
-    answered: Instant,
-    info: &AgentInfo,
-) -> (Duration, Duration) {
-    let replied = connected + (answered - connected) / 2;
-    let kernel_start = replied
+/// The guest kernel's start on the host's clock, through the Version reply
+/// that reached the host at `answered`: its uptime then, less the reply's
+/// trip back (not known; under the handshake's round trip), which so
+/// counts as guest time. Not at the call's middle: the request may have
+/// waited in the guest for the agent to serve. Never before the VMM was
+/// spawned.
+fn kernel_start(spawned: Instant, answered: Instant, info: &AgentInfo) -> Instant {
+    answered
         .checked_sub(info.kernel_to_reply)
-        .map_or(spawned, |k| k.max(spawned));
-    (
-        kernel_start - spawned,
-        connected.saturating_duration_since(kernel_start + info.kernel_to_listening),
-    )
+        .map_or(spawned, |k| k.max(spawned))
 }
 
 /// Watches a growing log for a line, reading only what was added since
@@ -417,6 +434,16 @@ impl Sandbox {
             nets,
             console_pipe: None,
             free_page_reporting: config.guest.free_page_reporting,
+            ready_socket: None,
+        };
+        let ready = if hv.tells_ready() {
+            let path = paths.ready_socket();
+            let socket = ReadySocket::new(&path)
+                .map_err(|source| SandboxError::ReadySocket { path, source })?;
+            spec.ready_socket = Some(socket.listener_fd());
+            Some(socket)
+        } else {
+            None
         };
         // Our end of the console pipe, and the VMM's until it has started.
         let pipe_ends = if hv.console_through_pipe() {
@@ -448,13 +475,21 @@ impl Sandbox {
         drop(pipe_ends);
         let spawned = Instant::now();
         sb.timings.vmm_spawn = spawned - t;
+        let ready =
+            ready
+                .map(|r| r.watch())
+                .transpose()
+                .map_err(|source| SandboxError::ReadySocket {
+                    path: paths.ready_socket(),
+                    source,
+                })?;
 
         let console = spec.console_log.clone();
         let mut hint = HintScan::new(&console, LISTENING_HINT);
         let mut hint_at = None;
         let vmm = sb.vmm.as_mut().expect("set above");
         let pump = &mut sb.console;
-        let ready = agent::wait_ready(
+        let ready_agent = agent::wait_ready(
             &paths.agent_socket(),
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
@@ -486,7 +521,7 @@ impl Sandbox {
             source,
             console: tail_of_file(&console, LOG_TAIL),
         };
-        let (stream, attempts) = ready.map_err(agent_err)?;
+        let (stream, attempts) = ready_agent.map_err(agent_err)?;
         let connected = Instant::now();
         sb.timings.handshake = connected - hint_at.unwrap_or(connected);
         let agent = Agent::new(stream, config.agent.rpc_timeout())
@@ -499,8 +534,16 @@ impl Sandbox {
 
         sb.timings.kernel_to_init = info.kernel_to_init;
         sb.timings.init_to_listening = info.kernel_to_listening - info.kernel_to_init;
-        (sb.timings.vmm_start, sb.timings.connect) =
-            vmm_start_and_connect(spawned, connected, answered, &info);
+        sb.timings.listening_to_serving = info.kernel_to_serving - info.kernel_to_listening;
+        sb.timings.serving_to_reply = info.kernel_to_reply - info.kernel_to_serving;
+        let kernel_start = kernel_start(spawned, answered, &info);
+        sb.timings.vmm_start = kernel_start - spawned;
+        sb.timings.connect =
+            connected.saturating_duration_since(kernel_start + info.kernel_to_listening);
+        sb.timings.vmm_ready = ready.and_then(ReadyWatch::at).map(|at| {
+            at.saturating_duration_since(spawned)
+                .min(sb.timings.vmm_start)
+        });
         sb.timings.connect_attempts = attempts;
         sb.timings.total = t0.elapsed();
         tracing::info!(sandbox = id, backend = %sb.backend, kernel = %info.kernel_release, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
@@ -758,52 +801,49 @@ mod tests {
     }
 
     #[test]
-    fn the_guest_boot_is_placed_between_vmm_start_and_connect() {
+    fn the_guest_kernel_start_is_placed_by_the_replys_arrival() {
         let ms = Duration::from_millis;
-        let info = |listening, reply| AgentInfo {
+        let info = |reply| AgentInfo {
             agent_version: "0.1.0".into(),
             kernel_release: "6.1.0-husk".into(),
             kernel_to_init: ms(100),
-            kernel_to_listening: ms(listening),
+            kernel_to_listening: ms(200),
+            kernel_to_serving: ms(250),
             kernel_to_reply: ms(reply),
         };
         let spawned = Instant::now();
-        // Kernel started 50 ms after spawn; agent listening at 300 ms of
-        // guest time (350 host); connected at 370; the call took 370..390
-        // and the guest replied at 330 of its time (380 host).
-        let (vmm, connect) = vmm_start_and_connect(
-            spawned,
-            spawned + ms(370),
-            spawned + ms(390),
-            &info(300, 330),
-        );
-        assert_eq!((vmm, connect), (ms(50), ms(20)));
+        // The reply came at 390 ms and the guest was up 330 ms then: its
+        // kernel started 60 ms after spawn.
+        let start = kernel_start(spawned, spawned + ms(390), &info(330));
+        assert_eq!(start - spawned, ms(60));
         // A guest claiming to be up longer than the VMM: start at spawn.
-        let (vmm, connect) = vmm_start_and_connect(
-            spawned,
-            spawned + ms(370),
-            spawned + ms(390),
-            &info(300, 900),
-        );
-        assert_eq!((vmm, connect), (ms(0), ms(70)));
-        // Listening after the connect (clock skew): no negative connect.
-        let (_, connect) = vmm_start_and_connect(
-            spawned,
-            spawned + ms(370),
-            spawned + ms(390),
-            &info(360, 361),
-        );
-        assert_eq!(connect, ms(0));
+        let start = kernel_start(spawned, spawned + ms(390), &info(900));
+        assert_eq!(start, spawned);
     }
 
     #[test]
     fn host_overhead_excludes_the_guest_boot() {
-        let t = BootTimings {
-            total: Duration::from_millis(3000),
-            kernel_to_init: Duration::from_millis(2000),
-            init_to_listening: Duration::from_millis(500),
+        let ms = Duration::from_millis;
+        let mut t = BootTimings {
+            total: ms(3000),
+            vmm_start: ms(400),
+            kernel_to_init: ms(2000),
+            init_to_listening: ms(300),
+            listening_to_serving: ms(100),
+            serving_to_reply: ms(20),
             ..BootTimings::default()
         };
-        assert_eq!(t.host_overhead(), Duration::from_millis(500));
+        // The VMM did not tell when it ran the guest: its whole start is
+        // the host's.
+        assert_eq!(t.guest_boot(), ms(2400));
+        assert_eq!(t.host_overhead(), ms(600));
+        // It ran the guest 150 ms after spawn: the 250 ms until the
+        // kernel's clock are the guest's.
+        t.vmm_ready = Some(ms(150));
+        assert_eq!(t.guest_boot(), ms(2650));
+        assert_eq!(t.host_overhead(), ms(350));
+        // Never more before the clock than the VMM's start.
+        t.vmm_ready = Some(ms(500));
+        assert_eq!(t.guest_boot(), ms(2400));
     }
 }

@@ -1,17 +1,20 @@
 //! Boot benchmark: husk sandbox boot to agent-ready, phase by phase, against
 //! a baseline measured in the same run: bare QEMU microvm booting the same
 //! kernel with an /init that reboots at once (no daemons, no vhost-user
-//! devices, no agent), timed from spawn to QEMU's exit, and from spawn to
-//! the guest's clock starting (as husk's "vmm start" row).
+//! devices, no agent), timed from spawn to QEMU's exit, to QEMU running the
+//! guest (its QMP greeting on the ready socket, as husk's "vmm ready" row)
+//! and to the guest's clock starting (as husk's "vmm start" row).
 //!
 //! `make bench` (or `cargo bench -p husk-tests --bench boot`);
 //! HUSK_BENCH_RUNS sets the number of boots of each kind (default 10).
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_runtime::host::{self, Backend, ResolvedAccel};
+use husk_runtime::hypervisor::ReadySocket;
 use husk_runtime::Sandbox;
 use husk_tests::bench::{self, median, ms};
 use husk_tests::{guest_dir, initramfs_with_init, TestEnv};
@@ -27,12 +30,16 @@ fn main() {
         "vmm spawned",
         "guest kernel to /init",
         "/init to agent listening",
+        "agent listening to serving",
         "vmm start (spawned to guest kernel start)",
+        "  of which vmm ready (spawned to VMM running the guest)",
+        "  of which guest before its clock (vmm ready to kernel start)",
         "connect (agent listening to host connected)",
         "  of which handshake (console line seen to connected)",
         "first rpc",
+        "  of which serving to reply (guest clock)",
+        "guest boot (vmm ready to agent serving)",
         "host overhead (total - guest boot)",
-        "guest boot to agent ready (kernel start to first reply)",
         "total: boot() to agent ready",
         "shutdown",
     ]
@@ -43,18 +50,22 @@ fn main() {
         let sb = Sandbox::boot(&env.config, &format!("bench{i}")).expect("boot");
         let t = sb.timings().clone();
         let report = sb.shutdown().expect("shutdown");
-        let guest_ready = t.kernel_to_init + t.init_to_listening + t.first_rpc;
+        let ready = t.vmm_ready.expect("the VMM told when it ran the guest");
         let values = [
             t.daemons,
             t.vmm_spawn,
             t.kernel_to_init,
             t.init_to_listening,
+            t.listening_to_serving,
             t.vmm_start,
+            ready,
+            t.vmm_start.saturating_sub(ready),
             t.connect,
             t.handshake,
             t.first_rpc,
+            t.serving_to_reply,
+            t.guest_boot(),
             t.host_overhead(),
-            guest_ready,
             t.total,
             report.duration,
         ];
@@ -91,9 +102,25 @@ fn main() {
     };
     let mut bare = Vec::new();
     let mut bare_start = Vec::new();
+    let mut bare_ready = Vec::new();
+    let dir = tempfile::tempdir().expect("temp dir");
     for _ in 0..runs {
+        // The same ready socket as husk's QEMU: its QMP greeting marks
+        // QEMU running the guest.
+        let socket = ReadySocket::new(&dir.path().join("ready.sock")).expect("ready socket");
+        let fd = socket.listener_fd();
+        let mut qemu = Command::new("qemu-system-x86_64");
+        // SAFETY: only fcntl between fork and exec.
+        unsafe {
+            qemu.pre_exec(move || {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let t = Instant::now();
-        let mut qemu = Command::new("qemu-system-x86_64")
+        let mut qemu = qemu
             .args([
                 "-machine",
                 &format!("microvm,accel={accel},acpi=off,rtc=on,x-option-roms=off,isa-serial=on"),
@@ -113,12 +140,22 @@ fn main() {
             .arg(guest_dir().join("vmlinux"))
             .arg("-initrd")
             .arg(&reboot_init)
-            .args(["-append", "console=ttyS0 panic=-1 quiet reboot=t"])
+            .args([
+                "-append",
+                "console=ttyS0 panic=-1 quiet reboot=t no_timer_check",
+            ])
+            .args([
+                "-chardev",
+                &format!("socket,id=ready,fd={fd},server=on,wait=off"),
+                "-mon",
+                "chardev=ready,mode=control",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("run qemu");
+        let watch = socket.watch().expect("watch qemu's ready socket");
         // The guest's clock started (the line's arrival less the uptime it
         // reports) after QEMU's own start and the kernel's steps before its
         // clock: what husk's "vmm start" row measures too.
@@ -131,11 +168,21 @@ fn main() {
                 uptime = Some(t.elapsed().saturating_sub(up));
             }
         }
+        bare_ready.push(
+            watch
+                .at()
+                .expect("bare QEMU greeted on its ready socket")
+                .saturating_duration_since(t),
+        );
         let status = qemu.wait().expect("wait for qemu");
         assert!(status.success(), "bare qemu baseline failed: {status}");
         bare.push(t.elapsed());
         bare_start.push(uptime.expect("the baseline's /init printed no uptime"));
     }
+    rows.push((
+        "baseline: bare QEMU, spawn to running the guest (vmm ready)",
+        bare_ready,
+    ));
     rows.push((
         "baseline: bare QEMU, spawn to guest kernel start",
         bare_start,

@@ -34,6 +34,12 @@ fn boots_answers_health_and_leaves_nothing() {
         t.kernel_to_init > Duration::ZERO && t.total >= t.kernel_to_init,
         "{t:?}"
     );
+    // The VMM said when it ran the guest, within its start before the
+    // guest's clock; the guest's boot and the host's time add up.
+    let ready = t.vmm_ready.expect("the VMM said when it ran the guest");
+    assert!(ready > Duration::ZERO && ready <= t.vmm_start, "{t:?}");
+    assert!(t.guest_boot() >= t.kernel_to_init, "{t:?}");
+    assert_eq!(t.guest_boot() + t.host_overhead(), t.total, "{t:?}");
     // The share is mounted from this host directory.
     assert!(sb.dir().join("shared").is_dir());
     let report = sb.shutdown().expect("shutdown");

@@ -17,6 +17,7 @@
 //! 2 bad command line.
 
 use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -94,6 +95,12 @@ struct Cli {
     /// request per line). Removed when husk-vmm ends.
     #[arg(long)]
     api_socket: Option<PathBuf>,
+    /// A listening unix socket (inherited descriptor) with a connection
+    /// waiting: husk-vmm takes it at start and writes "ready" on it once
+    /// the devices are made and the kernel loaded, just before the vCPUs
+    /// run, so the caller can tell husk-vmm's start-up from the guest's.
+    #[arg(long)]
+    ready_fd: Option<std::os::fd::RawFd>,
     /// A call outside a thread's seccomp filter is logged by the kernel
     /// (dmesg, audit type 1326) instead of killing husk-vmm: for finding a
     /// call a filter lacks, never for production.
@@ -194,6 +201,15 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
             i.display()
         )));
     }
+    let ready = cli
+        .ready_fd
+        .map(take_ready_connection)
+        .transpose()
+        .map_err(|e| {
+            Failure::Vmm(format!(
+                "--ready-fd: {e}; pass a listening unix socket with a connection waiting"
+            ))
+        })?;
     // Before the first thread: each installs its filter as it starts.
     seccomp::configure(seccomp::Policy {
         otherwise: if cli.seccomp_log {
@@ -295,12 +311,31 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         ms(t_vm, t_devices),
         ms(t_devices, t_run)
     );
+    if let Some(mut r) = ready {
+        // The caller may have stopped waiting: nothing to do if it left.
+        let _ = r.write_all(b"ready\n");
+    }
     // `api` lives until run() returns and removes the socket when dropped.
     match vm.run() {
         Ok(exit) => Ok(exit),
         Err(e @ VmError::Internal { .. }) => Err(Failure::Guest(e)),
         Err(e) => Err(vmm(&e)),
     }
+}
+
+/// Accepts the connection waiting on the inherited listener `fd`, and
+/// closes the listener.
+fn take_ready_connection(fd: std::os::fd::RawFd) -> std::io::Result<UnixStream> {
+    let listener = UnixListener::from(std::os::fd::OwnedFd::from(inherited(fd)?));
+    listener.set_nonblocking(true)?;
+    let (stream, _) = listener.accept().map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock => {
+            std::io::Error::new(e.kind(), "no connection is waiting on the socket")
+        }
+        _ => e,
+    })?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
 }
 
 /// Takes descriptor `fd`, which this process inherited, if it is open.
@@ -313,4 +348,30 @@ fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
     // SAFETY: `fd` is open and was handed to this process for this device;
     // nothing else in it owns the descriptor.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::fd::IntoRawFd;
+
+    use super::*;
+
+    #[test]
+    fn the_ready_connection_is_the_one_waiting_and_none_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ready.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut host = UnixStream::connect(&path).unwrap();
+        let mut vmm = take_ready_connection(listener.into_raw_fd()).unwrap();
+        vmm.write_all(b"ready\n").unwrap();
+        let mut line = [0u8; 6];
+        host.read_exact(&mut line).unwrap();
+        assert_eq!(&line, b"ready\n");
+
+        std::fs::remove_file(&path).unwrap();
+        let lonely = UnixListener::bind(&path).unwrap();
+        let e = take_ready_connection(lonely.into_raw_fd()).unwrap_err();
+        assert!(e.to_string().contains("no connection is waiting"), "{e}");
+    }
 }

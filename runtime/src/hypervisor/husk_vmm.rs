@@ -62,6 +62,10 @@ impl HuskVmm {
         if spec.free_page_reporting {
             args.push("--free-page-reporting".into());
         }
+        if spec.ready_socket.is_some() {
+            args.push("--ready-fd".into());
+            args.push(spec.ready_fd().to_string().into());
+        }
         args
     }
 }
@@ -84,6 +88,10 @@ impl Hypervisor for HuskVmm {
     /// Through a pipe: husk-vmm in its jail has no sandbox directory to
     /// write a log into (the sandbox caps what reaches the file).
     fn console_through_pipe(&self) -> bool {
+        true
+    }
+
+    fn tells_ready(&self) -> bool {
         true
     }
 
@@ -119,6 +127,7 @@ mod tests {
             }],
             console_pipe: None,
             free_page_reporting: true,
+            ready_socket: None,
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)
@@ -157,6 +166,14 @@ mod tests {
             .join(" ");
         assert!(joined.contains("--console-fd 4"), "{joined}");
         assert!(!joined.contains("--console /c"), "{joined}");
+        assert!(!joined.contains("--ready-fd"), "{joined}");
+        let told = VmSpec {
+            ready_socket: Some(30),
+            ..piped.clone()
+        };
+        let args = HuskVmm::new(Path::new("husk-vmm")).args(&told);
+        let i = args.iter().position(|a| a == "--ready-fd").unwrap();
+        assert_eq!(args[i + 1], "5", "the descriptor after the tap and console");
         let plain = VmSpec {
             free_page_reporting: false,
             ..piped

@@ -2,6 +2,7 @@
 
 mod husk_vmm;
 mod qemu;
+mod ready;
 
 use std::ffi::OsString;
 use std::os::fd::RawFd;
@@ -11,6 +12,7 @@ use crate::jail::{Jail, JailError};
 
 pub use husk_vmm::HuskVmm;
 pub use qemu::Qemu;
+pub use ready::{ReadySocket, ReadyWatch};
 
 /// Everything a backend needs to start one sandbox VM. The device daemons are
 /// already listening on their sockets when a backend sees this.
@@ -43,6 +45,11 @@ pub struct VmSpec {
     pub console_pipe: Option<RawFd>,
     /// A virtio-balloon device whose only job is free page reporting.
     pub free_page_reporting: bool,
+    /// A listening socket, in the caller, that the VMM inherits and
+    /// accepts on once it runs the guest, where it can
+    /// ([`Hypervisor::tells_ready`], [`ReadySocket`]; its number in the VMM
+    /// is [`VmSpec::ready_fd`]).
+    pub ready_socket: Option<RawFd>,
 }
 
 impl VmSpec {
@@ -51,12 +58,18 @@ impl VmSpec {
         net_fd(self.nets.len())
     }
 
+    /// The descriptor number the ready socket has in the VMM process.
+    pub fn ready_fd(&self) -> RawFd {
+        net_fd(self.nets.len() + usize::from(self.console_pipe.is_some()))
+    }
+
     /// Every descriptor the VMM inherits, in order (see [`net_fd`]).
     pub fn inherited_fds(&self) -> Vec<RawFd> {
         self.nets
             .iter()
             .map(|n| n.fd)
             .chain(self.console_pipe)
+            .chain(self.ready_socket)
             .collect()
     }
 }
@@ -123,6 +136,12 @@ pub trait Hypervisor: Send {
     /// Whether the VMM writes the console into [`VmSpec::console_pipe`]
     /// (it cannot bound a log file itself) rather than to the file.
     fn console_through_pipe(&self) -> bool {
+        false
+    }
+
+    /// Whether the VMM accepts on [`VmSpec::ready_socket`] and writes to
+    /// the connection once its own start-up is done and the guest runs.
+    fn tells_ready(&self) -> bool {
         false
     }
 

@@ -110,6 +110,14 @@ impl Qemu {
         args.push("vhost-user-vsock-device,chardev=vsock0".into());
         // Pages the guest frees are punched out of the memfd (QEMU discards
         // each reported range). No balloon target: husk never inflates.
+        if spec.ready_socket.is_some() {
+            // QEMU accepts from its main loop, entered once the machine
+            // runs; the QMP greeting is its first write (see ready.rs).
+            args.push("-chardev".into());
+            args.push(format!("socket,id=ready,fd={},server=on,wait=off", spec.ready_fd()).into());
+            args.push("-mon".into());
+            args.push("chardev=ready,mode=control".into());
+        }
         if spec.free_page_reporting {
             args.push("-device".into());
             args.push("virtio-balloon-device,free-page-reporting=on".into());
@@ -164,6 +172,10 @@ impl Hypervisor for Qemu {
         true
     }
 
+    fn tells_ready(&self) -> bool {
+        true
+    }
+
     /// QEMU's libraries and firmware are in the system's directories,
     /// which every jail has.
     fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
@@ -191,11 +203,16 @@ mod tests {
             nets: Vec::new(),
             console_pipe: None,
             free_page_reporting: true,
+            ready_socket: None,
         }
     }
 
     fn joined(q: &Qemu) -> String {
-        q.args(&spec())
+        line(q, &spec())
+    }
+
+    fn line(q: &Qemu, s: &VmSpec) -> String {
+        q.args(s)
             .iter()
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
@@ -251,13 +268,7 @@ mod tests {
                 mtu: 1450,
             });
         }
-        let q = Qemu::new(Path::new("q"), ResolvedAccel::Tcg);
-        let line = q
-            .args(&s)
-            .iter()
-            .map(|a| a.to_string_lossy().into_owned())
-            .collect::<Vec<_>>()
-            .join(" ");
+        let line = line(&Qemu::new(Path::new("q"), ResolvedAccel::Tcg), &s);
         assert!(
             line.contains("-netdev tap,id=net0,fd=3,vhost=off -device virtio-net-device,netdev=net0,mac=02:42:ac:11:00:0a,host_mtu=1450"),
             "{line}"
@@ -286,6 +297,18 @@ mod tests {
         let i = args.iter().position(|a| a == "-serial").unwrap();
         assert_eq!(args[i + 1], "chardev:console");
         assert!(!args.iter().any(|a| a == "file:/s/console.log"));
+        assert!(!args.iter().any(|a| a == "-mon"), "no ready socket asked");
+
+        // The ready socket comes last, and QEMU's monitor listens on it.
+        s.ready_socket = Some(42);
+        assert_eq!(s.inherited_fds(), [40, 41, 42]);
+        let line = line(&q, &s);
+        assert!(
+            line.contains(
+                "-chardev socket,id=ready,fd=5,server=on,wait=off -mon chardev=ready,mode=control"
+            ),
+            "{line}"
+        );
     }
 
     #[test]
