@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_runtime::host::{self, Backend, ResolvedAccel};
-use husk_runtime::hypervisor::ReadySocket;
+use husk_runtime::hypervisor::{Qemu, ReadySocket};
 use husk_runtime::Sandbox;
 use husk_tests::bench::{self, median, ms};
 use husk_tests::{guest_dir, initramfs_with_init, TestEnv};
@@ -144,12 +144,7 @@ fn main() {
                 "-append",
                 "console=ttyS0 panic=-1 quiet reboot=t no_timer_check",
             ])
-            .args([
-                "-chardev",
-                &format!("socket,id=ready,fd={fd},server=on,wait=off"),
-                "-mon",
-                "chardev=ready,mode=control",
-            ])
+            .args(Qemu::ready_args(fd))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())

@@ -334,7 +334,7 @@ fn take_ready_connection(fd: std::os::fd::RawFd) -> std::io::Result<UnixStream> 
         }
         _ => e,
     })?;
-    stream.set_nonblocking(false)?;
+    // Blocking: Linux does not pass O_NONBLOCK on to an accepted socket.
     Ok(stream)
 }
 

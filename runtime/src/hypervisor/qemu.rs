@@ -2,6 +2,7 @@
 //! vhost-user devices, PVH kernel boot, serial console to a file.
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
@@ -33,6 +34,18 @@ impl Qemu {
     }
 
     /// The QEMU command line for `spec`.
+    /// A QMP monitor on the inherited listener `fd`: QEMU accepts from its
+    /// main loop, entered once the machine runs, and its greeting is its
+    /// first write (see ready.rs).
+    pub fn ready_args(fd: RawFd) -> [String; 4] {
+        [
+            "-chardev".into(),
+            format!("socket,id=ready,fd={fd},server=on,wait=off"),
+            "-mon".into(),
+            "chardev=ready,mode=control".into(),
+        ]
+    }
+
     pub fn args(&self, spec: &VmSpec) -> Vec<OsString> {
         let (accel, cpu) = match self.accel {
             ResolvedAccel::Kvm => ("kvm".to_owned(), "host"),
@@ -111,12 +124,7 @@ impl Qemu {
         // Pages the guest frees are punched out of the memfd (QEMU discards
         // each reported range). No balloon target: husk never inflates.
         if spec.ready_socket.is_some() {
-            // QEMU accepts from its main loop, entered once the machine
-            // runs; the QMP greeting is its first write (see ready.rs).
-            args.push("-chardev".into());
-            args.push(format!("socket,id=ready,fd={},server=on,wait=off", spec.ready_fd()).into());
-            args.push("-mon".into());
-            args.push("chardev=ready,mode=control".into());
+            args.extend(Self::ready_args(spec.ready_fd()).map(OsString::from));
         }
         if spec.free_page_reporting {
             args.push("-device".into());
