@@ -50,13 +50,16 @@ pub fn pids(cgroup: &Path) -> Vec<u32> {
 
 /// `key value` lines (cpu.stat, memory.stat, memory.events).
 fn flat_keyed(path: &Path) -> std::io::Result<HashMap<String, u64>> {
-    Ok(std::fs::read_to_string(path)?
-        .lines()
+    Ok(parse_flat_keyed(&std::fs::read_to_string(path)?))
+}
+
+fn parse_flat_keyed(text: &str) -> HashMap<String, u64> {
+    text.lines()
         .filter_map(|l| {
             let (k, v) = l.split_once(' ')?;
             Some((k.to_owned(), v.trim().parse().ok()?))
         })
-        .collect())
+        .collect()
 }
 
 /// A single number, or 0 for "max" (no limit).
@@ -113,30 +116,35 @@ pub fn apply(cgroup: &Path, resources: &LinuxResources) -> Result<(), String> {
         .map_err(|e| e.to_string())
 }
 
-fn oom_kills(cgroup: &Path) -> Option<u64> {
-    flat_keyed(&cgroup.join("memory.events"))
-        .ok()
-        .map(|e| e.get("oom_kill").copied().unwrap_or(0))
+/// The `oom_kill` count of an open `memory.events`, read from its start.
+fn oom_kills(file: &mut std::fs::File) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut text = String::new();
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_to_string(&mut text).ok()?;
+    Some(
+        parse_flat_keyed(&text)
+            .get("oom_kill")
+            .copied()
+            .unwrap_or(0),
+    )
 }
 
 /// Blocks until `memory.events` counts one more OOM kill than when called
 /// (true), or until the cgroup or the container (`gone`) goes away (false).
-/// kernfs wakes poll(2) with POLLPRI when the file changes.
+/// kernfs wakes poll(2) with POLLPRI when the file changed since it was
+/// last read through the same open file, so every read goes through the
+/// polled one: read through another, poll would answer at once for good
+/// and the wait would spin a guest CPU for the container's whole life.
 pub fn wait_oom_kill(cgroup: &Path, gone: BorrowedFd<'_>) -> bool {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-    let path = cgroup.join("memory.events");
-    let Some(start) = oom_kills(cgroup) else {
+    let Ok(mut file) = std::fs::File::open(cgroup.join("memory.events")) else {
         return false;
     };
-    let Ok(file) = std::fs::File::open(&path) else {
+    let Some(start) = oom_kills(&mut file) else {
         return false;
     };
     loop {
-        match oom_kills(cgroup) {
-            Some(n) if n > start => return true,
-            None => return false,
-            Some(_) => {}
-        }
         // memory.events raises POLLPRI when it changes; `gone` hangs up
         // when the container is removed. No timeout: nothing to poll for.
         let mut fds = [
@@ -147,6 +155,11 @@ pub fn wait_oom_kill(cgroup: &Path, gone: BorrowedFd<'_>) -> bool {
             Ok(_) if fds[1].any().unwrap_or(true) => return false,
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(_) => return false,
+        }
+        match oom_kills(&mut file) {
+            Some(n) if n > start => return true,
+            None => return false,
+            Some(_) => {}
         }
     }
 }

@@ -85,13 +85,35 @@ pub fn pump_outputs(outputs: Vec<(UnixStream, PathBuf)>) -> Vec<JoinHandle<()>> 
                         .custom_flags(libc::O_NONBLOCK)
                         .open(&path)
                 });
-                if let Ok(mut f) = File::options().write(true).open(&path) {
+                if let Ok(mut f) = open_output(&path) {
                     let _ = husk_protocol::copy_plain(&mut s, &mut f);
                     let _ = f.flush();
                 }
             })
         })
         .collect()
+}
+
+/// Opens an output path for writing. `/proc/self/fd/N` (how `husk run`
+/// hands over its own stdout and stderr) is descriptor N itself, duplicated:
+/// opening the path would make a second open file with its own offset, and
+/// on a regular file the caller's next write would land over the output.
+fn open_output(path: &std::path::Path) -> std::io::Result<File> {
+    let own_fd = path
+        .strip_prefix("/proc/self/fd")
+        .ok()
+        .and_then(|n| n.to_str()?.parse::<i32>().ok());
+    if let Some(fd) = own_fd {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a number only makes a new
+        // descriptor (or fails with EBADF); nothing is closed or reused.
+        let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if dup < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: dup was just made and nothing else owns it.
+        return Ok(unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(dup) });
+    }
+    File::options().write(true).open(path)
 }
 
 /// Copies the stdin path into the stream, then half-closes it so the
@@ -103,4 +125,30 @@ pub fn pump_stdin(mut s: UnixStream, path: PathBuf) -> JoinHandle<()> {
         }
         let _ = s.shutdown(std::net::Shutdown::Write);
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::fd::AsRawFd;
+
+    use super::*;
+
+    #[test]
+    fn own_descriptors_share_the_callers_offset() {
+        let mut f = tempfile::tempfile().expect("temp file");
+        f.write_all(b"a").expect("write");
+        let path = PathBuf::from(format!("/proc/self/fd/{}", f.as_raw_fd()));
+        let mut out = open_output(&path).expect("open own fd");
+        out.write_all(b"bc").expect("write");
+        drop(out);
+        // The caller writes on where the output ended, as a shell's next
+        // command would.
+        f.write_all(b"d").expect("write");
+        f.seek(SeekFrom::Start(0)).expect("seek");
+        let mut all = String::new();
+        f.read_to_string(&mut all).expect("read");
+        assert_eq!(all, "abcd");
+        assert!(open_output(std::path::Path::new("/proc/self/fd/999999")).is_err());
+    }
 }
