@@ -193,21 +193,26 @@ fn vm_ping_with_a_missing_kernel_says_what_to_do() {
     assert_nothing_left(std::path::Path::new("/tmp/husk-cli-nokernel"), "nok", &[]);
 }
 
+/// `husk run --id ID` of `sh -c SCRIPT` in a busybox rootfs made in `env`.
+fn husk_run_sh(env: &TestEnv, id: &str, script: &str) -> Output {
+    let rootfs = env.dir.path().join("rootfs");
+    husk_tests::busybox_rootfs(&rootfs);
+    husk()
+        .args(["run", "--id", id, "--rootfs"])
+        .arg(&rootfs)
+        .args(["--", "sh", "-c", script])
+        .env("HUSK_CONFIG", config_file(env))
+        .output()
+        .expect("run husk run")
+}
+
 #[test]
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn husk_run_runs_a_command_in_a_microvm_and_returns_its_status() {
     e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
-    let rootfs = env.dir.path().join("rootfs");
-    husk_tests::busybox_rootfs(&rootfs);
-    let out = husk()
-        .args(["run", "--id", "run1", "--rootfs"])
-        .arg(&rootfs)
-        .args(["--", "sh", "-c", "uname -r; echo to-stderr >&2; exit 5"])
-        .env("HUSK_CONFIG", config_file(&env))
-        .output()
-        .expect("run husk run");
+    let out = husk_run_sh(&env, "run1", "uname -r; echo to-stderr >&2; exit 5");
     assert_eq!(out.status.code(), Some(5), "{}", text(&out));
     let release = String::from_utf8_lossy(&out.stdout).trim().to_owned();
     assert!(release.ends_with("-husk"), "guest kernel: {release:?}");
@@ -245,20 +250,11 @@ fn an_idle_container_leaves_the_guest_cpu_idle() {
     e2e();
     let _vm = vm_lock();
     let env = TestEnv::new();
-    let rootfs = env.dir.path().join("rootfs");
-    husk_tests::busybox_rootfs(&rootfs);
-    let out = husk()
-        .args(["run", "--id", "idle1", "--rootfs"])
-        .arg(&rootfs)
-        .args([
-            "--",
-            "sh",
-            "-c",
-            "sleep 2; head -1 /proc/stat; sleep 4; head -1 /proc/stat",
-        ])
-        .env("HUSK_CONFIG", config_file(&env))
-        .output()
-        .expect("run husk run");
+    let out = husk_run_sh(
+        &env,
+        "idle1",
+        "sleep 2; head -1 /proc/stat; sleep 4; head -1 /proc/stat",
+    );
     assert!(out.status.success(), "{}", text(&out));
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let lines: Vec<&str> = stdout.lines().filter(|l| l.starts_with("cpu ")).collect();
