@@ -104,10 +104,8 @@ impl SandboxPaths {
     /// Unmounts whatever is left below the directory and removes it.
     pub fn remove(&self) {
         storage::unmount_all_under(&self.root);
-        if let Err(e) = std::fs::remove_dir_all(&self.root) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(dir = %self.root.display(), error = %e, "removing sandbox state");
-            }
+        if let Err(e) = storage::remove_tree(&self.root) {
+            tracing::warn!(dir = %self.root.display(), error = %e, "removing sandbox state");
         }
     }
 }
@@ -163,10 +161,8 @@ impl ContainerPaths {
         let _writable = storage::ShareWrite::begin(&self.share_root);
         for dir in [&self.share, &self.rootfs_private, &self.binds_private] {
             storage::unmount_all_under(dir);
-            if let Err(e) = std::fs::remove_dir_all(dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    tracing::warn!(dir = %dir.display(), error = %e, "removing container state");
-                }
+            if let Err(e) = storage::remove_tree(dir) {
+                tracing::warn!(dir = %dir.display(), error = %e, "removing container state");
             }
         }
     }

@@ -4,12 +4,18 @@
 //! the host has just created, so it never follows a path the guest (which
 //! can write the share) could have swapped for a symlink.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use nix::dir::Dir;
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::Mode;
+use nix::unistd::{unlinkat, UnlinkatFlags};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -395,11 +401,40 @@ pub fn share_bind_mounts(
     Ok(shared)
 }
 
-/// Detaches every mount at or below `dir`, deepest first. Run before
-/// removing a sandbox directory, so removal never reaches into a rootfs;
-/// run once the VM and its daemons are dead, so no guest changes the tree
-/// meanwhile.
+/// Detaches every mount at or below `dir`, deepest first, and again while
+/// a pass takes one away (two mounts stacked on one point need two
+/// unmounts). Run before [`remove_tree`], once the VM and its daemons are
+/// dead, so no guest changes the tree meanwhile. Returns the mount points
+/// it found, every pass's.
 pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for _ in 0..UNMOUNT_PASSES {
+        let points = mounts_under(dir);
+        let mut progress = false;
+        for p in &points {
+            // Never through a symlink at the mount point's place.
+            match umount2(
+                p.as_path(),
+                MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
+            ) {
+                Ok(()) => progress = true,
+                Err(e) => tracing::warn!(path = %p.display(), error = %e, "unmounting"),
+            }
+        }
+        found.extend(points);
+        if !progress {
+            break;
+        }
+    }
+    found
+}
+
+/// How often [`unmount_all_under`] goes over the mount table at most.
+const UNMOUNT_PASSES: usize = 8;
+
+/// The mount points at or below `dir` in this mount namespace, deepest
+/// first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
         return Vec::new();
     };
@@ -410,17 +445,106 @@ pub fn unmount_all_under(dir: &Path) -> Vec<PathBuf> {
         .filter(|p| p.starts_with(dir))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points.dedup();
-    for p in &points {
-        // Never through a symlink at the mount point's place.
-        if let Err(e) = umount2(
-            p.as_path(),
-            MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW,
-        ) {
-            tracing::warn!(path = %p.display(), error = %e, "unmounting");
+    points
+}
+
+/// Removes `dir` and everything below it, on `dir`'s parent's mount only:
+/// never through a symlink (the guest writes much of what is there) and
+/// never into a directory where a mount still is. Meant for after
+/// [`unmount_all_under`]: a mount that outlived it (an unmount that
+/// failed) stays with all it holds, and the error names it, so a host
+/// volume's files never go with a sandbox's state. A missing `dir` is not
+/// an error; on others it goes on and returns the first.
+pub fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    let (Some(parent), Some(name)) = (dir.parent(), dir.file_name()) else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{}: no parent directory to remove it from", dir.display()),
+        ));
+    };
+    // The parent is the host's own path (a state directory may be reached
+    // through a symlink); below it nothing is followed.
+    let flags = OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC;
+    let parent = match Dir::open(parent, flags, Mode::empty()) {
+        Err(Errno::ENOENT) => return Ok(()),
+        r => r?,
+    };
+    let mount = mount_id(&parent, dir)?;
+    match remove_entry(&parent, name, mount, dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
+    }
+}
+
+fn dir_flags() -> OFlag {
+    OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_RDONLY | OFlag::O_CLOEXEC
+}
+
+/// Removes `name` in `parent` (`path`, for messages) and, if it is a
+/// directory on mount `mount`, all in it first.
+fn remove_entry(parent: &Dir, name: &OsStr, mount: u64, path: &Path) -> std::io::Result<()> {
+    let at = parent.as_raw_fd();
+    let mut sub = match Dir::openat(Some(at), name, dir_flags(), Mode::empty()) {
+        // A file, or a symlink: unlinked, never followed.
+        Err(Errno::ENOTDIR | Errno::ELOOP) => {
+            return Ok(unlinkat(Some(at), name, UnlinkatFlags::NoRemoveDir)?)
+        }
+        r => r?,
+    };
+    if mount_id(&sub, path)? != mount {
+        return Err(std::io::Error::other(format!(
+            "{} is still a mount point: left in place with what it holds",
+            path.display()
+        )));
+    }
+    // Read whole first: removing while reading a directory may skip names.
+    let names: Vec<std::ffi::OsString> = sub
+        .iter()
+        .filter_map(Result::ok)
+        .map(|e| OsStr::from_bytes(e.file_name().to_bytes()).to_owned())
+        .filter(|n| n != "." && n != "..")
+        .collect();
+    let mut first = None;
+    for n in &names {
+        match remove_entry(&sub, n, mount, &path.join(n)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                first.get_or_insert(e);
+            }
+            Ok(()) => {}
         }
     }
-    points
+    if let Some(e) = first {
+        return Err(e);
+    }
+    Ok(unlinkat(Some(at), name, UnlinkatFlags::RemoveDir)?)
+}
+
+/// The mount ID of the open directory `dir` (`path`, for messages).
+fn mount_id(dir: &Dir, path: &Path) -> std::io::Result<u64> {
+    // SAFETY: statx fills a zeroed struct of its own type; the empty path
+    // with AT_EMPTY_PATH names the open descriptor.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the path and the struct outlive the call.
+    let rc = unsafe {
+        libc::statx(
+            dir.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_MNT_ID,
+            &mut st,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if st.stx_mask & libc::STATX_MNT_ID == 0 {
+        return Err(std::io::Error::other(format!(
+            "{}: the kernel gives no mount ID (statx STATX_MNT_ID needs Linux 5.8)",
+            path.display()
+        )));
+    }
+    Ok(st.stx_mnt_id)
 }
 
 /// mountinfo escapes space, tab, newline and backslash as octal.
@@ -451,6 +575,38 @@ fn unescape(s: &str) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remove_tree_takes_files_dirs_and_links_but_nothing_a_link_points_at() {
+        let d = tempfile::tempdir().expect("tempdir");
+        let outside = d.path().join("outside");
+        std::fs::create_dir_all(outside.join("sub")).expect("mkdir");
+        std::fs::write(outside.join("keep"), "keep").expect("write");
+        let tree = d.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b/c")).expect("mkdir");
+        std::fs::write(tree.join("a/b/c/f"), "x").expect("write");
+        std::os::unix::fs::symlink(&outside, tree.join("a/dir-link")).expect("symlink");
+        std::os::unix::fs::symlink(outside.join("keep"), tree.join("file-link")).expect("symlink");
+        std::os::unix::fs::symlink("../../..", tree.join("a/b/up")).expect("symlink");
+        nix::unistd::mkfifo(&tree.join("a/fifo"), Mode::S_IRWXU).expect("mkfifo");
+        remove_tree(&tree).expect("remove");
+        assert!(!tree.exists());
+        // A top that is itself a link: the link goes, not its target.
+        let top_link = d.path().join("top-link");
+        std::os::unix::fs::symlink(&outside, &top_link).expect("symlink");
+        remove_tree(&top_link).expect("remove the link");
+        assert!(std::fs::symlink_metadata(&top_link).is_err());
+        assert_eq!(
+            std::fs::read_to_string(outside.join("keep")).expect("kept"),
+            "keep"
+        );
+        assert!(outside.join("sub").is_dir());
+        // Gone already, or under a parent that is gone: nothing to do.
+        remove_tree(&tree).expect("missing tree");
+        remove_tree(&tree.join("a/b")).expect("missing parent");
+        let e = remove_tree(Path::new("/")).expect_err("/ has no parent");
+        assert!(e.to_string().contains("no parent directory"), "{e}");
+    }
 
     #[test]
     fn options_split_into_flags_and_data() {

@@ -1,7 +1,12 @@
 //! The `husk` CLI as an operator runs it: the real binary, real guests.
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
 
 use husk_tests::{assert_nothing_left, e2e, guest_dir, processes_mentioning, vm_lock, TestEnv};
 
@@ -194,14 +199,19 @@ fn vm_ping_with_a_missing_kernel_says_what_to_do() {
 }
 
 /// `husk run --id ID` of `sh -c SCRIPT` in a busybox rootfs made in `env`.
-fn husk_run_sh(env: &TestEnv, id: &str, script: &str) -> Output {
+fn husk_run_sh_command(env: &TestEnv, id: &str, script: &str) -> Command {
     let rootfs = env.dir.path().join("rootfs");
     husk_tests::busybox_rootfs(&rootfs);
-    husk()
-        .args(["run", "--id", id, "--rootfs"])
+    let mut c = husk();
+    c.args(["run", "--id", id, "--rootfs"])
         .arg(&rootfs)
         .args(["--", "sh", "-c", script])
-        .env("HUSK_CONFIG", config_file(env))
+        .env("HUSK_CONFIG", config_file(env));
+    c
+}
+
+fn husk_run_sh(env: &TestEnv, id: &str, script: &str) -> Output {
+    husk_run_sh_command(env, id, script)
         .output()
         .expect("run husk run")
 }
@@ -267,4 +277,118 @@ fn an_idle_container_leaves_the_guest_cpu_idle() {
         "guest CPU idle {idle} of {all} ticks over 4 s of sleeping (want 80% at least):\n{stdout}"
     );
     assert_nothing_left(&env.config.state_dir, "idle1", &[]);
+}
+
+/// `husk run` of `script`, its output piped; returns once the container
+/// printed `ready`.
+fn husk_run_until_ready(env: &TestEnv, id: &str, script: &str) -> (Child, impl BufRead) {
+    let mut child = husk_run_sh_command(env, id, script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn husk run");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read husk run's stdout");
+    assert_eq!(line, "ready\n", "the container did not start");
+    (child, out)
+}
+
+fn signal(child: &Child, sig: Signal) {
+    let pid = Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, sig).expect("signal husk run");
+}
+
+/// `husk run` ended, with its status and the rest of its output.
+fn ended(mut child: Child, mut out: impl BufRead) -> (std::process::ExitStatus, String) {
+    let mut rest = String::new();
+    out.read_to_string(&mut rest)
+        .expect("read husk run's stdout");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("read husk run's stderr");
+    let status = child.wait().expect("wait for husk run");
+    (status, format!("{rest}{err}"))
+}
+
+/// Nothing of pod `id` left: processes, its directory, mounts under it.
+fn pod_gone(env: &TestEnv, id: &str) {
+    assert_nothing_left(&env.config.state_dir, id, &[]);
+    let dir = env.config.state_dir.join(id);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let left: Vec<&str> = mounts
+        .lines()
+        .filter(|l| l.contains(dir.to_str().expect("utf-8 path")))
+        .collect();
+    assert!(left.is_empty(), "mounts left: {left:#?}");
+}
+
+/// Ctrl-C or a service manager's SIGTERM to `husk run` must reach the
+/// container, and `husk run` must still delete the pod on its way out
+/// (it once died of the signal and left the pod's mounts and directory).
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
+    e2e();
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+
+    // A handler in the container: it gets SIGTERM, its status is husk run's.
+    let (child, out) = husk_run_until_ready(
+        &env,
+        "sig1",
+        "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.2; done",
+    );
+    signal(&child, Signal::SIGTERM);
+    let (status, text) = ended(child, out);
+    assert_eq!(status.code(), Some(7), "{text}");
+    assert!(text.contains("got-term"), "{text}");
+    pod_gone(&env, "sig1");
+
+    // A container that ignores SIGINT (as a PID 1 without a handler for
+    // it does): the second signal kills it.
+    let (mut child, out) =
+        husk_run_until_ready(&env, "sig2", "trap '' INT; echo ready; exec sleep 3600");
+    signal(&child, Signal::SIGINT);
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "the first SIGINT ended the container"
+    );
+    signal(&child, Signal::SIGINT);
+    let (status, text) = ended(child, out);
+    assert_eq!(status.code(), Some(128 + 9), "{text}");
+    assert!(text.contains("second signal"), "{text}");
+    pod_gone(&env, "sig2");
+
+    // Before the start (the sandbox's directory is made while it boots):
+    // the container never runs.
+    let ran = env.dir.path().join("rootfs/ran");
+    let mut child = husk_run_sh_command(&env, "sig3", "touch /ran")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn husk run");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !env.config.state_dir.join("sig3").exists() {
+        assert!(
+            child.try_wait().expect("try_wait").is_none(),
+            "husk run ended before its sandbox had a directory"
+        );
+        assert!(Instant::now() < deadline, "no sandbox directory in 30 s");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    signal(&child, Signal::SIGTERM);
+    let out = BufReader::new(child.stdout.take().expect("stdout"));
+    let (status, text) = ended(child, out);
+    assert_eq!(status.code(), Some(128 + 15), "{text}");
+    assert!(
+        !ran.exists(),
+        "the container ran after husk run got SIGTERM"
+    );
+    pod_gone(&env, "sig3");
 }

@@ -1211,6 +1211,16 @@ fn host_mount_points() -> Vec<String> {
     points
 }
 
+/// The names in directory `d`, sorted.
+fn dir_names(d: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(d)
+        .unwrap_or_else(|e| panic!("reading {d:?}: {e}"))
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
 #[test]
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn symlinks_a_guest_plants_during_create_and_teardown_move_no_host_mount() {
@@ -1239,9 +1249,12 @@ fn symlinks_a_guest_plants_during_create_and_teardown_move_no_host_mount() {
     };
     // Plants, without a pause, symlinks to the victim, to / and to the
     // parent directories, in its rootfs and in the volume, at the names
-    // of the directories it replaces.
+    // of the directories it replaces. `ln -sf` unlinks before it links, so
+    // those names are missing for a moment in each round (and for good if
+    // the round is killed there); `kept` is planted once, before the loop,
+    // and stays.
     let plant = format!(
-        "while :; do for d in / /vol; do \
+        "ln -s {v} /vol/kept; while :; do for d in / /vol; do \
          ln -sfn {v} $d/victim; ln -sfn / $d/root; ln -sfn ../../../.. $d/up; \
          rm -rf $d/mnt; ln -sfn {v} $d/mnt; done; done"
     );
@@ -1261,7 +1274,8 @@ fn symlinks_a_guest_plants_during_create_and_teardown_move_no_host_mount() {
     let seen = sh(
         &cri,
         &second,
-        "readlink /vol/victim; ls /vol/victim/ 2>&1 | head -1",
+        "until [ -L /vol/kept ]; do sleep 0.1; done; \
+         readlink /vol/kept; ls /vol/kept/ 2>&1 | head -1",
     );
     assert!(seen.starts_with(&format!("{v}\n")), "{seen:?}");
     assert!(
@@ -1284,7 +1298,12 @@ fn symlinks_a_guest_plants_during_create_and_teardown_move_no_host_mount() {
         "keep\n"
     );
     // The links are the guest's data in its volume, nothing more.
-    let link = std::fs::read_link(vol.path().join("victim")).expect("the planted link");
+    let names = dir_names(vol.path());
+    let link = std::fs::read_link(vol.path().join("kept"))
+        .unwrap_or_else(|e| panic!("the planted link: {e}; the volume holds {names:?}"));
     assert_eq!(link, victim.path());
+    if let Ok(link) = std::fs::read_link(vol.path().join("victim")) {
+        assert_eq!(link, victim.path());
+    }
     host("umount", &[&v]);
 }

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use husk_runtime::storage::{mount_share_root, share_bind_mounts, unmount_all_under, ShareWrite};
+use husk_runtime::storage::{
+    mount_share_root, remove_tree, share_bind_mounts, unmount_all_under, ShareWrite,
+};
 use husk_tests::e2e;
 
 #[test]
@@ -182,4 +184,69 @@ fn the_share_root_is_a_capped_tmpfs_read_only_but_while_husk_writes() {
 
     unmount_all_under(d.path());
     assert!(unmount_all_under(d.path()).is_empty());
+}
+
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn a_mount_left_in_a_tree_is_never_removed_through_and_stacked_ones_all_go() {
+    e2e();
+    let d = tempfile::Builder::new()
+        .prefix("husk-remove")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    // A host volume on the same filesystem as the tree (so the same
+    // st_dev), bound into it, and a tmpfs with two more stacked on it.
+    let vol = d.path().join("vol");
+    std::fs::create_dir(&vol).expect("mkdir");
+    std::fs::write(vol.join("keep"), "keep").expect("write");
+    let tree = d.path().join("tree");
+    let (bound, stacked) = (tree.join("binds/1"), tree.join("t"));
+    for p in [&bound, &stacked] {
+        std::fs::create_dir_all(p).expect("mkdir");
+    }
+    std::fs::write(tree.join("binds/own"), "x").expect("write");
+    nix::mount::mount(
+        Some(&vol),
+        &bound,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .expect("bind");
+    for n in 0..3 {
+        tmpfs(&stacked);
+        std::fs::write(stacked.join("f"), n.to_string()).expect("write");
+    }
+
+    // Left mounted (as when an unmount failed): neither is entered.
+    let e = remove_tree(&tree).expect_err("removed through a mount");
+    assert!(e.to_string().contains("still a mount point"), "{e}");
+    assert!(
+        e.to_string().contains(bound.to_str().expect("utf-8"))
+            || e.to_string().contains(stacked.to_str().expect("utf-8")),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(vol.join("keep")).expect("kept"),
+        "keep"
+    );
+    assert_eq!(
+        std::fs::read_to_string(stacked.join("f")).expect("kept"),
+        "2"
+    );
+    assert!(
+        !tree.join("binds/own").exists(),
+        "the tree's own files go even so"
+    );
+
+    // Every stacked mount goes, then the tree, and the volume stays.
+    let found = unmount_all_under(&tree);
+    assert_eq!(found.len(), 4, "{found:?}");
+    assert!(unmount_all_under(&tree).is_empty());
+    remove_tree(&tree).expect("remove the unmounted tree");
+    assert!(!tree.exists());
+    assert_eq!(
+        std::fs::read_to_string(vol.join("keep")).expect("kept"),
+        "keep"
+    );
 }

@@ -5,9 +5,12 @@
 //! - `husk vm-ping`: boot a sandbox VM, wait for the agent, shut it down.
 //! - `husk run --rootfs DIR -- CMD...`: run one command in a container in
 //!   its own microVM, without containerd (operators, the nested lab).
+//!   SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the container (a second
+//!   one kills it), and the pod is deleted whichever way it ends.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -15,6 +18,7 @@ use clap::{Parser, Subcommand};
 use husk_runtime::config::Config;
 use husk_runtime::host;
 use husk_runtime::sandbox::{ms, Sandbox};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
 
 #[derive(Parser)]
 #[command(name = "husk", version, about = "husk: microVM-isolated containers")]
@@ -175,6 +179,7 @@ fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) ->
     // output goes to this process's own stdout and stderr.
     let (events, _) = std::sync::mpsc::channel();
     let pod = PodService::new(VmBackend, events);
+    let signals = Forwarder::new(pod.clone(), id.clone())?;
     let fail = |e: husk_runtime::pod::PodApiError| anyhow::anyhow!(husk_runtime::error_chain(&e));
     pod.create(CreateRequest {
         id: id.clone(),
@@ -194,12 +199,95 @@ fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) ->
     })
     .map_err(fail)
     .with_context(|| format!("creating container {id} in its own VM"))?;
-    let ran = pod.start(&id, "").and_then(|_| pod.wait(&id, ""));
+    let ran = match signals.start(|| pod.start(&id, "")) {
+        Ok(Ok(_)) => pod.wait(&id, "").map(|e| e.status),
+        Ok(Err(e)) => Err(e),
+        // A signal before the container started: it never does.
+        Err(sig) => Ok(128 + sig as u32),
+    };
     // Deleting the pod's only container stops its VM.
     let deleted = pod.delete(&id, "");
-    let exit = ran.map_err(fail)?;
+    signals.stop();
+    let status = ran.map_err(fail)?;
     deleted.map_err(fail)?;
-    Ok(ExitCode::from(exit.status.min(255) as u8))
+    Ok(ExitCode::from(status.min(255) as u8))
+}
+
+/// The signals `husk run` passes on to its container, as `ctr run` does:
+/// it ends by deleting the pod (VM, daemons, mounts), so it must not die
+/// of them itself.
+const FORWARDED: [i32; 4] = [SIGINT, SIGTERM, SIGHUP, SIGQUIT];
+
+/// Passes [`FORWARDED`] signals on to the container's first process once
+/// it runs; a second one while it still runs kills it (SIGKILL), since a
+/// container's PID 1 ignores the signals it has no handler for. One that
+/// comes before the start keeps the container from starting.
+struct Forwarder {
+    state: Arc<Mutex<Forwarding>>,
+    handle: signal_hook::iterator::Handle,
+    thread: std::thread::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Forwarding {
+    /// The first signal that came.
+    first: Option<i32>,
+    /// How many came while the container ran.
+    forwarded: u32,
+    started: bool,
+}
+
+impl Forwarder {
+    fn new(
+        pod: husk_runtime::pod::PodService<husk_runtime::pod::VmBackend>,
+        id: String,
+    ) -> Result<Self> {
+        let mut signals = signal_hook::iterator::Signals::new(FORWARDED)
+            .context("installing husk run's signal handlers")?;
+        let handle = signals.handle();
+        let state = Arc::new(Mutex::new(Forwarding::default()));
+        let shared = state.clone();
+        let thread = std::thread::spawn(move || {
+            for sig in signals.forever() {
+                let mut st = shared.lock().unwrap_or_else(|p| p.into_inner());
+                st.first.get_or_insert(sig);
+                if !st.started {
+                    continue;
+                }
+                st.forwarded += 1;
+                let sig = if st.forwarded > 1 {
+                    eprintln!("husk: a second signal: killing container {id}");
+                    SIGKILL
+                } else {
+                    sig
+                };
+                if let Err(e) = pod.kill(&id, "", sig as u32, false) {
+                    tracing::warn!(signal = sig, error = %husk_runtime::error_chain(&e), "passing a signal to the container");
+                }
+            }
+        });
+        Ok(Self {
+            state,
+            handle,
+            thread,
+        })
+    }
+
+    /// Runs `start` unless a signal came first (then returns that signal);
+    /// signals that come meanwhile wait for it, then go to the container.
+    fn start<T>(&self, start: impl FnOnce() -> T) -> std::result::Result<T, i32> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sig) = st.first {
+            return Err(sig);
+        }
+        st.started = true;
+        Ok(start())
+    }
+
+    fn stop(self) {
+        self.handle.close();
+        let _ = self.thread.join();
+    }
 }
 
 fn vm_ping(config: &Config, id: String, json: bool) -> Result<ExitCode> {
