@@ -323,8 +323,15 @@ timeout 60 husk-vmm --kernel /husk/vmlinux --initramfs /husk/initramfs.cpio \
     --memory-mib 128 --console /tmp/panic.log \
     --cmdline "console=ttyS0 reboot=t panic=-1 rdinit=/nonexistent" 2> /tmp/panic.err
 rc=$?
-# Exit 3 without the panic is a crash of the emulator's making.
-[ $rc = 3 ] && spurious_crash "panic run" /tmp/panic.log /tmp/panic.err
+# Exit 3 without the panic is a crash of the emulator's making, unless the
+# guest printed the panic's cause: then husk-vmm lost the console's last
+# lines (it once exited before its console writer wrote them, and the lab
+# took that for the emulator's doing in most runs).
+if [ $rc = 3 ] && ! grep -qa "Kernel panic" /tmp/panic.log && grep -qa "VFS: Cannot open root device" /tmp/panic.log; then
+    echo "LAB: FAIL: panic run: the guest reached its panic but the console lost the message"
+elif [ $rc = 3 ]; then
+    spurious_crash "panic run" /tmp/panic.log /tmp/panic.err
+fi
 echo "LAB: panic run: husk-vmm exit $rc"
 tail -3 /tmp/panic.log | sed 's/^/LAB: panic run: /'
 husk-vmm --kernel /nonexistent/vmlinux

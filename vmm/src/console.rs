@@ -31,13 +31,44 @@ struct Pending {
 struct Shared {
     pending: Mutex<Pending>,
     ready: Condvar,
+    /// The writer thread, joined by whoever ends the log first.
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes what is pending, then stops the writer; later output stays
+    /// in memory.
+    fn finish(&self) {
+        self.lock().closed = true;
+        self.ready.notify_one();
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = writer {
+            let _ = w.join();
+        }
+    }
 }
 
 /// A bounded console log; see the module docs. Dropping it writes what is
-/// pending.
+/// pending; so does [`ConsoleEnd::finish`] while it lives on (the VM keeps
+/// its devices until the process exits).
 pub struct ConsoleLog {
     shared: Arc<Shared>,
-    writer: Option<JoinHandle<()>>,
+}
+
+/// Ends a [`ConsoleLog`] from outside the VM that owns it: when the guest
+/// has ended, the last lines it printed (a panic's) must reach the file
+/// before the process exits.
+pub struct ConsoleEnd(Arc<Shared>);
+
+impl ConsoleEnd {
+    /// Writes everything the guest printed so far and stops the writer.
+    pub fn finish(self) {
+        self.0.finish();
+    }
 }
 
 impl ConsoleLog {
@@ -77,23 +108,19 @@ impl ConsoleLog {
                     sink.run(&shared)
                 }
             })?;
-        Ok(Self {
-            shared,
-            writer: Some(writer),
-        })
+        *shared.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(writer);
+        Ok(Self { shared })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.shared
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+    /// A handle that ends this log (see [`ConsoleEnd`]).
+    pub fn end(&self) -> ConsoleEnd {
+        ConsoleEnd(self.shared.clone())
     }
 }
 
 impl Write for ConsoleLog {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let mut p = self.lock();
+        let mut p = self.shared.lock();
         let was_empty = p.data.is_empty();
         let room = PENDING_MAX.saturating_sub(p.data.len());
         let take = buf.len().min(room);
@@ -113,11 +140,7 @@ impl Write for ConsoleLog {
 
 impl Drop for ConsoleLog {
     fn drop(&mut self) {
-        self.lock().closed = true;
-        self.shared.ready.notify_one();
-        if let Some(w) = self.writer.take() {
-            let _ = w.join();
-        }
+        self.shared.finish();
     }
 }
 
@@ -134,7 +157,7 @@ impl Sink {
     fn run(&mut self, shared: &Shared) {
         loop {
             let closed = {
-                let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = shared.lock();
                 while p.data.is_empty() && p.dropped == 0 && !p.closed {
                     p = shared.ready.wait(p).unwrap_or_else(|e| e.into_inner());
                 }
@@ -144,7 +167,7 @@ impl Sink {
                 std::thread::sleep(BATCH);
             }
             let (data, dropped, closed) = {
-                let mut p = shared.pending.lock().unwrap_or_else(|e| e.into_inner());
+                let mut p = shared.lock();
                 let data = std::mem::take(&mut p.data);
                 (data, std::mem::take(&mut p.dropped), p.closed)
             };
@@ -243,5 +266,30 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         drop(log);
+    }
+
+    /// husk-vmm never drops the VM (its vCPUs may still run): the guest's
+    /// last lines, printed just before it ended, reach the file through
+    /// the end handle, not the drop. (They were lost to the writer's batch
+    /// sleep: a guest panic's message, most of the time.)
+    #[test]
+    fn the_end_handle_writes_the_last_lines_while_the_log_lives_on() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("console.log");
+        let mut log = ConsoleLog::create(&path, DEFAULT_LIMIT).unwrap();
+        let end = log.end();
+        for b in b"Kernel panic - not syncing: VFS: Unable to mount root fs\n" {
+            log.write_all(&[*b]).unwrap();
+            log.flush().unwrap();
+        }
+        end.finish();
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            "Kernel panic - not syncing: VFS: Unable to mount root fs\n"
+        );
+        // What comes after the end stays in memory.
+        log.write_all(b"late\n").unwrap();
+        std::mem::forget(log);
+        assert!(!std::fs::read_to_string(&path).unwrap().contains("late"));
     }
 }

@@ -220,17 +220,24 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         test_kind: cli.test_seccomp,
     })
     .map_err(|e| Failure::Vmm(format!("seccomp: {e}")))?;
-    let console: Box<dyn Write + Send> = match (&cli.console, cli.console_fd) {
-        (Some(p), _) => Box::new(
+    let log = match (&cli.console, cli.console_fd) {
+        (Some(p), _) => Some(
             ConsoleLog::create(p, cli.console_limit)
                 .map_err(|e| Failure::Vmm(format!("console file {}: {e}", p.display())))?,
         ),
-        (None, Some(fd)) => Box::new(inherited(fd).and_then(ConsoleLog::stream).map_err(|e| {
+        (None, Some(fd)) => Some(inherited(fd).and_then(ConsoleLog::stream).map_err(|e| {
             Failure::Vmm(format!(
                 "--console-fd {fd}: {e}; pass the console pipe as that descriptor"
             ))
         })?),
-        (None, None) => Box::new(std::io::stdout()),
+        (None, None) => None,
+    };
+    // The VM is never dropped (vCPUs may still run when it ends): its
+    // console's last lines are written through this end.
+    let console_end = log.as_ref().map(ConsoleLog::end);
+    let console: Box<dyn Write + Send> = match log {
+        Some(log) => Box::new(log),
+        None => Box::new(std::io::stdout()),
     };
     let mut api = cli
         .api_socket
@@ -316,7 +323,11 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         let _ = r.write_all(b"ready\n");
     }
     // `api` lives until run() returns and removes the socket when dropped.
-    match vm.run() {
+    let ended = vm.run();
+    if let Some(end) = console_end {
+        end.finish();
+    }
+    match ended {
         Ok(exit) => Ok(exit),
         Err(e @ VmError::Internal { .. }) => Err(Failure::Guest(e)),
         Err(e) => Err(vmm(&e)),
