@@ -110,8 +110,9 @@ impl Default for TestEnv {
     }
 }
 
-/// Every trace of a sandbox is gone: its processes, its state directory, and
-/// any process whose command line mentions that directory.
+/// Every trace of a sandbox is gone: its processes, any process whose
+/// command line mentions its state directory, mounts under it, and the
+/// directory itself.
 pub fn assert_nothing_left(state_dir: &Path, id: &str, pids: &[u32]) {
     let dir = state_dir.join(id);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -127,6 +128,16 @@ pub fn assert_nothing_left(state_dir: &Path, id: &str, pids: &[u32]) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let mounts: Vec<&str> = info
+        .lines()
+        .filter(|l| {
+            l.split(' ')
+                .nth(4)
+                .is_some_and(|p| Path::new(p).starts_with(&dir))
+        })
+        .collect();
+    assert!(mounts.is_empty(), "sandbox {id} left mounts: {mounts:#?}");
     assert!(
         !dir.exists(),
         "sandbox directory {} left behind",

@@ -279,14 +279,19 @@ fn an_idle_container_leaves_the_guest_cpu_idle() {
     assert_nothing_left(&env.config.state_dir, "idle1", &[]);
 }
 
-/// `husk run` of `script`, its output piped; returns once the container
-/// printed `ready`.
-fn husk_run_until_ready(env: &TestEnv, id: &str, script: &str) -> (Child, impl BufRead) {
-    let mut child = husk_run_sh_command(env, id, script)
+/// `husk run`, spawned with its output piped.
+fn spawn_piped(mut husk_run: Command) -> Child {
+    husk_run
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .expect("spawn husk run");
+        .expect("spawn husk run")
+}
+
+/// `husk run` of `script`, its output piped; returns once the container
+/// printed `ready`.
+fn husk_run_until_ready(env: &TestEnv, id: &str, script: &str) -> (Child, impl BufRead) {
+    let mut child = spawn_piped(husk_run_sh_command(env, id, script));
     let mut out = BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     out.read_line(&mut line).expect("read husk run's stdout");
@@ -315,18 +320,6 @@ fn ended(mut child: Child, mut out: impl BufRead) -> (std::process::ExitStatus, 
     (status, format!("{rest}{err}"))
 }
 
-/// Nothing of pod `id` left: processes, its directory, mounts under it.
-fn pod_gone(env: &TestEnv, id: &str) {
-    assert_nothing_left(&env.config.state_dir, id, &[]);
-    let dir = env.config.state_dir.join(id);
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    let left: Vec<&str> = mounts
-        .lines()
-        .filter(|l| l.contains(dir.to_str().expect("utf-8 path")))
-        .collect();
-    assert!(left.is_empty(), "mounts left: {left:#?}");
-}
-
 /// Ctrl-C or a service manager's SIGTERM to `husk run` must reach the
 /// container, and `husk run` must still delete the pod on its way out
 /// (it once died of the signal and left the pod's mounts and directory).
@@ -347,7 +340,7 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
     let (status, text) = ended(child, out);
     assert_eq!(status.code(), Some(7), "{text}");
     assert!(text.contains("got-term"), "{text}");
-    pod_gone(&env, "sig1");
+    assert_nothing_left(&env.config.state_dir, "sig1", &[]);
 
     // A container that ignores SIGINT (as a PID 1 without a handler for
     // it does): the second signal kills it.
@@ -363,16 +356,12 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
     let (status, text) = ended(child, out);
     assert_eq!(status.code(), Some(128 + 9), "{text}");
     assert!(text.contains("second signal"), "{text}");
-    pod_gone(&env, "sig2");
+    assert_nothing_left(&env.config.state_dir, "sig2", &[]);
 
     // Before the start (the sandbox's directory is made while it boots):
     // the container never runs.
     let ran = env.dir.path().join("rootfs/ran");
-    let mut child = husk_run_sh_command(&env, "sig3", "touch /ran")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn husk run");
+    let mut child = spawn_piped(husk_run_sh_command(&env, "sig3", "touch /ran"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !env.config.state_dir.join("sig3").exists() {
         assert!(
@@ -390,5 +379,5 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
         !ran.exists(),
         "the container ran after husk run got SIGTERM"
     );
-    pod_gone(&env, "sig3");
+    assert_nothing_left(&env.config.state_dir, "sig3", &[]);
 }
