@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocol::containers::{Network, StatsResponse, Stdio};
-use husk_protocol::{valid_id, StreamHeader, StreamKind};
+use husk_protocol::{StreamHeader, StreamKind};
 use libcontainer::container::Container;
 use libcontainer::oci_spec::runtime::{LinuxResources, Process, Spec};
 use nix::sys::wait::WaitStatus;
@@ -63,8 +63,8 @@ pub fn stream_wait(rpc_timeout_nano: i64) -> Duration {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
-    #[error("invalid container or exec id {0:?}")]
-    InvalidId(String),
+    #[error(transparent)]
+    InvalidId(#[from] husk_protocol::InvalidId),
     #[error("{0} already exists")]
     Exists(String),
     #[error("{0} not found")]
@@ -432,9 +432,7 @@ impl Manager {
         network: Option<&Network>,
         stream_wait: Duration,
     ) -> Result<(), ContainerError> {
-        if !valid_id(id) {
-            return Err(ContainerError::InvalidId(id.to_owned()));
-        }
+        husk_protocol::validate_id("container", id)?;
         if self.lock().contains_key(id) {
             return Err(ContainerError::Exists(format!("container {id}")));
         }
@@ -449,12 +447,12 @@ impl Manager {
         };
         let mut spec: Spec =
             serde_json::from_slice(spec_json).map_err(|e| spec_error(e.to_string()))?;
-        let terminal = spec
+        let mut process = spec
             .process()
-            .as_ref()
-            .ok_or_else(|| spec_error("it has no process".into()))?
-            .terminal()
-            .unwrap_or(false);
+            .clone()
+            .ok_or_else(|| spec_error("it has no process".into()))?;
+        crate::tenant::normalize_no_new_privileges(&mut process);
+        let terminal = process.terminal().unwrap_or(false);
         // A network namespace the container gets new (no path to join).
         let new_netns = spec
             .linux()
@@ -471,6 +469,8 @@ impl Manager {
             Ok(m) if m.is_dir() => {}
             _ => return Err(ContainerError::Rootfs(rootfs)),
         }
+        crate::tenant::default_home(&mut process, &rootfs);
+        spec.set_process(Some(process));
         let mut root = spec.root().clone().unwrap_or_default();
         root.set_path(rootfs);
         spec.set_root(Some(root));
@@ -618,9 +618,7 @@ impl Manager {
         stdio: &Stdio,
         stream_wait: Duration,
     ) -> Result<u32, ContainerError> {
-        if !valid_id(exec_id) {
-            return Err(ContainerError::InvalidId(exec_id.to_owned()));
-        }
+        husk_protocol::validate_id("exec", exec_id)?;
         let process: Process =
             serde_json::from_slice(process_json).map_err(|e| ContainerError::Spec {
                 id: id.to_owned(),
@@ -658,6 +656,7 @@ impl Manager {
             id,
             Kind::Exec {
                 process: path.clone(),
+                bundle: Path::new(BUNDLE_DIR).join(id),
             },
             &wiring,
         );

@@ -104,11 +104,17 @@ const MOUNTS: &[Mount] = &[
         flags: NOSUID_NODEV_NOEXEC,
         data: Some("nsdelegate"),
     },
+    // Neither nosuid nor nodev: containers' rootfs and volumes live here
+    // and get the flags runc's would have (a setuid program in the image
+    // runs setuid unless the process has no_new_privs; a device node is
+    // governed by the container's device cgroup, and names a guest
+    // device). The host's own mounts of the share stay nosuid and nodev:
+    // only the guest executes from it or opens its nodes.
     Mount {
         source: SHARE_TAG,
         target: SHARE_DIR,
         fstype: "virtiofs",
-        flags: MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV),
+        flags: MsFlags::empty(),
         data: None,
     },
 ];

@@ -16,6 +16,7 @@ mod net;
 mod reaper;
 mod server;
 mod stdio;
+mod tenant;
 mod zygote;
 
 use std::process::ExitCode;

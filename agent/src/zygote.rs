@@ -15,10 +15,11 @@
 
 use std::io::IoSlice;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use libcontainer::container::builder::ContainerBuilder;
+use libcontainer::oci_spec::runtime::{Process, Spec};
 use libcontainer::syscall::syscall::SyscallType;
 use nix::sys::socket::{
     recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
@@ -34,8 +35,9 @@ const MAX_MSG: usize = 64 * 1024;
 pub enum Kind {
     /// A container's init from the bundle's config.json.
     Init { bundle: PathBuf },
-    /// An exec process from an OCI Process file.
-    Exec { process: PathBuf },
+    /// An exec process from an OCI Process file, in the container whose
+    /// bundle (config.json) is `bundle`.
+    Exec { process: PathBuf, bundle: PathBuf },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -187,13 +189,44 @@ fn build(req: Request, fds: Vec<OwnedFd>) -> Result<i32, String> {
                 .map(|p| p.as_raw())
                 .ok_or_else(|| "created without a pid".to_owned())
         }
-        Kind::Exec { process } => b
-            .as_tenant()
-            .with_detach(true)
-            .with_process(Some(&process))
-            .as_sibling(true)
-            .build()
-            .map(|p| p.as_raw())
-            .map_err(e),
+        Kind::Exec { process, bundle } => {
+            if let Some(executor) = exec_seccomp(&process, &bundle)? {
+                b = b.with_executor(executor);
+            }
+            b.as_tenant()
+                .with_detach(true)
+                .with_process(Some(&process))
+                .as_sibling(true)
+                .build()
+                .map(|p| p.as_raw())
+                .map_err(e)
+        }
     }
+}
+
+/// The executor that puts exec `process_file` under its container's seccomp
+/// filter (see `tenant.rs`); rewrites the file with the capabilities the
+/// filter's load needs and the `HOME` runc would give.
+fn exec_seccomp(
+    process_file: &Path,
+    bundle: &Path,
+) -> Result<Option<crate::tenant::SeccompExecutor>, String> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("read {}: {e}", p.display()));
+    let mut process: Process =
+        serde_json::from_slice(&read(process_file)?).map_err(|e| format!("exec process: {e}"))?;
+    let config = bundle.join("config.json");
+    let spec: Spec =
+        serde_json::from_slice(&read(&config)?).map_err(|e| format!("container spec: {e}"))?;
+    let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().clone());
+    let before = process.clone();
+    if let Some(root) = spec.root() {
+        crate::tenant::default_home(&mut process, root.path());
+    }
+    let executor = crate::tenant::prepare(&mut process, seccomp)?;
+    if process != before {
+        let json = serde_json::to_vec(&process).map_err(|e| e.to_string())?;
+        std::fs::write(process_file, json)
+            .map_err(|e| format!("write {}: {e}", process_file.display()))?;
+    }
+    Ok(executor)
 }

@@ -54,16 +54,29 @@ fn full_caps() -> u64 {
     (1u64 << (last + 1)) - 1
 }
 
-/// The processes of every sandbox under `state_dir`: those whose command
-/// line names the sandbox's directory (its VMM and device daemons).
-pub fn report(state_dir: &Path) -> Vec<Confinement> {
-    let Ok(dirs) = std::fs::read_dir(state_dir) else {
+/// The directories below `dir`, by name.
+fn subdirs(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let sandboxes: Vec<String> = dirs
+    entries
         .flatten()
         .filter(|e| e.path().is_dir())
-        .filter_map(|e| e.file_name().into_string().ok())
+        .filter_map(|e| Some((e.file_name().into_string().ok()?, e.path())))
+        .collect()
+}
+
+/// The processes of every sandbox under `state_dir` (in its namespace
+/// directories): those whose command line names the sandbox's directory
+/// (its VMM and device daemons). Sandboxes are named `<namespace>/<id>`.
+pub fn report(state_dir: &Path) -> Vec<Confinement> {
+    let sandboxes: Vec<(String, std::path::PathBuf)> = subdirs(state_dir)
+        .into_iter()
+        .flat_map(|(ns, dir)| {
+            subdirs(&dir)
+                .into_iter()
+                .map(move |(id, path)| (format!("{ns}/{id}"), path))
+        })
         .collect();
     // The caller's: `husk check` runs where the shims and containerd do.
     let host_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
@@ -79,10 +92,10 @@ pub fn report(state_dir: &Path) -> Vec<Confinement> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let Some(sandbox) = sandboxes.iter().find(|s| {
-            let dir = state_dir.join(s);
-            cmdline.contains(&format!("{}/", dir.display()))
-        }) else {
+        let Some((sandbox, _)) = sandboxes
+            .iter()
+            .find(|(_, dir)| cmdline.contains(&format!("{}/", dir.display())))
+        else {
             continue;
         };
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {

@@ -1,7 +1,13 @@
 //! Every host path of one sandbox, in one place: the state directory
-//! `<state_dir>/<sandbox id>` and what lives in it (sockets, logs, the
-//! share, each container's rootfs and bind mounts). Nothing else in husk
-//! joins names onto a sandbox directory.
+//! `<state_dir>/<namespace>/<sandbox id>` and what lives in it (sockets,
+//! logs, the share, each container's rootfs and bind mounts). Nothing else
+//! in husk joins names onto a sandbox directory.
+//!
+//! The namespace is containerd's (`default`, `k8s.io`, `moby`, ...): the
+//! same id in two namespaces is two pods, as runc's shim keeps them
+//! (`/run/containerd/runc/<namespace>/<id>`). Pods husk runs without
+//! containerd (`husk run`, `husk vm-ping`) live in [`DIRECT_NAMESPACE`],
+//! a name containerd cannot give a namespace.
 
 use std::path::{Path, PathBuf};
 
@@ -11,6 +17,72 @@ use crate::config::Config;
 use crate::pod::{GuestOnlyMounts, PodError};
 use crate::storage::{self, MountSpec};
 
+/// The namespace of pods husk runs itself, without containerd. containerd
+/// namespaces start with a letter or digit, so none is this one.
+pub const DIRECT_NAMESPACE: &str = "_husk";
+
+/// Longest unix socket path (`sun_path` less its terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// The file in a sandbox directory naming who made it (see
+/// [`SandboxPaths::owner`]).
+const OWNER_FILE: &str = "owner";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PathsError {
+    #[error(transparent)]
+    Id(#[from] husk_protocol::InvalidId),
+    #[error("socket path {path} is {len} bytes, over the {MAX_SOCKET_PATH} a unix socket takes; use a shorter state_dir in the husk config, or a shorter containerd namespace or id")]
+    TooLong { path: PathBuf, len: usize },
+}
+
+/// The file in a task's bundle holding the owner token of the sandbox that
+/// serves it.
+const BUNDLE_OWNER_FILE: &str = "husk-owner";
+
+/// Records in `bundle` that its task is served by the sandbox whose owner
+/// record holds `token`.
+pub fn record_bundle_owner(bundle: &Path, token: &str) -> std::io::Result<()> {
+    std::fs::write(bundle.join(BUNDLE_OWNER_FILE), token)
+}
+
+/// Whether the task of `bundle` belongs to `sandbox`: both hold the same
+/// owner token. A task that never got one (its create failed before its
+/// sandbox was made, or found another pod's) owns nothing.
+pub fn bundle_owns(bundle: &Path, sandbox: &SandboxPaths) -> bool {
+    let theirs = std::fs::read_to_string(bundle.join(BUNDLE_OWNER_FILE)).ok();
+    match (theirs.as_deref().map(str::trim), sandbox.owner()) {
+        (Some(t), Some(o)) => !t.is_empty() && t == o,
+        _ => false,
+    }
+}
+
+/// A fresh owner token: 128 random bits, in hex.
+pub fn new_owner_token() -> String {
+    let mut bytes = [0u8; 16];
+    // SAFETY: getrandom(2) writes at most `bytes.len()` bytes into the
+    // buffer, which lives across the call.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if n != bytes.len() as isize {
+        // Never seen (the pool is seeded long before a shim runs); the time
+        // and pid still tell two owners apart.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let v = t.as_nanos() ^ ((std::process::id() as u128) << 64);
+        bytes = v.to_le_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Checks a containerd namespace before it becomes a directory name.
+pub fn validate_namespace(namespace: &str) -> Result<(), husk_protocol::InvalidId> {
+    if namespace == DIRECT_NAMESPACE {
+        return Ok(());
+    }
+    husk_protocol::validate_id("namespace", namespace)
+}
+
 /// The paths of one sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxPaths {
@@ -18,9 +90,19 @@ pub struct SandboxPaths {
 }
 
 impl SandboxPaths {
-    /// Sandbox `id`'s paths under the configured state directory.
-    pub fn new(config: &Config, id: &str) -> Self {
-        Self::at(config.state_dir.join(id))
+    /// The paths of sandbox `id` of containerd namespace `namespace` under
+    /// the configured state directory; both are checked before they become
+    /// path components, and the longest socket path must fit.
+    pub fn new(config: &Config, namespace: &str, id: &str) -> Result<Self, PathsError> {
+        validate_namespace(namespace)?;
+        husk_protocol::validate_id("sandbox", id)?;
+        let paths = Self::at(config.state_dir.join(namespace).join(id));
+        let longest = paths.vsock_socket();
+        let len = longest.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(PathsError::TooLong { path: longest, len });
+        }
+        Ok(paths)
     }
 
     /// The paths of a sandbox whose state directory is `root`.
@@ -94,6 +176,21 @@ impl SandboxPaths {
                 .join(id)
                 .join("binds"),
         }
+    }
+
+    /// The sandbox's owner record: a token its creator wrote when it made
+    /// the directory, and also in the bundle of every task it serves. Only
+    /// a task whose bundle holds the same token may remove what is here.
+    pub fn owner(&self) -> Option<String> {
+        std::fs::read_to_string(self.root.join(OWNER_FILE))
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    }
+
+    /// Writes the owner record (see [`SandboxPaths::owner`]).
+    pub fn record_owner(&self, token: &str) -> std::io::Result<()> {
+        std::fs::write(self.root.join(OWNER_FILE), token)
     }
 
     /// Whether any container still has state in this sandbox.
@@ -202,8 +299,70 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(
-            SandboxPaths::new(&cfg, "p").root(),
-            Path::new("/var/run/h/p")
+            SandboxPaths::new(&cfg, "k8s.io", "p")
+                .expect("valid")
+                .root(),
+            Path::new("/var/run/h/k8s.io/p")
         );
+    }
+
+    #[test]
+    fn the_same_id_in_two_namespaces_is_two_sandboxes() {
+        let cfg = Config::default();
+        let a = SandboxPaths::new(&cfg, "default", "same").expect("valid");
+        let b = SandboxPaths::new(&cfg, "other", "same").expect("valid");
+        let direct = SandboxPaths::new(&cfg, DIRECT_NAMESPACE, "same").expect("valid");
+        assert_ne!(a.root(), b.root());
+        assert_ne!(a.root(), direct.root());
+        assert_eq!(a.root(), Path::new("/run/husk/default/same"));
+    }
+
+    #[test]
+    fn namespaces_and_ids_are_checked_and_sockets_must_fit() {
+        let cfg = Config::default();
+        for (ns, id) in [
+            ("..", "p"),
+            ("a/b", "p"),
+            ("_other", "p"),
+            ("k8s.io", "../p"),
+            ("", "p"),
+        ] {
+            let e = SandboxPaths::new(&cfg, ns, id).expect_err("refused");
+            assert!(matches!(e, PathsError::Id(_)), "{ns}/{id}: {e}");
+        }
+        // A CRI id (64 hex characters) in k8s.io fits.
+        let cri = "0123456789abcdef".repeat(4);
+        assert!(SandboxPaths::new(&cfg, "k8s.io", &cri).is_ok());
+        // Two of containerd's longest names do not; the error says what to do.
+        let long = "a".repeat(husk_protocol::MAX_ID_LEN);
+        let e = SandboxPaths::new(&cfg, &long, &long).expect_err("too long");
+        assert!(matches!(e, PathsError::TooLong { .. }), "{e}");
+        assert!(e.to_string().contains("shorter state_dir"), "{e}");
+    }
+
+    #[test]
+    fn only_a_bundle_with_the_sandboxs_token_owns_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let sb = SandboxPaths::at(dir.path().join("sb"));
+        std::fs::create_dir(sb.root()).expect("mkdir");
+        let (mine, theirs, none) = (
+            dir.path().join("mine"),
+            dir.path().join("theirs"),
+            dir.path().join("none"),
+        );
+        for b in [&mine, &theirs, &none] {
+            std::fs::create_dir(b).expect("mkdir");
+        }
+        let token = new_owner_token();
+        assert_eq!(token.len(), 32);
+        assert_ne!(token, new_owner_token());
+        record_bundle_owner(&mine, &token).expect("write");
+        record_bundle_owner(&theirs, &new_owner_token()).expect("write");
+        assert!(!bundle_owns(&mine, &sb), "no owner record yet");
+        sb.record_owner(&token).expect("write");
+        assert_eq!(sb.owner().as_deref(), Some(token.as_str()));
+        assert!(bundle_owns(&mine, &sb));
+        assert!(!bundle_owns(&theirs, &sb));
+        assert!(!bundle_owns(&none, &sb));
     }
 }

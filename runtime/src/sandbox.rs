@@ -22,7 +22,7 @@ use crate::daemons::{self, DaemonError, DaemonPaths};
 use crate::host::{self, Backend, ChoiceError};
 use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, ReadySocket, ReadyWatch, VmSpec};
 use crate::monitor::{Monitor, Watched};
-use crate::paths::SandboxPaths;
+use crate::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::process::{tail_of_file, Confine, Process, ProcessError};
 use crate::storage;
 
@@ -38,9 +38,6 @@ use crate::storage;
 /// (arch/x86/kernel/kvmclock.c); Kata's guests pass it too.
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 quiet no_timer_check";
 
-/// Longest sandbox id: unix socket paths in the state dir must stay short.
-pub const MAX_ID_LEN: usize = 64;
-
 /// How long the daemons get to listen on their sockets.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the VM gets to end after the agent's Shutdown reply.
@@ -54,8 +51,10 @@ const LOG_TAIL: usize = 3000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SandboxError {
-    #[error("sandbox id {0:?} is invalid: use 1 to {MAX_ID_LEN} of [A-Za-z0-9_.-], starting with a letter or digit")]
-    InvalidId(String),
+    #[error(transparent)]
+    InvalidId(#[from] husk_protocol::InvalidId),
+    #[error(transparent)]
+    Paths(#[from] PathsError),
     #[error("sandbox {id} already exists at {dir}; stop it first or remove the stale directory")]
     Exists { id: String, dir: PathBuf },
     #[error("the VMM's jail")]
@@ -294,31 +293,38 @@ pub struct Sandbox {
     done: bool,
 }
 
-/// Checks a sandbox id: it becomes a directory name and part of socket paths.
+/// Who boots a sandbox: the containerd namespace its directory goes in,
+/// and the token of its owner record (see [`SandboxPaths::owner`]).
+#[derive(Debug, Clone)]
+pub struct Owner<'a> {
+    pub namespace: &'a str,
+    pub token: String,
+}
+
+/// Checks a sandbox id: it becomes a directory name and part of socket
+/// paths (the one rule of `husk_protocol::validate_id`).
 pub fn validate_id(id: &str) -> Result<(), SandboxError> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_LEN
-        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(SandboxError::InvalidId(id.to_owned()))
-    }
+    Ok(husk_protocol::validate_id("sandbox", id)?)
 }
 
 impl Sandbox {
-    /// Boots sandbox `id` and waits for its agent.
+    /// Boots sandbox `id` of husk's own namespace (no containerd) and
+    /// waits for its agent.
     pub fn boot(config: &Config, id: &str) -> Result<Self, SandboxError> {
-        Self::boot_with_nets(config, id, Vec::new())
+        let owner = Owner {
+            namespace: DIRECT_NAMESPACE,
+            token: paths::new_owner_token(),
+        };
+        Self::boot_with_nets(config, &owner, id, Vec::new())
     }
 
-    /// Boots sandbox `id` with guest NICs on the taps in `nets` (which the
-    /// caller keeps open until the VMM has started) and waits for its agent.
+    /// Boots sandbox `id` of `owner`'s namespace with guest NICs on the
+    /// taps in `nets` (which the caller keeps open until the VMM has
+    /// started) and waits for its agent. The state directory must be new;
+    /// it gets `owner`'s token as its owner record.
     pub fn boot_with_nets(
         config: &Config,
+        owner: &Owner<'_>,
         id: &str,
         nets: Vec<NetDevice>,
     ) -> Result<Self, SandboxError> {
@@ -339,12 +345,19 @@ impl Sandbox {
             "initramfs",
         )?;
 
-        let paths = SandboxPaths::new(config, id);
+        let paths = SandboxPaths::new(config, owner.namespace, id)?;
         let dir = paths.root().to_path_buf();
-        std::fs::create_dir_all(&config.state_dir).map_err(|source| SandboxError::StateDir {
-            dir: config.state_dir.clone(),
-            source,
-        })?;
+        let parent = dir.parent().unwrap_or(&config.state_dir).to_path_buf();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&parent)
+            .map_err(|source| SandboxError::StateDir {
+                dir: parent,
+                source,
+            })?;
+        // The directory is made here or not at all: one that exists is
+        // another pod's, and nothing of it is touched.
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -369,6 +382,12 @@ impl Sandbox {
             console: None,
             done: false,
         };
+        paths
+            .record_owner(&owner.token)
+            .map_err(|source| SandboxError::StateDir {
+                dir: dir.clone(),
+                source,
+            })?;
         let daemon_paths = DaemonPaths {
             shared_dir: paths.shared(),
             fs_socket: paths.fs_socket(),
@@ -718,22 +737,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn ids_are_checked() {
-        for ok in ["a", "pod-1", "0f3a9c", "x.y_z", &"a".repeat(MAX_ID_LEN)] {
-            assert!(validate_id(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "",
-            "-a",
-            ".hidden",
-            "a/b",
-            "..",
-            "a b",
-            &"a".repeat(MAX_ID_LEN + 1),
-            "é",
-        ] {
-            assert!(validate_id(bad).is_err(), "{bad}");
-        }
+    fn sandbox_ids_follow_the_shared_rule_and_name_themselves() {
+        assert!(validate_id("pod-1").is_ok());
+        let e = validate_id("../escape").expect_err("refused");
+        assert!(e.to_string().starts_with("sandbox id \"../escape\""), "{e}");
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Shim for HuskShim {
             namespace: args.namespace.clone(),
             id: args.id.clone(),
             bundle: args.bundle.clone(),
-            pod: PodService::new(VmBackend, tx),
+            pod: PodService::new(VmBackend::new(args.namespace.clone()), tx),
             events: Arc::new(Mutex::new(Some(rx))),
         }
     }
@@ -207,15 +207,26 @@ impl Shim for HuskShim {
         // VMM or daemon is alive while the mounts below go.
         let record = bundle.join(cgroup::RECORD_FILE);
         cgroup::remove_recorded(&record);
+        // Only what this task's sandbox owns: a create that collided with
+        // another pod's directory (or never made one) removes nothing.
         let pod = role.pod_id(&self.id);
-        if husk_runtime::sandbox::validate_id(pod).is_ok()
-            && husk_runtime::sandbox::validate_id(&self.id).is_ok()
-        {
-            let paths = SandboxPaths::new(&config, pod);
-            paths.container(&self.id).release();
-            if paths.root().exists() && !paths.has_containers() {
-                paths.remove();
+        match SandboxPaths::new(&config, &self.namespace, pod) {
+            Ok(paths) if husk_runtime::paths::bundle_owns(bundle, &paths) => {
+                if husk_protocol::validate_id("container", &self.id).is_ok() {
+                    paths.container(&self.id).release();
+                }
+                if !paths.has_containers() {
+                    paths.remove();
+                }
             }
+            Ok(paths) if paths.root().exists() => log::info!(
+                "delete of {} in namespace {}: sandbox {} is not this task's (owner record differs); left as it is",
+                self.id,
+                self.namespace,
+                paths.root().display()
+            ),
+            Ok(_) => {}
+            Err(e) => log::warn!("delete of {}: {e}", self.id),
         }
         remove_stale_socket(&bundle.join(ADDRESS_FILE));
         Ok(resp)

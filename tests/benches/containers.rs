@@ -11,7 +11,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_tests::bench::{self, median, ms, pss_kib};
-use husk_tests::containerd::{run_args, Containerd, RUNTIME};
+use husk_tests::containerd::{run_args, Containerd, NAMESPACE, RUNTIME};
 use husk_tests::processes_mentioning;
 
 const RUNC: &str = "io.containerd.runc.v2";
@@ -76,7 +76,9 @@ fn main() {
     // Settle, then measure memory.
     std::thread::sleep(Duration::from_secs(2));
     let mut husk_procs = shim_of("containerd-shim-husk-v2", hx);
-    husk_procs.extend(processes_mentioning(&Path::new("/run/husk").join(hx)));
+    husk_procs.extend(processes_mentioning(&husk_tests::sandbox_dir(
+        NAMESPACE, hx,
+    )));
     let mut table = Vec::new();
     let (mut own_total, mut guest_total) = (0, 0);
     for pid in &husk_procs {

@@ -18,7 +18,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use husk_tests::bench::{self, median, ms};
-use husk_tests::containerd::{bridge_plugin, cni_conflist, Containerd, IMAGE};
+use husk_tests::containerd::{bridge_plugin, cni_conflist, Containerd, CRI_NAMESPACE, IMAGE};
 use husk_tests::cri::{container, Cri, PodOpts};
 
 /// Bytes per throughput run.
@@ -178,8 +178,10 @@ fn starts(ctd: &Containerd, logs: &Path, handler: &str, runs: usize) -> Starts {
         let p = pod(&cri, logs, handler, &format!("s-{handler}-{i}"));
         let d = t.elapsed();
         if handler == "husk" {
-            let console = std::fs::read_to_string(format!("/run/husk/{}/console.log", p.id))
-                .unwrap_or_default();
+            let console = std::fs::read_to_string(
+                husk_tests::sandbox_dir(CRI_NAMESPACE, &p.id).join("console.log"),
+            )
+            .unwrap_or_default();
             let host = ms_after(&ctd.log(), &p.id, "host network set up in ");
             let guest = ms_after(&console, "pod network configured", "configured in ");
             if i > 0 {

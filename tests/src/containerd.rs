@@ -392,8 +392,15 @@ pub fn assert_clean() {
     loop {
         let shims = crate::processes_mentioning(Path::new("containerd-shim-husk-v2"));
         let vms = crate::processes_mentioning(Path::new("/run/husk/"));
+        // Sandbox directories; the namespace directories above them stay,
+        // as runc's shim leaves /run/containerd/runc/<namespace>.
         let dirs: Vec<_> = std::fs::read_dir("/run/husk")
-            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|ns| std::fs::read_dir(ns.path()).ok())
+                    .flat_map(|d| d.flatten().map(|e| e.path()))
+                    .collect()
+            })
             .unwrap_or_default();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()

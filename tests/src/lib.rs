@@ -17,6 +17,7 @@ use husk_runtime::Config;
 pub mod bench;
 pub mod containerd;
 pub mod cri;
+pub mod differential;
 pub mod stream;
 
 /// Guest image directory written by `make guest-image`.
@@ -110,11 +111,22 @@ impl Default for TestEnv {
     }
 }
 
-/// Every trace of a sandbox is gone: its processes, any process whose
+/// The state directory husk gives pod `id` of containerd namespace
+/// `namespace` under the default state_dir.
+pub fn sandbox_dir(namespace: &str, id: &str) -> PathBuf {
+    husk_runtime::Config::default()
+        .state_dir
+        .join(namespace)
+        .join(id)
+}
+
+/// Every trace of a sandbox (of husk's own namespace) is gone: its processes, any process whose
 /// command line mentions its state directory, mounts under it, and the
 /// directory itself.
 pub fn assert_nothing_left(state_dir: &Path, id: &str, pids: &[u32]) {
-    let dir = state_dir.join(id);
+    let dir = state_dir
+        .join(husk_runtime::paths::DIRECT_NAMESPACE)
+        .join(id);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let alive: Vec<u32> = pids.iter().copied().filter(|p| is_running(*p)).collect();

@@ -363,7 +363,13 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
     let ran = env.dir.path().join("rootfs/ran");
     let mut child = spawn_piped(husk_run_sh_command(&env, "sig3", "touch /ran"));
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !env.config.state_dir.join("sig3").exists() {
+    while !env
+        .config
+        .state_dir
+        .join(husk_runtime::paths::DIRECT_NAMESPACE)
+        .join("sig3")
+        .exists()
+    {
         assert!(
             child.try_wait().expect("try_wait").is_none(),
             "husk run ended before its sandbox had a directory"

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use husk_tests::bench::{pss_kib, with_descendants};
-use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
+use husk_tests::containerd::{assert_clean, Containerd, CRI_NAMESPACE, IMAGE};
 use husk_tests::cri::{container, Cri, ExecResult, PodOpts};
 use husk_tests::{e2e, processes_mentioning, vm_lock};
 
@@ -730,7 +730,7 @@ fn a_pods_host_cost_is_in_its_cgroup_and_its_vm_has_the_pods_size() {
             dir.display()
         );
     }
-    let daemons = processes_mentioning(Path::new(&format!("/run/husk/{pod}")));
+    let daemons = processes_mentioning(&husk_tests::sandbox_dir(CRI_NAMESPACE, &pod));
     assert!(
         daemons.len() >= 2,
         "VMM and daemons of the pod: {daemons:?}"
@@ -1137,7 +1137,7 @@ fn twenty_pods_started_at_once_all_run_then_all_go_away() {
         .iter()
         .filter_map(|r| r.as_ref().ok())
         .filter(|(pod, _)| {
-            std::fs::read_to_string(state_dir.join(pod).join("console.log"))
+            std::fs::read_to_string(state_dir.join(CRI_NAMESPACE).join(pod).join("console.log"))
                 .is_ok_and(|c| c.contains("timer not connected"))
         })
         .map(|(pod, _)| pod.clone())

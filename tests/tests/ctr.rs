@@ -124,7 +124,7 @@ fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
     ));
     assert_eq!(shims.len(), 1, "one shim for the container: {shims:?}");
     assert!(
-        std::path::Path::new("/run/husk/doomed").exists(),
+        husk_tests::sandbox_dir(husk_tests::containerd::NAMESPACE, "doomed").exists(),
         "sandbox dir exists while running"
     );
     // SAFETY: kill(2) on the shim's pid with a valid signal.

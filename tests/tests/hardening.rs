@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{assert_clean, Containerd, Events};
+use husk_tests::containerd::{assert_clean, Containerd, Events, NAMESPACE};
 use husk_tests::{e2e, processes_mentioning, vm_lock};
 
 /// How long a pod's processes may go without their exit once the VM is
@@ -31,7 +31,7 @@ fn ok(ctd: &Containerd, what: &str, out: &Output) {
 
 /// The VMM of sandbox `id` (its daemons mention the directory too).
 fn vmm_of(id: &str) -> u32 {
-    let vmms: Vec<u32> = processes_mentioning(Path::new(&format!("/run/husk/{id}/")))
+    let vmms: Vec<u32> = processes_mentioning(&husk_tests::sandbox_dir(NAMESPACE, id).join(""))
         .into_iter()
         .filter(|pid| {
             std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -224,7 +224,7 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
     // own whose root holds the system's programs and the sandbox's sockets
     // (and for QEMU the guest image), nothing else of the host: no /etc,
     // no share, no console log, no other pod.
-    let sandbox = Path::new("/run/husk").join(id);
+    let sandbox = husk_tests::sandbox_dir(NAMESPACE, id);
     for name in ["vhost-device-vs", "qemu-system-x86"] {
         let line = lines
             .iter()
@@ -302,7 +302,11 @@ fn a_console_flood_is_capped_on_disk_and_the_vmm_stays_flat() {
     let initrd = husk_tests::initramfs_with_init(&env, "flood", &init);
     env.config.guest.initramfs = Some(initrd);
     env.config.agent.boot_timeout_ms = 600_000;
-    let dir = env.config.state_dir.join("flood");
+    let dir = env
+        .config
+        .state_dir
+        .join(husk_runtime::paths::DIRECT_NAMESPACE)
+        .join("flood");
     let watch = {
         let dir = dir.clone();
         std::thread::spawn(move || {

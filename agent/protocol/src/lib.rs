@@ -31,22 +31,44 @@ pub const FORWARD_VSOCK_PORT: u32 = 1026;
 /// Longest port-forward header and reply lines either side accepts.
 pub const MAX_FORWARD_LINE: usize = MAX_ID_LEN + 16;
 
-/// Longest container or exec id either side accepts.
-pub const MAX_ID_LEN: usize = 128;
+/// Longest container, exec or sandbox id either side accepts:
+/// containerd's own limit for its identifiers (pkg/identifiers, 76), so
+/// every id containerd or CRI hands a runtime fits.
+pub const MAX_ID_LEN: usize = 76;
 
-/// Whether `id` is an acceptable container or exec id: 1 to [`MAX_ID_LEN`]
-/// bytes of `[A-Za-z0-9_.-]`, not starting with `.` or `-`. Both sides check:
-/// ids become path components in the guest and the host.
-pub fn valid_id(id: &str) -> bool {
-    !id.is_empty()
+/// An id that may not become a path component or a name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} id {id:?} is invalid: use 1 to {MAX_ID_LEN} of [A-Za-z0-9_.-], starting with a letter or digit (no '/', no control bytes)")]
+pub struct InvalidId {
+    /// What the id names: "container", "exec", "sandbox".
+    pub kind: &'static str,
+    pub id: String,
+}
+
+/// Checks a container, exec or sandbox id: 1 to [`MAX_ID_LEN`] bytes of
+/// `[A-Za-z0-9_.-]`, the first a letter or digit, so neither `..` nor `/`
+/// nor a control byte can reach a path. Host and guest check with this one
+/// function: ids become path components on both sides.
+pub fn validate_id(kind: &'static str, id: &str) -> Result<(), InvalidId> {
+    let ok = !id.is_empty()
         && id.len() <= MAX_ID_LEN
+        && id.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
         && id
             .bytes()
-            .next()
-            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(InvalidId {
+            kind,
+            id: id.chars().take(2 * MAX_ID_LEN).collect(),
+        })
+    }
+}
+
+/// Whether `id` passes [`validate_id`].
+pub fn valid_id(id: &str) -> bool {
+    validate_id("", id).is_ok()
 }
 
 /// Copies `from` into `to` until EOF, with a plain read/write loop.
@@ -177,7 +199,40 @@ mod tests {
         ] {
             assert_eq!(StreamHeader::parse(bad), None, "{bad:?}");
         }
-        assert!(!valid_id(&"a".repeat(MAX_ID_LEN + 1)));
-        assert!(!valid_id("-a") && !valid_id(".a") && valid_id("_a"));
+    }
+
+    #[test]
+    fn ids_are_checked_by_one_rule_that_names_the_id() {
+        for ok in [
+            "a",
+            "pod-1",
+            "0f3a9c",
+            "x.y_z",
+            "a..b",
+            &"a".repeat(MAX_ID_LEN),
+        ] {
+            assert_eq!(validate_id("container", ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "../escape",
+            "a/b",
+            "/abs",
+            "-a",
+            ".a",
+            "_a",
+            "a b",
+            "a\nb",
+            "a\u{7f}",
+            "\u{e9}t\u{e9}",
+            &"a".repeat(MAX_ID_LEN + 1),
+        ] {
+            let e = validate_id("container", bad).expect_err(bad);
+            let msg = e.to_string();
+            assert!(msg.starts_with("container id "), "{msg}");
+            assert!(msg.contains(&format!("{bad:?}")), "{msg} names {bad:?}");
+        }
     }
 }

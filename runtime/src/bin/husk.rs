@@ -178,7 +178,10 @@ fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) ->
     // The pod API, as the shim drives it: a pod of one container whose
     // output goes to this process's own stdout and stderr.
     let (events, _) = std::sync::mpsc::channel();
-    let pod = PodService::new(VmBackend, events);
+    let pod = PodService::new(
+        VmBackend::new(husk_runtime::paths::DIRECT_NAMESPACE),
+        events,
+    );
     let signals = Forwarder::new(pod.clone(), id.clone())?;
     let fail = |e: husk_runtime::pod::PodApiError| anyhow::anyhow!(husk_runtime::error_chain(&e));
     pod.create(CreateRequest {

@@ -14,8 +14,9 @@ use crate::cgroup::{self, PodCgroup};
 use crate::config::Config;
 use crate::hypervisor::NetDevice;
 use crate::network::{self, PodNetwork};
-use crate::paths::SandboxPaths;
+use crate::paths::{self, SandboxPaths};
 use crate::portforward::{self, PortForward};
+use crate::sandbox::Owner;
 use crate::storage::MountSpec;
 use crate::Sandbox;
 
@@ -51,6 +52,9 @@ pub trait PodVm: Send + 'static {
     /// The network the guest gives a container of `role` in its new network
     /// namespace: the pod's, for its sandbox; none for the others.
     fn network(&self, role: &Role) -> Option<Network>;
+    /// Records in a task's bundle that this VM's sandbox serves it, so
+    /// that `delete` after a crash removes only what is its own.
+    fn record_owner(&self, bundle: &Path);
     /// Undoes [`PodVm::attach`]; the guest no longer uses the container.
     fn release(&self, id: &str);
     /// Stops the VM and removes its host state.
@@ -73,8 +77,20 @@ pub enum BootError {
     Forward(#[from] portforward::ForwardError),
 }
 
-/// Real VMs.
-pub struct VmBackend;
+/// Real VMs, their state in the directories of one containerd namespace.
+pub struct VmBackend {
+    namespace: String,
+}
+
+impl VmBackend {
+    /// VMs of pods of containerd namespace `namespace`
+    /// ([`crate::paths::DIRECT_NAMESPACE`] for husk's own).
+    pub fn new(namespace: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+        }
+    }
+}
 
 /// A real pod VM: its sandbox, the host cgroup it runs in and the taps
 /// that carry the pod's CNI network to it.
@@ -84,6 +100,8 @@ pub struct PodSandbox {
     network: Option<PodNetwork>,
     forward: Option<PortForward>,
     agent: VmAgent,
+    /// The token of the sandbox's owner record.
+    owner_token: String,
 }
 
 impl PodSandbox {
@@ -140,7 +158,18 @@ impl Backend for VmBackend {
                 mtu: t.link.mtu,
             })
             .collect();
-        let booted = Sandbox::boot_with_nets(&config, pod_id, nets)
+        let owner = Owner {
+            namespace: &self.namespace,
+            token: paths::new_owner_token(),
+        };
+        // Into the bundle first: a shim that dies while booting leaves a
+        // sandbox its task's `delete` may still remove.
+        if !bundle.as_os_str().is_empty() {
+            if let Err(e) = paths::record_bundle_owner(bundle, &owner.token) {
+                tracing::warn!(bundle = %bundle.display(), "recording the sandbox's owner: {e}");
+            }
+        }
+        let booted = Sandbox::boot_with_nets(&config, &owner, pod_id, nets)
             .map_err(BootError::from)
             .and_then(|sb| {
                 let agent = sb.agent().cloned().ok_or(BootError::NoAgent)?;
@@ -168,6 +197,7 @@ impl Backend for VmBackend {
                 network,
                 forward,
                 agent,
+                owner_token: owner.token,
             }),
             Err(e) => {
                 detach(network);
@@ -260,6 +290,15 @@ impl PodVm for PodSandbox {
         match role {
             Role::Sandbox => self.network.as_ref().map(PodNetwork::guest_config),
             _ => None,
+        }
+    }
+
+    fn record_owner(&self, bundle: &Path) {
+        if bundle.as_os_str().is_empty() {
+            return;
+        }
+        if let Err(e) = paths::record_bundle_owner(bundle, &self.owner_token) {
+            tracing::warn!(bundle = %bundle.display(), "recording the sandbox's owner: {e}");
         }
     }
 

@@ -16,6 +16,7 @@
 
 pub mod backend;
 pub mod guest;
+pub mod inherit;
 pub mod service;
 #[cfg(test)]
 mod service_tests;
@@ -178,6 +179,7 @@ pub fn prepare_spec(
     shm_bytes: impl Fn(&Path) -> Option<u64>,
 ) -> Result<GuestOnlyMounts, PodError> {
     normalise_rootfs_propagation(spec);
+    inherit::container(spec);
     if !role.is_cri() {
         return Ok(GuestOnlyMounts::default());
     }

@@ -420,6 +420,8 @@ impl<B: Backend> PodService<B> {
             io,
             config,
         } = req;
+        husk_protocol::validate_id("container", &id)
+            .map_err(|e| PodApiError::InvalidArgument(e.to_string()))?;
         if self.state().containers.contains_key(&id) {
             return Err(PodApiError::Exists(format!("container {id}")));
         }
@@ -456,6 +458,7 @@ impl<B: Backend> PodService<B> {
                 return Err(e);
             }
         };
+        self.with_vm(|vm| vm.record_owner(&bundle));
         self.state().containers.insert(
             id.clone(),
             Ctr {
@@ -702,14 +705,14 @@ impl<B: Backend> PodService<B> {
 
     /// Adds an exec to a running container; it starts with [`Self::start`].
     pub fn add_exec(&self, id: &str, exec_id: &str, process: Vec<u8>, io: Io) -> Result<()> {
-        if !husk_protocol::valid_id(exec_id) {
-            return Err(PodApiError::InvalidArgument(format!(
-                "exec id {exec_id:?} is not valid: use 1 to {} characters of [A-Za-z0-9_.-]",
-                husk_protocol::MAX_ID_LEN
-            )));
-        }
-        serde_json::from_slice::<Value>(&process).map_err(|e| {
+        husk_protocol::validate_id("exec", exec_id)
+            .map_err(|e| PodApiError::InvalidArgument(e.to_string()))?;
+        let mut process = serde_json::from_slice::<Value>(&process).map_err(|e| {
             PodApiError::InvalidArgument(format!("exec {exec_id}: process spec is not JSON: {e}"))
+        })?;
+        super::inherit::rlimits(&mut process, &super::inherit::own_rlimits());
+        let process = serde_json::to_vec(&process).map_err(|e| {
+            PodApiError::InvalidArgument(format!("exec {exec_id}: process spec: {e}"))
         })?;
         self.with_ctr(id, |c| {
             if !c.init.running() {

@@ -326,6 +326,10 @@ impl PodVm for FakeVm {
         (*role == Role::Sandbox).then_some(n)
     }
 
+    fn record_owner(&self, bundle: &Path) {
+        self.agent.call(format!("owner {}", bundle.display()));
+    }
+
     fn release(&self, id: &str) {
         self.agent.call(format!("release {id}"));
     }

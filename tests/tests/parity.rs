@@ -1,0 +1,400 @@
+//! runc parity through the differential harness (`husk_tests::differential`):
+//! each case runs on runc first, then on husk, in one containerd, and what
+//! the container's init and an exec in it observe must match field by
+//! field. The cases are the security contexts users give: containerd's
+//! default seccomp profile, a custom one blocking a syscall, capabilities
+//! added and dropped, no_new_privs on and off with a setuid-root program;
+//! through CRI also other users and groups.
+
+use husk_tests::containerd::{assert_clean, Containerd, RUNTIME};
+use husk_tests::differential::{ctr_run_and_exec, Observation, Probes, Report, RUNC};
+use husk_tests::{e2e, vm_lock};
+
+/// A seccomp profile in Docker's format (what `ctr --seccomp-profile` and a
+/// CRI Localhost profile take) that fails every chmod with EPERM.
+const NO_CHMOD: &str = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod","fchmod","fchmodat"],"action":"SCMP_ACT_ERRNO"}]}"#;
+
+/// Probes every case runs: a chmod (blocked by [`NO_CHMOD`]) and a
+/// sethostname (needs CAP_SYS_ADMIN).
+fn probes() -> Probes {
+    Probes::default()
+        .probe("chmod", "touch /tmp/p && chmod 600 /tmp/p")
+        .probe("sethostname", "hostname parity-probe")
+        .probe("su", "su -s /bin/euid-suid nobody")
+        .mount("/proc")
+        .mount("/dev")
+        .mount("/dev/shm")
+        .mount("/sys")
+}
+
+/// Differences that are the design, each with its reason: none for ctr
+/// cases yet (filled in only with a reason).
+const EXPECTED: &[(&str, &str)] = &[];
+
+#[test]
+#[ignore = "end-to-end: root, runc and a guest (make test)"]
+fn ctr_containers_and_their_execs_observe_what_runc_shows() {
+    e2e();
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let profile = ctd.dir.path().join("no-chmod.json");
+    std::fs::write(&profile, NO_CHMOD).expect("write profile");
+    let profile = profile.to_str().expect("utf-8");
+    // (case, ctr run flags, ctr task exec flags)
+    let cases: [(&str, Vec<&str>, Vec<&str>); 5] = [
+        ("plain", vec![], vec![]),
+        ("seccomp", vec!["--seccomp"], vec![]),
+        ("newprivs", vec!["--seccomp", "--allow-new-privs"], vec![]),
+        (
+            "nochmod",
+            vec!["--seccomp", "--seccomp-profile", profile],
+            vec![],
+        ),
+        (
+            "caps",
+            vec![
+                "--allow-new-privs",
+                "--cap-drop",
+                "CAP_CHOWN",
+                "--cap-add",
+                "CAP_SYS_ADMIN",
+            ],
+            vec![],
+        ),
+    ];
+    let p = probes();
+    let mut report = Report::default();
+    for (case, flags, exec_flags) in &cases {
+        let observe = |runtime: &str, tag: &str| {
+            ctr_run_and_exec(
+                &ctd,
+                runtime,
+                &format!("{case}-{tag}"),
+                flags,
+                exec_flags,
+                &p,
+            )
+        };
+        let (runc_init, runc_exec) = observe(RUNC, "r");
+        let (husk_init, husk_exec) = observe(RUNTIME, "h");
+        report.compare(&format!("{case} (init)"), &runc_init, &husk_init, EXPECTED);
+        report.compare(&format!("{case} (exec)"), &runc_exec, &husk_exec, EXPECTED);
+        check_oracle(&mut report, case, &runc_init, &runc_exec);
+    }
+    report.assert_ok();
+    drop(ctd);
+    assert_clean();
+}
+
+/// What runc itself must show for each case, so that a match means the
+/// behaviour the case is about, not two runtimes that both ignored it.
+fn check_oracle(report: &mut Report, case: &str, init: &Observation, exec: &Observation) {
+    let field = |o: &Observation, f: &str| o.get(f).unwrap_or("(missing)").to_owned();
+    match case {
+        "seccomp" | "nochmod" | "newprivs" => {
+            for (what, o) in [("init", init), ("exec", exec)] {
+                report.require(
+                    field(o, "status.Seccomp") == "2",
+                    format!("oracle: {case} {what} under runc has no filter: {o:?}"),
+                );
+            }
+        }
+        _ => {}
+    }
+    match case {
+        "nochmod" => report.require(
+            field(exec, "probe.chmod").contains("(exit 1)"),
+            format!(
+                "oracle: chmod not blocked by the profile under runc: {}",
+                field(exec, "probe.chmod")
+            ),
+        ),
+        "newprivs" => report.require(
+            field(exec, "probe.su").starts_with("ruid=65534 euid=0 "),
+            format!(
+                "oracle: a setuid-root program run as nobody did not escalate under runc: {}",
+                field(exec, "probe.su")
+            ),
+        ),
+        "plain" => report.require(
+            field(exec, "status.NoNewPrivs") == "1"
+                && field(exec, "probe.su").starts_with("ruid=65534 euid=65534 "),
+            format!("oracle: ctr's default no_new_privs did not hold a setuid program: {exec:?}"),
+        ),
+        "caps" => report.require(
+            field(exec, "probe.sethostname").contains("(exit 0)"),
+            format!(
+                "oracle: CAP_SYS_ADMIN did not allow sethostname under runc: {}",
+                field(exec, "probe.sethostname")
+            ),
+        ),
+        _ => {}
+    }
+}
+
+/// A seccomp profile that fails sethostname with EPERM and allows the rest.
+const NO_SETHOSTNAME: &str = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["sethostname"],"action":"SCMP_ACT_ERRNO"}]}"#;
+
+mod cri {
+    use std::path::Path;
+    use std::time::{Duration, Instant};
+
+    use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
+    use husk_tests::cri::{container, Cri, PodOpts};
+    use husk_tests::differential::{Observation, Probes, Report};
+    use husk_tests::stream::Session;
+    use husk_tests::{e2e, vm_lock};
+    use k8s_cri::v1::{
+        security_profile::ProfileType, Capability, ContainerConfig, Int64Value,
+        LinuxContainerSecurityContext, SecurityProfile,
+    };
+
+    use super::{probes, NO_CHMOD, NO_SETHOSTNAME};
+
+    /// Differences that are the design, each with its reason: none yet.
+    const EXPECTED: &[(&str, &str)] = &[];
+
+    fn profile(t: ProfileType, localhost: Option<&Path>) -> Option<SecurityProfile> {
+        Some(SecurityProfile {
+            profile_type: t as i32,
+            localhost_ref: localhost
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+        })
+    }
+
+    /// The cases: a name and how it changes a container's security context.
+    fn cases(dir: &Path) -> Vec<(&'static str, LinuxContainerSecurityContext)> {
+        let no_chmod = dir.join("no-chmod.json");
+        let no_sethostname = dir.join("no-sethostname.json");
+        std::fs::write(&no_chmod, NO_CHMOD).expect("write profile");
+        std::fs::write(&no_sethostname, NO_SETHOSTNAME).expect("write profile");
+        let user = |uid: i64| Some(Int64Value { value: uid });
+        let base = LinuxContainerSecurityContext::default;
+        vec![
+            (
+                "rd",
+                LinuxContainerSecurityContext {
+                    seccomp: profile(ProfileType::RuntimeDefault, None),
+                    ..base()
+                },
+            ),
+            (
+                "nochmod",
+                LinuxContainerSecurityContext {
+                    seccomp: profile(ProfileType::Localhost, Some(&no_chmod)),
+                    ..base()
+                },
+            ),
+            (
+                "nosethost",
+                LinuxContainerSecurityContext {
+                    seccomp: profile(ProfileType::Localhost, Some(&no_sethostname)),
+                    capabilities: Some(Capability {
+                        add_capabilities: vec!["SYS_ADMIN".into()],
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+            ),
+            (
+                "caps",
+                LinuxContainerSecurityContext {
+                    capabilities: Some(Capability {
+                        add_capabilities: vec!["NET_BIND_SERVICE".into()],
+                        drop_capabilities: vec!["ALL".into()],
+                        ..Default::default()
+                    }),
+                    ..base()
+                },
+            ),
+            (
+                "user",
+                LinuxContainerSecurityContext {
+                    run_as_user: user(1000),
+                    run_as_group: user(3000),
+                    supplemental_groups: vec![4000],
+                    seccomp: profile(ProfileType::RuntimeDefault, None),
+                    ..base()
+                },
+            ),
+            (
+                "nnp",
+                LinuxContainerSecurityContext {
+                    run_as_user: user(1000),
+                    no_new_privs: true,
+                    seccomp: profile(ProfileType::RuntimeDefault, None),
+                    ..base()
+                },
+            ),
+            (
+                "escalate",
+                LinuxContainerSecurityContext {
+                    run_as_user: user(1000),
+                    seccomp: profile(ProfileType::RuntimeDefault, None),
+                    ..base()
+                },
+            ),
+        ]
+    }
+
+    /// A container whose init observes itself into /tmp/observed, then
+    /// sleeps.
+    fn observer(name: &str, ctx: &LinuxContainerSecurityContext, p: &Probes) -> ContainerConfig {
+        let script = format!(
+            "( {} ) > /tmp/observed 2>&1; touch /tmp/done; exec sleep 3600",
+            p.script()
+        );
+        let mut c = container(name, IMAGE, &["sh", "-c", &script], false);
+        if let Some(l) = c.linux.as_mut() {
+            let ns = l
+                .security_context
+                .as_ref()
+                .and_then(|s| s.namespace_options.clone());
+            l.security_context = Some(LinuxContainerSecurityContext {
+                namespace_options: ns,
+                ..ctx.clone()
+            });
+        }
+        c
+    }
+
+    /// What the init, an ExecSync, and (for `streamed`) a streamed Exec
+    /// without and with a terminal observe in container `id`.
+    fn observe(
+        cri: &Cri,
+        id: &str,
+        p: &Probes,
+        streamed: bool,
+    ) -> Vec<(&'static str, Observation)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !cri
+            .exec_sync(id, &["test", "-e", "/tmp/done"], 10)
+            .is_ok_and(|r| r.exit_code == 0)
+        {
+            assert!(Instant::now() < deadline, "{id} never finished observing");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let script = p.script();
+        let parse = |out: &str| Observation::parse(out).redact(id, "<id>");
+        let mut out = vec![
+            ("init", parse(&cri.sh(id, "cat /tmp/observed", 20))),
+            (
+                "ExecSync",
+                parse(
+                    &cri.exec_sync(id, &["sh", "-c", &script], 30)
+                        .unwrap_or_else(|e| panic!("ExecSync in {id}: {e}"))
+                        .stdout,
+                ),
+            ),
+        ];
+        if streamed {
+            // A terminal as `kubectl exec -it` asks for it: with stdin
+            // (without, containerd 1.6 returned no output from runc's).
+            for (what, tty) in [("Exec", false), ("Exec tty", true)] {
+                let url = cri
+                    .exec(id, &["sh", "-c", &script], tty, tty)
+                    .unwrap_or_else(|e| panic!("Exec in {id}: {e}"));
+                let s = Session::connect(&url).unwrap_or_else(|e| panic!("{url}: {e}"));
+                let o = s
+                    .run_to_end(Duration::from_secs(30))
+                    .unwrap_or_else(|e| panic!("{what} in {id}: {e}"));
+                let seen = parse(&o.stdout_str());
+                assert!(
+                    !seen.0.is_empty(),
+                    "{what} in {id} printed nothing to observe: {o:?}"
+                );
+                out.push((what, seen));
+            }
+        }
+        out
+    }
+
+    #[test]
+    #[ignore = "end-to-end: root, runc, CRI and a guest (make test)"]
+    fn cri_security_contexts_hold_for_init_execsync_and_exec_as_under_runc() {
+        e2e();
+        let _vm = vm_lock();
+        let ctd = Containerd::start();
+        let cri = ctd.cri();
+        let logs = tempfile::tempdir().expect("log dir");
+        let cases = cases(ctd.dir.path());
+        let p = probes();
+        let mut seen: Vec<Vec<Vec<(&str, Observation)>>> = Vec::new();
+        for handler in ["runc", "husk"] {
+            let dir = logs.path().join(handler);
+            std::fs::create_dir_all(&dir).expect("log dir");
+            // The same pod (name, hostname) on each, one after the other.
+            let mut opts = PodOpts::new("parity", &dir);
+            opts.handler = handler.into();
+            let pod = cri
+                .run_pod(&opts)
+                .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", ctd.log()));
+            let mut per_case = Vec::new();
+            for (i, (case, ctx)) in cases.iter().enumerate() {
+                let id = cri
+                    .run_container(&pod, &opts, observer(case, ctx, &p))
+                    .unwrap_or_else(|e| panic!("{case} ({handler}): {e}\n{}", ctd.log()));
+                per_case.push(observe(&cri, &id, &p, i == 0));
+            }
+            cri.stop_pod(&pod).expect("StopPodSandbox");
+            cri.remove_pod(&pod).expect("RemovePodSandbox");
+            seen.push(per_case);
+        }
+        let mut report = Report::default();
+        for (i, (case, _)) in cases.iter().enumerate() {
+            for ((what, r), (_, h)) in seen[0][i].iter().zip(&seen[1][i]) {
+                report.compare(&format!("{case} ({what})"), r, h, EXPECTED);
+            }
+            check_oracle(&mut report, case, &seen[0][i]);
+        }
+        report.assert_ok();
+        drop(ctd);
+        assert_clean();
+    }
+
+    /// What runc shows for each case, so that a match is about the case.
+    fn check_oracle(report: &mut Report, case: &str, runc: &[(&str, Observation)]) {
+        for (what, o) in runc {
+            let f = |k: &str| o.get(k).unwrap_or("(missing)").to_owned();
+            let (ok, want) = match case {
+                "rd" | "user" | "nnp" | "escalate" | "nochmod" | "nosethost" => {
+                    (f("status.Seccomp") == "2", "a seccomp filter")
+                }
+                "caps" => (
+                    f("status.CapEff") == "0000000000000400",
+                    "only NET_BIND_SERVICE",
+                ),
+                _ => (true, ""),
+            };
+            report.require(
+                ok,
+                format!("oracle: {case} ({what}) under runc lacks {want}: {o:?}"),
+            );
+            let (ok, want) = match case {
+                "nochmod" => (f("probe.chmod").contains("(exit 1)"), "chmod blocked"),
+                "nosethost" => (
+                    f("probe.sethostname").contains("(exit 1)"),
+                    "sethostname blocked despite CAP_SYS_ADMIN",
+                ),
+                "user" => (
+                    f("status.Groups") == "4000" || f("status.Groups").contains("4000"),
+                    "supplementary group 4000",
+                ),
+                "nnp" => (
+                    f("setuid").starts_with("ruid=1000 euid=1000"),
+                    "a setuid program kept from escalating",
+                ),
+                "escalate" => (
+                    f("setuid").starts_with("ruid=1000 euid=0"),
+                    "a setuid program escalating",
+                ),
+                _ => (true, ""),
+            };
+            report.require(
+                ok,
+                format!("oracle: {case} ({what}) under runc lacks {want}: {o:?}"),
+            );
+        }
+    }
+}
