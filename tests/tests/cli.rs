@@ -387,3 +387,23 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
     );
     assert_nothing_left(&env.config.state_dir, "sig3", &[]);
 }
+
+#[test]
+fn husk_run_refuses_a_bad_container_id_naming_it_before_anything_is_made() {
+    let env = TestEnv::new();
+    let long = "a".repeat(husk_protocol::MAX_ID_LEN + 1);
+    for bad in ["../escape", "a/b", "_x", ".hidden", "tab\tid", long.as_str()] {
+        let out = husk_run_sh(&env, bad, "true");
+        let s = text(&out);
+        assert!(!out.status.success(), "{bad:?} was accepted: {s}");
+        assert!(
+            s.contains(&format!("container id {bad:?} is invalid")),
+            "the error must name the id {bad:?}:\n{s}"
+        );
+    }
+    // Nothing of any of them: no sandbox directory at all.
+    let sandboxes: Vec<_> = std::fs::read_dir(&env.config.state_dir)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(sandboxes.is_empty(), "left behind: {sandboxes:?}");
+}

@@ -144,3 +144,123 @@ fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
     assert!(ctd.ctr(&["container", "rm", "doomed"]).status.success());
     assert_clean();
 }
+
+/// `ctr task exec <id> echo <word>` in `namespace` prints the word.
+fn exec_echo(ctd: &Containerd, namespace: &str, id: &str, exec_id: &str, word: &str) -> String {
+    let out = ctd.ctr_in(
+        namespace,
+        &["task", "exec", "--exec-id", exec_id, id, "echo", word],
+    );
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
+    use husk_tests::containerd::{run_args, NAMESPACE, RUNTIME};
+    e2e();
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let other = "husk-e2e-other";
+    let tar = ctd.dir.path().join("busybox.tar");
+    let imported = ctd.ctr_in(other, &["images", "import", tar.to_str().expect("utf-8")]);
+    assert!(imported.status.success(), "image import in {other}");
+    let run = |ns: &str| {
+        let out = ctd.ctr_in(ns, &run_args(&["-d"], RUNTIME, "same", &["sleep", "600"]));
+        assert!(
+            out.status.success(),
+            "ctr -n {ns} run -d same: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            ctd.log()
+        );
+    };
+    run(NAMESPACE);
+    run(other);
+    let (mine, theirs) = (
+        husk_tests::sandbox_dir(NAMESPACE, "same"),
+        husk_tests::sandbox_dir(other, "same"),
+    );
+    assert!(mine.is_dir() && theirs.is_dir(), "{mine:?} {theirs:?}");
+    for (ns, word) in [(NAMESPACE, "first"), (other, "second")] {
+        assert_eq!(exec_echo(&ctd, ns, "same", "e1", word).trim(), word);
+    }
+
+    // A delete of a task whose bundle does not hold the sandbox's owner
+    // token (a create that found the directory taken, a stale bundle)
+    // removes nothing: the shim's own `delete`, as containerd runs it.
+    let foreign = ctd.dir.path().join("foreign-bundle");
+    std::fs::create_dir_all(&foreign).expect("bundle");
+    std::fs::copy(
+        ctd.bundle(NAMESPACE, "same").join("config.json"),
+        foreign.join("config.json"),
+    )
+    .expect("spec");
+    let shim = husk_tests::containerd::profile_dir().join("containerd-shim-husk-v2");
+    let out = std::process::Command::new(&shim)
+        .args(["-namespace", NAMESPACE, "-id", "same", "-address", "/nonexistent"])
+        .arg("-bundle")
+        .arg(&foreign)
+        .arg("delete")
+        .env("TTRPC_ADDRESS", "/nonexistent.ttrpc")
+        .current_dir(&foreign)
+        .output()
+        .expect("run the shim's delete");
+    assert!(out.status.success(), "shim delete: {out:?}");
+    assert!(mine.join("shared").is_dir(), "a foreign delete removed {mine:?}");
+    assert_eq!(
+        exec_echo(&ctd, NAMESPACE, "same", "e2", "still").trim(),
+        "still",
+        "the pod must still serve exec after a foreign delete"
+    );
+
+    // A create in a third namespace that fails (a member of a pod that is
+    // not there), and containerd's cleanup after it, touch neither.
+    let third = "husk-e2e-third";
+    let imported = ctd.ctr_in(third, &["images", "import", tar.to_str().expect("utf-8")]);
+    assert!(imported.status.success(), "image import in {third}");
+    let failed = ctd.ctr_in(
+        third,
+        &run_args(
+            &[
+                "-d",
+                "--annotation",
+                "io.kubernetes.cri.container-type=container",
+                "--annotation",
+                "io.kubernetes.cri.sandbox-id=same",
+            ],
+            RUNTIME,
+            "same",
+            &["true"],
+        ),
+    );
+    assert!(!failed.status.success(), "a member of no pod must fail");
+    let _ = ctd.ctr_in(third, &["container", "rm", "same"]);
+
+    // Each removed in turn; the other keeps serving.
+    let remove = |ns: &str| {
+        let _ = ctd.ctr_in(ns, &["task", "kill", "-s", "SIGKILL", "same"]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ctd.ctr_in(ns, &["task", "rm", "same"]).status.success() {
+            assert!(Instant::now() < deadline, "task rm same in {ns}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(ctd.ctr_in(ns, &["container", "rm", "same"]).status.success());
+    };
+    assert_eq!(exec_echo(&ctd, other, "same", "e3", "alive").trim(), "alive");
+    remove(NAMESPACE);
+    assert!(!mine.exists(), "{mine:?} outlived its pod");
+    assert!(theirs.join("shared").is_dir(), "{theirs:?} went with the other");
+    assert_eq!(
+        exec_echo(&ctd, other, "same", "e4", "after").trim(),
+        "after",
+        "{other} after {NAMESPACE}'s pod was removed"
+    );
+    remove(other);
+    assert!(!theirs.exists(), "{theirs:?} outlived its pod");
+    drop(ctd);
+    assert_clean();
+}
