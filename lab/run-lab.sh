@@ -250,9 +250,9 @@ discarded() {
 # 60 s) until a 10 s window gives back less than 1 MiB more.
 reported() {
     local last now i
-    last=$(discarded /run/husk/density-on-*)
+    last=$(discarded /run/husk/_husk/density-on-*)
     for i in $(seq 6); do
-        sleep 10; now=$(discarded /run/husk/density-on-*)
+        sleep 10; now=$(discarded /run/husk/_husk/density-on-*)
         [ $((now - last)) -lt 1048576 ] && break
         last=$now
     done
@@ -268,7 +268,7 @@ density() {
         pids="$pids $!"
     done
     for i in $(seq 240); do
-        [ $(ls -d /run/husk/density-$mode-*/shared/*/rootfs/bin 2>/dev/null | wc -l) -ge $DENSITY_PODS ] && break
+        [ $(ls -d /run/husk/_husk/density-$mode-*/shared/*/rootfs/bin 2>/dev/null | wc -l) -ge $DENSITY_PODS ] && break
         sleep 0.5
     done
     [ $mode = off ] || reported
@@ -380,7 +380,7 @@ husk vm-ping > /tmp/ping 2>&1
 rc=$?
 [ $rc = 0 ] || spurious_crash "husk vm-ping" /tmp/ping
 sed 's/^/LAB: ping: /' /tmp/ping
-[ $rc = 0 ] || { echo "LAB: FAIL: husk vm-ping exit $rc"; for f in /run/husk/*/console.log /run/husk/*/vmm.log; do [ -f $f ] && sed "s|^|LAB: $f: |" $f; done; }
+[ $rc = 0 ] || { echo "LAB: FAIL: husk vm-ping exit $rc"; for f in /run/husk/_husk/*/console.log /run/husk/_husk/*/vmm.log; do [ -f $f ] && sed "s|^|LAB: $f: |" $f; done; }
 # A container command through the agent, rootfs on virtio-fs.
 make_rootfs
 start=$(up)
@@ -427,7 +427,7 @@ measure() {
     measured=
     for i in $(seq 120); do
         sleep 0.5
-        ls /run/husk/*/shared/*/rootfs/bin > /dev/null 2>&1 || continue
+        ls /run/husk/_husk/*/shared/*/rootfs/bin > /dev/null 2>&1 || continue
         pid=$(pidof $2)
         [ -n "$pid" ] && [ -r /proc/$pid/smaps ] || continue
         mem=$(pss $3 $pid)
@@ -443,7 +443,7 @@ measure() {
     fi
     # The runtime gives each husk-vmm its control socket in the sandbox's
     # socket dir.
-    for sock in /run/husk/*/sock/vmm.sock; do
+    for sock in /run/husk/_husk/*/sock/vmm.sock; do
         [ -S "$sock" ] && echo "LAB: ctl: sandbox $(basename $(dirname $(dirname $sock))) -> $(husk-vmm ctl $sock status 2>&1)"
     done
     wait $sleeper
@@ -466,7 +466,7 @@ rm -f /rootfs/fpr-go /rootfs/fpr-stop
 husk run --id fpr --rootfs /rootfs -- sh -c 'while [ ! -e /fpr-go ]; do sleep 1; done; dd if=/dev/zero of=/dev/null bs=96M count=1 2>/dev/null; while [ ! -e /fpr-stop ]; do sleep 1; done' > /tmp/fpr 2>&1 &
 fpid=$!
 for i in $(seq 240); do
-    ls /run/husk/fpr/shared/*/rootfs/bin > /dev/null 2>&1 && break
+    ls /run/husk/_husk/fpr/shared/*/rootfs/bin > /dev/null 2>&1 && break
     sleep 0.5
 done
 # The container runs, so the guest has booted; its first report (all the
@@ -474,18 +474,18 @@ done
 last=-1
 for i in $(seq 60); do
     sleep 2
-    now=$(discarded /run/husk/fpr)
+    now=$(discarded /run/husk/_husk/fpr)
     [ "${now:-0}" -gt 0 ] && [ "$now" = "$last" ] && break
     last=${now:--1}
 done
 vpid=$(pidof husk-vmm)
 rest=$(guest_ram $vpid)
-before=$(discarded /run/husk/fpr)
+before=$(discarded /run/husk/_husk/fpr)
 touch /rootfs/fpr-go
 after=$before
 for i in $(seq 120); do
     sleep 1
-    after=$(discarded /run/husk/fpr)
+    after=$(discarded /run/husk/_husk/fpr)
     [ "${after:-0}" -ge $((${before:-0} + (64 << 20))) ] && [ "$(guest_ram $vpid)" -lt $((rest + (16 << 10))) ] && break
 done
 echo "LAB: fpr: guest RAM PSS at rest $rest KiB, after dd $(guest_ram $vpid) KiB; given back by husk-vmm $(( (${after:-0} - ${before:-0}) >> 20 )) MiB after dd, ${before:-0} bytes before"

@@ -392,7 +392,14 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
 fn husk_run_refuses_a_bad_container_id_naming_it_before_anything_is_made() {
     let env = TestEnv::new();
     let long = "a".repeat(husk_protocol::MAX_ID_LEN + 1);
-    for bad in ["../escape", "a/b", "_x", ".hidden", "tab\tid", long.as_str()] {
+    for bad in [
+        "../escape",
+        "a/b",
+        "_x",
+        ".hidden",
+        "tab\tid",
+        long.as_str(),
+    ] {
         let out = husk_run_sh(&env, bad, "true");
         let s = text(&out);
         assert!(!out.status.success(), "{bad:?} was accepted: {s}");

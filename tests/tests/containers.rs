@@ -189,7 +189,7 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     let e = refused("c1", br#"{"ociVersion": 7}"#);
     assert!(e.contains("not valid"), "{e}");
     let e = refused("../escape", &oci_spec("c1", &["true"]));
-    assert!(e.contains("invalid container or exec id"), "{e}");
+    assert!(e.contains("container id \"../escape\" is invalid"), "{e}");
     let e = refused("nosuchroot", &oci_spec("nosuchroot", &["true"]));
     assert!(e.contains("rootfs") && e.contains("nosuchroot"), "{e}");
 

@@ -201,7 +201,14 @@ fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
     .expect("spec");
     let shim = husk_tests::containerd::profile_dir().join("containerd-shim-husk-v2");
     let out = std::process::Command::new(&shim)
-        .args(["-namespace", NAMESPACE, "-id", "same", "-address", "/nonexistent"])
+        .args([
+            "-namespace",
+            NAMESPACE,
+            "-id",
+            "same",
+            "-address",
+            "/nonexistent",
+        ])
         .arg("-bundle")
         .arg(&foreign)
         .arg("delete")
@@ -210,7 +217,10 @@ fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
         .output()
         .expect("run the shim's delete");
     assert!(out.status.success(), "shim delete: {out:?}");
-    assert!(mine.join("shared").is_dir(), "a foreign delete removed {mine:?}");
+    assert!(
+        mine.join("shared").is_dir(),
+        "a foreign delete removed {mine:?}"
+    );
     assert_eq!(
         exec_echo(&ctd, NAMESPACE, "same", "e2", "still").trim(),
         "still",
@@ -248,12 +258,21 @@ fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
             assert!(Instant::now() < deadline, "task rm same in {ns}");
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(ctd.ctr_in(ns, &["container", "rm", "same"]).status.success());
+        assert!(ctd
+            .ctr_in(ns, &["container", "rm", "same"])
+            .status
+            .success());
     };
-    assert_eq!(exec_echo(&ctd, other, "same", "e3", "alive").trim(), "alive");
+    assert_eq!(
+        exec_echo(&ctd, other, "same", "e3", "alive").trim(),
+        "alive"
+    );
     remove(NAMESPACE);
     assert!(!mine.exists(), "{mine:?} outlived its pod");
-    assert!(theirs.join("shared").is_dir(), "{theirs:?} went with the other");
+    assert!(
+        theirs.join("shared").is_dir(),
+        "{theirs:?} went with the other"
+    );
     assert_eq!(
         exec_echo(&ctd, other, "same", "e4", "after").trim(),
         "after",

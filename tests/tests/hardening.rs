@@ -166,7 +166,7 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
     let report = text(&out.stdout);
     let lines: Vec<&str> = report
         .lines()
-        .filter(|l| l.starts_with(&format!("confinement: {id} pid ")))
+        .filter(|l| l.starts_with(&format!("confinement: {NAMESPACE}/{id} pid ")))
         .collect();
     let vmm = vmm_of(id);
     for name in ["virtiofsd", "vhost-device-vs"] {
