@@ -228,8 +228,20 @@ pub fn setup() -> Result<(), InitError> {
     if let Err(e) = fs::write("/sys/fs/cgroup/cgroup.subtree_control", controllers) {
         crate::log_error!("enabling cgroup controllers {controllers:?}: {e}");
     }
+    // Containers get the host's open-file limit where their spec sets none
+    // (runtime/src/pod/inherit.rs), which on a systemd host is systemd's
+    // fs.nr_open (1073741816), above this kernel's default ceiling
+    // (1048576): setrlimit would refuse it and every container fail. The
+    // guest's ceiling is the kernel's largest, which costs nothing.
+    if let Err(e) = fs::write("/proc/sys/fs/nr_open", NR_OPEN_MAX) {
+        crate::log_error!("raising fs.nr_open to {NR_OPEN_MAX}: {e}");
+    }
     Ok(())
 }
+
+/// The largest fs.nr_open Linux takes: INT_MAX rounded down to a multiple
+/// of BITS_PER_LONG (fs/file.c, sysctl_nr_open_max).
+const NR_OPEN_MAX: &str = "2147483584";
 
 fn mkdir_p(path: &str) -> Result<(), InitError> {
     if Path::new(path).is_dir() {

@@ -51,7 +51,7 @@ for m in / $MOUNTS; do
   echo "mount.$m=$(awk -v m="$m" '$5 == m { o = $6 } END { print o }' /proc/$$/mountinfo)"
 done
 echo "cgroup=$(grep '^0::' /proc/$$/cgroup)"
-echo "setuid=$(/bin/euid-suid 2>&1)"
+o=$(/bin/euid-suid 2>&1); echo "setuid=$o (exit $?)"
 echo "$PROBES" | while read -r n c; do
   [ -n "$n" ] || continue
   o=$(eval "$c" 2>&1 </dev/null); echo "probe.$n=$o (exit $?)"
