@@ -66,14 +66,24 @@ const SHELL_OWN_ENV: [&str; 3] = ["env.MOUNTS", "env.PROBES", "env.SHLVL"];
 pub struct Observation(pub BTreeMap<String, String>);
 
 impl Observation {
-    /// Parses [`SCRIPT`]'s output.
+    /// Parses [`SCRIPT`]'s output. A line that is not `field=value` (a
+    /// shell's error, say) is kept in the field `unparsed`, so that it
+    /// shows in a comparison instead of vanishing.
     pub fn parse(out: &str) -> Self {
-        let map = out
+        let mut map: BTreeMap<String, String> = out
             .lines()
             .filter_map(|l| l.split_once('='))
             .filter(|(k, _)| !SHELL_OWN_ENV.contains(k))
             .map(|(k, v)| (k.to_owned(), v.trim().to_owned()))
             .collect();
+        let unparsed: Vec<&str> = out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.contains('='))
+            .collect();
+        if !unparsed.is_empty() {
+            map.insert("unparsed".to_owned(), unparsed.join(" | "));
+        }
         Self(map)
     }
 
@@ -330,7 +340,8 @@ mod tests {
         assert_eq!(o.get("status.Seccomp"), Some("2"));
         assert_eq!(o.get("id"), Some("uid=0(root) gid=0(root)"));
         assert_eq!(o.get("env.SHLVL"), None);
-        assert_eq!(o.0.len(), 3);
+        assert_eq!(o.get("unparsed"), Some("noise"));
+        assert_eq!(o.0.len(), 4);
     }
 
     #[test]
