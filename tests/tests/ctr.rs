@@ -158,6 +158,26 @@ fn exec_echo(ctd: &Containerd, namespace: &str, id: &str, exec_id: &str, word: &
     )
 }
 
+/// The test image in containerd namespace `namespace` too.
+fn import_in(ctd: &Containerd, namespace: &str) {
+    let tar = ctd.dir.path().join("busybox.tar");
+    let out = ctd.ctr_in(
+        namespace,
+        &["images", "import", tar.to_str().expect("utf-8")],
+    );
+    assert!(out.status.success(), "image import in {namespace}");
+}
+
+/// Pod `same` of `namespace` still has its state in `dir` and answers an exec.
+fn serving(ctd: &Containerd, namespace: &str, dir: &std::path::Path, exec_id: &str, when: &str) {
+    assert!(dir.join("shared").is_dir(), "{dir:?} was removed {when}");
+    assert_eq!(
+        exec_echo(ctd, namespace, "same", exec_id, "alive").trim(),
+        "alive",
+        "the pod of {namespace} must still serve exec {when}"
+    );
+}
+
 #[test]
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
@@ -166,9 +186,7 @@ fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let other = "husk-e2e-other";
-    let tar = ctd.dir.path().join("busybox.tar");
-    let imported = ctd.ctr_in(other, &["images", "import", tar.to_str().expect("utf-8")]);
-    assert!(imported.status.success(), "image import in {other}");
+    import_in(&ctd, other);
     let run = |ns: &str| {
         let out = ctd.ctr_in(ns, &run_args(&["-d"], RUNTIME, "same", &["sleep", "600"]));
         assert!(
@@ -217,21 +235,12 @@ fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
         .output()
         .expect("run the shim's delete");
     assert!(out.status.success(), "shim delete: {out:?}");
-    assert!(
-        mine.join("shared").is_dir(),
-        "a foreign delete removed {mine:?}"
-    );
-    assert_eq!(
-        exec_echo(&ctd, NAMESPACE, "same", "e2", "still").trim(),
-        "still",
-        "the pod must still serve exec after a foreign delete"
-    );
+    serving(&ctd, NAMESPACE, &mine, "e2", "after a foreign delete");
 
     // A create in a third namespace that fails (a member of a pod that is
     // not there), and containerd's cleanup after it, touch neither.
     let third = "husk-e2e-third";
-    let imported = ctd.ctr_in(third, &["images", "import", tar.to_str().expect("utf-8")]);
-    assert!(imported.status.success(), "image import in {third}");
+    import_in(&ctd, third);
     let failed = ctd.ctr_in(
         third,
         &run_args(
@@ -269,14 +278,12 @@ fn the_same_id_in_two_containerd_namespaces_is_two_pods_that_never_touch() {
     );
     remove(NAMESPACE);
     assert!(!mine.exists(), "{mine:?} outlived its pod");
-    assert!(
-        theirs.join("shared").is_dir(),
-        "{theirs:?} went with the other"
-    );
-    assert_eq!(
-        exec_echo(&ctd, other, "same", "e4", "after").trim(),
-        "after",
-        "{other} after {NAMESPACE}'s pod was removed"
+    serving(
+        &ctd,
+        other,
+        &theirs,
+        "e4",
+        "after the other namespace's pod was removed",
     );
     remove(other);
     assert!(!theirs.exists(), "{theirs:?} outlived its pod");

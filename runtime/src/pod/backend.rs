@@ -164,11 +164,7 @@ impl Backend for VmBackend {
         };
         // Into the bundle first: a shim that dies while booting leaves a
         // sandbox its task's `delete` may still remove.
-        if !bundle.as_os_str().is_empty() {
-            if let Err(e) = paths::record_bundle_owner(bundle, &owner.token) {
-                tracing::warn!(bundle = %bundle.display(), "recording the sandbox's owner: {e}");
-            }
-        }
+        record_owner_in(bundle, &owner.token);
         let booted = Sandbox::boot_with_nets(&config, &owner, pod_id, nets)
             .map_err(BootError::from)
             .and_then(|sb| {
@@ -221,6 +217,17 @@ pub fn pod_netns(spec: &Value) -> Option<PathBuf> {
         .as_str()
         .filter(|p| !p.is_empty())
         .map(PathBuf::from)
+}
+
+/// Writes the sandbox's owner token into a task's bundle (no bundle, no
+/// record); a failure is logged (`delete` then leaves the state alone).
+fn record_owner_in(bundle: &Path, token: &str) {
+    if bundle.as_os_str().is_empty() {
+        return;
+    }
+    if let Err(e) = paths::record_bundle_owner(bundle, token) {
+        tracing::warn!(bundle = %bundle.display(), "recording the sandbox's owner: {e}");
+    }
 }
 
 /// Removes the pod's taps and redirects; a failure is logged (the netns
@@ -294,12 +301,7 @@ impl PodVm for PodSandbox {
     }
 
     fn record_owner(&self, bundle: &Path) {
-        if bundle.as_os_str().is_empty() {
-            return;
-        }
-        if let Err(e) = paths::record_bundle_owner(bundle, &self.owner_token) {
-            tracing::warn!(bundle = %bundle.display(), "recording the sandbox's owner: {e}");
-        }
+        record_owner_in(bundle, &self.owner_token);
     }
 
     fn release(&self, id: &str) {
