@@ -26,6 +26,7 @@ use crate::cgroup;
 use crate::init::SHARE_DIR;
 use crate::reaper::Reaper;
 use crate::stdio::{pump, StreamHub};
+use crate::volumes::{VolumeError, Volumes};
 use crate::zygote::{Kind, Request, Zygote};
 
 /// libcontainer's state directory.
@@ -89,6 +90,12 @@ pub enum ContainerError {
     Runtime { id: String, why: String },
     #[error("container {id} has {MAX_EXECS} exec processes already")]
     TooManyExecs { id: String },
+    #[error("container {id}: {source}")]
+    Volume {
+        id: String,
+        #[source]
+        source: VolumeError,
+    },
 }
 
 /// Exit status of a process, once known.
@@ -176,6 +183,7 @@ pub struct Manager {
     reaper: Reaper,
     hub: Arc<StreamHub>,
     zygote: Zygote,
+    volumes: Volumes,
 }
 
 /// Exit status as runc reports it.
@@ -220,6 +228,7 @@ impl Manager {
             reaper,
             hub,
             zygote,
+            volumes: Volumes::default(),
         }
     }
 
@@ -430,6 +439,7 @@ impl Manager {
         spec_json: &[u8],
         stdio: &Stdio,
         network: Option<&Network>,
+        synced_volumes: &[u32],
         stream_wait: Duration,
     ) -> Result<(), ContainerError> {
         husk_protocol::validate_id("container", id)?;
@@ -471,6 +481,10 @@ impl Manager {
         }
         crate::tenant::default_home(&mut process, &rootfs);
         spec.set_process(Some(process));
+        if let Err(e) = self.copy_synced_volumes(id, &mut spec, synced_volumes) {
+            self.volumes.remove(id);
+            return Err(e);
+        }
         let mut root = spec.root().clone().unwrap_or_default();
         root.set_path(rootfs);
         spec.set_root(Some(root));
@@ -494,12 +508,58 @@ impl Manager {
                 self.create_init(id, &bundle, stdio, terminal, netns, stream_wait)
             });
         if created.is_err() {
-            // Nothing of a refused create stays: its bundle, and streams
-            // the host opened for it that arrive late.
+            // Nothing of a refused create stays: its bundle, its volume
+            // copies, and streams the host opened for it that arrive late.
             let _ = std::fs::remove_dir_all(&bundle);
+            self.volumes.remove(id);
             self.hub.discard(id);
         }
         created
+    }
+
+    /// Points each mount of a synced volume at a guest copy of it (see
+    /// volumes.rs).
+    fn copy_synced_volumes(
+        &self,
+        id: &str,
+        spec: &mut Spec,
+        synced: &[u32],
+    ) -> Result<(), ContainerError> {
+        let binds = Path::new(SHARE_DIR).join(id).join("binds");
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for &n in synced {
+            let shared = binds.join(n.to_string());
+            let mount = mounts
+                .iter_mut()
+                .find(|m| m.source().as_deref() == Some(shared.as_path()))
+                .ok_or_else(|| ContainerError::Spec {
+                    id: id.to_owned(),
+                    why: format!("synced volume {n} is not the source of any mount"),
+                })?;
+            let copy = self
+                .volumes
+                .add(id, n)
+                .map_err(|source| ContainerError::Volume {
+                    id: id.to_owned(),
+                    source,
+                })?;
+            mount.set_source(Some(copy));
+        }
+        spec.set_mounts(Some(mounts));
+        Ok(())
+    }
+
+    /// Brings container `id`'s synced volume `n` to data directory `name`.
+    pub fn sync_volume(&self, id: &str, n: u32, name: &str) -> Result<(), ContainerError> {
+        self.volumes
+            .update(id, n, name)
+            .map_err(|source| match source {
+                VolumeError::NotFound(v) => ContainerError::NotFound(format!("volume {v}")),
+                source => ContainerError::Volume {
+                    id: id.to_owned(),
+                    source,
+                },
+            })
     }
 
     /// The part of [`Manager::create`] after the bundle is written: wires
@@ -908,6 +968,7 @@ impl Manager {
             entry.container.delete(true)
         };
         let _ = std::fs::remove_dir_all(Path::new(BUNDLE_DIR).join(id));
+        self.volumes.remove(id);
         result.map_err(|e| ContainerError::Runtime {
             id: id.to_owned(),
             why: e.to_string(),

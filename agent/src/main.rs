@@ -17,6 +17,7 @@ mod reaper;
 mod server;
 mod stdio;
 mod tenant;
+mod volumes;
 mod zygote;
 
 use std::process::ExitCode;

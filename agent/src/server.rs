@@ -103,7 +103,9 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
         }
         ContainerError::StreamMissing { .. } => Code::DEADLINE_EXCEEDED,
         ContainerError::TooManyExecs { .. } => Code::RESOURCE_EXHAUSTED,
-        ContainerError::Io { .. } | ContainerError::Runtime { .. } => Code::INTERNAL,
+        ContainerError::Io { .. }
+        | ContainerError::Runtime { .. }
+        | ContainerError::Volume { .. } => Code::INTERNAL,
     };
     crate::log_error!("{e}");
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
@@ -136,6 +138,7 @@ impl containers_ttrpc::Containers for ContainersService {
             &req.spec_json,
             &stdio,
             req.network.as_ref(),
+            &req.synced_volumes,
             stream_wait(ctx.timeout_nano),
         ))
     }
@@ -271,6 +274,17 @@ impl containers_ttrpc::Containers for ContainersService {
         req: ContainerRequest,
     ) -> ttrpc::Result<containers::Empty> {
         empty(self.manager.remove(&req.container_id))
+    }
+
+    fn sync_volume(
+        &self,
+        _ctx: &TtrpcContext,
+        req: containers::SyncVolumeRequest,
+    ) -> ttrpc::Result<containers::Empty> {
+        empty(
+            self.manager
+                .sync_volume(&req.container_id, req.volume, &req.data_dir),
+        )
     }
 }
 

@@ -18,7 +18,8 @@ use husk_protocol::agent::ShutdownRequest;
 use husk_protocol::agent_ttrpc::AgentClient as AgentRpc;
 use husk_protocol::containers::{
     ContainerRequest, CreateContainerRequest, ExecProcessRequest, Network, ProcessRequest,
-    ResizePtyRequest, SignalRequest, StatsResponse, Stdio, UpdateContainerRequest,
+    ResizePtyRequest, SignalRequest, StatsResponse, Stdio, SyncVolumeRequest,
+    UpdateContainerRequest,
 };
 use husk_protocol::containers_ttrpc::ContainersClient;
 use husk_protocol::health::check_response::ServingStatus;
@@ -422,12 +423,14 @@ impl Agent {
         spec_json: Vec<u8>,
         stdio: Stdio,
         network: Option<Network>,
+        synced_volumes: Vec<u32>,
     ) -> Result<(), AgentError> {
         let mut req = CreateContainerRequest::new();
         req.container_id = container_id.to_owned();
         req.spec_json = spec_json;
         req.stdio = Some(stdio).into();
         req.network = network.into();
+        req.synced_volumes = synced_volumes;
         rpc(
             "CreateContainer",
             self.containers.create_container(self.create_ctx(), &req),
@@ -571,6 +574,21 @@ impl Agent {
             "ContainerStats",
             self.containers.container_stats(self.ctx(), &req),
         )
+    }
+
+    /// Brings the guest copy of container `container_id`'s synced volume
+    /// `volume` to the host's data directory `data_dir`.
+    pub fn sync_volume(
+        &self,
+        container_id: &str,
+        volume: u32,
+        data_dir: &str,
+    ) -> Result<(), AgentError> {
+        let mut req = SyncVolumeRequest::new();
+        req.container_id = container_id.to_owned();
+        req.volume = volume;
+        req.data_dir = data_dir.to_owned();
+        rpc("SyncVolume", self.containers.sync_volume(self.ctx(), &req)).map(drop)
     }
 
     /// Applies new resource limits (`resources_json`: an OCI LinuxResources).

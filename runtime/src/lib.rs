@@ -24,6 +24,7 @@ pub mod sandbox;
 pub mod seccomp;
 pub mod spec;
 pub mod storage;
+pub mod volumes;
 
 pub use config::Config;
 pub use sandbox::{BootTimings, Sandbox};

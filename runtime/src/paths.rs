@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use crate::config::Config;
 use crate::pod::{GuestOnlyMounts, PodError};
-use crate::storage::{self, MountSpec};
+use crate::storage::{self, MountSpec, SyncedVolume};
 
 /// The namespace of pods husk runs itself, without containerd. containerd
 /// namespaces start with a letter or digit, so none is this one.
@@ -232,24 +232,25 @@ impl ContainerPaths {
     }
 
     /// Mounts the rootfs and shares the spec's host bind mounts, rewriting
-    /// their sources to guest paths. On error what was mounted stays for
+    /// their sources to guest paths; returns the binds that are synced
+    /// volumes. On error what was mounted stays for
     /// [`ContainerPaths::release`].
     pub fn attach(
         &self,
         rootfs: &[MountSpec],
         spec: &mut Value,
         guest_only: GuestOnlyMounts,
-    ) -> Result<(), PodError> {
+    ) -> Result<Vec<SyncedVolume>, PodError> {
         let _writable = storage::ShareWrite::begin(&self.share_root);
         storage::mount_rootfs(rootfs, &self.rootfs_private, &self.rootfs_shared())?;
-        storage::share_bind_mounts(
+        let synced = storage::share_bind_mounts(
             spec,
             &self.binds_private,
             &self.binds_shared(),
             &self.guest_binds,
         )?;
         guest_only.restore(spec);
-        Ok(())
+        Ok(synced)
     }
 
     /// Unmounts and removes everything of this container; the guest must

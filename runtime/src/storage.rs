@@ -352,22 +352,43 @@ pub(crate) fn is_bind(m: &serde_json::Value) -> bool {
         || opts.is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
 }
 
+/// A shared bind that kubelet's atomic writer keeps up to date (see
+/// [`is_synced_volume`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SyncedVolume {
+    /// Its name in the share (`binds/<n>`).
+    pub n: u32,
+    /// The host directory (its host-private bind).
+    pub dir: PathBuf,
+}
+
+/// Whether a bind source is a volume kubelet's atomic writer updates
+/// (configMap, secret, downwardAPI, projected): a directory mounted
+/// read-only whose `..data` is a symbolic link. The layout, not kubelet's
+/// path, decides: kubelet's root directory is configurable.
+pub fn is_synced_volume(source: &Path, read_only: bool) -> bool {
+    read_only
+        && std::fs::symlink_metadata(source.join("..data")).is_ok_and(|m| m.is_symlink())
+        && std::fs::symlink_metadata(source).is_ok_and(|m| m.is_dir())
+}
+
 /// Shares the host bind mounts of an OCI spec with the guest: each source
 /// is bound into `private_dir/<n>` (host-only; made read-only there when the
 /// mount says `ro`, so the guest cannot write through virtio-fs whatever its
 /// spec says), then into `share_dir/<n>`, and the spec's source becomes
-/// `guest_dir/<n>`. Returns how many were shared. On error, what was mounted
-/// stays under the two dirs for the caller's cleanup.
+/// `guest_dir/<n>`. Returns the shared binds that are synced volumes. On
+/// error, what was mounted stays under the two dirs for the caller's
+/// cleanup.
 pub fn share_bind_mounts(
     spec: &mut serde_json::Value,
     private_dir: &Path,
     share_dir: &Path,
     guest_dir: &Path,
-) -> Result<usize, StorageError> {
+) -> Result<Vec<SyncedVolume>, StorageError> {
     let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
-        return Ok(0);
+        return Ok(Vec::new());
     };
-    let mut shared = 0;
+    let mut synced = Vec::new();
     for (n, m) in mounts.iter_mut().enumerate() {
         if !is_bind(m) {
             continue;
@@ -396,9 +417,14 @@ pub fn share_bind_mounts(
         )?;
         m["source"] =
             serde_json::Value::String(guest_dir.join(n.to_string()).display().to_string());
-        shared += 1;
+        if meta.is_dir() && is_synced_volume(&source, read_only) {
+            synced.push(SyncedVolume {
+                n: n as u32,
+                dir: staging,
+            });
+        }
     }
-    Ok(shared)
+    Ok(synced)
 }
 
 /// Detaches every mount at or below `dir`, deepest first, and again while
@@ -654,8 +680,22 @@ mod tests {
         let mut none = serde_json::json!({"process": {}});
         assert_eq!(
             share_bind_mounts(&mut none, d.path(), d.path(), Path::new("/g")).unwrap(),
-            0
+            vec![]
         );
+    }
+
+    #[test]
+    fn synced_volumes_are_read_only_directories_with_a_data_link() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!is_synced_volume(d.path(), true));
+        std::fs::create_dir(d.path().join("..v1")).unwrap();
+        std::os::unix::fs::symlink("..v1", d.path().join("..data")).unwrap();
+        assert!(is_synced_volume(d.path(), true));
+        // Writable: the container could change it; it stays a plain share.
+        assert!(!is_synced_volume(d.path(), false));
+        let plain = tempfile::tempdir().unwrap();
+        std::fs::create_dir(plain.path().join("..data")).unwrap();
+        assert!(!is_synced_volume(plain.path(), true));
     }
 
     #[test]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds a busybox OCI image archive from Debian's busybox-static, with no
 # registry: one uncompressed layer (busybox, its applet links, a minimal
-# /etc, a setuid-root /bin/euid-suid), an image config, a manifest and an index, packed as an OCI layout
+# /etc, a setuid-root /bin/euid-suid, /bin/inotify-watch), an image config, a manifest and an index, packed as an OCI layout
 # tarball that `ctr images import` accepts. Output is reproducible.
 # With --pause, the image also holds a static /pause (pause.c beside this
 # script) as its entrypoint: a pod sandbox image for CRI, with no registry.
@@ -34,6 +34,9 @@ for applet in $("$busybox" --list); do
 done
 # A setuid-root program that prints its ids (euid.c beside this script).
 gcc -static -Os -s -o "$root/bin/euid-suid" "$(dirname "$0")/euid.c"
+# An inotify watcher that prints what it sees (inotify-watch.c beside this
+# script; Debian's busybox has no inotifyd).
+gcc -static -Os -s -o "$root/bin/inotify-watch" "$(dirname "$0")/inotify-watch.c"
 chmod 4755 "$root/bin/euid-suid"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"

@@ -19,6 +19,7 @@ pub mod containerd;
 pub mod cri;
 pub mod differential;
 pub mod stream;
+pub mod volumes;
 
 /// Guest image directory written by `make guest-image`.
 pub fn guest_dir() -> PathBuf {

@@ -74,7 +74,7 @@ fn start(sb: &Sandbox, cid: &str, args: &[&str], stdin: bool) -> Running {
     stdio.stdin = stdin;
     stdio.stdout = true;
     stdio.stderr = true;
-    if let Err(e) = agent.create_container(cid, oci_spec(cid, args), stdio, None) {
+    if let Err(e) = agent.create_container(cid, oci_spec(cid, args), stdio, None, vec![]) {
         let console = std::fs::read_to_string(sb.dir().join("console.log")).unwrap_or_default();
         panic!("create {cid}: {e}\n--- console ---\n{console}");
     }
@@ -173,7 +173,7 @@ fn malformed_specs_are_refused_with_clear_errors_and_the_guest_stays_usable() {
     shared_rootfs(&sb, "c1");
 
     let refused_with = |cid: &str, spec: &[u8], stdio: Stdio| -> String {
-        match agent.create_container(cid, spec.to_vec(), stdio, None) {
+        match agent.create_container(cid, spec.to_vec(), stdio, None, vec![]) {
             Ok(()) => panic!("spec {:?} was accepted", String::from_utf8_lossy(spec)),
             Err(e) => format!("{e:#} {:?}", std::error::Error::source(&e)),
         }
@@ -231,7 +231,7 @@ fn run_spec(sb: &Sandbox, cid: &str, spec: Vec<u8>) -> (u32, String, String) {
     stdio.stdout = true;
     stdio.stderr = true;
     agent
-        .create_container(cid, spec, stdio, None)
+        .create_container(cid, spec, stdio, None, vec![])
         .unwrap_or_else(|e| panic!("create {cid}: {e}"));
     let (out, err) = (reader(stdout), reader(stderr));
     agent.start_container(cid).expect("start");

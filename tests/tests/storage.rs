@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use husk_runtime::storage::{
-    mount_share_root, remove_tree, share_bind_mounts, unmount_all_under, ShareWrite,
+    mount_share_root, remove_tree, share_bind_mounts, unmount_all_under, ShareWrite, SyncedVolume,
 };
 use husk_tests::e2e;
 
@@ -19,15 +19,25 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
     let src = d.path().join("src");
     std::fs::create_dir(&src).expect("mkdir");
     std::fs::write(src.join("f"), "data").expect("write");
+    // kubelet's atomic-writer layout: the read-only bind of it is synced.
+    std::fs::create_dir(src.join("..v1")).expect("mkdir");
+    std::os::unix::fs::symlink("..v1", src.join("..data")).expect("link");
     let (private, share) = (d.path().join("private"), d.path().join("share"));
     let mut spec = serde_json::json!({"mounts": [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/ro", "type": "bind", "source": src, "options": ["rbind", "ro"]},
         {"destination": "/rw", "type": "bind", "source": src, "options": ["rbind", "rw"]}
     ]});
-    let n = share_bind_mounts(&mut spec, &private, &share, Path::new("/guest/binds"))
+    let synced = share_bind_mounts(&mut spec, &private, &share, Path::new("/guest/binds"))
         .expect("share binds");
-    assert_eq!(n, 2);
+    assert_eq!(
+        synced,
+        [SyncedVolume {
+            n: 1,
+            dir: private.join("1")
+        }],
+        "only the read-only bind is synced"
+    );
     assert_eq!(
         spec["mounts"][0]["source"], "proc",
         "non-bind mounts untouched"

@@ -18,6 +18,7 @@ use crate::paths::{self, SandboxPaths};
 use crate::portforward::{self, PortForward};
 use crate::sandbox::Owner;
 use crate::storage::MountSpec;
+use crate::volumes::VolumeWatch;
 use crate::Sandbox;
 
 /// Boots a pod's VM.
@@ -40,7 +41,8 @@ pub trait PodVm: Send + 'static {
     type Agent: GuestAgent;
     fn agent(&self) -> Self::Agent;
     /// Rewrites a container's spec for the guest and shares its rootfs and
-    /// bind mounts; on error what was done stays for [`PodVm::release`].
+    /// bind mounts; returns the binds that are synced volumes, watched from
+    /// now on. On error what was done stays for [`PodVm::release`].
     fn attach(
         &self,
         id: &str,
@@ -48,7 +50,7 @@ pub trait PodVm: Send + 'static {
         sandbox_pid: Option<u32>,
         rootfs: &[MountSpec],
         spec: &mut Value,
-    ) -> Result<(), PodError>;
+    ) -> Result<Vec<u32>, PodError>;
     /// The network the guest gives a container of `role` in its new network
     /// namespace: the pod's, for its sandbox; none for the others.
     fn network(&self, role: &Role) -> Option<Network>;
@@ -102,6 +104,8 @@ pub struct PodSandbox {
     agent: VmAgent,
     /// The token of the sandbox's owner record.
     owner_token: String,
+    /// Keeps the guest's copies of synced volumes up to date.
+    volumes: VolumeWatch,
 }
 
 impl PodSandbox {
@@ -188,6 +192,7 @@ impl Backend for VmBackend {
             });
         match booted {
             Ok((sandbox, agent, forward)) => Ok(PodSandbox {
+                volumes: VolumeWatch::new(agent.agent.clone()),
                 sandbox,
                 cgroup,
                 network,
@@ -288,9 +293,23 @@ impl PodVm for PodSandbox {
         sandbox_pid: Option<u32>,
         rootfs: &[MountSpec],
         spec: &mut Value,
-    ) -> Result<(), PodError> {
+    ) -> Result<Vec<u32>, PodError> {
         let guest_only = prepare_spec(spec, id, role, sandbox_pid, super::fs_size)?;
-        self.paths().container(id).attach(rootfs, spec, guest_only)
+        let synced = self
+            .paths()
+            .container(id)
+            .attach(rootfs, spec, guest_only)?;
+        let mut watched = Vec::with_capacity(synced.len());
+        for v in synced {
+            self.volumes
+                .watch(id, v.n, &v.dir)
+                .map_err(|source| PodError::WatchVolume {
+                    dir: v.dir.clone(),
+                    source,
+                })?;
+            watched.push(v.n);
+        }
+        Ok(watched)
     }
 
     fn network(&self, role: &Role) -> Option<Network> {
@@ -305,10 +324,12 @@ impl PodVm for PodSandbox {
     }
 
     fn release(&self, id: &str) {
+        self.volumes.forget(id);
         self.paths().container(id).release();
     }
 
     fn shutdown(self) {
+        self.volumes.stop();
         if let Err(e) = self.sandbox.shutdown() {
             tracing::warn!("stopping the pod's VM: {}", crate::error_chain(&e));
         }

@@ -19,13 +19,15 @@ pub trait GuestAgent: Clone + Send + Sync + 'static {
     /// Opens one stdio stream of a process, before its create or exec.
     fn open_stream(&self, header: &StreamHeader) -> Result<UnixStream, AgentError>;
     /// Creates container `id`; `network` for a pod's sandbox, whose new
-    /// network namespace gets the pod's NICs.
+    /// network namespace gets the pod's NICs; `synced_volumes` the binds
+    /// the guest keeps a synced copy of.
     fn create_container(
         &self,
         id: &str,
         spec: Vec<u8>,
         stdio: Stdio,
         network: Option<Network>,
+        synced_volumes: Vec<u32>,
     ) -> Result<(), AgentError>;
     fn start_container(&self, id: &str) -> Result<u32, AgentError>;
     fn exec_process(
@@ -81,8 +83,10 @@ impl GuestAgent for VmAgent {
         spec: Vec<u8>,
         stdio: Stdio,
         network: Option<Network>,
+        synced_volumes: Vec<u32>,
     ) -> Result<(), AgentError> {
-        self.agent.create_container(id, spec, stdio, network)
+        self.agent
+            .create_container(id, spec, stdio, network, synced_volumes)
     }
 
     fn start_container(&self, id: &str) -> Result<u32, AgentError> {

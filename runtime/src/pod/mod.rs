@@ -71,6 +71,12 @@ pub enum PodError {
     Spec { id: String, why: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
+    #[error("watching synced volume {dir} for kubelet's updates (raise fs.inotify.max_user_watches if it is the limit)")]
+    WatchVolume {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// What a container is to its pod.

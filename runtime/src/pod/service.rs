@@ -82,7 +82,9 @@ impl PodApiError {
             }
             Self::Exists(_) => ErrorKind::AlreadyExists,
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
-            Self::Spec(PodError::Storage(_)) => ErrorKind::FailedPrecondition,
+            Self::Spec(PodError::Storage(_) | PodError::WatchVolume { .. }) => {
+                ErrorKind::FailedPrecondition
+            }
             Self::Spec(_) => ErrorKind::InvalidArgument,
             Self::Boot(BootError::Spec(PodError::Annotation { .. })) => ErrorKind::InvalidArgument,
             Self::Precondition(_) | Self::Boot(_) => ErrorKind::FailedPrecondition,
@@ -502,19 +504,21 @@ impl<B: Backend> PodService<B> {
                 .as_ref()
                 .ok_or_else(|| PodApiError::Precondition("the pod's VM is gone".into()))?;
             vm.attach(id, role, sandbox_pid, rootfs, spec)
-                .map(|()| vm.network(role))
+                .map(|synced| (vm.network(role), synced))
         };
-        let created = attached.map_err(PodApiError::from).and_then(|network| {
-            let json = serde_json::to_vec(&*spec)
-                .map_err(|e| PodApiError::InvalidArgument(format!("spec of {id}: {e}")))?;
-            let streams = stdio::open(&agent, id, None, io)?;
-            agent.create_container(id, json, streams.stdio, network)?;
-            let mut init = Proc::new(io.clone());
-            init.stdin_ctl = streams.stdin.as_ref().and_then(|s| s.try_clone().ok());
-            init.stdin_stream = streams.stdin;
-            init.pumps = stdio::pump_outputs(streams.outputs);
-            Ok(init)
-        });
+        let created = attached
+            .map_err(PodApiError::from)
+            .and_then(|(network, synced)| {
+                let json = serde_json::to_vec(&*spec)
+                    .map_err(|e| PodApiError::InvalidArgument(format!("spec of {id}: {e}")))?;
+                let streams = stdio::open(&agent, id, None, io)?;
+                agent.create_container(id, json, streams.stdio, network, synced)?;
+                let mut init = Proc::new(io.clone());
+                init.stdin_ctl = streams.stdin.as_ref().and_then(|s| s.try_clone().ok());
+                init.stdin_stream = streams.stdin;
+                init.pumps = stdio::pump_outputs(streams.outputs);
+                Ok(init)
+            });
         if created.is_err() {
             self.with_vm(|vm| vm.release(id));
         }

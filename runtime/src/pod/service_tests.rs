@@ -142,6 +142,7 @@ impl GuestAgent for FakeAgent {
         spec: Vec<u8>,
         _: Stdio,
         network: Option<Network>,
+        _: Vec<u32>,
     ) -> Result<(), AgentError> {
         match network {
             Some(n) => self.call(format!("create {id} with {} NIC", n.interfaces.len())),
@@ -309,7 +310,7 @@ impl PodVm for FakeVm {
         sandbox_pid: Option<u32>,
         _: &[MountSpec],
         _: &mut Value,
-    ) -> Result<(), PodError> {
+    ) -> Result<Vec<u32>, PodError> {
         if matches!(role, Role::Member { .. }) && sandbox_pid.is_none() {
             return Err(PodError::NoSandbox {
                 id: id.to_owned(),
@@ -317,7 +318,7 @@ impl PodVm for FakeVm {
             });
         }
         self.agent.call(format!("attach {id}"));
-        Ok(())
+        Ok(Vec::new())
     }
 
     fn network(&self, role: &Role) -> Option<Network> {
