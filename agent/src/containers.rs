@@ -479,6 +479,9 @@ impl Manager {
             Ok(m) if m.is_dir() => {}
             _ => return Err(ContainerError::Rootfs(rootfs)),
         }
+        if let Some(seccomp) = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref()) {
+            crate::tenant::check_seccomp(seccomp).map_err(spec_error)?;
+        }
         crate::tenant::default_home(&mut process, &rootfs);
         spec.set_process(Some(process));
         if let Err(e) = self.copy_synced_volumes(id, &mut spec, synced_volumes) {

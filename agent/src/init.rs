@@ -117,6 +117,16 @@ const MOUNTS: &[Mount] = &[
         flags: MsFlags::empty(),
         data: None,
     },
+    // The guest copies of synced volumes (volumes.rs), with the flags a
+    // kubelet volume directory has under runc (on the node's disk: neither
+    // nosuid nor nodev; kubelet's modes never set setuid bits).
+    Mount {
+        source: "tmpfs",
+        target: crate::volumes::VOLUMES_DIR,
+        fstype: "tmpfs",
+        flags: MsFlags::empty(),
+        data: Some("mode=0700"),
+    },
 ];
 
 /// argv[1] of the agent after it moved itself off the initramfs.

@@ -70,6 +70,33 @@ pub fn prepare(
     Ok(Some(SeccompExecutor { seccomp, restore }))
 }
 
+/// How many arguments a syscall has: the indexes a seccomp rule may compare.
+const SYSCALL_ARGS: usize = 6;
+
+/// Refuses a seccomp profile libseccomp would refuse for a rule that
+/// compares an argument past the sixth, naming the rule (libcontainer's
+/// error says only "failed to add rule to seccomp"), before anything of
+/// the container is built.
+pub fn check_seccomp(seccomp: &LinuxSeccomp) -> Result<(), String> {
+    for rule in seccomp.syscalls().iter().flatten() {
+        let Some(bad) = rule
+            .args()
+            .iter()
+            .flatten()
+            .find(|a| a.index() >= SYSCALL_ARGS)
+        else {
+            continue;
+        };
+        return Err(format!(
+            "its seccomp profile cannot be loaded: the rule for {} compares argument {}, but a syscall has {SYSCALL_ARGS} (0 to {})",
+            rule.names().join(", "),
+            bad.index(),
+            SYSCALL_ARGS - 1
+        ));
+    }
+    Ok(())
+}
+
 /// An explicit `noNewPrivileges: false` means the same as none (the OCI
 /// spec's default); libcontainer takes any explicit value for true when it
 /// decides when to load a filter, so it gets none.
@@ -181,6 +208,35 @@ mod tests {
             .expect("process");
         p.set_no_new_privileges(nnp);
         p
+    }
+
+    #[test]
+    fn a_rule_on_a_seventh_argument_is_refused_naming_its_syscall() {
+        let mut s = seccomp(LinuxSeccompAction::ScmpActAllow);
+        assert_eq!(check_seccomp(&s), Ok(()));
+        let rule = |index: usize| {
+            libcontainer::oci_spec::runtime::LinuxSyscallBuilder::default()
+                .names(vec!["chmod".to_owned()])
+                .action(LinuxSeccompAction::ScmpActErrno)
+                .args(vec![
+                    libcontainer::oci_spec::runtime::LinuxSeccompArgBuilder::default()
+                        .index(index)
+                        .value(0u64)
+                        .op(libcontainer::oci_spec::runtime::LinuxSeccompOperator::ScmpCmpEq)
+                        .build()
+                        .expect("arg"),
+                ])
+                .build()
+                .expect("rule")
+        };
+        s.set_syscalls(Some(vec![rule(5)]));
+        assert_eq!(check_seccomp(&s), Ok(()));
+        s.set_syscalls(Some(vec![rule(5), rule(7)]));
+        let e = check_seccomp(&s).unwrap_err();
+        assert!(
+            e.contains("seccomp profile") && e.contains("chmod") && e.contains("argument 7"),
+            "{e}"
+        );
     }
 
     #[test]

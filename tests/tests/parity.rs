@@ -143,6 +143,7 @@ mod cri {
     use husk_tests::cri::{container, Cri, PodOpts};
     use husk_tests::differential::{Observation, Probes, Report};
     use husk_tests::stream::Session;
+    use husk_tests::volumes::{configmap, AtomicVolume};
     use husk_tests::{e2e, vm_lock};
     use k8s_cri::v1::{
         security_profile::ProfileType, Capability, ContainerConfig, Int64Value,
@@ -232,6 +233,13 @@ mod cri {
                 LinuxContainerSecurityContext {
                     run_as_user: user(1000),
                     seccomp: profile(ProfileType::RuntimeDefault, None),
+                    ..base()
+                },
+            ),
+            (
+                "unconfined",
+                LinuxContainerSecurityContext {
+                    seccomp: profile(ProfileType::Unconfined, None),
                     ..base()
                 },
             ),
@@ -365,6 +373,7 @@ mod cri {
                     f("status.CapEff") == "0000000000000400",
                     "only NET_BIND_SERVICE",
                 ),
+                "unconfined" => (f("status.Seccomp") == "0", "no seccomp filter"),
                 _ => (true, ""),
             };
             report.require(
@@ -396,5 +405,143 @@ mod cri {
                 format!("oracle: {case} ({what}) under runc lacks {want}: {o:?}"),
             );
         }
+    }
+
+    /// A Localhost profile libseccomp refuses: a rule on a seventh
+    /// argument (a syscall has six). containerd passes it on as it is.
+    const UNLOADABLE: &str = r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["chmod"],"action":"SCMP_ACT_ERRNO","args":[{"index":7,"value":0,"op":"SCMP_CMP_EQ"}]}]}"#;
+
+    #[test]
+    #[ignore = "end-to-end: root, runc, CRI and a guest (make test)"]
+    fn a_seccomp_profile_the_guest_cannot_load_fails_the_container_as_under_runc() {
+        e2e();
+        let _vm = vm_lock();
+        let ctd = Containerd::start();
+        let cri = ctd.cri();
+        let logs = tempfile::tempdir().expect("log dir");
+        let bad = ctd.dir.path().join("unloadable.json");
+        std::fs::write(&bad, UNLOADABLE).expect("write profile");
+        let ctx = LinuxContainerSecurityContext {
+            seccomp: profile(ProfileType::Localhost, Some(&bad)),
+            ..Default::default()
+        };
+        let mut outcome = Vec::new();
+        for handler in ["runc", "husk"] {
+            let mut opts = PodOpts::new("unloadable", logs.path());
+            opts.handler = handler.into();
+            let pod = cri
+                .run_pod(&opts)
+                .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", ctd.log()));
+            let mut c = container("unloadable", IMAGE, &["sh", "-c", "echo ran"], false);
+            if let Some(l) = c.linux.as_mut() {
+                let ns = l
+                    .security_context
+                    .as_ref()
+                    .and_then(|s| s.namespace_options.clone());
+                l.security_context = Some(LinuxContainerSecurityContext {
+                    namespace_options: ns,
+                    ..ctx.clone()
+                });
+            }
+            outcome.push((handler, cri.run_container(&pod, &opts, c)));
+            cri.stop_pod(&pod).expect("StopPodSandbox");
+            cri.remove_pod(&pod).expect("RemovePodSandbox");
+        }
+        let [(_, runc), (_, husk)] = &outcome[..] else {
+            unreachable!("two handlers")
+        };
+        assert!(
+            runc.is_err(),
+            "oracle: runc ran a container whose seccomp profile libseccomp refuses: {runc:?}"
+        );
+        match husk {
+            Ok(id) => panic!("husk ran container {id} whose seccomp profile cannot be loaded (runc: {runc:?})"),
+            Err(e) => assert!(
+                e.message().contains("seccomp profile") && e.message().contains("chmod"),
+                "husk's error does not say which seccomp rule it could not load: {e:?}\n(runc: {runc:?})"
+            ),
+        }
+        drop(ctd);
+        assert_clean();
+    }
+
+    /// Volumes as kubelet hands them over: a read-only hostPath directory,
+    /// a single file, a writable subPath, and a configMap (kubelet's
+    /// atomic-writer layout, which husk syncs): what the container sees of
+    /// each (mount flags, contents, modes, a refused write) as under runc.
+    #[test]
+    #[ignore = "end-to-end: root, runc, CRI and a guest (make test)"]
+    fn volumes_look_the_same_from_inside_as_under_runc() {
+        e2e();
+        let _vm = vm_lock();
+        let ctd = Containerd::start();
+        let cri = ctd.cri();
+        let logs = tempfile::tempdir().expect("log dir");
+        let p = Probes::default()
+            .mount("/ro")
+            .mount("/etc/app.conf")
+            .mount("/data/sub")
+            .mount("/etc/cm")
+            .probe("ro_write", "echo x > /ro/new")
+            .probe("file_write", "echo x >> /etc/app.conf")
+            .probe("cm_write", "echo x > /etc/cm/app.conf")
+            .probe("read", "cat /etc/app.conf /ro/config /data/sub/in-sub")
+            .probe("sub_write", "echo new > /data/sub/made && cat /data/sub/made")
+            .probe("modes", "stat -c '%n %a %u:%g %F' /ro /ro/config /etc/app.conf /data/sub /etc/cm /etc/cm/..data/app.conf /etc/cm/app.conf")
+            .probe("cm", "ls -A /etc/cm; readlink /etc/cm/..data /etc/cm/app.conf; cat /etc/cm/app.conf /etc/cm/certs/ca.crt");
+        let mut seen = Vec::new();
+        for handler in ["runc", "husk"] {
+            let host = ctd.dir.path().join(format!("volumes-{handler}"));
+            std::fs::create_dir_all(host.join("sub")).expect("subPath dir");
+            std::fs::write(host.join("sub/in-sub"), "sub\n").expect("subPath file");
+            std::fs::write(host.join("config"), "key=value\n").expect("file volume");
+            let mut cm = AtomicVolume::new(&host.join("cm"));
+            cm.write(1, &configmap(1));
+            let bind = |from: &Path, at: &str, readonly: bool| k8s_cri::v1::Mount {
+                container_path: at.into(),
+                host_path: from.display().to_string(),
+                readonly,
+                ..Default::default()
+            };
+            let mut opts = PodOpts::new("volumes", &logs.path().join(handler));
+            std::fs::create_dir_all(&opts.log_dir).expect("log dir");
+            opts.handler = handler.into();
+            let pod = cri
+                .run_pod(&opts)
+                .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", ctd.log()));
+            let mut c = observer("volumes", &LinuxContainerSecurityContext::default(), &p);
+            c.mounts = vec![
+                bind(&host, "/ro", true),
+                bind(&host.join("config"), "/etc/app.conf", true),
+                bind(&host.join("sub"), "/data/sub", false),
+                bind(&cm.dir, "/etc/cm", true),
+            ];
+            let id = cri
+                .run_container(&pod, &opts, c)
+                .unwrap_or_else(|e| panic!("volumes ({handler}): {e}\n{}", ctd.log()));
+            seen.push(observe(&cri, &id, &p, false));
+            cri.stop_pod(&pod).expect("StopPodSandbox");
+            cri.remove_pod(&pod).expect("RemovePodSandbox");
+            for (name, want) in [("new", false), ("sub/made", true)] {
+                assert_eq!(
+                    host.join(name).exists(),
+                    want,
+                    "{handler}: host file {name} after the container's writes"
+                );
+            }
+        }
+        let mut report = Report::default();
+        for ((what, r), (_, h)) in seen[0].iter().zip(&seen[1]) {
+            report.compare(&format!("volumes ({what})"), r, h, EXPECTED);
+            let f = |k: &str| r.get(k).unwrap_or("(missing)").to_owned();
+            report.require(
+                f("probe.ro_write").contains("(exit 1)")
+                    && f("probe.cm_write").contains("(exit 1)"),
+                format!("oracle: a read-only volume took a write under runc ({what}): {r:?}"),
+            );
+        }
+        report.assert_ok();
+        drop(ctd);
+        assert_clean();
     }
 }
