@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a busybox OCI image archive from Debian's busybox-static, with no
 # registry: one uncompressed layer (busybox, its applet links, a minimal
-# /etc, a setuid-root /bin/euid-suid, /bin/inotify-watch), an image config, a manifest and an index, packed as an OCI layout
+# /etc, a setuid-root /bin/euid-suid, /bin/inotify-watch, /bin/code-reuse
+# and the two programs it runs), an image config, a manifest and an index, packed as an OCI layout
 # tarball that `ctr images import` accepts. Output is reproducible.
 # With --pause, the image also holds a static /pause (pause.c beside this
 # script) as its entrypoint: a pod sandbox image for CRI, with no registry.
@@ -37,6 +38,13 @@ gcc -static -Os -s -o "$root/bin/euid-suid" "$(dirname "$0")/euid.c"
 # An inotify watcher that prints what it sees (inotify-watch.c beside this
 # script; Debian's busybox has no inotifyd).
 gcc -static -Os -s -o "$root/bin/inotify-watch" "$(dirname "$0")/inotify-watch.c"
+# Two one-page programs that print their letter, and what runs them to see
+# whether a program runs its own code after its page held another's
+# (code-reuse.c, letter.c).
+for l in a b; do
+    gcc -static -nostdlib -O1 -fno-pie -no-pie -DLETTER="'$l'" -o "$root/bin/letter-$l" "$(dirname "$0")/letter.c"
+done
+gcc -static -O1 -s -o "$root/bin/code-reuse" "$(dirname "$0")/code-reuse.c"
 chmod 4755 "$root/bin/euid-suid"
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"

@@ -371,7 +371,6 @@ fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
     }
 }
 
-/// Waits until no husk shim, VM process, sandbox directory or mount is left.
 /// The arguments of `ctr run <flags> --runtime <runtime> <test image> <id>
 /// <cmd>`.
 pub fn run_args<'a>(
@@ -387,6 +386,7 @@ pub fn run_args<'a>(
     v
 }
 
+/// Waits until no husk shim, VM process, sandbox directory or mount is left.
 pub fn assert_clean() {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

@@ -166,8 +166,22 @@ impl Hypervisor for Qemu {
     /// microvm has no i8042: `reboot=k` would poll a missing keyboard
     /// controller for over a second under TCG. A triple fault resets at once,
     /// and `-no-reboot` turns the reset into QEMU's exit.
+    ///
+    /// Under TCG also `init_on_alloc=1`: QEMU keeps the code it translated
+    /// per guest page and drops it when a vCPU writes the page, but
+    /// virtiofsd (vhost-user) writes file data straight into guest memory,
+    /// which QEMU never sees. A page-cache page that held one program's
+    /// code and was refilled with another's ran the first program's
+    /// translation (a program's first run in a container crashed with
+    /// SIGSEGV now and then; tests/images/code-reuse.c shows it at will:
+    /// 100 of 200 rounds). Zeroing each page the guest allocates is a vCPU
+    /// write, so no translation outlives a page's reuse. Under KVM the CPU
+    /// runs guest code itself and caches nothing that memory does not hold.
     fn kernel_params(&self) -> &'static str {
-        "reboot=t"
+        match self.accel {
+            ResolvedAccel::Kvm => "reboot=t",
+            ResolvedAccel::Tcg => "reboot=t init_on_alloc=1",
+        }
     }
 
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>) {
@@ -225,6 +239,18 @@ mod tests {
             .map(|a| a.to_string_lossy().into_owned())
             .collect::<Vec<_>>()
             .join(" ")
+    }
+
+    #[test]
+    fn only_tcg_guests_zero_the_pages_they_allocate() {
+        let q = |accel| Qemu::new(Path::new("q"), accel);
+        assert!(q(ResolvedAccel::Tcg)
+            .kernel_params()
+            .split(' ')
+            .any(|p| p == "init_on_alloc=1"));
+        assert!(!q(ResolvedAccel::Kvm)
+            .kernel_params()
+            .contains("init_on_alloc"));
     }
 
     #[test]

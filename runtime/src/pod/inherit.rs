@@ -5,6 +5,9 @@
 //! containerd). husk writes both into the spec, so the guest applies what
 //! runc's container would have had, instead of the guest kernel's defaults
 //! (which size `nproc` and `sigpending` by the guest's small memory).
+//! And what runc does with the host's LSM labels, which the guest kernel
+//! (no LSM) cannot apply: refused where runc refuses them, dropped where
+//! the VM confines the container instead.
 
 use serde_json::{json, Value};
 
@@ -107,6 +110,78 @@ pub fn container(spec: &mut Value) {
     }
 }
 
+/// The host's AppArmor, which runc applies a process's profile with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppArmor {
+    Off,
+    /// On, with the names of the profiles loaded (None: unreadable).
+    On(Option<Vec<String>>),
+}
+
+impl AppArmor {
+    /// As the host's kernel has it now.
+    pub fn host() -> Self {
+        let on = std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
+            .is_ok_and(|v| v.starts_with('Y'));
+        if !on {
+            return AppArmor::Off;
+        }
+        let loaded = std::fs::read_to_string("/sys/kernel/security/apparmor/profiles")
+            .ok()
+            .map(|list| {
+                list.lines()
+                    .filter_map(|l| l.rsplit_once(" (").map(|(name, _)| name.to_owned()))
+                    .collect()
+            });
+        AppArmor::On(loaded)
+    }
+}
+
+/// The host LSM labels of an OCI process object, which the guest cannot
+/// apply (its kernel has no LSM): where runc would refuse the process,
+/// so does husk, naming the profile (AppArmor off, or the profile not
+/// loaded); where runc would confine it with a host policy, the VM is its
+/// confinement and the label is dropped (an AppArmor profile the host has
+/// loaded; an SELinux label, which runc ignores where SELinux is off).
+/// Returns what was dropped.
+pub fn lsm_labels(process: &mut Value, apparmor: &AppArmor) -> Result<Vec<String>, String> {
+    let Some(p) = process.as_object_mut() else {
+        return Ok(Vec::new());
+    };
+    let mut dropped = Vec::new();
+    if let Some(profile) = p
+        .get("apparmorProfile")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+    {
+        match apparmor {
+            AppArmor::Off => {
+                return Err(format!(
+                    "it asks for AppArmor profile {profile:?}, but AppArmor is not enabled on this host (runc refuses it too); remove the profile or enable AppArmor"
+                ))
+            }
+            AppArmor::On(Some(loaded))
+                if profile != "unconfined" && !loaded.contains(&profile) =>
+            {
+                return Err(format!(
+                    "it asks for AppArmor profile {profile:?}, which the host has not loaded (runc refuses it too); load it with apparmor_parser"
+                ))
+            }
+            AppArmor::On(_) => {
+                p.remove("apparmorProfile");
+                dropped.push(format!("AppArmor profile {profile:?}"));
+            }
+        }
+    }
+    if let Some(label) = p.remove("selinuxLabel") {
+        if label.as_str().is_some_and(|l| !l.is_empty()) {
+            dropped.push(format!("SELinux label {label}"));
+        }
+    }
+    Ok(dropped)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +206,29 @@ mod tests {
         let mut none = json!({ "args": ["sh"] });
         rlimits(&mut none, &own[1..2]);
         assert_eq!(none["rlimits"][0]["type"], "RLIMIT_NPROC");
+    }
+
+    #[test]
+    fn lsm_labels_are_refused_where_runc_refuses_them_and_dropped_where_the_vm_confines() {
+        let with = |profile: &str| json!({ "args": ["sh"], "apparmorProfile": profile, "selinuxLabel": "system_u:system_r:container_t:s0" });
+        let loaded = AppArmor::On(Some(vec!["cri-containerd.apparmor.d".into()]));
+        let e = lsm_labels(&mut with("x"), &AppArmor::Off).unwrap_err();
+        assert!(e.contains("\"x\"") && e.contains("not enabled"), "{e}");
+        let e = lsm_labels(&mut with("x"), &loaded).unwrap_err();
+        assert!(e.contains("\"x\"") && e.contains("not loaded"), "{e}");
+        for (profile, apparmor) in [
+            ("cri-containerd.apparmor.d", &loaded),
+            ("unconfined", &loaded),
+            ("anything", &AppArmor::On(None)),
+        ] {
+            let mut p = with(profile);
+            let dropped = lsm_labels(&mut p, apparmor).unwrap();
+            assert_eq!(p, json!({ "args": ["sh"] }), "{profile}");
+            assert_eq!(dropped.len(), 2, "{dropped:?}");
+        }
+        let mut none = json!({ "args": ["sh"] });
+        assert_eq!(lsm_labels(&mut none, &AppArmor::Off), Ok(vec![]));
+        assert_eq!(none, json!({ "args": ["sh"] }));
     }
 
     #[test]

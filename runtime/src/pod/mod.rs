@@ -69,6 +69,8 @@ pub enum PodError {
     },
     #[error("container {id}: the spec is not an OCI runtime spec: {why}")]
     Spec { id: String, why: String },
+    #[error("container {id}: {why}")]
+    Lsm { id: String, why: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
     #[error("watching synced volume {dir} for kubelet's updates (raise fs.inotify.max_user_watches if it is the limit)")]
@@ -186,6 +188,17 @@ pub fn prepare_spec(
 ) -> Result<GuestOnlyMounts, PodError> {
     normalise_rootfs_propagation(spec);
     inherit::container(spec);
+    if let Some(process) = spec.get_mut("process") {
+        let dropped = inherit::lsm_labels(process, &inherit::AppArmor::host()).map_err(|why| {
+            PodError::Lsm {
+                id: id.to_owned(),
+                why,
+            }
+        })?;
+        if !dropped.is_empty() {
+            tracing::info!(container = id, "not applied in the guest, whose kernel has no LSM (the VM confines the container): {}", dropped.join(", "));
+        }
+    }
     if !role.is_cri() {
         return Ok(GuestOnlyMounts::default());
     }

@@ -715,6 +715,8 @@ impl<B: Backend> PodService<B> {
             PodApiError::InvalidArgument(format!("exec {exec_id}: process spec is not JSON: {e}"))
         })?;
         super::inherit::rlimits(&mut process, &super::inherit::own_rlimits());
+        super::inherit::lsm_labels(&mut process, &super::inherit::AppArmor::host())
+            .map_err(|why| PodApiError::InvalidArgument(format!("exec {exec_id}: {why}")))?;
         let process = serde_json::to_vec(&process).map_err(|e| {
             PodApiError::InvalidArgument(format!("exec {exec_id}: process spec: {e}"))
         })?;
