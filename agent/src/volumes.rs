@@ -98,15 +98,7 @@ impl Volumes {
             .join(n.to_string());
         let copy = Path::new(VOLUMES_DIR).join(id).join(n.to_string());
         let volume = label(id, n);
-        let err = |what, path: &Path| {
-            let (volume, path) = (volume.clone(), path.to_path_buf());
-            move |source| VolumeError::Io {
-                volume,
-                what,
-                path,
-                source,
-            }
-        };
+        let err = |what, path: &Path| io_error(&volume, what, path);
         let parent = copy.parent().unwrap_or(&copy);
         fs::DirBuilder::new()
             .recursive(true)
@@ -168,6 +160,21 @@ impl Volumes {
     }
 }
 
+/// Maps an I/O error of `what` on `path` to the volume's error.
+fn io_error(
+    volume: &str,
+    what: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> VolumeError {
+    let (volume, path) = (volume.to_owned(), path.to_path_buf());
+    move |source| VolumeError::Io {
+        volume,
+        what,
+        path,
+        source,
+    }
+}
+
 fn label(id: &str, n: u32) -> String {
     format!("{id}/{n}")
 }
@@ -190,15 +197,7 @@ pub fn apply(share: &Path, copy: &Path, name: &str, volume: &str) -> Result<(), 
             name: name.to_owned(),
         });
     }
-    let err = |what, path: &Path| {
-        let (volume, path) = (volume.to_owned(), path.to_path_buf());
-        move |source| VolumeError::Io {
-            volume,
-            what,
-            path,
-            source,
-        }
-    };
+    let err = |what, path: &Path| io_error(volume, what, path);
     let data = copy.join(name);
     if fs::symlink_metadata(&data).is_err() {
         let mut budget = Budget::default();
@@ -269,15 +268,7 @@ impl Default for Budget {
 /// files and symbolic links with their modes and owners; nothing else
 /// (kubelet writes nothing else).
 fn copy_tree(src: &Path, dst: &Path, budget: &mut Budget, volume: &str) -> Result<(), VolumeError> {
-    let err = |what, path: &Path| {
-        let (volume, path) = (volume.to_owned(), path.to_path_buf());
-        move |source| VolumeError::Io {
-            volume,
-            what,
-            path,
-            source,
-        }
-    };
+    let err = |what, path: &Path| io_error(volume, what, path);
     let too_large = || VolumeError::TooLarge {
         volume: volume.to_owned(),
     };

@@ -417,7 +417,7 @@ pub fn share_bind_mounts(
         )?;
         m["source"] =
             serde_json::Value::String(guest_dir.join(n.to_string()).display().to_string());
-        if meta.is_dir() && is_synced_volume(&source, read_only) {
+        if is_synced_volume(&source, read_only) {
             synced.push(SyncedVolume {
                 n: n as u32,
                 dir: staging,

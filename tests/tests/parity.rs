@@ -330,7 +330,11 @@ mod cri {
             "( {} ) > /tmp/observed 2>&1; touch /tmp/done; exec sleep 3600",
             p.script()
         );
-        let mut c = container(name, IMAGE, &["sh", "-c", &script], false);
+        secured(container(name, IMAGE, &["sh", "-c", &script], false), ctx)
+    }
+
+    /// `c` with security context `ctx`, keeping the pod's namespaces.
+    fn secured(mut c: ContainerConfig, ctx: &LinuxContainerSecurityContext) -> ContainerConfig {
         if let Some(l) = c.linux.as_mut() {
             let ns = l
                 .security_context
@@ -509,17 +513,10 @@ mod cri {
             let pod = cri
                 .run_pod(&opts)
                 .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", ctd.log()));
-            let mut c = container("unloadable", IMAGE, &["sh", "-c", "echo ran"], false);
-            if let Some(l) = c.linux.as_mut() {
-                let ns = l
-                    .security_context
-                    .as_ref()
-                    .and_then(|s| s.namespace_options.clone());
-                l.security_context = Some(LinuxContainerSecurityContext {
-                    namespace_options: ns,
-                    ..ctx.clone()
-                });
-            }
+            let c = secured(
+                container("unloadable", IMAGE, &["sh", "-c", "echo ran"], false),
+                &ctx,
+            );
             outcome.push((handler, cri.run_container(&pod, &opts, c)));
             cri.stop_pod(&pod).expect("StopPodSandbox");
             cri.remove_pod(&pod).expect("RemovePodSandbox");
