@@ -55,7 +55,7 @@ lab: guest-image vmm-static
 
 install: build guest-image
 	install -D -m 0755 -t $(PREFIX)/bin target/release/husk target/release/husk-vmm target/release/containerd-shim-husk-v2
-	install -D -m 0644 -t $(PREFIX)/share/husk $(GUEST)/vmlinux $(GUEST)/initramfs.cpio
+	install -D -m 0644 -t $(PREFIX)/share/husk $(GUEST)/vmlinux $(GUEST)/initramfs.cpio $(GUEST)/kernel.config
 
 demo: build guest-image
 	./target/release/husk check

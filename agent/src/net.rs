@@ -12,19 +12,23 @@ use std::io;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 
-use husk_protocol::containers::{Interface, Network, Route};
+use husk_protocol::containers::{Interface, Network};
 use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
-    NLM_F_REQUEST,
+    DecodeError, NetlinkHeader, NetlinkMessage, NetlinkPayload, Parseable, NLM_F_ACK, NLM_F_APPEND,
+    NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST,
 };
-use netlink_packet_route::address::{AddressAttribute, AddressHeaderFlags, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressMessageBuffer,
+};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+    NeighbourAttribute, NeighbourMessage, NeighbourMessageBuffer, NeighbourState,
 };
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMessageBuffer, RouteNextHopFlags,
+    RouteType,
 };
+use netlink_packet_route::rule::{RuleAttribute, RuleMessage, RuleMessageBuffer};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
 use netlink_sys::Socket;
@@ -37,14 +41,15 @@ pub fn loopback_up(pid: i32) -> io::Result<()> {
             .into_iter()
             .find(|l| l.header.flags.contains(LinkFlags::Loopback))
             .ok_or_else(|| io::Error::other("the namespace has no loopback"))?;
-        nl.set_link(lo.header.index, None, None, true)
+        nl.set_link(lo.header.index, None, None)
     })
 }
 
 /// Moves each NIC of `net` (found by MAC in the agent's own namespace) into
-/// the network namespace of process `pid` and configures it there. The
-/// description comes from the host; every field is checked before anything
-/// changes.
+/// the network namespace of process `pid` and makes that namespace a copy
+/// of the pod's on the host: links, addresses, routes of every table,
+/// policy rules, permanent neighbours and sysctls. The description comes
+/// from the host; every field is checked before anything changes.
 pub fn configure(pid: i32, net: &Network) -> io::Result<()> {
     let plan = Plan::of(net)?;
     let ns = File::open(format!("/proc/{pid}/ns/net"))?;
@@ -63,29 +68,35 @@ pub fn configure(pid: i32, net: &Network) -> io::Result<()> {
     in_netns(&ns, |nl| plan.apply(nl))
 }
 
-/// What [`configure`] sets up, parsed.
+/// At most this many messages of each kind, or sysctls, from the host.
+const MAX_ITEMS: usize = 4096;
+
+/// What [`configure`] sets up, parsed and checked; link indexes are still
+/// the pod namespace's on the host.
 struct Plan {
     nics: Vec<Nic>,
-    routes: Vec<PlannedRoute>,
-    neighbours: Vec<(IpAddr, Vec<u8>, Vec<u8>)>,
+    addresses: Vec<AddressMessage>,
+    routes: Vec<RouteMessage>,
+    rules: Vec<RuleMessage>,
+    neighbours: Vec<NeighbourMessage>,
+    sysctls: Vec<(String, String)>,
 }
 
 struct Nic {
     mac: Vec<u8>,
     name: String,
     mtu: u32,
-    addresses: Vec<(IpAddr, u8)>,
+    /// The link's index in the pod's namespace on the host.
+    host_index: u32,
+    flags: LinkFlags,
+    txqlen: u32,
 }
 
-struct PlannedRoute {
-    destination: Option<(IpAddr, u8)>,
-    gateway: Option<IpAddr>,
-    source: Option<IpAddr>,
-    mac: Vec<u8>,
-    scope: u8,
-    metric: u32,
-    ipv6: bool,
-}
+/// The link flags a NIC copies (and only those are changed).
+const COPIED_FLAGS: LinkFlags = LinkFlags::Promisc
+    .union(LinkFlags::Allmulti)
+    .union(LinkFlags::Noarp)
+    .union(LinkFlags::Multicast);
 
 fn bad(what: String) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidInput, what)
@@ -102,26 +113,6 @@ fn parse_mac(mac: &[u8], what: &str) -> io::Result<Vec<u8>> {
     Ok(mac.to_vec())
 }
 
-fn parse_ip(s: &str, what: &str) -> io::Result<IpAddr> {
-    s.parse()
-        .map_err(|_| bad(format!("{what}: {s:?} is not an IP address")))
-}
-
-/// `address/prefix length`.
-fn parse_cidr(s: &str, what: &str) -> io::Result<(IpAddr, u8)> {
-    let (ip, len) = s
-        .split_once('/')
-        .ok_or_else(|| bad(format!("{what}: {s:?} is not address/prefix")))?;
-    let ip = parse_ip(ip, what)?;
-    let max = if ip.is_ipv4() { 32 } else { 128 };
-    let len: u8 = len
-        .parse()
-        .ok()
-        .filter(|l| *l <= max)
-        .ok_or_else(|| bad(format!("{what}: prefix length of {s:?} is not 0..={max}")))?;
-    Ok((ip, len))
-}
-
 /// Interface names: 1 to 15 bytes, no '/', ':', whitespace or control.
 fn valid_ifname(name: &str) -> bool {
     (1..16).contains(&name.len())
@@ -130,8 +121,65 @@ fn valid_ifname(name: &str) -> bool {
             .all(|b| b.is_ascii_graphic() && b != b'/' && b != b':')
 }
 
+/// A sysctl key: a relative path under `/proc/sys/net`, each part a name.
+fn valid_sysctl(key: &str) -> bool {
+    key.starts_with("net/")
+        && key.len() < 256
+        && key.split('/').all(|p| {
+            !p.is_empty() && p != "." && p != ".." && p.bytes().all(|b| b.is_ascii_graphic())
+        })
+}
+
+/// Parses each of `raw` with `parse`, at most [`MAX_ITEMS`], naming `what`.
+fn parse_all<T>(
+    raw: &[Vec<u8>],
+    what: &str,
+    parse: impl Fn(&[u8]) -> Result<T, DecodeError>,
+) -> io::Result<Vec<T>> {
+    if raw.len() > MAX_ITEMS {
+        return Err(bad(format!("{} {what}s: at most {MAX_ITEMS}", raw.len())));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(i, b)| parse(b).map_err(|e| bad(format!("{what} {i}: {e}"))))
+        .collect()
+}
+
+/// The links a route goes out of: its `oif` and its multipath hops'.
+fn route_links(m: &RouteMessage) -> Vec<u32> {
+    let mut out = Vec::new();
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => out.push(*i),
+            RouteAttribute::MultiPath(hops) => out.extend(hops.iter().map(|h| h.interface_index)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `table`, whether in the attribute or the header.
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(m.header.table.into())
+}
+
+/// The `local` table: the kernel fills it from the addresses.
+const RT_TABLE_LOCAL: u32 = 255;
+
 impl Plan {
     fn of(net: &Network) -> io::Result<Plan> {
+        if net.interfaces.len() > 64 {
+            return Err(bad(format!(
+                "{} interfaces: at most 64",
+                net.interfaces.len()
+            )));
+        }
         let nic = |i: &Interface| -> io::Result<Nic> {
             let mac = parse_mac(&i.mac, "interface")?;
             let what = format!("interface {}", mac_string(&mac));
@@ -144,114 +192,532 @@ impl Plan {
                     i.name
                 )));
             }
-            let addresses = i
-                .addresses
-                .iter()
-                .map(|a| parse_cidr(a, &what))
-                .collect::<io::Result<_>>()?;
+            if i.index == 0 {
+                return Err(bad(format!("{what}: no link index")));
+            }
             Ok(Nic {
                 mac,
                 name: i.name.clone(),
                 mtu: i.mtu,
-                addresses,
+                host_index: i.index,
+                flags: LinkFlags::from_bits_retain(i.flags) & COPIED_FLAGS,
+                txqlen: i.txqlen,
             })
         };
         let nics: Vec<Nic> = net.interfaces.iter().map(nic).collect::<io::Result<_>>()?;
-        let known = |mac: &[u8], what: &str| -> io::Result<Vec<u8>> {
-            let mac = parse_mac(mac, what)?;
-            if nics.iter().any(|n| n.mac == mac) {
-                Ok(mac)
+        let known = |index: u32, what: &dyn Fn() -> String| -> io::Result<()> {
+            if nics.iter().any(|n| n.host_index == index) {
+                Ok(())
             } else {
                 Err(bad(format!(
-                    "{what}: device {} is none of the pod's NICs",
-                    mac_string(&mac)
+                    "{}: link {index} is none of the pod's NICs",
+                    what()
                 )))
             }
         };
-        let route = |r: &Route| -> io::Result<PlannedRoute> {
-            let what = format!("route to {:?}", r.destination);
-            let opt = |s: &str| (!s.is_empty()).then(|| parse_ip(s, &what)).transpose();
-            let destination = (!r.destination.is_empty())
-                .then(|| parse_cidr(&r.destination, &what))
-                .transpose()?;
-            let gateway = opt(&r.gateway)?;
-            let ipv6 = destination.map_or(r.ipv6, |(ip, _)| ip.is_ipv6());
-            if gateway.is_some_and(|g| g.is_ipv6() != ipv6) {
-                return Err(bad(format!("{what}: gateway of another family")));
+        let addresses = parse_all(&net.addresses, "address", |b| {
+            AddressMessage::parse(&AddressMessageBuffer::new_checked(&b)?)
+        })?;
+        for a in &addresses {
+            known(a.header.index, &|| {
+                format!("address {}", describe_address(a))
+            })?;
+        }
+        let routes = parse_all(&net.routes, "route", |b| {
+            RouteMessage::parse(&RouteMessageBuffer::new_checked(&b)?)
+        })?;
+        for r in &routes {
+            if route_table(r) == RT_TABLE_LOCAL {
+                return Err(bad(format!(
+                    "route {}: table local is the kernel's",
+                    describe_route(r)
+                )));
             }
-            Ok(PlannedRoute {
-                destination,
-                gateway,
-                source: opt(&r.source)?,
-                mac: known(&r.device_mac, &what)?,
-                scope: u8::try_from(r.scope)
-                    .map_err(|_| bad(format!("{what}: scope {} is not 0..=255", r.scope)))?,
-                metric: r.metric,
-                ipv6,
-            })
-        };
-        let mut routes: Vec<PlannedRoute> =
-            net.routes.iter().map(route).collect::<io::Result<_>>()?;
-        // On-link routes first: a gateway must be reachable when its route
-        // is added.
-        routes.sort_by_key(|r| r.gateway.is_some());
-        let neighbours = net
-            .neighbours
+            for index in route_links(r) {
+                known(index, &|| format!("route {}", describe_route(r)))?;
+            }
+        }
+        let rules = parse_all(&net.rules, "rule", |b| {
+            RuleMessage::parse(&RuleMessageBuffer::new_checked(&b)?)
+        })?;
+        let neighbours = parse_all(&net.neighbours, "neighbour", |b| {
+            NeighbourMessage::parse(&NeighbourMessageBuffer::new_checked(&b)?)
+        })?;
+        for n in &neighbours {
+            known(n.header.ifindex, &|| "a neighbour".to_owned())?;
+        }
+        if net.sysctls.len() > MAX_ITEMS {
+            return Err(bad(format!(
+                "{} sysctls: at most {MAX_ITEMS}",
+                net.sysctls.len()
+            )));
+        }
+        let sysctls = net
+            .sysctls
             .iter()
-            .map(|n| {
-                let what = format!("neighbour {:?}", n.address);
-                Ok((
-                    parse_ip(&n.address, &what)?,
-                    parse_mac(&n.lladdr, &what)?,
-                    known(&n.device_mac, &what)?,
-                ))
+            .map(|s| {
+                if !valid_sysctl(&s.key) {
+                    return Err(bad(format!("sysctl {:?} is not a key under net/", s.key)));
+                }
+                if s.value.len() > 4096 || s.value.contains('\n') {
+                    return Err(bad(format!("sysctl {}: value is not one line", s.key)));
+                }
+                Ok((s.key.clone(), s.value.clone()))
             })
             .collect::<io::Result<_>>()?;
         Ok(Plan {
             nics,
+            addresses,
             routes,
+            rules,
             neighbours,
+            sysctls,
         })
     }
 
-    /// Configures the moved NICs in the calling thread's namespace.
+    /// Configures the moved NICs and the namespace, in the calling thread's
+    /// namespace: links, addresses, routes, rules, neighbours, sysctls.
     fn apply(&self, nl: &mut Netlink) -> io::Result<()> {
         let links = nl.links()?;
-        let index_of = |mac: &[u8]| {
-            find_by_mac(&links, mac)
-                .map(|l| l.header.index)
-                .ok_or_else(|| io::Error::other(format!("NIC {} did not arrive", mac_string(mac))))
-        };
+        let mut map = Vec::new();
         let taken = |name: &str| links.iter().any(|l| link_name(l) == Some(name));
         for nic in &self.nics {
             let what = || format!("NIC {}", mac_string(&nic.mac));
-            let index = index_of(&nic.mac)?;
-            let current = find_by_mac(&links, &nic.mac).and_then(link_name);
+            let link = find_by_mac(&links, &nic.mac)
+                .ok_or_else(|| io::Error::other(format!("{} did not arrive", what())))?;
+            let index = link.header.index;
+            let current = link_name(link);
             let rename =
                 (!nic.name.is_empty() && current != Some(nic.name.as_str()) && !taken(&nic.name))
                     .then_some(nic.name.as_str());
-            nl.set_link(index, rename, Some(nic.mtu), true)
-                .map_err(|e| context(e, format!("{}: MTU {} and up", what(), nic.mtu)))?;
-            for (ip, len) in &nic.addresses {
-                nl.add_address(index, *ip, *len)
-                    .map_err(|e| context(e, format!("{}: address {ip}/{len}", what())))?;
+            // The host ran duplicate address detection; the copy would be
+            // held tentative for a second. The sysctl copy sets it back
+            // (the conf directory follows the NIC's rename).
+            if let Some(name) = current {
+                let _ = write_sysctl(&format!("net/ipv6/conf/{name}/accept_dad"), "0");
             }
+            nl.set_link(index, rename, Some(nic))
+                .map_err(|e| context(e, format!("{}: MTU {} and up", what(), nic.mtu)))?;
+            map.push((nic.host_index, index));
         }
-        for r in &self.routes {
-            let index = index_of(&r.mac)?;
-            nl.add_route(index, r).map_err(|e| {
-                let to = r
-                    .destination
-                    .map_or("default".to_owned(), |(ip, l)| format!("{ip}/{l}"));
-                context(e, format!("route to {to}"))
-            })?;
+        let guest = |host: u32| map.iter().find(|(h, _)| *h == host).map_or(0, |(_, g)| *g);
+        let ours: Vec<u32> = map.iter().map(|(_, g)| *g).collect();
+        self.copy_addresses(nl, &guest, &ours)?;
+        self.copy_routes(nl, &guest, &ours)?;
+        self.copy_rules(nl)?;
+        for n in &self.neighbours {
+            let mut m = NeighbourMessage::default();
+            m.header = n.header.clone();
+            m.header.ifindex = guest(n.header.ifindex);
+            m.header.state = NeighbourState::Permanent;
+            m.attributes = n
+                .attributes
+                .iter()
+                .filter(|a| {
+                    matches!(
+                        a,
+                        NeighbourAttribute::Destination(_)
+                            | NeighbourAttribute::LinkLayerAddress(_)
+                    )
+                })
+                .cloned()
+                .collect();
+            nl.request(
+                RouteNetlinkMessage::NewNeighbour(m),
+                NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE,
+            )
+            .map_err(|e| context(e, "a permanent neighbour".to_owned()))?;
         }
-        for (ip, lladdr, mac) in &self.neighbours {
-            nl.add_neighbour(index_of(mac)?, *ip, lladdr)
-                .map_err(|e| context(e, format!("neighbour {ip}")))?;
+        for (key, value) in &self.sysctls {
+            copy_sysctl(key, value)?;
         }
         Ok(())
     }
+
+    /// Makes the NICs' addresses the host's: adds what is missing (the
+    /// kernel's own link-local address is usually there already), removes
+    /// what the host does not have.
+    fn copy_addresses(
+        &self,
+        nl: &mut Netlink,
+        guest: &dyn Fn(u32) -> u32,
+        ours: &[u32],
+    ) -> io::Result<()> {
+        let wanted: Vec<AddressMessage> = self
+            .addresses
+            .iter()
+            .map(|a| {
+                let mut m = AddressMessage::default();
+                m.header = a.header.clone();
+                m.header.index = guest(a.header.index);
+                m.header.flags &= AddressHeaderFlags::Nodad
+                    | AddressHeaderFlags::Optimistic
+                    | AddressHeaderFlags::Homeaddress;
+                m.attributes = a
+                    .attributes
+                    .iter()
+                    .filter_map(|x| match x {
+                        AddressAttribute::Flags(f) => Some(AddressAttribute::Flags(
+                            *f & (AddressFlags::Nodad
+                                | AddressFlags::Optimistic
+                                | AddressFlags::Homeaddress
+                                | AddressFlags::Managetempaddr
+                                | AddressFlags::Noprefixroute
+                                | AddressFlags::Mcautojoin),
+                        )),
+                        AddressAttribute::Address(_)
+                        | AddressAttribute::Local(_)
+                        | AddressAttribute::Label(_)
+                        | AddressAttribute::Broadcast(_)
+                        | AddressAttribute::CacheInfo(_)
+                        | AddressAttribute::RoutePriority(_) => Some(x.clone()),
+                        _ => None,
+                    })
+                    .collect();
+                m
+            })
+            .collect();
+        let have: Vec<AddressMessage> = nl
+            .addresses()
+            .map_err(|e| context(e, "listing the guest's addresses".to_owned()))?
+            .into_iter()
+            .filter(|a| ours.contains(&a.header.index))
+            .collect();
+        for h in &have {
+            if !wanted.iter().any(|w| address_key(w) == address_key(h)) {
+                nl.request(RouteNetlinkMessage::DelAddress(h.clone()), NLM_F_ACK)
+                    .map_err(|e| context(e, format!("removing address {}", describe_address(h))))?;
+            }
+        }
+        for w in &wanted {
+            if !have.iter().any(|h| address_key(w) == address_key(h)) {
+                nl.change(RouteNetlinkMessage::NewAddress(w.clone()))
+                    .map_err(|e| context(e, format!("address {}", describe_address(w))))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the routes of the NICs (every table but `local`) and the
+    /// device-less ones the host's: removes what the host does not have
+    /// (a prefix route CNI deleted), then adds what is missing, those
+    /// whose gateway another route must reach first in a later round.
+    fn copy_routes(
+        &self,
+        nl: &mut Netlink,
+        guest: &dyn Fn(u32) -> u32,
+        ours: &[u32],
+    ) -> io::Result<()> {
+        let wanted: Vec<RouteMessage> = self.routes.iter().map(|r| guest_route(r, guest)).collect();
+        let have: Vec<RouteMessage> = nl
+            .routes()
+            .map_err(|e| context(e, "listing the guest's routes".to_owned()))?
+            .into_iter()
+            .filter(|r| {
+                let through = route_links(r);
+                route_table(r) != RT_TABLE_LOCAL
+                    && !r.header.flags.contains(RouteFlags::Cloned)
+                    && (through.iter().any(|i| ours.contains(i))
+                        || (through.is_empty() && r.header.kind != RouteType::Unicast))
+            })
+            .collect();
+        for h in &have {
+            if !wanted.iter().any(|w| route_key(w) == route_key(h)) {
+                nl.request(RouteNetlinkMessage::DelRoute(h.clone()), NLM_F_ACK)
+                    .map_err(|e| context(e, format!("removing route {}", describe_route(h))))?;
+            }
+        }
+        let mut pending: Vec<&RouteMessage> = wanted
+            .iter()
+            .filter(|w| !have.iter().any(|h| route_key(w) == route_key(h)))
+            .collect();
+        while !pending.is_empty() {
+            let mut failed = Vec::new();
+            let mut last = None;
+            for r in &pending {
+                // IPv4 keeps a second route to a prefix (CNI's own beside
+                // the kernel's) only when appended; IPv6 takes it as is.
+                let flags = if r.header.address_family == AddressFamily::Inet {
+                    NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND
+                } else {
+                    NLM_F_ACK | NLM_F_CREATE
+                };
+                if let Err(e) = nl.request(RouteNetlinkMessage::NewRoute((*r).clone()), flags) {
+                    failed.push(*r);
+                    last = Some(context(e, format!("route {}", describe_route(r))));
+                }
+            }
+            if failed.len() == pending.len() {
+                return Err(last.unwrap_or_else(|| io::Error::other("routes")));
+            }
+            pending = failed;
+        }
+        Ok(())
+    }
+
+    /// Makes the policy rules the host's.
+    fn copy_rules(&self, nl: &mut Netlink) -> io::Result<()> {
+        let wanted: Vec<RuleMessage> = self.rules.iter().map(guest_rule).collect();
+        let have = match nl.rules() {
+            Ok(have) => have,
+            // A guest kernel without policy routing (an operator's own,
+            // built without CONFIG_IP_MULTIPLE_TABLES) has the default
+            // rules' behaviour and nothing else.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                let extra: Vec<_> = wanted.iter().filter(|w| !is_default_rule(w)).collect();
+                if extra.is_empty() {
+                    return Ok(());
+                }
+                return Err(io::Error::other(format!(
+                    "the pod has policy rules ({:?}) and the guest kernel has no policy routing (CONFIG_IP_MULTIPLE_TABLES)",
+                    extra.iter().map(|r| rule_key(r)).collect::<Vec<_>>()
+                )));
+            }
+            Err(e) => return Err(context(e, "listing the guest's policy rules".to_owned())),
+        };
+        for h in &have {
+            if !wanted.iter().any(|w| rule_key(w) == rule_key(h)) {
+                nl.request(RouteNetlinkMessage::DelRule(h.clone()), NLM_F_ACK)
+                    .map_err(|e| context(e, format!("removing rule {:?}", rule_key(h))))?;
+            }
+        }
+        for w in &wanted {
+            if !have.iter().any(|h| rule_key(w) == rule_key(h)) {
+                nl.change(RouteNetlinkMessage::NewRule(w.clone()))
+                    .map_err(|e| context(e, format!("rule {:?}", rule_key(w))))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Host route `r` for the guest: its links the guest's, only the flags and
+/// attributes a new route takes.
+fn guest_route(r: &RouteMessage, guest: &dyn Fn(u32) -> u32) -> RouteMessage {
+    let mut m = RouteMessage::default();
+    m.header = r.header.clone();
+    m.header.flags &= RouteFlags::Onlink;
+    m.attributes = r
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(RouteAttribute::Oif(guest(*i))),
+            RouteAttribute::MultiPath(hops) => Some(RouteAttribute::MultiPath(
+                hops.iter()
+                    .map(|h| {
+                        let mut h = h.clone();
+                        h.interface_index = guest(h.interface_index);
+                        h.flags &= RouteNextHopFlags::Onlink;
+                        h.attributes.retain(|x| {
+                            matches!(x, RouteAttribute::Gateway(_) | RouteAttribute::Realm(_))
+                        });
+                        h
+                    })
+                    .collect(),
+            )),
+            RouteAttribute::Destination(_)
+            | RouteAttribute::Source(_)
+            | RouteAttribute::Gateway(_)
+            | RouteAttribute::PrefSource(_)
+            | RouteAttribute::Priority(_)
+            | RouteAttribute::Metrics(_)
+            | RouteAttribute::Table(_)
+            | RouteAttribute::Preference(_)
+            | RouteAttribute::Realm(_) => Some(a.clone()),
+            _ => None,
+        })
+        .collect();
+    m
+}
+
+/// What makes a route the same route: its family, prefixes, TOS, type,
+/// table, metric and next hops (not its protocol, scope or source).
+fn route_key(r: &RouteMessage) -> (u8, u8, u8, u8, u8, u32, Vec<String>) {
+    let mut attrs: Vec<String> = r
+        .attributes
+        .iter()
+        .filter_map(|a| match a {
+            RouteAttribute::Destination(_)
+            | RouteAttribute::Source(_)
+            | RouteAttribute::Gateway(_)
+            | RouteAttribute::Oif(_)
+            | RouteAttribute::Priority(_) => Some(format!("{a:?}")),
+            RouteAttribute::MultiPath(hops) => {
+                let mut h: Vec<String> = hops
+                    .iter()
+                    .map(|h| {
+                        let gw = h
+                            .attributes
+                            .iter()
+                            .find(|x| matches!(x, RouteAttribute::Gateway(_)));
+                        format!("{}/{gw:?}", h.interface_index)
+                    })
+                    .collect();
+                h.sort();
+                Some(format!("multipath {h:?}"))
+            }
+            _ => None,
+        })
+        .collect();
+    // IPv6 routes always carry a metric, IPv4 ones only when not 0.
+    if !r
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RouteAttribute::Priority(_)))
+    {
+        attrs.push(format!("{:?}", RouteAttribute::Priority(0)));
+    }
+    attrs.sort();
+    (
+        u8::from(r.header.address_family),
+        r.header.destination_prefix_length,
+        r.header.source_prefix_length,
+        r.header.tos,
+        u8::from(r.header.kind),
+        route_table(r),
+        attrs,
+    )
+}
+
+fn describe_route(r: &RouteMessage) -> String {
+    let dst = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(v4.to_string()),
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(v6.to_string()),
+            _ => None,
+        })
+        .map_or("default".to_owned(), |d| {
+            format!("{d}/{}", r.header.destination_prefix_length)
+        });
+    let via = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Gateway(RouteAddress::Inet(v4)) => Some(format!(" via {v4}")),
+            RouteAttribute::Gateway(RouteAddress::Inet6(v6)) => Some(format!(" via {v6}")),
+            _ => None,
+        })
+        .unwrap_or_default();
+    format!("{dst}{via} (table {}, {:?})", route_table(r), r.header.kind)
+}
+
+/// What makes an address the same: its link, family, prefix and address.
+fn address_key(a: &AddressMessage) -> (u32, u8, u8, Option<IpAddr>, Option<IpAddr>) {
+    let find = |local: bool| {
+        a.attributes.iter().find_map(|x| match x {
+            AddressAttribute::Local(ip) if local => Some(*ip),
+            AddressAttribute::Address(ip) if !local => Some(*ip),
+            _ => None,
+        })
+    };
+    (
+        a.header.index,
+        u8::from(a.header.family),
+        a.header.prefix_len,
+        find(true),
+        find(false),
+    )
+}
+
+fn describe_address(a: &AddressMessage) -> String {
+    let (_, _, len, local, address) = address_key(a);
+    local
+        .or(address)
+        .map_or("(none)".to_owned(), |ip| format!("{ip}/{len}"))
+}
+
+/// Host rule `r` for the guest: only the attributes a new rule takes.
+fn guest_rule(r: &RuleMessage) -> RuleMessage {
+    let mut m = RuleMessage::default();
+    m.header = r.header.clone();
+    m.attributes = r
+        .attributes
+        .iter()
+        .filter(|a| !matches!(a, RuleAttribute::Other(_)))
+        .cloned()
+        .collect();
+    m
+}
+
+/// One of the rules every namespace starts with: `from all lookup local`
+/// (0), `lookup main` (32766) and, for IPv4, `lookup default` (32767).
+fn is_default_rule(r: &RuleMessage) -> bool {
+    let priority = r.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    });
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(r.header.table.into());
+    // The kernel reports "no suppression" as an all-ones value.
+    let selectors = r.attributes.iter().any(|a| {
+        !matches!(
+            a,
+            RuleAttribute::Priority(_)
+                | RuleAttribute::Table(_)
+                | RuleAttribute::Protocol(_)
+                | RuleAttribute::SuppressPrefixLen(u32::MAX)
+                | RuleAttribute::SuppressIfGroup(u32::MAX)
+        )
+    });
+    r.header.dst_len == 0
+        && r.header.src_len == 0
+        && !selectors
+        && matches!(
+            (priority.unwrap_or(0), table),
+            (0, 255) | (32766, 254) | (32767, 253)
+        )
+}
+
+/// What makes a rule the same: its header and selectors (not protocol).
+fn rule_key(r: &RuleMessage) -> (String, Vec<String>) {
+    let mut attrs: Vec<String> = r
+        .attributes
+        .iter()
+        .filter(|a| !matches!(a, RuleAttribute::Protocol(_) | RuleAttribute::Other(_)))
+        .map(|a| format!("{a:?}"))
+        .collect();
+    attrs.sort();
+    (format!("{:?}", r.header), attrs)
+}
+
+fn sysctl_path(key: &str) -> std::path::PathBuf {
+    std::path::Path::new("/proc/sys").join(key)
+}
+
+fn write_sysctl(key: &str, value: &str) -> io::Result<()> {
+    std::fs::write(sysctl_path(key), value)
+}
+
+/// Writes sysctl `key` when the guest's value differs from the host's. A
+/// key the guest kernel lacks is left (the host's kernel may be newer);
+/// one it refuses fails the pod, naming it.
+fn copy_sysctl(key: &str, value: &str) -> io::Result<()> {
+    let Ok(current) = std::fs::read_to_string(sysctl_path(key)) else {
+        tracing::debug!(key, "sysctl the guest kernel lacks: not copied");
+        return Ok(());
+    };
+    let words = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    if words(&current) == words(value) {
+        return Ok(());
+    }
+    write_sysctl(key, value).map_err(|e| {
+        context(
+            e,
+            format!(
+                "sysctl {} = {value:?} (the pod's namespace has it; the guest had {:?})",
+                key.replace('/', "."),
+                current.trim_end()
+            ),
+        )
+    })
 }
 
 fn mac_string(mac: &[u8]) -> String {
@@ -392,207 +858,225 @@ impl Netlink {
             .map(drop)
     }
 
-    fn set_link(
-        &mut self,
-        index: u32,
-        name: Option<&str>,
-        mtu: Option<u32>,
-        up: bool,
-    ) -> io::Result<()> {
+    /// Renames link `index` to `name` and, with a `nic`, gives it the
+    /// NIC's MTU, queue length and copied flags; brings it up.
+    fn set_link(&mut self, index: u32, name: Option<&str>, nic: Option<&Nic>) -> io::Result<()> {
         let mut m = LinkMessage::default();
         m.header.index = index;
         if let Some(name) = name {
             m.attributes.push(LinkAttribute::IfName(name.to_owned()));
         }
-        if let Some(mtu) = mtu {
-            m.attributes.push(LinkAttribute::Mtu(mtu));
-        }
-        if up {
-            m.header.flags = LinkFlags::Up;
-            m.header.change_mask = LinkFlags::Up;
+        m.header.flags = LinkFlags::Up;
+        m.header.change_mask = LinkFlags::Up;
+        if let Some(nic) = nic {
+            m.attributes.push(LinkAttribute::Mtu(nic.mtu));
+            if nic.txqlen != 0 {
+                m.attributes.push(LinkAttribute::TxQueueLen(nic.txqlen));
+            }
+            m.header.flags |= nic.flags;
+            m.header.change_mask |= COPIED_FLAGS;
         }
         self.request(RouteNetlinkMessage::SetLink(m), NLM_F_ACK)
             .map(drop)
     }
 
-    fn add_address(&mut self, index: u32, ip: IpAddr, prefix: u8) -> io::Result<()> {
-        let mut m = AddressMessage::default();
-        m.header.index = index;
-        m.header.prefix_len = prefix;
-        m.header.family = family(ip.is_ipv6());
-        match ip {
-            IpAddr::V4(_) => {
-                m.attributes.push(AddressAttribute::Local(ip));
-                m.attributes.push(AddressAttribute::Address(ip));
-            }
-            // CNI's host side ran duplicate address detection already; the
-            // guest's copy would hold the address tentative for seconds.
-            IpAddr::V6(_) => {
-                m.header.flags = AddressHeaderFlags::Nodad;
-                m.attributes.push(AddressAttribute::Address(ip));
-            }
-        }
-        self.change(RouteNetlinkMessage::NewAddress(m))
+    /// Every address, route (all tables) or rule of the namespace, both
+    /// families.
+    fn dump(&mut self, msg: RouteNetlinkMessage) -> io::Result<Vec<RouteNetlinkMessage>> {
+        self.request(msg, NLM_F_DUMP)
     }
 
-    fn add_route(&mut self, index: u32, r: &PlannedRoute) -> io::Result<()> {
-        let mut m = RouteMessage::default();
-        m.header.address_family = family(r.ipv6);
-        m.header.table = RouteHeader::RT_TABLE_MAIN;
-        m.header.protocol = RouteProtocol::Boot;
-        m.header.scope = RouteScope::from(r.scope);
-        m.header.kind = RouteType::Unicast;
-        if let Some((ip, len)) = r.destination {
-            m.header.destination_prefix_length = len;
-            m.attributes
-                .push(RouteAttribute::Destination(RouteAddress::from(ip)));
-        }
-        if let Some(gw) = r.gateway {
-            m.attributes
-                .push(RouteAttribute::Gateway(RouteAddress::from(gw)));
-        }
-        if let Some(src) = r.source {
-            m.attributes
-                .push(RouteAttribute::PrefSource(RouteAddress::from(src)));
-        }
-        m.attributes.push(RouteAttribute::Oif(index));
-        if r.metric != 0 {
-            m.attributes.push(RouteAttribute::Priority(r.metric));
-        }
-        self.change(RouteNetlinkMessage::NewRoute(m))
+    fn addresses(&mut self) -> io::Result<Vec<AddressMessage>> {
+        Ok(self
+            .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewAddress(a) => Some(a),
+                _ => None,
+            })
+            .collect())
     }
 
-    fn add_neighbour(&mut self, index: u32, ip: IpAddr, lladdr: &[u8]) -> io::Result<()> {
-        let mut m = NeighbourMessage::default();
-        m.header.family = family(ip.is_ipv6());
-        m.header.ifindex = index;
-        m.header.state = NeighbourState::Permanent;
-        m.attributes.push(NeighbourAttribute::Destination(match ip {
-            IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-            IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-        }));
-        m.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(lladdr.to_vec()));
-        self.change(RouteNetlinkMessage::NewNeighbour(m))
+    fn routes(&mut self) -> io::Result<Vec<RouteMessage>> {
+        Ok(self
+            .dump(RouteNetlinkMessage::GetRoute(RouteMessage::default()))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRoute(r) => Some(r),
+                _ => None,
+            })
+            .collect())
     }
-}
 
-fn family(ipv6: bool) -> AddressFamily {
-    if ipv6 {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
+    fn rules(&mut self) -> io::Result<Vec<RuleMessage>> {
+        Ok(self
+            .dump(RouteNetlinkMessage::GetRule(RuleMessage::default()))?
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewRule(r) => Some(r),
+                _ => None,
+            })
+            .collect())
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use husk_protocol::containers::Sysctl;
+    use netlink_packet_core::Emitable;
+
     use super::*;
 
-    fn iface(mac: &[u8], addrs: &[&str]) -> Interface {
-        let mut i = Interface::new();
-        i.mac = mac.to_vec();
-        i.mtu = 1450;
-        i.name = "eth0".into();
-        i.addresses = addrs.iter().map(|a| a.to_string()).collect();
-        i
+    const MAC: [u8; 6] = [2, 0x42, 10, 0, 0, 2];
+    /// The pod link's index in the host's pod namespace.
+    const HOST_INDEX: u32 = 7;
+
+    fn body(m: &impl Emitable) -> Vec<u8> {
+        let mut b = vec![0; m.buffer_len()];
+        m.emit(&mut b);
+        b
     }
 
-    const MAC: [u8; 6] = [2, 0x42, 10, 0, 0, 2];
+    fn network() -> Network {
+        let mut n = Network::new();
+        let mut i = Interface::new();
+        i.mac = MAC.to_vec();
+        i.mtu = 1450;
+        i.name = "eth0".into();
+        i.index = HOST_INDEX;
+        i.flags = (LinkFlags::Promisc | LinkFlags::Up).bits();
+        n.interfaces.push(i);
+        let mut a = AddressMessage::default();
+        a.header.family = AddressFamily::Inet;
+        a.header.prefix_len = 24;
+        a.header.index = HOST_INDEX;
+        a.attributes
+            .push(AddressAttribute::Local("10.1.0.2".parse().unwrap()));
+        n.addresses.push(body(&a));
+        n.routes.push(body(&route(HOST_INDEX, Some(0))));
+        n
+    }
+
+    /// A default route via 10.1.0.1 out of `oif`, with metric `metric`.
+    fn route(oif: u32, metric: Option<u32>) -> RouteMessage {
+        let mut r = RouteMessage::default();
+        r.header.address_family = AddressFamily::Inet;
+        r.header.table = 254;
+        r.header.kind = RouteType::Unicast;
+        r.header.flags = RouteFlags::Onlink | RouteFlags::Linkdown;
+        r.attributes
+            .push(RouteAttribute::Gateway(RouteAddress::Inet(
+                "10.1.0.1".parse().unwrap(),
+            )));
+        r.attributes.push(RouteAttribute::Oif(oif));
+        r.attributes.push(RouteAttribute::Uid(0));
+        if let Some(m) = metric {
+            r.attributes.push(RouteAttribute::Priority(m));
+        }
+        r
+    }
 
     #[test]
-    fn a_cni_network_parses_with_on_link_routes_first() {
-        let mut net = Network::new();
-        net.interfaces
-            .push(iface(&MAC, &["10.1.0.2/24", "fd00::2/64"]));
-        for (dst, gw) in [("", "10.1.0.1"), ("10.9.0.0/16", "")] {
-            let mut r = Route::new();
-            r.destination = dst.into();
-            r.gateway = gw.into();
-            r.device_mac = MAC.to_vec();
-            net.routes.push(r);
-        }
-        let plan = Plan::of(&net).unwrap();
-        assert_eq!(plan.nics[0].addresses.len(), 2);
-        assert_eq!(plan.nics[0].addresses[1].1, 64);
-        assert!(plan.routes[0].gateway.is_none());
-        assert!(!plan.routes[1].ipv6 && plan.routes[1].destination.is_none());
+    fn a_pod_namespace_parses_and_maps_to_the_guests_links() {
+        let plan = Plan::of(&network()).unwrap();
+        assert_eq!(plan.nics[0].host_index, HOST_INDEX);
+        assert_eq!(plan.nics[0].flags, LinkFlags::Promisc, "only copied flags");
+        assert_eq!(plan.addresses.len(), 1);
+        let r = guest_route(&plan.routes[0], &|h| if h == HOST_INDEX { 3 } else { 0 });
+        assert!(r.attributes.contains(&RouteAttribute::Oif(3)), "{r:?}");
+        assert_eq!(r.header.flags, RouteFlags::Onlink, "no LINKDOWN on input");
+        assert!(
+            !r.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::Uid(_))),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn a_route_is_the_same_with_metric_0_said_or_not_and_different_by_link() {
+        assert_eq!(route_key(&route(3, Some(0))), route_key(&route(3, None)));
+        assert_ne!(route_key(&route(3, None)), route_key(&route(4, None)));
+        assert_ne!(route_key(&route(3, None)), route_key(&route(3, Some(100))));
+    }
+
+    #[test]
+    fn the_rules_every_namespace_starts_with_are_known_as_such() {
+        let rule = |priority: Option<u32>, table: u32, extra: Vec<RuleAttribute>| {
+            let mut r = RuleMessage::default();
+            r.header.family = AddressFamily::Inet;
+            r.header.table = table as u8;
+            r.attributes.extend(priority.map(RuleAttribute::Priority));
+            r.attributes
+                .push(RuleAttribute::SuppressPrefixLen(u32::MAX));
+            r.attributes.push(RuleAttribute::Table(table));
+            r.attributes.extend(extra);
+            r
+        };
+        // As a 6.18 kernel dumps them.
+        assert!(is_default_rule(&rule(None, 255, vec![])));
+        assert!(is_default_rule(&rule(Some(32766), 254, vec![])));
+        assert!(is_default_rule(&rule(Some(32767), 253, vec![])));
+        assert!(!is_default_rule(&rule(Some(100), 254, vec![])));
+        assert!(!is_default_rule(&rule(
+            Some(32766),
+            254,
+            vec![RuleAttribute::FwMark(1)]
+        )));
+        assert!(!is_default_rule(&rule(Some(32766), 100, vec![])));
     }
 
     #[test]
     fn bad_input_is_refused_naming_it() {
-        let cases: Vec<(Network, &str)> = vec![
+        type Spoil = fn(&mut Network);
+        let cases: Vec<(Spoil, &str)> = vec![
+            (|n| n.interfaces[0].mac = vec![1, 2, 3], "6 bytes"),
+            (|n| n.interfaces[0].mtu = 20, "MTU 20"),
+            (|n| n.interfaces[0].name = "../x".into(), "interface name"),
+            (|n| n.interfaces[0].index = 0, "no link index"),
+            (|n| n.addresses[0].truncate(5), "address 0"),
             (
-                {
-                    let mut n = Network::new();
-                    n.interfaces.push(iface(&[1, 2, 3], &[]));
-                    n
-                },
-                "6 bytes",
-            ),
-            (
-                {
-                    let mut n = Network::new();
-                    n.interfaces.push(iface(&MAC, &["10.1.0.2/33"]));
-                    n
-                },
-                "prefix length",
-            ),
-            (
-                {
-                    let mut n = Network::new();
-                    n.interfaces.push(iface(&MAC, &["10.1.0.300/24"]));
-                    n
-                },
-                "not an IP address",
-            ),
-            (
-                {
-                    let mut n = Network::new();
-                    let mut i = iface(&MAC, &[]);
-                    i.mtu = 20;
-                    n.interfaces.push(i);
-                    n
-                },
-                "MTU 20",
-            ),
-            (
-                {
-                    let mut n = Network::new();
-                    let mut i = iface(&MAC, &[]);
-                    i.name = "../x".into();
-                    n.interfaces.push(i);
-                    n
-                },
-                "interface name",
-            ),
-            (
-                {
-                    let mut n = Network::new();
-                    n.interfaces.push(iface(&MAC, &[]));
-                    let mut r = Route::new();
-                    r.gateway = "10.1.0.1".into();
-                    r.device_mac = vec![9, 9, 9, 9, 9, 9];
-                    n.routes.push(r);
-                    n
-                },
+                |n| n.routes.push(body(&route(HOST_INDEX + 1, None))),
                 "none of the pod's NICs",
             ),
             (
-                {
-                    let mut n = Network::new();
-                    n.interfaces.push(iface(&MAC, &[]));
-                    let mut r = Route::new();
-                    r.destination = "fd00::/8".into();
-                    r.gateway = "10.1.0.1".into();
-                    r.device_mac = MAC.to_vec();
-                    n.routes.push(r);
-                    n
+                |n| {
+                    let mut r = route(HOST_INDEX, None);
+                    r.attributes.push(RouteAttribute::Table(255));
+                    n.routes.push(body(&r));
                 },
-                "another family",
+                "table local",
             ),
+            (
+                |n| {
+                    let mut s = Sysctl::new();
+                    s.key = "net/ipv4/../../kernel/core_pattern".into();
+                    n.sysctls.push(s);
+                },
+                "not a key under net/",
+            ),
+            (
+                |n| {
+                    let mut s = Sysctl::new();
+                    s.key = "kernel/hostname".into();
+                    n.sysctls.push(s);
+                },
+                "not a key under net/",
+            ),
+            (
+                |n| {
+                    let mut s = Sysctl::new();
+                    s.key = "net/core/somaxconn".into();
+                    s.value = "1\n2".into();
+                    n.sysctls.push(s);
+                },
+                "not one line",
+            ),
+            (|n| n.routes = vec![Vec::new(); MAX_ITEMS + 1], "at most"),
         ];
-        for (net, want) in cases {
+        for (spoil, want) in cases {
+            let mut net = network();
+            spoil(&mut net);
             let e = Plan::of(&net).err().expect(want).to_string();
             assert!(e.contains(want), "{e} lacks {want}");
         }

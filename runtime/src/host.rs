@@ -304,7 +304,143 @@ pub fn check(config: &Config) -> (Vec<Finding>, Result<(Backend, String), Choice
             },
         });
     }
+    out.push(guest_network(resolve_image(
+        config.guest.kernel.as_deref(),
+        KERNEL_NAME,
+    )));
+    out.push(host_network());
     (out, choose_backend(config, &kvm))
+}
+
+/// The guest network features pods meet, each with the kernel options it
+/// needs (all of them).
+const GUEST_NETWORK: &[(&str, &[&str])] = &[
+    ("IPv6", &["CONFIG_IPV6"]),
+    (
+        "policy routing",
+        &["CONFIG_IP_MULTIPLE_TABLES", "CONFIG_IPV6_MULTIPLE_TABLES"],
+    ),
+    ("multipath routes", &["CONFIG_IP_ROUTE_MULTIPATH"]),
+    (
+        "nf_tables (iptables-nft)",
+        &["CONFIG_NF_TABLES", "CONFIG_NFT_COMPAT"],
+    ),
+    (
+        "iptables-legacy",
+        &["CONFIG_IP_NF_IPTABLES", "CONFIG_IP6_NF_IPTABLES"],
+    ),
+    (
+        "nat REDIRECT (service meshes)",
+        &["CONFIG_NF_NAT", "CONFIG_NETFILTER_XT_TARGET_REDIRECT"],
+    ),
+    ("bridge", &["CONFIG_BRIDGE"]),
+    ("veth", &["CONFIG_VETH"]),
+    ("tun/tap", &["CONFIG_TUN"]),
+    ("vlan", &["CONFIG_VLAN_8021Q"]),
+    ("vxlan", &["CONFIG_VXLAN"]),
+];
+
+/// What the host needs to carry a pod's network into its VM: a tap per
+/// link and tc redirects both ways (ingress qdisc, u32, mirred).
+const HOST_NETWORK: &[(&str, &[&str])] = &[
+    ("tap", &["CONFIG_TUN"]),
+    ("ingress qdisc", &["CONFIG_NET_SCH_INGRESS"]),
+    ("u32 filter", &["CONFIG_NET_CLS_U32"]),
+    ("mirred redirect", &["CONFIG_NET_ACT_MIRRED"]),
+];
+
+/// Which of `features` a kernel config (`CONFIG_X=y` lines) has, and
+/// which it lacks.
+fn features(
+    config: &str,
+    wanted: &[(&'static str, &[&str])],
+) -> (Vec<&'static str>, Vec<&'static str>) {
+    let set = |sym: &str| {
+        config
+            .lines()
+            .any(|l| l == format!("{sym}=y") || l == format!("{sym}=m"))
+    };
+    wanted
+        .iter()
+        .map(|(name, syms)| (*name, syms.iter().all(|s| set(s))))
+        .fold((Vec::new(), Vec::new()), |(mut has, mut lacks), (n, ok)| {
+            if ok {
+                has.push(n)
+            } else {
+                lacks.push(n)
+            }
+            (has, lacks)
+        })
+}
+
+fn feature_finding(
+    item: &'static str,
+    source: &str,
+    config: &str,
+    wanted: &[(&'static str, &[&str])],
+) -> Finding {
+    let (has, lacks) = features(config, wanted);
+    let mut detail = format!("{} (from {source})", has.join(", "));
+    if !lacks.is_empty() {
+        detail = format!("lacks {}; has {detail}", lacks.join(", "));
+    }
+    Finding {
+        item,
+        ok: lacks.is_empty(),
+        detail,
+    }
+}
+
+/// The guest kernel's network features, from the `kernel.config` that
+/// `make guest-image` puts beside it.
+fn guest_network(kernel: Option<PathBuf>) -> Finding {
+    let item = "guest network";
+    let Some(config) = kernel.map(|k| k.with_file_name("kernel.config")) else {
+        return Finding {
+            item,
+            ok: false,
+            detail: "no guest kernel".into(),
+        };
+    };
+    match std::fs::read_to_string(&config) {
+        Ok(text) => feature_finding(item, &config.display().to_string(), &text, GUEST_NETWORK),
+        Err(e) => Finding {
+            item,
+            ok: false,
+            detail: format!(
+                "{}: {e} (it comes with `make guest-image`)",
+                config.display()
+            ),
+        },
+    }
+}
+
+/// The host kernel's support for the pod network redirect, from
+/// /boot/config-<release> or /proc/config.gz.
+fn host_network() -> Finding {
+    let item = "host network";
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let boot = PathBuf::from(format!("/boot/config-{}", release.trim()));
+    let (source, text) = match std::fs::read_to_string(&boot) {
+        Ok(t) => (boot.display().to_string(), Some(t)),
+        Err(_) => (
+            "/proc/config.gz".to_owned(),
+            std::process::Command::new("gzip")
+                .args(["-dc", "/proc/config.gz"])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned()),
+        ),
+    };
+    match text {
+        Some(t) => feature_finding(item, &source, &t, HOST_NETWORK),
+        None => Finding {
+            item,
+            ok: true,
+            detail: format!("unknown: neither {} nor /proc/config.gz is readable; pods need tap, ingress qdisc, u32 and mirred", boot.display()),
+        },
+    }
 }
 
 fn display_dirs() -> String {
@@ -322,6 +458,22 @@ mod tests {
     const INTEL: &str = "processor\t: 0\nflags\t\t: fpu vme vmx sse\n";
     const AMD: &str = "flags\t\t: fpu svm sse\n";
     const PLAIN: &str = "flags\t\t: fpu hypervisor sse\n";
+
+    #[test]
+    fn network_features_are_read_from_a_kernel_config() {
+        let config = "CONFIG_IPV6=y\nCONFIG_BRIDGE=m\n# CONFIG_VETH is not set\n";
+        let wanted: &[(&'static str, &[&str])] = &[
+            ("IPv6", &["CONFIG_IPV6"]),
+            ("bridge", &["CONFIG_BRIDGE"]),
+            ("veth", &["CONFIG_VETH"]),
+        ];
+        assert_eq!(
+            features(config, wanted),
+            (vec!["IPv6", "bridge"], vec!["veth"])
+        );
+        let f = feature_finding("x", "test", config, wanted);
+        assert!(!f.ok && f.detail.starts_with("lacks veth;"), "{f:?}");
+    }
 
     #[test]
     fn classifies_cpu_flags_and_pvm() {

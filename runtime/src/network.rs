@@ -21,14 +21,15 @@ use std::path::{Path, PathBuf};
 use futures_util::TryStreamExt;
 use husk_protocol::containers as proto;
 use nix::sched::CloneFlags;
-use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_core::{Emitable, Nla};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage, AddressProtocol};
 use rtnetlink::packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
-use rtnetlink::packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState};
+use rtnetlink::packet_route::neighbour::NeighbourState;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteType,
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteType,
 };
 use rtnetlink::packet_route::tc::TcHandle;
-use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 
 /// ETH_P_ALL, as tc's `protocol all`: the kernel compares it with the
 /// frame's protocol field, in network byte order.
@@ -57,6 +58,8 @@ pub enum NetworkError {
         #[source]
         source: rtnetlink::Error,
     },
+    #[error("the pod's network namespace {} holds {what}, which the guest kernel cannot copy; husk refuses the pod rather than give it a different network", netns.display())]
+    Unsupported { netns: PathBuf, what: String },
     #[error("creating tap {name} in {}", netns.display())]
     Tap {
         name: String,
@@ -76,6 +79,9 @@ pub struct PodLink {
     pub mtu: u32,
     /// Addresses with their prefix lengths.
     pub addresses: Vec<(IpAddr, u8)>,
+    /// The link's [`COPIED_LINK_FLAGS`] that are set.
+    pub flags: u32,
+    pub txqlen: u32,
 }
 
 /// A tap serving one pod link.
@@ -88,36 +94,35 @@ pub struct Tap {
     pub link: PodLink,
 }
 
-/// A route CNI added (not one the kernel made for an address).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodRoute {
-    /// None: the default route.
-    pub destination: Option<(IpAddr, u8)>,
-    pub gateway: Option<IpAddr>,
-    pub source: Option<IpAddr>,
-    /// The index of the pod link it goes out of.
-    pub link: u32,
-    pub scope: u8,
-    pub metric: u32,
-    pub ipv6: bool,
+/// The pod namespace's state the guest copies, as the kernel dumped it:
+/// netlink message bodies (header and attributes, no `nlmsghdr`), link
+/// indexes still the pod namespace's, and sysctls by dotted key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodState {
+    /// RTM_NEWADDR bodies: every address of the pod links.
+    pub addresses: Vec<Vec<u8>>,
+    /// RTM_NEWROUTE bodies: every route of every table but `local` that
+    /// goes out of a pod link, or has no device (blackhole, unreachable,
+    /// prohibit, throw).
+    pub routes: Vec<Vec<u8>>,
+    /// RTM_NEWRULE bodies: every policy rule, both families.
+    pub rules: Vec<Vec<u8>>,
+    /// RTM_NEWNEIGH bodies: the permanent neighbours of the pod links.
+    pub neighbours: Vec<Vec<u8>>,
+    /// (key, value) of the per-link and namespace-wide sysctls CNI
+    /// plugins and node set-ups write; the key is the path under
+    /// `/proc/sys` (`net/ipv4/conf/eth0/arp_notify`: a link name may hold
+    /// a dot).
+    pub sysctls: Vec<(String, String)>,
 }
 
-/// A permanent neighbour entry on a pod link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodNeighbour {
-    pub address: IpAddr,
-    pub lladdr: Vec<u8>,
-    pub link: u32,
-}
-
-/// The pod's links, each with its tap and redirects, and the routes and
-/// neighbours the guest needs to mirror them.
+/// The pod's links, each with its tap and redirects, and the state of the
+/// pod's namespace the guest copies.
 #[derive(Debug)]
 pub struct PodNetwork {
     netns: PathBuf,
     taps: Vec<Tap>,
-    routes: Vec<PodRoute>,
-    neighbours: Vec<PodNeighbour>,
+    state: PodState,
 }
 
 /// The tap name for the link with `index`.
@@ -214,15 +219,20 @@ fn link_name(m: &LinkMessage) -> String {
         .unwrap_or_default()
 }
 
-/// The links CNI made: not loopback, not a husk tap, with an address.
-async fn pod_links(handle: &Handle, netns: &Path) -> Result<Vec<PodLink>, NetworkError> {
-    let addresses: Vec<_> = handle
+/// Every address of the namespace.
+async fn addresses(handle: &Handle, netns: &Path) -> Result<Vec<AddressMessage>, NetworkError> {
+    handle
         .address()
         .get()
         .execute()
         .try_collect()
         .await
-        .map_err(netlink(netns, "listing addresses"))?;
+        .map_err(netlink(netns, "listing addresses"))
+}
+
+/// The links CNI made: not loopback, not a husk tap, with an address.
+async fn pod_links(handle: &Handle, netns: &Path) -> Result<Vec<PodLink>, NetworkError> {
+    let addresses = addresses(handle, netns).await?;
     let mut found = Vec::new();
     for m in links(handle, netns).await? {
         let name = link_name(&m);
@@ -250,11 +260,14 @@ async fn pod_links(handle: &Handle, netns: &Path) -> Result<Vec<PodLink>, Networ
             mac: Vec::new(),
             mtu: 1500,
             addresses: addrs,
+            flags: (m.header.flags & COPIED_LINK_FLAGS).bits(),
+            txqlen: 0,
         };
         for a in &m.attributes {
             match a {
                 LinkAttribute::Address(mac) => link.mac = mac.clone(),
                 LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+                LinkAttribute::TxQueueLen(q) => link.txqlen = *q,
                 _ => {}
             }
         }
@@ -263,31 +276,224 @@ async fn pod_links(handle: &Handle, netns: &Path) -> Result<Vec<PodLink>, Networ
     Ok(found)
 }
 
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+/// The flags of a link the guest's NIC copies (tuning's `promisc` and
+/// `allmulti`, `noarp`, `multicast`); `up` is always set.
+pub const COPIED_LINK_FLAGS: LinkFlags = LinkFlags::Promisc
+    .union(LinkFlags::Allmulti)
+    .union(LinkFlags::Noarp)
+    .union(LinkFlags::Multicast);
+
+/// The namespace-wide sysctls copied (per-link ones are copied whole):
+/// Kubernetes' safe set, what CNI plugins and node set-ups write, and
+/// nothing sized from the host's memory (`tcp_rmem`, `tcp_mem`) or global
+/// to the kernel.
+const NAMESPACE_SYSCTLS: &[&str] = &[
+    "net.core.somaxconn",
+    "net.ipv4.ip_forward",
+    "net.ipv4.ip_local_port_range",
+    "net.ipv4.ip_local_reserved_ports",
+    "net.ipv4.ip_unprivileged_port_start",
+    "net.ipv4.ip_nonlocal_bind",
+    "net.ipv4.ip_default_ttl",
+    "net.ipv4.ping_group_range",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.tcp_keepalive_time",
+    "net.ipv4.tcp_keepalive_intvl",
+    "net.ipv4.tcp_keepalive_probes",
+    "net.ipv4.tcp_fin_timeout",
+    "net.ipv4.tcp_tw_reuse",
+    "net.ipv4.fib_multipath_hash_policy",
+    "net.ipv6.ip_nonlocal_bind",
+    "net.ipv6.fib_multipath_hash_policy",
+];
+
+/// Route types the guest kernel has; any other fails the pod naming it.
+fn route_type_supported(kind: RouteType) -> bool {
+    matches!(
+        kind,
+        RouteType::Unicast
+            | RouteType::Local
+            | RouteType::Broadcast
+            | RouteType::Anycast
+            | RouteType::Multicast
+            | RouteType::BlackHole
+            | RouteType::Unreachable
+            | RouteType::Prohibit
+            | RouteType::Throw
+    )
+}
+
+/// The name of a route attribute the guest cannot be given, if `a` is one.
+fn unsupported_route_attribute(a: &RouteAttribute) -> Option<&'static str> {
     match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        RouteAttribute::Encap(_) | RouteAttribute::EncapType(_) => {
+            Some("a lightweight-tunnel encapsulation (RTA_ENCAP)")
+        }
+        RouteAttribute::Via(_) | RouteAttribute::NewDestination(_) => {
+            Some("an MPLS next hop (RTA_VIA, RTA_NEWDST)")
+        }
+        RouteAttribute::Other(nla) if nla.kind() == RTA_NH_ID => {
+            Some("a nexthop object (RTA_NH_ID; `ip nexthop`)")
+        }
         _ => None,
     }
 }
 
-/// The routes of the main table out of one of `links` that the kernel did
-/// not add itself (prefix routes of addresses, IPv6 link-local ones).
-async fn pod_routes(
+/// RTA_NH_ID: a route through a nexthop object.
+const RTA_NH_ID: u16 = 30;
+/// The `local` table: the kernel fills it from the addresses.
+const RT_TABLE_LOCAL: u32 = 255;
+
+fn body(m: &impl Emitable) -> Vec<u8> {
+    let mut buf = vec![0; m.buffer_len()];
+    m.emit(&mut buf);
+    buf
+}
+
+/// The links a route goes out of: its `oif` and its multipath hops'.
+fn route_links(m: &RouteMessage) -> Vec<u32> {
+    let mut out = Vec::new();
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => out.push(*i),
+            RouteAttribute::MultiPath(hops) => out.extend(hops.iter().map(|h| h.interface_index)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// The route's table, from its attribute (tables past 255) or its header.
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(m.header.table.into())
+}
+
+fn describe_route(m: &RouteMessage) -> String {
+    let dst = m
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(v4.to_string()),
+            RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(v6.to_string()),
+            _ => None,
+        })
+        .map_or("default".to_owned(), |d| {
+            format!("{d}/{}", m.header.destination_prefix_length)
+        });
+    format!("{dst} (table {}, type {:?})", route_table(m), m.header.kind)
+}
+
+/// Whether route `m` is pod state the guest copies: not in table `local`
+/// (the kernel makes it from the addresses), not a cached clone, and out
+/// of a pod link or without a device. Unsupported ones are an error.
+fn wanted_route(m: &RouteMessage, links: &[PodLink], netns: &Path) -> Result<bool, NetworkError> {
+    if route_table(m) == RT_TABLE_LOCAL || m.header.flags.contains(RouteFlags::Cloned) {
+        return Ok(false);
+    }
+    let through = route_links(m);
+    let ours = through.iter().any(|i| links.iter().any(|l| l.index == *i));
+    let deviceless = through.is_empty();
+    if !ours && !deviceless {
+        return Ok(false);
+    }
+    let unsupported = |what: String| NetworkError::Unsupported {
+        netns: netns.to_path_buf(),
+        what,
+    };
+    if through.iter().any(|i| !links.iter().any(|l| l.index == *i)) {
+        return Err(unsupported(format!(
+            "route {} has a next hop through a link that is not the pod's",
+            describe_route(m)
+        )));
+    }
+    if !route_type_supported(m.header.kind) {
+        return Err(unsupported(format!("route {}", describe_route(m))));
+    }
+    if let Some(what) = m.attributes.iter().find_map(unsupported_route_attribute) {
+        return Err(unsupported(format!(
+            "route {} with {what}",
+            describe_route(m)
+        )));
+    }
+    Ok(true)
+}
+
+/// Reads the sysctls the guest copies, in the order it writes them:
+/// namespace-wide, then `all` and `default`, then each pod link. Called
+/// on a thread in the pod's namespace (`/proc/sys/net` is the opener's
+/// namespace). Keys this kernel lacks, and unreadable or read-only ones,
+/// are left out.
+fn pod_sysctls(links: &[PodLink]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    let mut read = |key: String| {
+        let path = Path::new("/proc/sys").join(&key);
+        let writable = std::fs::metadata(&path)
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o200 != 0)
+            .unwrap_or(false);
+        if let (true, Ok(v)) = (writable, std::fs::read_to_string(&path)) {
+            out.push((key, v.trim_end_matches('\n').to_owned()));
+        }
+    };
+    for key in NAMESPACE_SYSCTLS {
+        read(key.replace('.', "/"));
+    }
+    let mut dirs = vec!["all".to_owned(), "default".to_owned()];
+    dirs.extend(links.iter().map(|l| l.name.clone()));
+    for family in ["ipv4", "ipv6"] {
+        for dir in &dirs {
+            let base = Path::new("/proc/sys/net")
+                .join(family)
+                .join("conf")
+                .join(dir);
+            let Ok(entries) = std::fs::read_dir(&base) else {
+                continue;
+            };
+            let mut names: Vec<String> = entries
+                .filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect();
+            names.sort();
+            for n in names {
+                read(format!("net/{family}/conf/{dir}/{n}"));
+            }
+        }
+    }
+    out
+}
+
+/// The state of the pod's namespace the guest copies (see [`PodState`]).
+async fn pod_state(
     handle: &Handle,
     netns: &Path,
     links: &[PodLink],
-) -> Result<Vec<PodRoute>, NetworkError> {
-    let mut found = Vec::new();
-    for (ipv6, query) in [
-        (
-            false,
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
-        ),
-        (
-            true,
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
-        ),
+) -> Result<PodState, NetworkError> {
+    let ours = |index: u32| links.iter().any(|l| l.index == index);
+    let mut state = PodState::default();
+    let addresses = addresses(handle, netns).await?;
+    for a in addresses.iter().filter(|a| ours(a.header.index)) {
+        // The kernel marks the addresses it makes itself (since Linux
+        // 6.3); the guest's kernel makes those itself too. An address a
+        // program marked is one the guest's 6.1 kernel cannot mark.
+        if let Some(AddressAttribute::Protocol(AddressProtocol::Other(p))) = a
+            .attributes
+            .iter()
+            .find(|x| matches!(x, AddressAttribute::Protocol(_)))
+        {
+            return Err(NetworkError::Unsupported {
+                netns: netns.to_path_buf(),
+                what: format!("an address with protocol {p} (IFA_PROTO; the guest kernel is 6.1)"),
+            });
+        }
+        state.addresses.push(body(a));
+    }
+    for query in [
+        RouteMessageBuilder::<std::net::Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<std::net::Ipv6Addr>::new().build(),
     ] {
         let routes: Vec<RouteMessage> = handle
             .route()
@@ -297,86 +503,35 @@ async fn pod_routes(
             .await
             .map_err(netlink(netns, "listing routes"))?;
         for m in routes {
-            if let Some(r) = pod_route(&m, ipv6, links) {
-                found.push(r);
+            if wanted_route(&m, links, netns)? {
+                state.routes.push(body(&m));
             }
         }
     }
-    Ok(found)
-}
-
-/// `m` as a route the guest must be given, if it is one.
-fn pod_route(m: &RouteMessage, ipv6: bool, links: &[PodLink]) -> Option<PodRoute> {
-    let mut table = u32::from(m.header.table);
-    let mut route = PodRoute {
-        destination: None,
-        gateway: None,
-        source: None,
-        link: 0,
-        scope: m.header.scope.into(),
-        metric: 0,
-        ipv6,
-    };
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Destination(d) => {
-                route.destination = route_ip(d).map(|ip| (ip, m.header.destination_prefix_length))
-            }
-            RouteAttribute::Gateway(g) => route.gateway = route_ip(g),
-            RouteAttribute::PrefSource(p) => route.source = route_ip(p),
-            RouteAttribute::Oif(i) => route.link = *i,
-            RouteAttribute::Priority(p) => route.metric = *p,
-            _ => {}
-        }
+    for version in [IpVersion::V4, IpVersion::V6] {
+        let rules: Vec<_> = handle
+            .rule()
+            .get(version)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(netlink(netns, "listing policy rules"))?;
+        state.rules.extend(rules.iter().map(body));
     }
-    let wanted = table == u32::from(RouteHeader::RT_TABLE_MAIN)
-        && m.header.protocol != RouteProtocol::Kernel
-        && m.header.kind == RouteType::Unicast
-        && links.iter().any(|l| l.index == route.link)
-        && !route.destination.is_some_and(|(ip, _)| is_link_local(&ip));
-    wanted.then_some(route)
-}
-
-/// The permanent neighbour entries on `links`.
-async fn pod_neighbours(
-    handle: &Handle,
-    netns: &Path,
-    links: &[PodLink],
-) -> Result<Vec<PodNeighbour>, NetworkError> {
-    let all: Vec<_> = handle
+    let neighbours: Vec<_> = handle
         .neighbours()
         .get()
         .execute()
         .try_collect()
         .await
         .map_err(netlink(netns, "listing neighbours"))?;
-    Ok(all
+    state.neighbours = neighbours
         .iter()
-        .filter(|m| m.header.state == NeighbourState::Permanent)
-        .filter(|m| links.iter().any(|l| l.index == m.header.ifindex))
-        .filter_map(|m| {
-            let mut address = None;
-            let mut lladdr = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                        address = Some(IpAddr::V4(*v4))
-                    }
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                        address = Some(IpAddr::V6(*v6))
-                    }
-                    NeighbourAttribute::LinkLayerAddress(mac) => lladdr = Some(mac.clone()),
-                    _ => {}
-                }
-            }
-            Some(PodNeighbour {
-                address: address?,
-                lladdr: lladdr?,
-                link: m.header.ifindex,
-            })
-        })
-        .collect())
+        .filter(|m| m.header.state == NeighbourState::Permanent && ours(m.header.ifindex))
+        .map(body)
+        .collect();
+    state.sysctls = pod_sysctls(links);
+    Ok(state)
 }
 
 /// fe80::/10: every IPv6 link has one; it says nothing about CNI.
@@ -485,10 +640,9 @@ impl PodNetwork {
     /// Finds the CNI links of namespace `netns` and gives each a tap with
     /// redirects both ways. On error nothing of it stays.
     pub fn attach(netns: &Path) -> Result<Self, NetworkError> {
-        let (taps, routes, neighbours) = in_netns(netns, |handle| async move {
+        let (taps, state) = in_netns(netns, |handle| async move {
             let links = pod_links(&handle, netns).await?;
-            let routes = pod_routes(&handle, netns, &links).await?;
-            let neighbours = pod_neighbours(&handle, netns, &links).await?;
+            let state = pod_state(&handle, netns, &links).await?;
             let mut taps = Vec::new();
             for link in links {
                 let veth = link.index;
@@ -503,63 +657,60 @@ impl PodNetwork {
                     }
                 }
             }
-            Ok((taps, routes, neighbours))
+            Ok((taps, state))
         })?;
-        tracing::info!(netns = %netns.display(), taps = taps.len(), routes = routes.len(), "pod network attached");
+        tracing::info!(
+            netns = %netns.display(),
+            taps = taps.len(),
+            addresses = state.addresses.len(),
+            routes = state.routes.len(),
+            rules = state.rules.len(),
+            neighbours = state.neighbours.len(),
+            sysctls = state.sysctls.len(),
+            "pod network attached"
+        );
         Ok(Self {
             netns: netns.to_path_buf(),
             taps,
-            routes,
-            neighbours,
+            state,
         })
     }
 
-    /// What the guest must configure: each link's MAC, MTU and addresses,
-    /// the routes and the permanent neighbours, by the link's MAC.
+    /// What the guest must configure: each link (by MAC, with the pod
+    /// namespace's index the messages name) and the namespace's state.
     pub fn guest_config(&self) -> proto::Network {
-        let mac_of = |index: u32| {
-            self.taps
-                .iter()
-                .find(|t| t.link.index == index)
-                .map(|t| t.link.mac.clone())
-                .unwrap_or_default()
-        };
         let mut net = proto::Network::new();
         for t in &self.taps {
             let mut i = proto::Interface::new();
             i.mac = t.link.mac.clone();
             i.mtu = t.link.mtu;
             i.name = t.link.name.clone();
-            i.addresses = t
-                .link
-                .addresses
-                .iter()
-                .map(|(ip, len)| format!("{ip}/{len}"))
-                .collect();
+            i.index = t.link.index;
+            i.flags = t.link.flags;
+            i.txqlen = t.link.txqlen;
             net.interfaces.push(i);
         }
-        for r in &self.routes {
-            let mut p = proto::Route::new();
-            p.destination = r
-                .destination
-                .map(|(ip, len)| format!("{ip}/{len}"))
-                .unwrap_or_default();
-            p.gateway = r.gateway.map(|g| g.to_string()).unwrap_or_default();
-            p.source = r.source.map(|s| s.to_string()).unwrap_or_default();
-            p.device_mac = mac_of(r.link);
-            p.scope = r.scope.into();
-            p.metric = r.metric;
-            p.ipv6 = r.ipv6;
-            net.routes.push(p);
-        }
-        for n in &self.neighbours {
-            let mut p = proto::Neighbour::new();
-            p.address = n.address.to_string();
-            p.lladdr = n.lladdr.clone();
-            p.device_mac = mac_of(n.link);
-            net.neighbours.push(p);
-        }
+        net.addresses = self.state.addresses.clone();
+        net.routes = self.state.routes.clone();
+        net.rules = self.state.rules.clone();
+        net.neighbours = self.state.neighbours.clone();
+        net.sysctls = self
+            .state
+            .sysctls
+            .iter()
+            .map(|(k, v)| {
+                let mut s = proto::Sysctl::new();
+                s.key = k.clone();
+                s.value = v.clone();
+                s
+            })
+            .collect();
         net
+    }
+
+    /// The pod namespace's state the guest copies.
+    pub fn state(&self) -> &PodState {
+        &self.state
     }
 
     pub fn netns(&self) -> &Path {

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds a busybox OCI image archive from Debian's busybox-static, with no
 # registry: one uncompressed layer (busybox, its applet links, a minimal
-# /etc, a setuid-root /bin/euid-suid, /bin/inotify-watch, /bin/code-reuse
+# /etc, a setuid-root /bin/euid-suid, the host's iproute2 as /opt/iproute2/ip
+# and iptables (nft and legacy), /bin/inotify-watch, /bin/code-reuse
 # and the two programs it runs), an image config, a manifest and an index, packed as an OCI layout
 # tarball that `ctr images import` accepts. Output is reproducible.
 # With --pause, the image also holds a static /pause (pause.c beside this
@@ -46,6 +47,36 @@ for l in a b; do
 done
 gcc -static -O1 -s -o "$root/bin/code-reuse" "$(dirname "$0")/code-reuse.c"
 chmod 4755 "$root/bin/euid-suid"
+# Host programs with the libraries and loader they need, at their own
+# paths: iproute2's `ip` at /opt/iproute2/ip (JSON output, every field, for
+# the network comparisons; busybox's `ip` stays the image's `ip`), and
+# Debian's iptables (nft and legacy, with their xtables extensions), as
+# a service mesh's init container carries it.
+host_program() { # path in the image, host binary
+    install -D -m 0755 "$2" "$root$1"
+    for lib in $(ldd "$2" | awk '$2 == "=>" && $3 ~ /^\// { print $3 } $1 ~ /^\// { print $1 }'); do
+        [[ -e $root$lib ]] || install -D -m 0755 "$(realpath "$lib")" "$root$lib"
+    done
+}
+host_program /opt/iproute2/ip "$(command -v ip)"
+xt=/usr/lib/x86_64-linux-gnu/xtables
+if [[ ! -d $xt ]]; then
+    echo "build-busybox-image: $xt is missing; apt-get install iptables" >&2
+    exit 1
+fi
+for multi in xtables-nft-multi xtables-legacy-multi; do
+    host_program "/usr/sbin/$multi" "/usr/sbin/$multi"
+done
+for ext in "$xt"/*.so; do
+    host_program "$ext" "$ext"
+done
+for t in iptables ip6tables; do
+    for v in "" -save -restore; do
+        ln -s xtables-nft-multi "$root/usr/sbin/$t$v"
+        ln -s xtables-nft-multi "$root/usr/sbin/$t-nft$v"
+        ln -s xtables-legacy-multi "$root/usr/sbin/$t-legacy$v"
+    done
+done
 printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$root/etc/passwd"
 printf 'root:x:0:\nnogroup:x:65534:\n' > "$root/etc/group"
 entrypoint=

@@ -51,6 +51,34 @@ fn spawn_containerd(d: &Path) -> Child {
         .expect("start containerd (apt-get install containerd)")
 }
 
+/// Writes CNI network list `conflist` into the conf dir under `d`, its
+/// `@IPAM_DIR@` and `@DIR@` replaced by dirs of this containerd's own.
+fn write_cni(d: &Path, conflist: &str) {
+    std::fs::write(
+        d.join("cni/10-husk-e2e.conflist"),
+        conflist
+            .replace("@IPAM_DIR@", &d.join("ipam").display().to_string())
+            .replace("@DIR@", &d.display().to_string()),
+    )
+    .expect("write cni conf");
+}
+
+/// A CNI plugin dir under `d`: Debian's plugins (/usr/lib/cni) and the
+/// test's own (tests/cni), as links.
+fn cni_bin_dir(d: &Path) -> PathBuf {
+    let bin = d.join("cni-bin");
+    std::fs::create_dir_all(&bin).expect("cni bin dir");
+    let ours = Path::new(env!("CARGO_MANIFEST_DIR")).join("cni");
+    for dir in [Path::new("/usr/lib/cni"), ours.as_path()] {
+        for e in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())) {
+            let e = e.expect("cni plugin entry");
+            std::os::unix::fs::symlink(e.path(), bin.join(e.file_name()))
+                .expect("link a cni plugin");
+        }
+    }
+    bin
+}
+
 /// The target dir of this build profile (holds the shim binary): the
 /// parent of a test's `deps/`, or a binary's own directory.
 pub fn profile_dir() -> PathBuf {
@@ -116,22 +144,20 @@ impl Containerd {
         // VM); the streaming server on a free loopback port.
         let cni = d.join("cni");
         std::fs::create_dir_all(&cni).expect("cni conf dir");
-        std::fs::write(
-            cni.join("10-husk-e2e.conflist"),
-            conflist.replace("@IPAM_DIR@", &d.join("ipam").display().to_string()),
-        )
-        .expect("write cni conf");
+        let cni_bin = cni_bin_dir(d);
+        write_cni(d, conflist);
         let config = format!(
             "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\n[grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\"]\n  restrict_oom_score_adj = true\n  sandbox_image = \"{PAUSE_IMAGE}\"\n\
              stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"/usr/lib/cni\"\n  conf_dir = \"{cni}\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni_bin}\"\n  conf_dir = \"{cni}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n  pod_annotations = [\"*\"]\n  container_annotations = [\"*\"]\n",
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),
             cni = cni.display(),
+            cni_bin = cni_bin.display(),
         );
         std::fs::write(d.join("config.toml"), config).expect("write containerd config");
         let child = spawn_containerd(d);
@@ -170,6 +196,15 @@ impl Containerd {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// Replaces the CNI network list with `conflist` (as
+    /// [`Containerd::start_with_cni`]) and restarts containerd on it, so
+    /// every pod made after this call is on it (CRI's own reload of the
+    /// directory is asynchronous). No pod may be running.
+    pub fn set_cni(&mut self, conflist: &str) {
+        write_cni(self.dir.path(), conflist);
+        self.restart(Duration::ZERO);
     }
 
     /// Kills containerd as a crash or an upgrade would (its shims live on),

@@ -276,6 +276,22 @@ impl Cri {
         r.stdout
     }
 
+    /// Waits until container `id` has exited; its exit code, or None at
+    /// the timeout.
+    pub fn wait_exited(&self, id: &str, timeout: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let s = self.container_status(id).expect("ContainerStatus");
+            if s.state == k8s_cri::v1::ContainerState::ContainerExited as i32 {
+                return Some(s.exit_code);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
     pub fn container_status(&self, id: &str) -> Result<ContainerStatus, tonic::Status> {
         let mut c = self.runtime.clone();
         self.rt

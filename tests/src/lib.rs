@@ -18,6 +18,7 @@ pub mod bench;
 pub mod containerd;
 pub mod cri;
 pub mod differential;
+pub mod netstate;
 pub mod stream;
 pub mod volumes;
 

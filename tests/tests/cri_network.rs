@@ -14,6 +14,7 @@ use husk_tests::containerd::{
     assert_clean, bridge_plugin, cni_conflist, Containerd, IMAGE, POD_GATEWAY, TEST_BRIDGE,
 };
 use husk_tests::cri::{container, Cri, PodOpts};
+use husk_tests::netstate::{self, wait_listening};
 use husk_tests::{e2e, vm_lock};
 
 /// ExecSync that must succeed with exit code 0; returns stdout.
@@ -84,45 +85,16 @@ fn mac_in(link_show: &str) -> String {
         .to_owned()
 }
 
-/// Waits until a server listens on TCP `port` in container `id`'s network
-/// namespace (the container's start does not wait for its server).
-fn wait_listening(cri: &Cri, id: &str, port: u16) {
-    sh(
-        cri,
-        id,
-        &format!(
-            "for i in $(seq 100); do netstat -ltn | grep -q ':{port} ' && exit 0; sleep 0.1; done; netstat -ltn; exit 1"
-        ),
-    );
-}
-
 /// The body of an HTTP GET of `/` from `ip:8080`, from inside container
-/// `id` (busybox nc: Debian's static busybox wget crashes, also on the
-/// host).
+/// `id`; a failure fails the test.
 fn fetch(cri: &Cri, id: &str, ip: &IpAddr) -> String {
-    let out = sh(
-        cri,
-        id,
-        &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 20 {ip} 8080"),
-    );
-    out.split("\r\n\r\n")
-        .nth(1)
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    netstate::fetch(cri, id, ip, 8080, 20).unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// An HTTP GET of `/` from `ip:8080`, from the host.
+/// An HTTP GET of `/` from `ip:8080`, from the host; a failure fails the
+/// test.
 fn http_get(ip: &IpAddr) -> String {
-    let addr = std::net::SocketAddr::new(*ip, 8080);
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(20))
-        .unwrap_or_else(|e| panic!("connecting to {addr} from the host: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out)
-        .unwrap_or_else(|e| panic!("reading from {addr}: {e}"));
-    out
+    netstate::http_get(ip, 8080, Duration::from_secs(20)).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// husk's NAT rules in `netns` (`iptables -S` lines), both families.

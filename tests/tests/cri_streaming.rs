@@ -95,21 +95,6 @@ fn any_pts(s: &str) -> String {
     out
 }
 
-/// Waits until container `id` has exited; returns its exit code.
-fn wait_exited(cri: &Cri, id: &str, timeout: Duration) -> Option<i32> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let s = cri.container_status(id).expect("ContainerStatus");
-        if s.state == ContainerState::ContainerExited as i32 {
-            return Some(s.exit_code);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn containerd_negotiates_the_v4_channel_protocol() {
@@ -382,7 +367,7 @@ fn attach_without_tty_carries_stdin_and_closes_it_on_detach_with_stdin_once() {
         // stdinOnce: detaching closed the container's stdin, so the loop
         // ended and the container exited by itself.
         assert_eq!(
-            wait_exited(&cri, &c, Duration::from_secs(30)),
+            cri.wait_exited(&c, Duration::from_secs(30)),
             Some(0),
             "{handler}: the container did not see stdin close on detach"
         );

@@ -11,7 +11,7 @@ pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Protocol revision. Bumped on any incompatible change to `protos/`; the host
 /// refuses an agent that reports another value.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Where the guest mounts the virtio-fs share. A container's rootfs is at
 /// `<share>/<container_id>/rootfs`, its host bind mounts at
