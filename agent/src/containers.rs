@@ -173,8 +173,9 @@ struct Entry {
 enum NetnsSetup<'a> {
     /// It joins one that exists.
     Joined,
-    /// It is new: loopback up, and the pod's NICs for a pod sandbox.
-    New(Option<&'a Network>),
+    /// It is new: loopback up, and the pod's NICs for a pod sandbox; the
+    /// sysctls the spec sets (which the pod's copy leaves to the spec).
+    New(Option<&'a Network>, Vec<String>),
 }
 
 /// All containers of this guest.
@@ -496,11 +497,19 @@ impl Manager {
         let bundle = Path::new(BUNDLE_DIR).join(id);
         std::fs::create_dir_all(&bundle).map_err(|e| io("create bundle", e))?;
         let json = serde_json::to_vec(&spec).map_err(|e| spec_error(e.to_string()))?;
+        // runc applies the spec's sysctls after CNI configured the
+        // namespace: they win over the pod network's copy.
+        let spec_sysctls: Vec<String> = spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.sysctl().as_ref())
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default();
         let created = std::fs::write(bundle.join("config.json"), json)
             .map_err(|e| io("write config.json", e))
             .and_then(|()| {
                 let netns = match (new_netns, network) {
-                    (true, network) => NetnsSetup::New(network),
+                    (true, network) => NetnsSetup::New(network, spec_sysctls.clone()),
                     (false, None) => NetnsSetup::Joined,
                     (false, Some(_)) => {
                         return Err(spec_error(
@@ -612,7 +621,7 @@ impl Manager {
                 what: "removal pipe",
                 why: e.to_string(),
             })?;
-            let NetnsSetup::New(network) = netns else {
+            let NetnsSetup::New(network, spec_sysctls) = netns else {
                 return Ok((init, gone));
             };
             if let Err(e) = crate::net::loopback_up(init.pid) {
@@ -621,9 +630,11 @@ impl Manager {
             // The pod's NICs, before anything of the pod starts.
             if let Some(net) = network {
                 let t = std::time::Instant::now();
-                crate::net::configure(init.pid, net).map_err(|e| ContainerError::Runtime {
-                    id: id.to_owned(),
-                    why: format!("configuring the pod network: {e}"),
+                crate::net::configure(init.pid, net, &spec_sysctls).map_err(|e| {
+                    ContainerError::Runtime {
+                        id: id.to_owned(),
+                        why: format!("configuring the pod network: {e}"),
+                    }
                 })?;
                 crate::log_info!(
                     "container {id}: pod network configured in {:.1} ms ({} NICs)",

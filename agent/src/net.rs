@@ -50,8 +50,12 @@ pub fn loopback_up(pid: i32) -> io::Result<()> {
 /// of the pod's on the host: links, addresses, routes of every table,
 /// policy rules, permanent neighbours and sysctls. The description comes
 /// from the host; every field is checked before anything changes.
-pub fn configure(pid: i32, net: &Network) -> io::Result<()> {
-    let plan = Plan::of(net)?;
+pub fn configure(pid: i32, net: &Network, spec_sysctls: &[String]) -> io::Result<()> {
+    let mut plan = Plan::of(net)?;
+    // The container spec's own sysctls are applied as runc applies them,
+    // after CNI: the copy leaves them.
+    plan.sysctls
+        .retain(|(key, _)| !spec_sysctls.iter().any(|s| *s == dotted(key)));
     let ns = File::open(format!("/proc/{pid}/ns/net"))?;
     let mut nl = Netlink::open()?;
     let links = nl.links()?;
@@ -688,6 +692,18 @@ fn rule_key(r: &RuleMessage) -> (String, Vec<String>) {
     (format!("{:?}", r.header), attrs)
 }
 
+/// A sysctl path (`net/ipv4/conf/eth0.100/arp_notify`) as sysctl(8) and
+/// OCI name it: `/` and `.` swapped (`net.ipv4.conf.eth0/100.arp_notify`).
+fn dotted(path: &str) -> String {
+    path.chars()
+        .map(|c| match c {
+            '/' => '.',
+            '.' => '/',
+            c => c,
+        })
+        .collect()
+}
+
 fn sysctl_path(key: &str) -> std::path::PathBuf {
     std::path::Path::new("/proc/sys").join(key)
 }
@@ -1024,6 +1040,18 @@ mod tests {
             vec![RuleAttribute::FwMark(1)]
         )));
         assert!(!is_default_rule(&rule(Some(32766), 100, vec![])));
+    }
+
+    #[test]
+    fn sysctl_paths_are_named_as_sysctl_names_them() {
+        assert_eq!(
+            dotted("net/ipv4/ip_unprivileged_port_start"),
+            "net.ipv4.ip_unprivileged_port_start"
+        );
+        assert_eq!(
+            dotted("net/ipv4/conf/eth0.100/arp_notify"),
+            "net.ipv4.conf.eth0/100.arp_notify"
+        );
     }
 
     #[test]

@@ -402,8 +402,30 @@ impl WebPod {
         handler: &str,
         caps: &[&str],
     ) -> Result<Self, String> {
+        Self::start_mapped(cri, log_dir, name, handler, caps, None)
+    }
+
+    /// As [`WebPod::start`], with [`WEB_PORT`] published on the node's
+    /// `host_port` (CRI port mapping, for the portmap plugin).
+    pub fn start_mapped(
+        cri: &Cri,
+        log_dir: &std::path::Path,
+        name: &str,
+        handler: &str,
+        caps: &[&str],
+        host_port: Option<u16>,
+    ) -> Result<Self, String> {
         let mut opts = crate::cri::PodOpts::new(name, &log_dir.join(name));
         opts.handler = handler.to_owned();
+        opts.port_mappings = host_port
+            .map(|p| k8s_cri::v1::PortMapping {
+                protocol: k8s_cri::v1::Protocol::Tcp as i32,
+                container_port: i32::from(WEB_PORT),
+                host_port: i32::from(p),
+                host_ip: String::new(),
+            })
+            .into_iter()
+            .collect();
         let pod = cri
             .run_pod(&opts)
             .map_err(|e| format!("RunPodSandbox: {}", e.message()))?;

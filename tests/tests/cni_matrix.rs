@@ -40,6 +40,9 @@ struct Row {
     remove: Vec<&'static str>,
     /// A link type the host's kernel must have for runc to run the row.
     needs: Option<&'static str>,
+    /// Each pod publishes its port on a host port (portmap), reached from
+    /// the host at `host`.
+    host_ports: bool,
 }
 
 fn host_local(subnet: &str, extra: &str) -> String {
@@ -69,6 +72,7 @@ fn rows() -> Vec<Row> {
             setup: vec![],
             remove: vec!["husk-cm1"],
             needs: None,
+            host_ports: false,
         },
         Row {
             name: "bridge, dual stack, 0.0.0.0/0 and ::/0 routes, ipMasq, hairpin",
@@ -82,6 +86,7 @@ fn rows() -> Vec<Row> {
             setup: vec![],
             remove: vec!["husk-cm2"],
             needs: None,
+            host_ports: false,
         },
         Row {
             name: "bridge, isDefaultGateway",
@@ -95,6 +100,7 @@ fn rows() -> Vec<Row> {
             setup: vec![],
             remove: vec!["husk-cm3"],
             needs: None,
+            host_ports: false,
         },
         Row {
             name: "ptp, default route only",
@@ -107,6 +113,7 @@ fn rows() -> Vec<Row> {
             setup: vec![],
             remove: vec![],
             needs: None,
+            host_ports: false,
         },
         Row {
             name: "macvlan (bridge mode) on a portless bridge",
@@ -130,6 +137,7 @@ fn rows() -> Vec<Row> {
             ],
             remove: vec!["husk-cmh4", "husk-cmd4"],
             needs: None,
+            host_ports: false,
         },
         Row {
             name: "ipvlan (l2) on a portless bridge",
@@ -151,6 +159,7 @@ fn rows() -> Vec<Row> {
             ],
             remove: vec!["husk-cmh5", "husk-cmd5"],
             needs: Some("ipvlan"),
+            host_ports: false,
         },
         Row {
             name: "static IPAM, tuning (MAC, MTU, promisc, sysctls)",
@@ -167,6 +176,7 @@ fn rows() -> Vec<Row> {
             setup: vec![],
             remove: vec!["husk-cm6"],
             needs: None,
+            host_ports: false,
         },
         Row {
             name: "bridge and firewall",
@@ -183,6 +193,24 @@ fn rows() -> Vec<Row> {
             setup: vec![],
             remove: vec!["husk-cm7"],
             needs: None,
+            host_ports: false,
+        },
+        Row {
+            name: "bridge and portmap (hostPort)",
+            plugins: format!(
+                r#"{},{{"type":"portmap","capabilities":{{"portMappings":true}}}}"#,
+                bridge(
+                    "husk-cm9",
+                    r#","isGateway":true"#,
+                    &host_local("10.244.89.0/24", r#","routes":[{"dst":"0.0.0.0/0"}]"#)
+                )
+            ),
+            host: "10.244.89.1",
+            one_at_a_time: false,
+            setup: vec![],
+            remove: vec!["husk-cm9"],
+            needs: None,
+            host_ports: true,
         },
         Row {
             name: "Calico-style (/32, default via 169.254.1.1 onlink, proxy ARP)",
@@ -201,6 +229,7 @@ fn rows() -> Vec<Row> {
             ],
             remove: vec!["husk-cmd8"],
             needs: None,
+            host_ports: false,
         },
     ]
 }
@@ -252,15 +281,18 @@ struct Side {
     ips: Vec<IpAddr>,
     pod: String,
     web: String,
+    /// The host port the pod's port is published on, if any.
+    host_port: Option<u16>,
 }
 
 const PORT: u16 = WEB_PORT;
 
 /// Starts a pod of `handler` serving its name on [`PORT`] and observes its
 /// network; a failure to start is recorded, not raised.
-fn start(cri: &Cri, ctd: &Containerd, name: &str, handler: &str) -> Side {
-    match WebPod::start(cri, ctd.dir.path(), name, handler, &[]) {
+fn start(cri: &Cri, ctd: &Containerd, name: &str, handler: &str, host_port: Option<u16>) -> Side {
+    match WebPod::start_mapped(cri, ctd.dir.path(), name, handler, &[], host_port) {
         Ok(w) => Side {
+            host_port,
             state: Some(observe(cri, &w.web, &w.ips, &["eth0"])),
             ips: w.ips,
             pod: w.pod,
@@ -283,6 +315,15 @@ fn host_traffic(cri: &Cri, side: &mut Side, name: &str, host: &HostServer) {
                 .traffic
                 .push(format!("host to pod {ip}: wrong reply {r:?}")),
             Err(e) => side.traffic.push(format!("host to pod: {e}")),
+        }
+    }
+    if let Some(port) = side.host_port {
+        match http_get(&host.addr.ip(), port, Duration::from_secs(10)) {
+            Ok(r) if r.contains(name) => {}
+            Ok(r) => side
+                .traffic
+                .push(format!("host port {port}: wrong reply {r:?}")),
+            Err(e) => side.traffic.push(format!("host port {port}: {e}")),
         }
     }
     match fetch(cri, &side.web, &host.addr.ip(), host.addr.port(), 10) {
@@ -365,7 +406,17 @@ fn every_cni_configuration_gives_a_husk_pod_the_network_a_runc_pod_gets() {
         }
         let cri = ctd.cri();
         let (rname, hname) = (format!("cm{i}-runc"), format!("cm{i}-husk"));
-        let mut runc = start(&cri, &ctd, &rname, "runc");
+        // Host ports free now, one per pod (both listeners held at once,
+        // so the two differ).
+        let (runc_port, husk_port) = if row.host_ports {
+            let free = || std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+            let (a, b) = (free(), free());
+            let port = |l: &std::net::TcpListener| l.local_addr().expect("addr").port();
+            (Some(port(&a)), Some(port(&b)))
+        } else {
+            (None, None)
+        };
+        let mut runc = start(&cri, &ctd, &rname, "runc", runc_port);
         let host_ip: IpAddr = row.host.parse().expect("host address");
         let mut husk;
         if row.one_at_a_time {
@@ -374,14 +425,14 @@ fn every_cni_configuration_gives_a_husk_pod_the_network_a_runc_pod_gets() {
                 host_traffic(&cri, &mut runc, &rname, &server);
             }
             remove(&cri, &runc);
-            husk = start(&cri, &ctd, &hname, "husk");
+            husk = start(&cri, &ctd, &hname, "husk", husk_port);
             if husk.failed.is_none() {
                 let server = HostServer::start(host_ip);
                 host_traffic(&cri, &mut husk, &hname, &server);
             }
             remove(&cri, &husk);
         } else {
-            husk = start(&cri, &ctd, &hname, "husk");
+            husk = start(&cri, &ctd, &hname, "husk", husk_port);
             if runc.failed.is_none() && husk.failed.is_none() {
                 let server = HostServer::start(host_ip);
                 host_traffic(&cri, &mut runc, &rname, &server);
