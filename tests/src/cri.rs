@@ -140,6 +140,17 @@ pub fn container(name: &str, image: &str, args: &[&str], share_pid: bool) -> Con
     }
 }
 
+/// `c` with capabilities `caps` added to its security context.
+pub fn with_caps(mut c: ContainerConfig, caps: &[&str]) -> ContainerConfig {
+    if let Some(ctx) = c.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
+        ctx.capabilities = Some(k8s_cri::v1::Capability {
+            add_capabilities: caps.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        });
+    }
+    c
+}
+
 /// What ExecSync returned.
 #[derive(Debug, Clone)]
 pub struct ExecResult {

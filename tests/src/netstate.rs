@@ -432,18 +432,15 @@ impl WebPod {
         let script = format!(
             "mkdir -p /w && echo {name} > /w/index.html && exec httpd -f -p {WEB_PORT} -h /w"
         );
-        let mut c = crate::cri::container(
-            "web",
-            crate::containerd::IMAGE,
-            &["sh", "-c", &script],
-            false,
+        let c = crate::cri::with_caps(
+            crate::cri::container(
+                "web",
+                crate::containerd::IMAGE,
+                &["sh", "-c", &script],
+                false,
+            ),
+            caps,
         );
-        if let Some(ctx) = c.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
-            ctx.capabilities = Some(k8s_cri::v1::Capability {
-                add_capabilities: caps.iter().map(|s| s.to_string()).collect(),
-                ..Default::default()
-            });
-        }
         let web = match cri.run_container(&pod, &opts, c) {
             Ok(w) => w,
             Err(e) => {

@@ -18,23 +18,18 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
-use husk_tests::cri::{container, Cri, PodOpts};
+use husk_tests::cri::{container, with_caps, Cri, PodOpts};
 use husk_tests::differential::{differences, Observation};
 use husk_tests::netstate::{fetch, http_get, wait_listening};
 use husk_tests::{e2e, vm_lock};
-use k8s_cri::v1::{Capability, ContainerConfig, Device};
+use k8s_cri::v1::{ContainerConfig, Device};
 
 const IP: &str = "/opt/iproute2/ip";
 
 /// `c` with capabilities `caps` added (and, with `tun`, /dev/net/tun
 /// mapped in, as a device plugin would).
-fn netadmin(mut c: ContainerConfig, caps: &[&str], tun: bool) -> ContainerConfig {
-    if let Some(ctx) = c.linux.as_mut().and_then(|l| l.security_context.as_mut()) {
-        ctx.capabilities = Some(Capability {
-            add_capabilities: caps.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        });
-    }
+fn netadmin(c: ContainerConfig, caps: &[&str], tun: bool) -> ContainerConfig {
+    let mut c = with_caps(c, caps);
     if tun {
         c.devices.push(Device {
             container_path: "/dev/net/tun".into(),
