@@ -43,6 +43,9 @@ struct Row {
     /// Each pod publishes its port on a host port (portmap), reached from
     /// the host at `host`.
     host_ports: bool,
+    /// The rate (bits/s) the configuration shapes the pod's traffic to,
+    /// both ways (bandwidth): measured on each pod.
+    shaped: Option<u64>,
 }
 
 fn host_local(subnet: &str, extra: &str) -> String {
@@ -73,6 +76,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cm1"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "bridge, dual stack, 0.0.0.0/0 and ::/0 routes, ipMasq, hairpin",
@@ -87,6 +91,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cm2"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "bridge, isDefaultGateway",
@@ -101,6 +106,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cm3"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "ptp, default route only",
@@ -114,6 +120,7 @@ fn rows() -> Vec<Row> {
             remove: vec![],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "macvlan (bridge mode) on a portless bridge",
@@ -138,6 +145,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cmh4", "husk-cmd4"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "ipvlan (l2) on a portless bridge",
@@ -160,6 +168,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cmh5", "husk-cmd5"],
             needs: Some("ipvlan"),
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "static IPAM, tuning (MAC, MTU, promisc, sysctls)",
@@ -177,6 +186,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cm6"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "bridge and firewall",
@@ -194,6 +204,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cm7"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
         Row {
             name: "bridge and portmap (hostPort)",
@@ -211,6 +222,25 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cm9"],
             needs: None,
             host_ports: true,
+            shaped: None,
+        },
+        Row {
+            name: "bridge and bandwidth (ingress and egress shaped)",
+            plugins: format!(
+                r#"{},{{"type":"bandwidth","ingressRate":{SHAPED_RATE},"ingressBurst":{SHAPED_BURST},"egressRate":{SHAPED_RATE},"egressBurst":{SHAPED_BURST}}}"#,
+                bridge(
+                    "husk-cm10",
+                    r#","isGateway":true"#,
+                    &host_local("10.244.90.0/24", r#","routes":[{"dst":"0.0.0.0/0"}]"#)
+                )
+            ),
+            host: "10.244.90.1",
+            one_at_a_time: false,
+            setup: vec![],
+            remove: vec!["husk-cm10"],
+            needs: None,
+            host_ports: false,
+            shaped: Some(SHAPED_RATE),
         },
         Row {
             name: "Calico-style (/32, default via 169.254.1.1 onlink, proxy ARP)",
@@ -230,6 +260,7 @@ fn rows() -> Vec<Row> {
             remove: vec!["husk-cmd8"],
             needs: None,
             host_ports: false,
+            shaped: None,
         },
     ]
 }
@@ -283,6 +314,16 @@ struct Side {
     web: String,
     /// The host port the pod's port is published on, if any.
     host_port: Option<u16>,
+    /// The rates measured into and out of the pod (bits/s), for a shaped
+    /// row.
+    rates: Option<Result<Rates, String>>,
+}
+
+/// What a shaped pod got, in bits/s.
+#[derive(Clone, Copy)]
+struct Rates {
+    ingress: f64,
+    egress: f64,
 }
 
 const PORT: u16 = WEB_PORT;
@@ -346,6 +387,146 @@ fn pod_traffic(cri: &Cri, from: &mut Side, to: &Side, to_name: &str) {
     }
 }
 
+/// The bandwidth row's rate and burst, in bits, as the plugin takes them.
+/// Slow enough for a guest under emulation to fill; 4 MiB takes about four
+/// seconds at it, so the burst is under 1% of a transfer.
+const SHAPED_RATE: u64 = 8_000_000;
+const SHAPED_BURST: u64 = 262_144;
+const SHAPED_BYTES: usize = 4 << 20;
+
+/// How far husk's shaped rates may be from runc's, as a fraction of runc's.
+const SHAPING_TOLERANCE: f64 = 0.2;
+
+/// Times [`SHAPED_BYTES`] into the pod and out of it, between the host
+/// (at `host`) and busybox `nc` in container `id`; the clock is the host's.
+fn shaped_rates(cri: &Cri, id: &str, host: IpAddr) -> Result<Rates, String> {
+    Ok(Rates {
+        ingress: timed_transfer(cri, id, host, true)?,
+        egress: timed_transfer(cri, id, host, false)?,
+    })
+}
+
+/// One transfer of [`SHAPED_BYTES`]; its rate in bits/s. Into the pod: the
+/// host writes, half-closes and waits for the pod's `nc` to close, which it
+/// does once it has read everything. Out of it: from the first byte the host
+/// reads to the last.
+fn timed_transfer(cri: &Cri, id: &str, host: IpAddr, into_pod: bool) -> Result<f64, String> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind((host, 0))
+        .map_err(|e| format!("binding a host listener to {host}: {e}"))?;
+    let port = listener.local_addr().map_err(|e| e.to_string())?.port();
+    let server = std::thread::spawn(move || -> Result<(usize, Duration), String> {
+        listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        let mut s = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(format!("the pod never connected: {e}")),
+            }
+        };
+        let io = |e: std::io::Error| e.to_string();
+        s.set_nonblocking(false).map_err(io)?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(io)?;
+        s.set_write_timeout(Some(Duration::from_secs(60)))
+            .map_err(io)?;
+        let mut buf = vec![0u8; 64 << 10];
+        if into_pod {
+            let began = std::time::Instant::now();
+            s.write_all(&vec![0u8; SHAPED_BYTES]).map_err(io)?;
+            s.shutdown(std::net::Shutdown::Write).map_err(io)?;
+            while s.read(&mut buf).map_err(io)? > 0 {}
+            return Ok((SHAPED_BYTES, began.elapsed()));
+        }
+        let mut total = s.read(&mut buf).map_err(io)?;
+        let began = std::time::Instant::now();
+        loop {
+            match s.read(&mut buf).map_err(io)? {
+                0 => return Ok((total, began.elapsed())),
+                n => total += n,
+            }
+        }
+    });
+    let cmd = if into_pod {
+        format!("nc {host} {port} </dev/null | wc -c")
+    } else {
+        format!("head -c {SHAPED_BYTES} /dev/zero | nc {host} {port}")
+    };
+    let direction = if into_pod { "into" } else { "out of" };
+    let ran = cri.exec_sync(id, &["sh", "-c", &cmd], 120);
+    let served = server
+        .join()
+        .map_err(|_| "the host side of the transfer panicked".to_owned())?;
+    let r = ran.map_err(|e| format!("exec in {id}: {e}"))?;
+    let (bytes, took) = served.map_err(|e| format!("{direction} the pod: {e}"))?;
+    let got = if into_pod {
+        r.stdout.trim().parse().ok()
+    } else {
+        Some(bytes)
+    };
+    if r.exit_code != 0 || got != Some(SHAPED_BYTES) {
+        return Err(format!(
+            "{direction} the pod: exit {}, {:?} of {SHAPED_BYTES} bytes arrived ({:?})",
+            r.exit_code, got, r.stderr
+        ));
+    }
+    Ok(bytes as f64 * 8.0 / took.as_secs_f64())
+}
+
+/// Failures of a shaped row: runc's rates must show the shaping (between
+/// half and 1.5 times the configured rate, or the case is broken: unshaped,
+/// a veth moves Gbit/s), and
+/// husk's must be within [`SHAPING_TOLERANCE`] of runc's.
+fn shaping_failures(name: &str, rate: u64, runc: &Side, husk: &Side) -> Vec<String> {
+    let (Some(r), Some(h)) = (&runc.rates, &husk.rates) else {
+        return Vec::new();
+    };
+    let (r, h) = match (r, h) {
+        (Ok(r), Ok(h)) => (r, h),
+        (r, h) => {
+            return [("runc", r), ("husk", h)]
+                .into_iter()
+                .filter_map(|(who, x)| x.as_ref().err().map(|e| format!("{name}: {who}: {e}")))
+                .collect()
+        }
+    };
+    let mbit = |x: f64| x / 1e6;
+    eprintln!(
+        "{name}: configured {:.2} Mbit/s; into the pod runc {:.2}, husk {:.2}; out of it runc {:.2}, husk {:.2}",
+        mbit(rate as f64),
+        mbit(r.ingress),
+        mbit(h.ingress),
+        mbit(r.egress),
+        mbit(h.egress)
+    );
+    let mut failures = Vec::new();
+    for (direction, rv, hv) in [
+        ("into the pod", r.ingress, h.ingress),
+        ("out of the pod", r.egress, h.egress),
+    ] {
+        let ratio = rv / rate as f64;
+        if !(0.5..=1.5).contains(&ratio) {
+            failures.push(format!(
+                "{name}: runc's pod got {:.2} Mbit/s {direction} where {:.2} is configured: the shaping is not in effect (the case is broken)",
+                mbit(rv),
+                mbit(rate as f64)
+            ));
+        }
+        if (hv - rv).abs() > SHAPING_TOLERANCE * rv {
+            failures.push(format!(
+                "{name}: husk's pod got {:.2} Mbit/s {direction}, runc's {:.2} (more than {:.0}% apart)",
+                mbit(hv),
+                mbit(rv),
+                SHAPING_TOLERANCE * 100.0
+            ));
+        }
+    }
+    failures
+}
+
 fn remove(cri: &Cri, side: &Side) {
     if !side.pod.is_empty() {
         cri.stop_pod(&side.pod).expect("StopPodSandbox");
@@ -368,7 +549,15 @@ fn cell(side: &Side, equal: Option<bool>) -> String {
     } else {
         "FAILS"
     };
-    format!("{starts} / {state} / {traffic}")
+    match &side.rates {
+        Some(Ok(r)) => format!(
+            "{starts} / {state} / {traffic}, {:.2} Mbit/s in, {:.2} out",
+            r.ingress / 1e6,
+            r.egress / 1e6
+        ),
+        Some(Err(_)) => format!("{starts} / {state} / {traffic}, shaping NOT MEASURED"),
+        None => format!("{starts} / {state} / {traffic}"),
+    }
 }
 
 #[test]
@@ -384,7 +573,15 @@ fn every_cni_configuration_gives_a_husk_pod_the_network_a_runc_pod_gets() {
             .to_owned(),
         "|---|---|---|".to_owned(),
     ];
+    // HUSK_CNI_ROW=<part of a row's name> runs only the rows it names.
+    let only = std::env::var("HUSK_CNI_ROW").ok();
     for (i, row) in rows.iter().enumerate() {
+        if only
+            .as_ref()
+            .is_some_and(|o| !row.name.contains(o.as_str()))
+        {
+            continue;
+        }
         if let Some(kind) = row.needs.filter(|k| !host_has_link_type(k)) {
             eprintln!(
                 "{}: NOT RUN: this host's kernel has no {kind} links, so runc cannot run it",
@@ -439,6 +636,10 @@ fn every_cni_configuration_gives_a_husk_pod_the_network_a_runc_pod_gets() {
                 host_traffic(&cri, &mut husk, &hname, &server);
                 pod_traffic(&cri, &mut runc, &husk, &hname);
                 pod_traffic(&cri, &mut husk, &runc, &rname);
+                if row.shaped.is_some() {
+                    runc.rates = Some(shaped_rates(&cri, &runc.web, host_ip));
+                    husk.rates = Some(shaped_rates(&cri, &husk.web, host_ip));
+                }
             }
             remove(&cri, &runc);
             remove(&cri, &husk);
@@ -467,6 +668,9 @@ fn every_cni_configuration_gives_a_husk_pod_the_network_a_runc_pod_gets() {
                 "{}: traffic that works on runc fails on husk: {:?}",
                 row.name, husk.traffic
             ));
+        }
+        if let Some(rate) = row.shaped {
+            failures.extend(shaping_failures(row.name, rate, &runc, &husk));
         }
         if let (Some(r), Some(h)) = (&mut runc.state, &mut husk.state) {
             let one_sided = drop_one_sided_sysctls(r, h);
