@@ -11,10 +11,10 @@ use nix::sys::stat::Mode;
 use nix::time::{clock_gettime, ClockId};
 use nix::unistd::{sync, Pid};
 
+use husk_protocol::SHARE_TAG;
+
 /// Mount point of the pod's virtio-fs share (tag [`SHARE_TAG`]).
 pub const SHARE_DIR: &str = husk_protocol::GUEST_SHARE_DIR;
-/// virtio-fs tag the host gives the pod's share.
-pub const SHARE_TAG: &str = "husk";
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {

@@ -320,7 +320,7 @@ pub fn serve(
     // Bound is listening: the guest kernel completes the host's connection
     // and queues its first request until the server below takes them, so
     // the host is told now and connects while the rest is set up.
-    crate::log_info!("listening on vsock port {AGENT_VSOCK_PORT}");
+    eprintln!("{}", husk_protocol::ready_line());
     let serving_ns = Arc::new(AtomicU64::new(0));
     let health = HealthService {
         init_started_ns: clock.init_ns(),

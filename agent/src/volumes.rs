@@ -27,7 +27,7 @@ use std::os::unix::fs::{
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::init::SHARE_DIR;
+use husk_protocol::GUEST_SHARE_DIR as SHARE_DIR;
 
 /// Where the guest copies live (on /run's tmpfs).
 pub const VOLUMES_DIR: &str = "/run/husk/volumes";

@@ -1,33 +1,23 @@
-//! The husk runtime library: sandbox lifecycle, hypervisor backends, the
-//! vhost-user device daemons, and the client for the guest agent.
+//! The husk runtime library, in layers that depend one way:
+//! `pod` (the pod API the shim and `husk run` share, spec preparation,
+//! volumes, port-forward) on `vm` (the sandbox VM: boot, monitor,
+//! daemons, agent client, hypervisor backends) on `host` (paths, storage,
+//! cgroups, network, host probing) and `confine` (jail, seccomp, process
+//! spawning), all on `config`. docs/architecture.md has the picture.
 //!
 //! The shim (`containerd-shim-husk-v2`) and the operator CLI (`husk`) are thin
 //! layers over this crate.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
-pub mod agent;
-pub mod cgroup;
 pub mod config;
-pub mod confinement;
-pub mod daemons;
+pub mod confine;
 pub mod host;
-pub mod hypervisor;
-pub mod jail;
-pub mod monitor;
-pub mod network;
-pub mod paths;
 pub mod pod;
-pub mod portforward;
-pub mod process;
-pub mod sandbox;
-pub mod seccomp;
-pub mod spec;
-pub mod storage;
-pub mod volumes;
+pub mod vm;
 
 pub use config::Config;
-pub use sandbox::{BootTimings, Sandbox};
+pub use vm::sandbox::{BootTimings, Sandbox};
 
 /// An error and its sources, `outer: inner: ...`, for messages that leave
 /// the process (ttrpc statuses, CLI output).
@@ -50,7 +40,7 @@ mod tests {
     #[test]
     fn error_chain_names_every_cause_once() {
         let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        let e = crate::storage::StorageError::BindSource("rel".into());
+        let e = crate::host::storage::StorageError::BindSource("rel".into());
         assert_eq!(
             super::error_chain(&e),
             "bind mount source \"rel\" is not an absolute host path"

@@ -26,14 +26,14 @@ use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim::protos::ttrpc::{Code, Error as ShimTtrpcError};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult};
-use husk_runtime::cgroup;
-use husk_runtime::paths::SandboxPaths;
+use husk_runtime::host::cgroup;
+use husk_runtime::host::paths::SandboxPaths;
+use husk_runtime::host::storage::MountSpec;
 use husk_runtime::pod::backend::pod_netns;
 use husk_runtime::pod::service::read_spec;
 use husk_runtime::pod::{
     CreateRequest, ErrorKind, Event, Exit, Io, PodApiError, PodService, Role, Status, VmBackend,
 };
-use husk_runtime::storage::MountSpec;
 use husk_runtime::{error_chain, Config};
 
 use containerd_shim_husk_v2::options;
@@ -190,14 +190,14 @@ impl Shim for HuskShim {
         // port-forward rules did not.
         if role == Role::Sandbox {
             if let Some(netns) = spec.as_ref().and_then(pod_netns) {
-                if let Err(e) = husk_runtime::network::cleanup(&netns) {
+                if let Err(e) = husk_runtime::host::network::cleanup(&netns) {
                     log::warn!(
                         "removing the pod's taps in {}: {}",
                         netns.display(),
                         error_chain(&e)
                     );
                 }
-                if let Err(e) = husk_runtime::portforward::cleanup(&netns) {
+                if let Err(e) = husk_runtime::pod::portforward::cleanup(&netns) {
                     log::warn!("{}", error_chain(&e));
                 }
             }
@@ -211,12 +211,12 @@ impl Shim for HuskShim {
         // another pod's directory (or never made one) removes nothing.
         let pod = role.pod_id(&self.id);
         match SandboxPaths::new(&config, &self.namespace, pod) {
-            Ok(paths) if husk_runtime::paths::bundle_owns(bundle, &paths) => {
+            Ok(paths) if husk_runtime::host::paths::bundle_owns(bundle, &paths) => {
                 if husk_protocol::validate_id("container", &self.id).is_ok() {
-                    paths.container(&self.id).release();
+                    husk_runtime::host::storage::release_container(&paths.container(&self.id));
                 }
                 if !paths.has_containers() {
-                    paths.remove();
+                    husk_runtime::host::storage::remove_sandbox(&paths);
                 }
             }
             Ok(paths) if paths.root().exists() => log::info!(
@@ -697,7 +697,7 @@ impl Task for HuskShim {
 
 #[cfg(test)]
 mod tests {
-    use husk_runtime::agent::AgentError;
+    use husk_runtime::vm::agent::AgentError;
 
     use super::*;
 

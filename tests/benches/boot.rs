@@ -13,8 +13,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_runtime::host::{self, Backend, ResolvedAccel};
-use husk_runtime::hypervisor::{Qemu, ReadySocket};
+use husk_runtime::host::probe::{self, Backend, ResolvedAccel};
+use husk_runtime::vm::hypervisor::{Qemu, ReadySocket};
 use husk_runtime::Sandbox;
 use husk_tests::bench::{self, median, ms};
 use husk_tests::{guest_dir, initramfs_with_init, TestEnv};
@@ -22,7 +22,7 @@ use husk_tests::{guest_dir, initramfs_with_init, TestEnv};
 fn main() {
     let runs = bench::runs();
     let env = TestEnv::new();
-    let (backend, why) = host::choose_backend(&env.config, &host::detect_kvm()).expect("backend");
+    let (backend, why) = probe::choose_backend(&env.config, &probe::detect_kvm()).expect("backend");
     println!("husk boot benchmark: {runs} boots each; backend {backend} ({why})");
 
     let mut rows: Vec<(&str, Vec<Duration>)> = [

@@ -127,7 +127,7 @@ pub fn sandbox_dir(namespace: &str, id: &str) -> PathBuf {
 /// directory itself.
 pub fn assert_nothing_left(state_dir: &Path, id: &str, pids: &[u32]) {
     let dir = state_dir
-        .join(husk_runtime::paths::DIRECT_NAMESPACE)
+        .join(husk_runtime::host::paths::DIRECT_NAMESPACE)
         .join(id);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
@@ -236,5 +236,5 @@ pub fn busybox_rootfs(rootfs: &Path) {
 
 /// A minimal OCI runtime spec like the one `ctr run` generates.
 pub fn oci_spec(container_id: &str, args: &[&str]) -> Vec<u8> {
-    husk_runtime::spec::minimal(container_id, args, &format!("/husk-test/{container_id}"))
+    husk_runtime::pod::spec::minimal(container_id, args, &format!("/husk-test/{container_id}"))
 }

@@ -366,7 +366,7 @@ fn husk_run_passes_signals_on_and_deletes_the_pod_however_it_ends() {
     while !env
         .config
         .state_dir
-        .join(husk_runtime::paths::DIRECT_NAMESPACE)
+        .join(husk_runtime::host::paths::DIRECT_NAMESPACE)
         .join("sig3")
         .exists()
     {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use husk_protocol::containers::Stdio;
 use husk_protocol::{StreamHeader, StreamKind};
-use husk_runtime::agent::open_stream;
+use husk_runtime::vm::agent::open_stream;
 use husk_runtime::Sandbox;
 use husk_tests::{assert_nothing_left, busybox_rootfs, e2e, oci_spec, vm_lock, TestEnv};
 
@@ -46,9 +46,9 @@ fn shared_rootfs(sb: &Sandbox, cid: &str) -> std::path::PathBuf {
         return src;
     }
     busybox_rootfs(&src);
-    let _writable = husk_runtime::storage::ShareWrite::begin(&paths.share_root);
-    husk_runtime::storage::mount_rootfs(
-        &[husk_runtime::storage::MountSpec {
+    let _writable = husk_runtime::host::storage::ShareWrite::begin(&paths.share_root);
+    husk_runtime::host::storage::mount_rootfs(
+        &[husk_runtime::host::storage::MountSpec {
             fstype: "bind".into(),
             source: src.display().to_string(),
             options: vec!["rbind".into()],

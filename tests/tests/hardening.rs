@@ -305,7 +305,7 @@ fn a_console_flood_is_capped_on_disk_and_the_vmm_stays_flat() {
     let dir = env
         .config
         .state_dir
-        .join(husk_runtime::paths::DIRECT_NAMESPACE)
+        .join(husk_runtime::host::paths::DIRECT_NAMESPACE)
         .join("flood");
     let watch = {
         let dir = dir.clone();

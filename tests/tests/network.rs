@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use husk_runtime::network::{cleanup, PodNetwork};
+use husk_runtime::host::network::{cleanup, PodNetwork};
 use husk_tests::e2e;
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 250, 77, 2);

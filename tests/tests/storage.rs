@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use husk_runtime::storage::{
+use husk_runtime::host::storage::{
     mount_share_root, remove_tree, share_bind_mounts, unmount_all_under, ShareWrite, SyncedVolume,
 };
 use husk_tests::e2e;

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use husk_runtime::sandbox::SandboxError;
+use husk_runtime::vm::sandbox::SandboxError;
 use husk_runtime::Sandbox;
 use husk_tests::{assert_nothing_left, e2e, initramfs_with_init, vm_lock, TestEnv};
 

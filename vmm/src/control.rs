@@ -23,8 +23,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
-use crate::vm::Exit;
-
 /// How long `pause` waits for every vCPU to park.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a vCPU that has not parked yet is kicked again.
@@ -144,10 +142,10 @@ impl RunState {
     }
 
     /// Called by a vCPU thread before each KVM_RUN: blocks while the VM is
-    /// paused and says when the VM is to stop.
-    pub fn checkpoint(&self) -> Option<Exit> {
+    /// paused; true when the VM is to stop (the vCPU leaves its loop).
+    pub fn checkpoint(&self) -> bool {
         if !self.asked.load(Ordering::Acquire) {
-            return None;
+            return false;
         }
         let mut g = self.lock();
         if g.want == Want::Pause {
@@ -158,7 +156,7 @@ impl RunState {
             }
             g.parked -= 1;
         }
-        (g.want == Want::Stop).then_some(Exit::Stopped)
+        g.want == Want::Stop
     }
 
     /// Kicks every vCPU thread, then waits for a change or the next kick.
@@ -221,8 +219,8 @@ impl RunState {
         Ok(())
     }
 
-    /// Asks every vCPU to leave the guest and its run loop with
-    /// [`Exit::Stopped`]; does not wait for them.
+    /// Asks every vCPU to leave the guest and its run loop (the VM ends
+    /// stopped); does not wait for them.
     pub fn shutdown(&self) {
         let mut g = self.lock();
         g.want = Want::Stop;
@@ -475,8 +473,8 @@ mod tests {
             let _guard = s.enter();
             tx.send(()).unwrap();
             loop {
-                if let Some(exit) = s.checkpoint() {
-                    return exit;
+                if s.checkpoint() {
+                    return "stopped";
                 }
                 r.fetch_add(1, Ordering::Relaxed);
                 // Stands in for KVM_RUN: a sleep the kick interrupts.
@@ -502,7 +500,7 @@ mod tests {
         assert_eq!(state.handle(Request::Resume), "ok running");
         advances();
         assert_eq!(state.handle(Request::Shutdown), "ok stopping");
-        assert_eq!(vcpu.join().unwrap(), Exit::Stopped);
+        assert_eq!(vcpu.join().unwrap(), "stopped");
         assert!(state.lock().threads.is_empty());
         assert!(state.handle(Request::Resume).starts_with("error "));
     }

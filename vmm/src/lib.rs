@@ -15,7 +15,6 @@
 
 pub mod balloon;
 pub mod boot;
-pub mod console;
 pub mod control;
 pub mod device_thread;
 pub mod devices;

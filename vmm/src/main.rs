@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use husk_vmm::console::ConsoleLog;
+use husk_sys::console::{self, ConsoleLog};
 use husk_vmm::control::{self, ControlSocket};
 use husk_vmm::net::TapSource;
 use husk_vmm::vhost_user::Kind;
@@ -66,7 +66,7 @@ struct Cli {
     console_fd: Option<std::os::fd::RawFd>,
     /// Most console bytes kept on disk: the file rotates to `<console>.1`
     /// at half of this.
-    #[arg(long, default_value_t = husk_vmm::console::DEFAULT_LIMIT)]
+    #[arg(long, default_value_t = console::DEFAULT_LIMIT)]
     console_limit: u64,
     /// virtiofsd's vhost-user socket: a virtio-fs device.
     #[arg(long)]
@@ -222,14 +222,18 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
     .map_err(|e| Failure::Vmm(format!("seccomp: {e}")))?;
     let log = match (&cli.console, cli.console_fd) {
         (Some(p), _) => Some(
-            ConsoleLog::create(p, cli.console_limit)
+            ConsoleLog::create(p, cli.console_limit, console_thread)
                 .map_err(|e| Failure::Vmm(format!("console file {}: {e}", p.display())))?,
         ),
-        (None, Some(fd)) => Some(inherited(fd).and_then(ConsoleLog::stream).map_err(|e| {
-            Failure::Vmm(format!(
-                "--console-fd {fd}: {e}; pass the console pipe as that descriptor"
-            ))
-        })?),
+        (None, Some(fd)) => Some(
+            inherited(fd)
+                .and_then(|f| ConsoleLog::stream(f, console_thread))
+                .map_err(|e| {
+                    Failure::Vmm(format!(
+                        "--console-fd {fd}: {e}; pass the console pipe as that descriptor"
+                    ))
+                })?,
+        ),
         (None, None) => None,
     };
     // The VM is never dropped (vCPUs may still run when it ends): its
@@ -283,7 +287,7 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
                     "--net fd={fd}: {e}; pass the tap's queue as that descriptor"
                 ))
             })?,
-            TapSource::Name(name) => husk_vmm::net::open_tap(name)
+            TapSource::Name(name) => husk_sys::tap::open_tap(name)
                 .map_err(|e| Failure::Vmm(format!("--net tap={name}: {e}")))?,
         };
         let param = vm.add_net(tap, n.mac, n.mtu).map_err(|e| vmm(&e))?;
@@ -350,6 +354,11 @@ fn take_ready_connection(fd: std::os::fd::RawFd) -> std::io::Result<UnixStream> 
 }
 
 /// Takes descriptor `fd`, which this process inherited, if it is open.
+/// The console writer's first step: its own seccomp filter.
+fn console_thread() {
+    seccomp::enter(seccomp::ThreadKind::Console);
+}
+
 fn inherited(fd: std::os::fd::RawFd) -> std::io::Result<std::fs::File> {
     use std::os::fd::FromRawFd;
     // SAFETY: F_GETFD only asks whether `fd` is open.

@@ -581,8 +581,8 @@ fn run_loop(
     };
     let lock = || bus.lock().unwrap_or_else(|e| e.into_inner());
     let result = loop {
-        if let Some(exit) = state.checkpoint() {
-            break Ok(exit);
+        if state.checkpoint() {
+            break Ok(Exit::Stopped);
         }
         match vcpu.run() {
             Ok(VcpuExit::IoOut(port, data)) => {

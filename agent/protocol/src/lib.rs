@@ -18,6 +18,21 @@ pub const PROTOCOL_VERSION: u32 = 7;
 /// `<share>/<container_id>/binds/<n>`.
 pub const GUEST_SHARE_DIR: &str = "/run/husk/shared";
 
+/// virtio-fs tag the host gives the pod's share; the agent mounts it by
+/// this name at [`GUEST_SHARE_DIR`].
+pub const SHARE_TAG: &str = "husk";
+
+/// What the agent prints on the guest console, at the start of a line,
+/// once it listens on [`AGENT_VSOCK_PORT`]: the host starts connecting when
+/// it reads this (before, a connection would only be refused and retried).
+pub const READY_MARK: &str = "husk-agent: listening on vsock port";
+
+/// The agent's readiness line (without its newline); the only way the
+/// agent writes it, so the host's [`READY_MARK`] cannot drift from it.
+pub fn ready_line() -> String {
+    format!("{READY_MARK} {AGENT_VSOCK_PORT}")
+}
+
 /// vsock port on which the agent accepts stdio streams (see containers.proto).
 pub const STDIO_VSOCK_PORT: u32 = 1025;
 
@@ -165,6 +180,14 @@ impl StreamHeader {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ready_line_is_one_line_that_starts_with_the_mark_and_names_the_port() {
+        let line = ready_line();
+        assert!(line.starts_with(READY_MARK), "{line}");
+        assert!(line.ends_with(&format!(" {AGENT_VSOCK_PORT}")), "{line}");
+        assert!(!line.contains('\n'), "{line:?}");
+    }
 
     #[test]
     fn header_round_trips() {

@@ -16,8 +16,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use husk_runtime::config::Config;
-use husk_runtime::host;
-use husk_runtime::sandbox::{ms, Sandbox};
+use husk_runtime::host::probe;
+use husk_runtime::vm::sandbox::{ms, Sandbox};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGKILL, SIGQUIT, SIGTERM};
 
 #[derive(Parser)]
@@ -87,11 +87,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", config.to_toml());
             println!(
                 "# resolved guest kernel: {}",
-                resolved(config.guest.kernel.as_deref(), host::KERNEL_NAME)
+                resolved(config.guest.kernel.as_deref(), probe::KERNEL_NAME)
             );
             println!(
                 "# resolved guest initramfs: {}",
-                resolved(config.guest.initramfs.as_deref(), host::INITRAMFS_NAME)
+                resolved(config.guest.initramfs.as_deref(), probe::INITRAMFS_NAME)
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -110,14 +110,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
 }
 
 fn resolved(configured: Option<&Path>, name: &str) -> String {
-    host::resolve_image(configured, name)
+    probe::resolve_image(configured, name)
         .map_or_else(|| "(none found)".into(), |p| p.display().to_string())
 }
 
 fn check(config: &Config, source: &str) -> ExitCode {
     println!("config: {source}");
-    let (findings, choice) = host::check(config);
-    let confinement = husk_runtime::confinement::report(&config.state_dir);
+    let (findings, choice) = probe::check(config);
+    let confinement = husk_runtime::confine::report::report(&config.state_dir);
     if confinement.is_empty() {
         println!(
             "confinement: no sandbox is running under {}",
@@ -145,7 +145,7 @@ fn check(config: &Config, source: &str) -> ExitCode {
             println!("hypervisor: {backend}");
             println!("because: {why}");
             if backend.is_emulated() {
-                println!("{}", host::TCG_WARNING);
+                println!("{}", probe::TCG_WARNING);
             }
             if needed_ok {
                 ExitCode::SUCCESS
@@ -162,8 +162,8 @@ fn check(config: &Config, source: &str) -> ExitCode {
 }
 
 fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) -> Result<ExitCode> {
+    use husk_runtime::host::storage::MountSpec;
     use husk_runtime::pod::{CreateRequest, Io, PodService, VmBackend};
-    use husk_runtime::storage::MountSpec;
 
     if !rootfs.join("bin").is_dir() && !rootfs.join("usr").is_dir() {
         bail!(
@@ -175,12 +175,12 @@ fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) ->
         .canonicalize()
         .with_context(|| format!("rootfs {}", rootfs.display()))?;
     let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let spec = husk_runtime::spec::minimal(&id, &argv, &format!("/husk/{id}"));
+    let spec = husk_runtime::pod::spec::minimal(&id, &argv, &format!("/husk/{id}"));
     // The pod API, as the shim drives it: a pod of one container whose
     // output goes to this process's own stdout and stderr.
     let (events, _) = std::sync::mpsc::channel();
     let pod = PodService::new(
-        VmBackend::new(husk_runtime::paths::DIRECT_NAMESPACE),
+        VmBackend::new(husk_runtime::host::paths::DIRECT_NAMESPACE),
         events,
     );
     let signals = Forwarder::new(pod.clone(), id.clone())?;

@@ -10,15 +10,15 @@ use serde_json::Value;
 
 use super::guest::{GuestAgent, VmAgent};
 use super::{prepare_spec, size_guest, PodError, Role};
-use crate::cgroup::{self, PodCgroup};
 use crate::config::Config;
-use crate::hypervisor::NetDevice;
-use crate::network::{self, PodNetwork};
-use crate::paths::{self, SandboxPaths};
-use crate::portforward::{self, PortForward};
-use crate::sandbox::Owner;
-use crate::storage::MountSpec;
-use crate::volumes::VolumeWatch;
+use crate::host::cgroup::{self, PodCgroup};
+use crate::host::network::{self, PodNetwork};
+use crate::host::paths::{self, SandboxPaths};
+use crate::host::storage::{self, MountSpec};
+use crate::pod::portforward::{self, PortForward};
+use crate::pod::volumes::VolumeWatch;
+use crate::vm::hypervisor::NetDevice;
+use crate::vm::sandbox::Owner;
 use crate::Sandbox;
 
 /// Boots a pod's VM.
@@ -70,7 +70,7 @@ pub enum BootError {
     #[error("the pod's host cgroup")]
     Cgroup(#[from] cgroup::CgroupError),
     #[error("booting the pod's VM")]
-    Sandbox(#[from] crate::sandbox::SandboxError),
+    Sandbox(#[from] crate::vm::sandbox::SandboxError),
     #[error("the pod's VM has no connected agent")]
     NoAgent,
     #[error("the pod's network")]
@@ -86,7 +86,7 @@ pub struct VmBackend {
 
 impl VmBackend {
     /// VMs of pods of containerd namespace `namespace`
-    /// ([`crate::paths::DIRECT_NAMESPACE`] for husk's own).
+    /// ([`crate::host::paths::DIRECT_NAMESPACE`] for husk's own).
     pub fn new(namespace: impl Into<String>) -> Self {
         Self {
             namespace: namespace.into(),
@@ -295,10 +295,8 @@ impl PodVm for PodSandbox {
         spec: &mut Value,
     ) -> Result<Vec<u32>, PodError> {
         let guest_only = prepare_spec(spec, id, role, sandbox_pid, super::fs_size)?;
-        let synced = self
-            .paths()
-            .container(id)
-            .attach(rootfs, spec, guest_only)?;
+        let synced = storage::attach_container(&self.paths().container(id), rootfs, spec)?;
+        guest_only.restore(spec);
         let mut watched = Vec::with_capacity(synced.len());
         for v in synced {
             self.volumes
@@ -325,7 +323,7 @@ impl PodVm for PodSandbox {
 
     fn release(&self, id: &str) {
         self.volumes.forget(id);
-        self.paths().container(id).release();
+        storage::release_container(&self.paths().container(id));
     }
 
     fn shutdown(self) {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use husk_protocol::containers::{Network, StatsResponse, Stdio};
 use husk_protocol::StreamHeader;
 
-use crate::agent::{self, Agent, AgentError};
+use crate::vm::agent::{self, Agent, AgentError};
 
 /// How long opening one stdio stream to the agent may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);

@@ -17,10 +17,13 @@
 pub mod backend;
 pub mod guest;
 pub mod inherit;
+pub mod portforward;
 pub mod service;
 #[cfg(test)]
 mod service_tests;
+pub mod spec;
 pub mod stdio;
+pub mod volumes;
 
 use std::path::Path;
 
@@ -31,7 +34,7 @@ pub use guest::{GuestAgent, VmAgent};
 pub use service::{CreateRequest, ErrorKind, Event, Exit, PodApiError, PodService, Status};
 pub use stdio::Io;
 
-use crate::storage::{is_bind, mount_options, StorageError};
+use crate::host::storage::{is_bind, mount_options, StorageError};
 
 /// CRI's annotation for the kind of container.
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
@@ -104,7 +107,7 @@ impl Role {
             Some("sandbox") => Ok(Role::Sandbox),
             Some("container") => {
                 let pod = ann(SANDBOX_ID).unwrap_or_default();
-                if crate::sandbox::validate_id(pod).is_err() {
+                if crate::vm::sandbox::validate_id(pod).is_err() {
                     return Err(PodError::BadSandboxId {
                         id: id.to_owned(),
                         value: pod.to_owned(),

@@ -22,9 +22,9 @@ use super::backend::{Backend, BootError, PodVm};
 use super::guest::GuestAgent;
 use super::stdio::{self, Io};
 use super::{PodError, Role};
-use crate::agent::AgentError;
 use crate::config::Config;
-use crate::storage::MountSpec;
+use crate::host::storage::MountSpec;
+use crate::vm::agent::AgentError;
 
 /// Exit status reported for a process that never ran or was lost.
 pub const KILLED_STATUS: u32 = 128 + 9;

@@ -23,9 +23,9 @@ use super::service::{
 };
 use super::stdio::Io;
 use super::{PodError, Role};
-use crate::agent::AgentError;
 use crate::config::Config;
-use crate::storage::MountSpec;
+use crate::host::storage::MountSpec;
+use crate::vm::agent::AgentError;
 
 /// A process in the fake guest.
 #[derive(Default)]

@@ -13,7 +13,7 @@ use husk_protocol::containers::Stdio;
 use husk_protocol::{StreamHeader, StreamKind};
 
 use super::guest::GuestAgent;
-use crate::agent::AgentError;
+use crate::vm::agent::AgentError;
 
 /// Where a process's stdio goes on the host; an empty path is no stream.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -12,7 +12,7 @@
 //! tmpfs read-only, and make it the root: pivot_root, or where the root is
 //! an initramfs (which pivot_root refuses) a move over / and chroot, as
 //! switch_root does. The process then drops its capabilities (see
-//! [`crate::process::Confine`]) and cannot leave.
+//! [`crate::confine::process::Confine`]) and cannot leave.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -40,7 +40,7 @@ enum Op {
 }
 
 /// What a jailed process sees. Build it with [`Jail::new`] and the adders,
-/// then pass it to [`crate::process::Process::spawn_confined`].
+/// then pass it to [`crate::confine::process::Process::spawn_confined`].
 #[derive(Debug)]
 pub struct Jail {
     root: CString,

@@ -1,7 +1,8 @@
 //! Every host path of one sandbox, in one place: the state directory
 //! `<state_dir>/<namespace>/<sandbox id>` and what lives in it (sockets,
 //! logs, the share, each container's rootfs and bind mounts). Nothing else
-//! in husk joins names onto a sandbox directory.
+//! in husk joins names onto a sandbox directory. Pure data, but for the
+//! small owner record: what is mounted there is [`crate::host::storage`]'s.
 //!
 //! The namespace is containerd's (`default`, `k8s.io`, `moby`, ...): the
 //! same id in two namespaces is two pods, as runc's shim keeps them
@@ -11,11 +12,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde_json::Value;
-
 use crate::config::Config;
-use crate::pod::{GuestOnlyMounts, PodError};
-use crate::storage::{self, MountSpec, SyncedVolume};
 
 /// The namespace of pods husk runs itself, without containerd. containerd
 /// namespaces start with a letter or digit, so none is this one.
@@ -197,14 +194,6 @@ impl SandboxPaths {
     pub fn has_containers(&self) -> bool {
         std::fs::read_dir(self.shared()).is_ok_and(|mut d| d.next().is_some())
     }
-
-    /// Unmounts whatever is left below the directory and removes it.
-    pub fn remove(&self) {
-        storage::unmount_all_under(&self.root);
-        if let Err(e) = storage::remove_tree(&self.root) {
-            tracing::warn!(dir = %self.root.display(), error = %e, "removing sandbox state");
-        }
-    }
 }
 
 /// Every host path husk keeps for one container of a sandbox.
@@ -229,40 +218,6 @@ impl ContainerPaths {
 
     pub fn binds_shared(&self) -> PathBuf {
         self.share.join("binds")
-    }
-
-    /// Mounts the rootfs and shares the spec's host bind mounts, rewriting
-    /// their sources to guest paths; returns the binds that are synced
-    /// volumes. On error what was mounted stays for
-    /// [`ContainerPaths::release`].
-    pub fn attach(
-        &self,
-        rootfs: &[MountSpec],
-        spec: &mut Value,
-        guest_only: GuestOnlyMounts,
-    ) -> Result<Vec<SyncedVolume>, PodError> {
-        let _writable = storage::ShareWrite::begin(&self.share_root);
-        storage::mount_rootfs(rootfs, &self.rootfs_private, &self.rootfs_shared())?;
-        let synced = storage::share_bind_mounts(
-            spec,
-            &self.binds_private,
-            &self.binds_shared(),
-            &self.guest_binds,
-        )?;
-        guest_only.restore(spec);
-        Ok(synced)
-    }
-
-    /// Unmounts and removes everything of this container; the guest must
-    /// no longer use it.
-    pub fn release(&self) {
-        let _writable = storage::ShareWrite::begin(&self.share_root);
-        for dir in [&self.share, &self.rootfs_private, &self.binds_private] {
-            storage::unmount_all_under(dir);
-            if let Err(e) = storage::remove_tree(dir) {
-                tracing::warn!(dir = %dir.display(), error = %e, "removing container state");
-            }
-        }
     }
 }
 

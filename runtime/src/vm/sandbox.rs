@@ -14,17 +14,19 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocol::AGENT_VSOCK_PORT;
-use husk_vmm::console::{self, ConsoleLog};
+use husk_sys::console::{self, ConsoleLog};
 
-use crate::agent::{self, Agent, AgentError, AgentInfo};
 use crate::config::Config;
-use crate::daemons::{self, DaemonError, DaemonPaths};
-use crate::host::{self, Backend, ChoiceError};
-use crate::hypervisor::{HuskVmm, Hypervisor, NetDevice, Qemu, ReadySocket, ReadyWatch, VmSpec};
-use crate::monitor::{Monitor, Watched};
-use crate::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
-use crate::process::{tail_of_file, Confine, Process, ProcessError};
-use crate::storage;
+use crate::confine::process::{tail_of_file, Confine, Process, ProcessError};
+use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
+use crate::host::probe::{self, Backend, ChoiceError};
+use crate::host::storage;
+use crate::vm::agent::{self, Agent, AgentError, AgentInfo};
+use crate::vm::daemons::{self, DaemonError, DaemonPaths};
+use crate::vm::hypervisor::{
+    HuskVmm, Hypervisor, NetDevice, Qemu, ReadySocket, ReadyWatch, VmSpec,
+};
+use crate::vm::monitor::{Monitor, Watched};
 
 /// Kernel command line husk always passes; then the backend's own parameters
 /// (how a guest reboot reaches the VMM), then `guest.kernel_params`.
@@ -45,7 +47,7 @@ const VM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// SIGTERM to SIGKILL for the daemons.
 const DAEMON_GRACE: Duration = Duration::from_secs(2);
 /// What the agent prints on the console once it listens.
-const LISTENING_HINT: &[u8] = b"husk-agent: listening on vsock port";
+const LISTENING_HINT: &[u8] = husk_protocol::READY_MARK.as_bytes();
 /// Bytes of console and VMM output quoted in errors.
 const LOG_TAIL: usize = 3000;
 
@@ -58,7 +60,7 @@ pub enum SandboxError {
     #[error("sandbox {id} already exists at {dir}; stop it first or remove the stale directory")]
     Exists { id: String, dir: PathBuf },
     #[error("the VMM's jail")]
-    Jail(#[source] crate::jail::JailError),
+    Jail(#[source] crate::confine::jail::JailError),
     #[error("creating sandbox directory {dir}")]
     StateDir {
         dir: PathBuf,
@@ -82,7 +84,7 @@ pub enum SandboxError {
     #[error("starting the device daemons")]
     Daemon(#[source] DaemonError),
     #[error("the sandbox's share root")]
-    Share(#[source] crate::storage::StorageError),
+    Share(#[source] crate::host::storage::StorageError),
     #[error("the guest console's pipe and log")]
     Console(#[source] std::io::Error),
     #[error("the socket the VMM says it runs on, {path}")]
@@ -330,17 +332,17 @@ impl Sandbox {
     ) -> Result<Self, SandboxError> {
         let t0 = Instant::now();
         validate_id(id)?;
-        let (backend, why) = host::choose_backend(config, &host::detect_kvm())?;
+        let (backend, why) = probe::choose_backend(config, &probe::detect_kvm())?;
         tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
         let kernel = image(
             config.guest.kernel.as_deref(),
-            host::KERNEL_NAME,
+            probe::KERNEL_NAME,
             "guest kernel",
             "kernel",
         )?;
         let initramfs = image(
             config.guest.initramfs.as_deref(),
-            host::INITRAMFS_NAME,
+            probe::INITRAMFS_NAME,
             "guest initramfs",
             "initramfs",
         )?;
@@ -468,7 +470,7 @@ impl Sandbox {
         let pipe_ends = if hv.console_through_pipe() {
             let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
                 .map_err(|e| SandboxError::Console(e.into()))?;
-            let log = ConsoleLog::create(&spec.console_log, console::DEFAULT_LIMIT)
+            let log = ConsoleLog::create(&spec.console_log, console::DEFAULT_LIMIT, || {})
                 .map_err(SandboxError::Console)?;
             sb.console = Some(pump_console(read, log).map_err(SandboxError::Console)?);
             spec.console_pipe = Some(write.as_raw_fd());
@@ -679,7 +681,7 @@ impl Sandbox {
             let _ = c.join();
         }
         // Never let removal reach into a container rootfs still mounted here.
-        self.paths.remove();
+        storage::remove_sandbox(&self.paths);
     }
 }
 
@@ -717,10 +719,10 @@ fn image(
     what: &'static str,
     key: &'static str,
 ) -> Result<PathBuf, SandboxError> {
-    let path = host::resolve_image(configured, name).ok_or_else(|| SandboxError::NoImage {
+    let path = probe::resolve_image(configured, name).ok_or_else(|| SandboxError::NoImage {
         what,
         key,
-        searched: host::guest_image_dirs()
+        searched: probe::guest_image_dirs()
             .iter()
             .map(|d| d.display().to_string())
             .collect::<Vec<_>>()
@@ -770,6 +772,25 @@ mod tests {
         assert!(matches!(err, SandboxError::BadImage { .. }), "{err}");
         assert!(err.to_string().contains("no-vmlinux"), "{err}");
         assert!(!cfg.state_dir.join("t").exists(), "sandbox dir left behind");
+    }
+
+    #[test]
+    fn boot_waits_for_the_line_the_agent_prints() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("console.log");
+        let mut scan = HintScan::new(&log, LISTENING_HINT);
+        std::fs::write(&log, "[0.61] Run /init as init process\n").unwrap();
+        assert!(!scan.seen());
+        let line = format!("[0.62] ok\n{}\n", husk_protocol::ready_line());
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .and_then(|mut f| f.write_all(line.as_bytes()))
+            .unwrap();
+        assert!(
+            scan.seen(),
+            "the agent's ready line is not what boot waits for"
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Synced volumes on the host: watches the directories kubelet's atomic
 //! writer updates (configMap, secret, downwardAPI, projected; see
-//! [`crate::storage::is_synced_volume`]) and tells the guest agent each
+//! [`crate::host::storage::is_synced_volume`]) and tells the guest agent each
 //! time the writer has made another data directory current, so that the
 //! agent's copy, which the container sees, follows (agent/src/volumes.rs).
 //!
@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
-use crate::agent::{Agent, AgentError};
+use crate::vm::agent::{Agent, AgentError};
 
 /// The link kubelet's writer swaps.
 const DATA_LINK: &str = "..data";

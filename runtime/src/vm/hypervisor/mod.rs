@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use crate::jail::{Jail, JailError};
+use crate::confine::jail::{Jail, JailError};
 
 pub use husk_vmm::HuskVmm;
 pub use qemu::Qemu;
@@ -117,12 +117,11 @@ fn vmm_jail(spec: &VmSpec, root: &Path, kvm: bool) -> Result<Jail, JailError> {
     Ok(jail)
 }
 
-/// virtio-fs tag of the pod share; the agent mounts it by this name.
-pub const SHARE_TAG: &str = "husk";
+pub use husk_protocol::SHARE_TAG;
 
 /// A VMM backend: how to run one sandbox VM as one process. Starting,
 /// waiting for and killing that process is the same for every backend and
-/// is the sandbox's (it holds the [`crate::process::Process`]).
+/// is the sandbox's (it holds the [`crate::confine::process::Process`]).
 pub trait Hypervisor: Send {
     /// Short name for logs and `husk check`.
     fn name(&self) -> String;
@@ -145,7 +144,7 @@ pub trait Hypervisor: Send {
         false
     }
 
-    /// The jail (see [`crate::jail`]) the VMM runs in, rooted at `root`, an
+    /// The jail (see [`crate::confine::jail`]) the VMM runs in, rooted at `root`, an
     /// empty directory it makes; None runs it in the host's mounts.
     fn jail(&self, _spec: &VmSpec, _root: &Path) -> Result<Option<Jail>, JailError> {
         Ok(None)

@@ -17,6 +17,8 @@ use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
 
+use crate::host::paths::{ContainerPaths, SandboxPaths};
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("unsupported rootfs mount type {0:?} (expected overlay or bind)")]
@@ -596,6 +598,45 @@ fn unescape(s: &str) -> PathBuf {
             .map(|c| c.into_string().unwrap_or_default())
             .unwrap_or_default(),
     )
+}
+
+/// Mounts a container's rootfs and shares the spec's host bind mounts,
+/// rewriting their sources to guest paths; returns the binds that are
+/// synced volumes. On error what was mounted stays for
+/// [`release_container`].
+pub fn attach_container(
+    paths: &ContainerPaths,
+    rootfs: &[MountSpec],
+    spec: &mut serde_json::Value,
+) -> Result<Vec<SyncedVolume>, StorageError> {
+    let _writable = ShareWrite::begin(&paths.share_root);
+    mount_rootfs(rootfs, &paths.rootfs_private, &paths.rootfs_shared())?;
+    share_bind_mounts(
+        spec,
+        &paths.binds_private,
+        &paths.binds_shared(),
+        &paths.guest_binds,
+    )
+}
+
+/// Unmounts and removes everything of a container; the guest must no
+/// longer use it.
+pub fn release_container(paths: &ContainerPaths) {
+    let _writable = ShareWrite::begin(&paths.share_root);
+    for dir in [&paths.share, &paths.rootfs_private, &paths.binds_private] {
+        unmount_all_under(dir);
+        if let Err(e) = remove_tree(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "removing container state");
+        }
+    }
+}
+
+/// Unmounts whatever is left below a sandbox's directory and removes it.
+pub fn remove_sandbox(paths: &SandboxPaths) {
+    unmount_all_under(paths.root());
+    if let Err(e) = remove_tree(paths.root()) {
+        tracing::warn!(dir = %paths.root().display(), error = %e, "removing sandbox state");
+    }
 }
 
 #[cfg(test)]

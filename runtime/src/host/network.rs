@@ -36,9 +36,6 @@ use rtnetlink::{Handle, IpVersion, LinkUnspec, RouteMessageBuilder};
 const ETH_P_ALL: u16 = 0x0003_u16.to_be();
 /// The ingress qdisc's handle, `ffff:`.
 const INGRESS_HANDLE: u32 = 0xffff_0000;
-/// Interface names are at most 15 bytes.
-#[cfg(test)]
-const IFNAMSIZ: usize = 16;
 /// A tap's name: `htap<index of its link>`, so a later cleanup knows which
 /// link it serves (15 bytes at most, whatever the index).
 const TAP_PREFIX: &str = "htap";
@@ -594,7 +591,7 @@ async fn remove_ingress(handle: &Handle, netns: &Path, index: u32) -> Result<(),
 async fn attach_link(handle: &Handle, netns: &Path, link: PodLink) -> Result<Tap, NetworkError> {
     let name = tap_name(link.index);
     // Opened on this thread, which is in the pod's namespace.
-    let fd = husk_vmm::net::open_tap(&name)
+    let fd = husk_sys::tap::open_tap(&name)
         .map(OwnedFd::from)
         .map_err(|source| NetworkError::Tap {
             name: name.clone(),
@@ -769,7 +766,7 @@ mod tests {
     fn tap_names_fit_and_name_their_link() {
         assert_eq!(tap_name(3), "htap3");
         assert!(
-            tap_name(u32::MAX).len() < IFNAMSIZ,
+            tap_name(u32::MAX).len() < husk_sys::tap::IFNAMSIZ,
             "{}",
             tap_name(u32::MAX)
         );

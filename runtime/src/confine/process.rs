@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::jail::Jail;
-use crate::seccomp::Filter;
+use crate::confine::jail::Jail;
+use crate::confine::seccomp::Filter;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -40,7 +40,7 @@ pub enum ProcessError {
     Jail {
         name: &'static str,
         #[source]
-        source: crate::jail::JailError,
+        source: crate::confine::jail::JailError,
     },
     #[error("{name}: waiting for exit")]
     Wait {
@@ -63,9 +63,9 @@ pub struct Confine {
     /// RLIMIT_FSIZE, in bytes: no file it writes grows past this.
     pub max_file_size: Option<u64>,
     /// The only system calls it may make; any other kills it (see
-    /// [`crate::seccomp`]). Installed with no_new_privs when
+    /// [`crate::confine::seccomp`]). Installed with no_new_privs when
     /// `no_capabilities`, else through the caller's CAP_SYS_ADMIN.
-    pub seccomp: Option<&'static crate::seccomp::Allow>,
+    pub seccomp: Option<&'static crate::confine::seccomp::Allow>,
 }
 
 impl Confine {
@@ -88,7 +88,7 @@ impl Confine {
 
     /// vhost-device-vsock: unprivileged, under husk's own filter.
     pub const VSOCK_DAEMON: Confine = Confine {
-        seccomp: Some(crate::seccomp::VSOCK_DAEMON),
+        seccomp: Some(crate::confine::seccomp::VSOCK_DAEMON),
         ..Confine::UNPRIVILEGED
     };
 
@@ -96,7 +96,7 @@ impl Confine {
     /// with their owners and modes, and sets up its namespace sandbox),
     /// its own limits, under husk's filter on top of its own.
     pub const FS_DAEMON: Confine = Confine {
-        seccomp: Some(crate::seccomp::VIRTIOFSD),
+        seccomp: Some(crate::confine::seccomp::VIRTIOFSD),
         ..Confine::NONE
     };
 

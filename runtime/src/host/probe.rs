@@ -6,7 +6,7 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use crate::config::{Accel, Config, HypervisorChoice};
-use crate::process::find_binary;
+use crate::confine::process::find_binary;
 
 /// How `/dev/kvm` is served on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use husk_protocol::{FORWARD_VSOCK_PORT, MAX_FORWARD_LINE};
 
-use crate::agent;
+use crate::vm::agent;
 
 /// The comment that marks husk's rules.
 const RULE_COMMENT: &str = "husk-port-forward";
@@ -119,7 +119,7 @@ fn in_netns<T: Send>(
         path: netns.to_path_buf(),
         source,
     };
-    crate::network::on_thread_in(netns, ns_err, f)
+    crate::host::network::on_thread_in(netns, ns_err, f)
 }
 
 /// The last line `sh` prints: the tool's exit status.

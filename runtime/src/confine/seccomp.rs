@@ -8,8 +8,7 @@
 #[cfg(test)]
 use libc::c_long;
 
-// The BPF builder is husk-vmm's (it filters its own threads with it).
-pub use husk_vmm::seccomp::{Allow, Filter};
+pub use husk_sys::seccomp::{Allow, Filter};
 
 /// What vhost-device-vsock (0.x from crates.io) calls from exec to exit: the
 /// dynamic loader, its vhost-user and unix socket serving (epoll, eventfd,
@@ -241,7 +240,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::process::{Confine, Process};
+    use crate::confine::process::{Confine, Process};
 
     fn run(allowed: &'static Allow, program: &str, args: &[&str]) -> std::process::ExitStatus {
         let dir = tempfile::tempdir().unwrap();

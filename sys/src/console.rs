@@ -72,29 +72,32 @@ impl ConsoleEnd {
 }
 
 impl ConsoleLog {
-    /// Creates (truncates) `path`; at most `limit` bytes stay on disk.
-    pub fn create(path: &Path, limit: u64) -> std::io::Result<Self> {
+    /// Creates (truncates) `path`; at most `limit` bytes stay on disk. The
+    /// writer thread runs `setup` first (a seccomp filter of its own, say).
+    pub fn create(path: &Path, limit: u64, setup: fn()) -> std::io::Result<Self> {
         let file = File::create(path)?;
-        Self::start(Sink {
+        let sink = Sink {
             path: Some(path.to_path_buf()),
             file,
             written: 0,
             half: (limit / 2).max(1),
-        })
+        };
+        Self::start(sink, setup)
     }
 
     /// Writes into `stream` (a pipe whose reader bounds what it keeps),
-    /// without rotation.
-    pub fn stream(stream: File) -> std::io::Result<Self> {
-        Self::start(Sink {
+    /// without rotation; the writer thread runs `setup` first.
+    pub fn stream(stream: File, setup: fn()) -> std::io::Result<Self> {
+        let sink = Sink {
             path: None,
             file: stream,
             written: 0,
             half: u64::MAX,
-        })
+        };
+        Self::start(sink, setup)
     }
 
-    fn start(mut sink: Sink) -> std::io::Result<Self> {
+    fn start(mut sink: Sink, setup: fn()) -> std::io::Result<Self> {
         let shared = Arc::new(Shared::default());
         // A small stack: it copies bytes and nothing else, and a default
         // 2 MiB stack may be backed by a huge page (2 MiB of PSS).
@@ -104,7 +107,7 @@ impl ConsoleLog {
             .spawn({
                 let shared = shared.clone();
                 move || {
-                    crate::seccomp::enter(crate::seccomp::ThreadKind::Console);
+                    setup();
                     sink.run(&shared)
                 }
             })?;
@@ -230,7 +233,7 @@ mod tests {
     fn a_flood_stays_within_the_limit_and_the_end_is_kept() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("console.log");
-        let mut log = ConsoleLog::create(&path, 64 << 10).unwrap();
+        let mut log = ConsoleLog::create(&path, 64 << 10, || {}).unwrap();
         // 10 MB, one byte per write as the UART does.
         let line = b"flood flood flood flood flood flood flood flood flood flood\n";
         let mut sent = 0u64;
@@ -258,7 +261,7 @@ mod tests {
     fn output_reaches_the_file_without_a_flush_or_a_drop() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("console.log");
-        let mut log = ConsoleLog::create(&path, DEFAULT_LIMIT).unwrap();
+        let mut log = ConsoleLog::create(&path, DEFAULT_LIMIT, || {}).unwrap();
         log.write_all(b"husk-agent: listening\n").unwrap();
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::fs::read(&path).unwrap() != b"husk-agent: listening\n" {
@@ -276,7 +279,7 @@ mod tests {
     fn the_end_handle_writes_the_last_lines_while_the_log_lives_on() {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("console.log");
-        let mut log = ConsoleLog::create(&path, DEFAULT_LIMIT).unwrap();
+        let mut log = ConsoleLog::create(&path, DEFAULT_LIMIT, || {}).unwrap();
         let end = log.end();
         for b in b"Kernel panic - not syncing: VFS: Unable to mount root fs\n" {
             log.write_all(&[*b]).unwrap();

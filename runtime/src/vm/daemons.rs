@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
-use crate::jail::{Jail, JailError};
-use crate::process::{Confine, Process, ProcessError};
+use crate::confine::jail::{Jail, JailError};
+use crate::confine::process::{Confine, Process, ProcessError};
 
 /// Guest CID. Each sandbox has its own vsock device, so all can use 3.
 pub const GUEST_CID: u32 = 3;

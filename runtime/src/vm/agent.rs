@@ -285,7 +285,7 @@ impl Agent {
     }
 
     /// How many replies were refused as invalid: a guest that keeps lying
-    /// is taken for dead (see [`crate::monitor`]).
+    /// is taken for dead (see [`crate::vm::monitor`]).
     pub fn invalid_replies(&self) -> u32 {
         self.invalid.load(Ordering::Relaxed)
     }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::agent::{Agent, AgentError};
+use crate::vm::agent::{Agent, AgentError};
 
 /// What a monitor needs to see: the VMM and the device daemons.
 #[derive(Debug, Clone)]

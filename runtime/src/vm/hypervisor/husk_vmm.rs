@@ -6,8 +6,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
-use crate::daemons::GUEST_CID;
-use crate::jail::{Jail, JailError};
+use crate::confine::jail::{Jail, JailError};
+use crate::vm::daemons::GUEST_CID;
 
 pub struct HuskVmm {
     binary: PathBuf,

@@ -6,8 +6,8 @@ use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use super::{mac_string, net_fd, Hypervisor, VmSpec, SHARE_TAG};
-use crate::host::ResolvedAccel;
-use crate::jail::{Jail, JailError};
+use crate::confine::jail::{Jail, JailError};
+use crate::host::probe::ResolvedAccel;
 
 /// QEMU microvm with vhost-user-fs and vhost-user-vsock devices.
 pub struct Qemu {

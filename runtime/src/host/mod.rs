@@ -1,0 +1,11 @@
+//! The host side of a sandbox: every path of its state directory (pure
+//! data), the storage it mounts and shares (rootfs, binds, the share
+//! root), its cgroup, the pod network carried into the VM (taps, the
+//! redirect, the copy of the namespace's state), and what this host can
+//! run (`probe`). Talks to the kernel, never to the guest.
+
+pub mod cgroup;
+pub mod network;
+pub mod paths;
+pub mod probe;
+pub mod storage;
