@@ -725,5 +725,10 @@ grep "LAB: density-broken:" "$WORK/result" | sed 's/^LAB: density-broken: /lab: 
 # of 4 runs, on > off by 0.3 MiB in one). The fpr step above checks the
 # giving back itself.
 [ -f "$WORK/spoiled" ] && sed 's/^/lab: spoiled by the emulator, run again: /' "$WORK/spoiled"
-echo "lab: husk-vmm / QEMU boot time: $(echo "scale=2; $h / $q" | bc | sed 's/^\./0./') (goal at most 0.8)"
+# A benchmark figure, not a check: both VMMs boot under emulated SVM in an
+# emulated L1, whose noise a pass/fail bound would turn into flakes. The
+# goal the project tracks in its notes is at most 0.8.
+ratio=$(echo "scale=2; $h / $q" | bc | sed 's/^\./0./')
+met=$(echo "$ratio <= 0.8" | bc)
+echo "lab: husk-vmm / QEMU boot time: $ratio (goal at most 0.8: $([ "$met" = 1 ] && echo met || echo NOT met); a benchmark figure, not enforced)"
 echo "lab: husk-vmm booted the guest kernel to /init under SVM KVM and ended on its reset; total $(echo "$end - $start" | bc) s"

@@ -13,7 +13,6 @@ use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocol::containers::{Network, StatsResponse, Stdio};
@@ -132,7 +131,7 @@ struct Proc {
     exit: Arc<Exit>,
     /// Output copies; Wait drains them. (The stdin copy ends when the host
     /// closes its side, which it may never do.)
-    pumps: Vec<JoinHandle<()>>,
+    pumps: Vec<crate::stdio::Pump>,
     /// The stdin connection, shut down on removal to end its copy.
     stdin_conn: Option<File>,
     /// The pty master, in terminal mode, for resizing.
@@ -201,7 +200,7 @@ enum Wiring {
     /// Pipes: the ends the process gets; the copies already run.
     Pipes {
         fds: [OwnedFd; 3],
-        pumps: Vec<JoinHandle<()>>,
+        pumps: Vec<crate::stdio::Pump>,
         stdin_conn: Option<File>,
     },
     /// A pty: libcontainer connects to the console socket and sends the
@@ -787,12 +786,7 @@ impl Manager {
         tracing::debug!(container = id, exec = exec_id, status, "exited");
         let deadline = Instant::now() + DRAIN_TIMEOUT;
         for p in pumps {
-            while !p.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            if p.is_finished() {
-                let _ = p.join();
-            }
+            p.finish_by(deadline);
         }
         Ok(status)
     }
@@ -994,22 +988,27 @@ impl Manager {
 /// pty master it sends.
 fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, String> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
-    let deadline = Instant::now() + timeout;
-    let conn = loop {
-        match listener.accept() {
-            Ok((c, _)) => break c,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                if Instant::now() > deadline {
-                    return Err(format!(
-                        "no connection on the console socket in {timeout:?}"
-                    ));
-                }
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            Err(e) => return Err(e.to_string()),
+    // Readable once libcontainer connects; then accept does not block.
+    let mut fds = [nix::poll::PollFd::new(
+        listener.as_fd(),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let ready = loop {
+        match nix::poll::poll(
+            &mut fds,
+            nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
+        ) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            r => break r.map_err(|e| e.to_string())?,
         }
     };
+    if ready == 0 {
+        return Err(format!(
+            "no connection on the console socket in {timeout:?}"
+        ));
+    }
+    let (conn, _) = listener.accept().map_err(|e| e.to_string())?;
     conn.set_nonblocking(false).map_err(|e| e.to_string())?;
     conn.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;

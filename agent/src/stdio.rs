@@ -157,11 +157,33 @@ fn read_line(f: &mut File) -> Option<String> {
 /// Copies `from` into `to` until EOF or an error (see
 /// [`husk_protocol::copy_plain`]), then drops both, which signals EOF to the
 /// other side.
-pub fn pump(name: &'static str, mut from: File, mut to: File) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
+pub fn pump(name: &'static str, mut from: File, mut to: File) -> Pump {
+    let (done, ended) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || {
+            // Dropped as the thread ends, which wakes `Pump::finish_by`.
+            let _done = done;
             let _ = husk_protocol::copy_plain(&mut from, &mut to);
         })
-        .expect("spawn stdio thread")
+        .expect("spawn stdio thread");
+    Pump { thread, ended }
+}
+
+/// A copying thread of [`pump`]; dropping it leaves the thread running.
+pub struct Pump {
+    thread: std::thread::JoinHandle<()>,
+    ended: std::sync::mpsc::Receiver<()>,
+}
+
+impl Pump {
+    /// Waits until the copy ends or `deadline` passes; joins the thread if
+    /// it ended.
+    pub fn finish_by(self, deadline: std::time::Instant) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = self.ended.recv_timeout(left)
+        {
+            let _ = self.thread.join();
+        }
+    }
 }

@@ -424,12 +424,15 @@ pub fn run_args<'a>(
 /// Waits until no husk shim, VM process, sandbox directory or mount is left.
 pub fn assert_clean() {
     let deadline = Instant::now() + Duration::from_secs(10);
+    // The shims containerd starts read no config file here: the default's.
+    let state = husk_runtime::Config::default().state_dir;
+    let under = format!("{}/", state.display());
     loop {
         let shims = crate::processes_mentioning(Path::new("containerd-shim-husk-v2"));
-        let vms = crate::processes_mentioning(Path::new("/run/husk/"));
+        let vms = crate::processes_mentioning(Path::new(&under));
         // Sandbox directories; the namespace directories above them stay,
         // as runc's shim leaves /run/containerd/runc/<namespace>.
-        let dirs: Vec<_> = std::fs::read_dir("/run/husk")
+        let dirs: Vec<_> = std::fs::read_dir(&state)
             .map(|d| {
                 d.flatten()
                     .filter_map(|ns| std::fs::read_dir(ns.path()).ok())
@@ -439,7 +442,7 @@ pub fn assert_clean() {
             .unwrap_or_default();
         let mounts = std::fs::read_to_string("/proc/self/mountinfo")
             .unwrap_or_default()
-            .matches("/run/husk/")
+            .matches(under.as_str())
             .count();
         if shims.is_empty() && vms.is_empty() && dirs.is_empty() && mounts == 0 {
             return;

@@ -82,11 +82,8 @@ fn mount_flags(p: &Path) -> u64 {
     // SAFETY: a NUL-terminated path and a zeroed statvfs to fill.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     // SAFETY: as above; both outlive the call.
-    assert_eq!(
-        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
-        0,
-        "statvfs {p:?}"
-    );
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    assert_eq!(rc, 0, "statvfs {p:?}");
     st.f_flag
 }
 

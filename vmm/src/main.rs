@@ -71,7 +71,8 @@ struct Cli {
     /// virtiofsd's vhost-user socket: a virtio-fs device.
     #[arg(long)]
     vhost_user_fs: Option<PathBuf>,
-    /// Tag of the virtio-fs device.
+    /// Tag of the virtio-fs device (the runtime passes the one the agent
+    /// mounts, `husk_protocol::SHARE_TAG`).
     #[arg(long, default_value = "husk")]
     fs_tag: String,
     /// vhost-device-vsock's vhost-user socket: a virtio-vsock device.

@@ -3,7 +3,8 @@
 //! what the specification does not allow. The guest is untrusted: every
 //! write is checked, none can panic, and a refused write changes nothing.
 //!
-//! The device behind it (a vhost-user frontend, later) sees only the
+//! The device behind it (a vhost-user frontend, or husk-vmm's own net or
+//! balloon device) sees only the
 //! outcome: [`Action::Activate`] once the driver is ready with its queues,
 //! [`Action::Notify`] for queue kicks, [`Action::Reset`] on reset.
 

@@ -6,12 +6,13 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
@@ -396,20 +397,26 @@ impl Process {
         Ok(self.exited)
     }
 
-    /// Waits until the process ends or `timeout` passes.
+    /// Waits until the process ends or `timeout` passes: on its pidfd,
+    /// which turns readable when it exits (it is our unreaped child, so
+    /// the pid is still its own).
     pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>, ProcessError> {
+        if let Some(status) = self.try_wait()? {
+            return Ok(Some(status));
+        }
+        let name = self.name;
+        let fd =
+            pidfd_open(self.child.id()).map_err(|source| ProcessError::Wait { name, source })?;
         let deadline = Instant::now() + timeout;
-        let mut pause = Duration::from_millis(1);
         loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            wait_any(&[fd.as_fd()], left).map_err(|source| ProcessError::Wait { name, source })?;
             if let Some(status) = self.try_wait()? {
                 return Ok(Some(status));
             }
-            let now = Instant::now();
-            if now >= deadline {
+            if Instant::now() >= deadline {
                 return Ok(None);
             }
-            std::thread::sleep(pause.min(deadline - now));
-            pause = (pause * 2).min(Duration::from_millis(20));
         }
     }
 
@@ -515,6 +522,36 @@ pub fn tail_of_file(path: &Path, max: usize) -> String {
         &text
     };
     text.trim_end().to_owned()
+}
+
+/// A pidfd for `pid` (Linux 5.3): readable once the process exits, and a
+/// signal through it cannot reach a later process with the same pid.
+pub fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // or -1; it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Waits up to `timeout` for any of `fds` to turn readable (a signal's
+/// interruption ends the wait early; callers look again).
+pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Duration) -> std::io::Result<()> {
+    let ms = timeout.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32;
+    let mut polled: Vec<PollFd> = fds
+        .iter()
+        .map(|fd| PollFd::new(*fd, PollFlags::POLLIN))
+        .collect();
+    match poll(
+        &mut polled,
+        PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX),
+    ) {
+        Ok(_) | Err(nix::errno::Errno::EINTR) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 #[cfg(test)]

@@ -270,7 +270,7 @@ mod tests {
         let direct = SandboxPaths::new(&cfg, DIRECT_NAMESPACE, "same").expect("valid");
         assert_ne!(a.root(), b.root());
         assert_ne!(a.root(), direct.root());
-        assert_eq!(a.root(), Path::new("/run/husk/default/same"));
+        assert_eq!(a.root(), cfg.state_dir.join("default/same"));
     }
 
     #[test]

@@ -198,6 +198,8 @@ pub struct CreateRequest {
 struct ExitCell {
     exit: Mutex<Option<Exit>>,
     cv: Condvar,
+    /// Waits blocked on the cell (tests hold a deletion until theirs is).
+    waiting: std::sync::atomic::AtomicUsize,
 }
 
 impl ExitCell {
@@ -211,13 +213,17 @@ impl ExitCell {
     }
 
     fn wait(&self) -> Exit {
+        use std::sync::atomic::Ordering;
         let mut g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        let exit = loop {
             if let Some(e) = *g {
-                return e;
+                break e;
             }
             g = self.cv.wait(g).unwrap_or_else(|e| e.into_inner());
-        }
+        };
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        exit
     }
 }
 
@@ -233,7 +239,7 @@ struct Proc {
     stdin_stream: Option<UnixStream>,
     /// A handle on the stdin stream for closing it.
     stdin_ctl: Option<UnixStream>,
-    stdin_copier: Option<JoinHandle<()>>,
+    stdin_copier: Option<stdio::StdinCopier>,
     /// Copies from the guest to the output paths.
     pumps: Vec<JoinHandle<()>>,
     /// Kills sent to the guest and not yet answered. The exit waits for
@@ -780,6 +786,15 @@ impl<B: Backend> PodService<B> {
         Ok(cell.wait())
     }
 
+    /// How many Waits are blocked on the process.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self, id: &str, exec_id: &str) -> usize {
+        self.with_proc(id, exec_id, |p| {
+            Ok(p.exited.waiting.load(std::sync::atomic::Ordering::SeqCst))
+        })
+        .unwrap_or(0)
+    }
+
     pub fn process_state(&self, id: &str, exec_id: &str) -> Result<ProcessState> {
         self.with_ctr(id, |c| {
             let (paused, bundle) = (c.paused, c.bundle.clone());
@@ -902,10 +917,7 @@ impl<B: Backend> PodService<B> {
         })?;
         if let Some(c) = ctl {
             if let Some(copier) = copier {
-                let deadline = std::time::Instant::now() + CLOSE_STDIN_GRACE;
-                while !copier.is_finished() && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(5));
-                }
+                copier.finish(CLOSE_STDIN_GRACE);
             }
             let _ = c.shutdown(std::net::Shutdown::Write);
         }

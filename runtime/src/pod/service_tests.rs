@@ -604,6 +604,15 @@ fn a_guest_reporting_ooms_in_a_loop_gets_one_event_per_gap() {
     p.pod.kill("c1", "", 9, false).unwrap();
 }
 
+/// Returns once a Wait is blocked on each of `procs` (container, exec).
+fn until_waiting(pod: &PodService<FakeBackend>, procs: &[(&str, &str)]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while procs.iter().any(|(c, e)| pod.waiting(c, e) == 0) {
+        assert!(std::time::Instant::now() < deadline, "no Wait got pending");
+        std::thread::yield_now();
+    }
+}
+
 #[test]
 fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
     let p = pod();
@@ -616,7 +625,7 @@ fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
         let pod = p.pod.clone();
         std::thread::spawn(move || pod.wait("c1", "e1"))
     };
-    std::thread::sleep(Duration::from_millis(50));
+    until_waiting(&p.pod, &[("c1", "e1")]);
     p.pod.kill("c1", "e1", 9, false).unwrap();
     let (_, exit) = {
         // The exit is recorded before delete reads it.
@@ -640,7 +649,7 @@ fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
             std::thread::spawn(move || pod.wait("c1", exec))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(50));
+    until_waiting(&p.pod, &[("c1", ""), ("c1", "e2")]);
     let (_, exit) = p.pod.delete("c1", "").unwrap();
     assert_eq!(exit.status, KILLED_STATUS);
     for w in waiters {

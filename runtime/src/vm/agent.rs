@@ -160,31 +160,29 @@ fn parse_ok(line: &[u8]) -> Option<u32> {
 }
 
 /// Retries [`hybrid_connect`] until it succeeds or `timeout` passes.
-/// `alive` is asked between attempts and ends the wait with its error (e.g.
-/// the VM has exited); `Ok(false)` means "not yet worth trying" (no sign of
-/// the agent yet): vhost-device-vsock was seen to stop forwarding for good,
-/// about one boot in seven, when hammered with CONNECTs while the guest was
-/// still booting.
+/// `sign(wait)` blocks up to `wait` for the agent's sign of life (at once
+/// if it was seen before): `Ok(true)` once seen, `Ok(false)` when `wait`
+/// passed without it, an error to end the wait (e.g. the VM has exited).
+/// No CONNECT goes out before the sign: vhost-device-vsock was seen to stop
+/// forwarding for good, about one boot in seven, when hammered with
+/// CONNECTs while the guest was still booting.
 pub fn wait_ready<E>(
     path: &Path,
     port: u32,
     timeout: Duration,
-    mut alive: impl FnMut() -> Result<bool, E>,
+    mut sign: impl FnMut(Duration) -> Result<bool, E>,
 ) -> Result<Result<(UnixStream, u32), AgentError>, E> {
     let start = Instant::now();
     let mut attempts = 0u32;
     loop {
-        if !alive()? {
-            if start.elapsed() >= timeout {
-                let last = " (the guest never reported listening)".to_owned();
-                return Ok(Err(AgentError::Timeout {
-                    port,
-                    timeout,
-                    last,
-                }));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-            continue;
+        let left = timeout.saturating_sub(start.elapsed());
+        if !sign(left)? {
+            let last = " (the guest never reported listening)".to_owned();
+            return Ok(Err(AgentError::Timeout {
+                port,
+                timeout,
+                last,
+            }));
         }
         attempts += 1;
         let left = timeout.saturating_sub(start.elapsed());
@@ -200,6 +198,9 @@ pub fn wait_ready<E>(
             }
             Err(_) => {}
         }
+        // The agent listens (it said so) but the vsock daemon did not put
+        // the connection through yet: nothing on the host tells when it
+        // will, so the next attempt follows after a short pause.
         std::thread::sleep(Duration::from_millis(5).min(timeout.saturating_sub(start.elapsed())));
     }
 }
@@ -939,11 +940,36 @@ mod tests {
             Path::new("/nonexistent/agent.sock"),
             1024,
             Duration::from_millis(200),
-            || Ok(true),
+            |_| Ok(true),
         );
         let err = r.unwrap().unwrap_err();
         assert!(matches!(err, AgentError::Timeout { .. }), "{err}");
         assert!(start.elapsed() < Duration::from_secs(2));
+    }
+
+    #[test]
+    fn wait_ready_makes_no_attempt_before_the_sign() {
+        let start = Instant::now();
+        let mut asked = Vec::new();
+        let r: Result<_, ()> = wait_ready(
+            Path::new("/nonexistent/agent.sock"),
+            1024,
+            Duration::from_millis(100),
+            |wait| {
+                asked.push(wait);
+                std::thread::sleep(wait);
+                Ok(false)
+            },
+        );
+        let err = r.unwrap().unwrap_err();
+        assert!(
+            err.to_string().contains("never reported listening"),
+            "{err}"
+        );
+        // Asked once, for the whole timeout.
+        assert_eq!(asked.len(), 1, "{asked:?}");
+        assert!(asked[0] <= Duration::from_millis(100));
+        assert!(start.elapsed() >= Duration::from_millis(100));
     }
 
     #[test]
@@ -952,7 +978,7 @@ mod tests {
             Path::new("/nonexistent/agent.sock"),
             1024,
             Duration::from_secs(10),
-            || Err("vm exited"),
+            |_| Err("vm exited"),
         );
         assert_eq!(r.unwrap_err(), "vm exited");
     }

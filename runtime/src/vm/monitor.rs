@@ -5,12 +5,13 @@
 //! on the guest (the waits of the pod's processes above all) fails at once
 //! and each process gets its exit instead of hanging with the guest.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::confine::process::pidfd_open;
 use crate::vm::agent::{Agent, AgentError};
 
 /// What a monitor needs to see: the VMM and the device daemons.
@@ -175,17 +176,6 @@ fn watch(
             return Some(Verdict::AgentLying { invalid });
         }
     }
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
-    // or -1; it touches no memory of ours.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// SIGKILLs the process behind a pidfd (no pid reuse race); one that is

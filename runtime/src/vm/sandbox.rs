@@ -6,18 +6,20 @@
 //! directory, so no failure path leaves a VM, daemon, socket or directory.
 
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_protocol::AGENT_VSOCK_PORT;
 use husk_sys::console::{self, ConsoleLog};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::Config;
-use crate::confine::process::{tail_of_file, Confine, Process, ProcessError};
+use crate::confine::process::{pidfd_open, tail_of_file, wait_any, Confine, Process, ProcessError};
 use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::host::probe::{self, Backend, ChoiceError};
 use crate::host::storage;
@@ -47,7 +49,7 @@ const VM_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// SIGTERM to SIGKILL for the daemons.
 const DAEMON_GRACE: Duration = Duration::from_secs(2);
 /// What the agent prints on the console once it listens.
-const LISTENING_HINT: &[u8] = husk_protocol::READY_MARK.as_bytes();
+const READY_MARK: &[u8] = husk_protocol::READY_MARK.as_bytes();
 /// Bytes of console and VMM output quoted in errors.
 const LOG_TAIL: usize = 3000;
 
@@ -201,65 +203,57 @@ fn kernel_start(spawned: Instant, answered: Instant, info: &AgentInfo) -> Instan
         .map_or(spawned, |k| k.max(spawned))
 }
 
-/// Watches a growing log for a line, reading only what was added since
-/// the last look (the boot wait asks every 5 ms; the console holds the
-/// whole kernel log by then).
-struct HintScan<'a> {
-    path: &'a Path,
-    needle: &'a [u8],
-    /// The file looked at (device, inode), and how many of its bytes.
-    file: (u64, u64),
-    offset: u64,
-    /// The last `needle.len() - 1` bytes looked at: a needle may straddle
-    /// two reads.
+/// Finds a mark in a stream that arrives in pieces (a mark may straddle
+/// two reads).
+struct MarkScan {
+    needle: &'static [u8],
+    /// The last `needle.len() - 1` bytes seen.
     carry: Vec<u8>,
     found: bool,
 }
 
-impl<'a> HintScan<'a> {
-    fn new(path: &'a Path, needle: &'a [u8]) -> Self {
+impl MarkScan {
+    fn new(needle: &'static [u8]) -> Self {
         Self {
-            path,
             needle,
-            file: (0, 0),
-            offset: 0,
             carry: Vec::new(),
             found: false,
         }
     }
 
-    /// Whether the needle is in the file by now.
-    fn seen(&mut self) -> bool {
-        use std::io::Seek;
+    /// Looks at the next piece; whether the mark has been seen by now.
+    fn feed(&mut self, piece: &[u8]) -> bool {
         if self.found {
             return true;
         }
-        let Ok(mut f) = std::fs::File::open(self.path) else {
-            return false;
-        };
-        // Another file than last time (the log was rotated): start over.
-        let Ok(meta) = f.metadata() else {
-            return false;
-        };
-        let file = (meta.dev(), meta.ino());
-        if file != self.file || meta.len() < self.offset {
-            self.file = file;
-            self.offset = 0;
-            self.carry.clear();
-        }
-        let mut added = Vec::new();
-        if f.seek(std::io::SeekFrom::Start(self.offset)).is_err()
-            || f.read_to_end(&mut added).is_err()
-        {
-            return false;
-        }
-        self.offset += added.len() as u64;
         let mut window = std::mem::take(&mut self.carry);
-        window.extend_from_slice(&added);
+        window.extend_from_slice(piece);
         self.found = window.windows(self.needle.len()).any(|w| w == self.needle);
         let keep = window.len().min(self.needle.len().saturating_sub(1));
         self.carry = window.split_off(window.len() - keep);
         self.found
+    }
+}
+
+/// The agent's ready line, as the console pump sees it go by: when, and an
+/// eventfd that turns readable then, for the boot's wait to poll.
+struct ReadyMark {
+    seen: OnceLock<Instant>,
+    wake: EventFd,
+}
+
+impl ReadyMark {
+    fn new() -> std::io::Result<Self> {
+        Ok(Self {
+            seen: OnceLock::new(),
+            wake: EventFd::from_flags(EfdFlags::EFD_CLOEXEC)?,
+        })
+    }
+
+    fn set(&self) {
+        if self.seen.set(Instant::now()).is_ok() {
+            let _ = self.wake.write(1);
+        }
     }
 }
 
@@ -467,17 +461,13 @@ impl Sandbox {
             None
         };
         // Our end of the console pipe, and the VMM's until it has started.
-        let pipe_ends = if hv.console_through_pipe() {
-            let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
-                .map_err(|e| SandboxError::Console(e.into()))?;
-            let log = ConsoleLog::create(&spec.console_log, console::DEFAULT_LIMIT, || {})
-                .map_err(SandboxError::Console)?;
-            sb.console = Some(pump_console(read, log).map_err(SandboxError::Console)?);
-            spec.console_pipe = Some(write.as_raw_fd());
-            Some(write)
-        } else {
-            None
-        };
+        let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| SandboxError::Console(e.into()))?;
+        let log = ConsoleLog::create(&spec.console_log, console::DEFAULT_LIMIT, || {})
+            .map_err(SandboxError::Console)?;
+        let mark = Arc::new(ReadyMark::new().map_err(SandboxError::Console)?);
+        sb.console = Some(pump_console(read, log, mark.clone()).map_err(SandboxError::Console)?);
+        spec.console_pipe = Some(write.as_raw_fd());
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
         let jail = hv
@@ -493,7 +483,7 @@ impl Sandbox {
             jail,
         )?);
         // The console's end of file is the VMM's exit.
-        drop(pipe_ends);
+        drop(write);
         let spawned = Instant::now();
         sb.timings.vmm_spawn = spawned - t;
         let ready =
@@ -506,38 +496,44 @@ impl Sandbox {
                 })?;
 
         let console = spec.console_log.clone();
-        let mut hint = HintScan::new(&console, LISTENING_HINT);
-        let mut hint_at = None;
         let vmm = sb.vmm.as_mut().expect("set above");
+        // Readable when the VMM has exited (it is our unreaped child).
+        let exited = pidfd_open(vmm.pid()).map_err(SandboxError::Monitor)?;
         let pump = &mut sb.console;
         let ready_agent = agent::wait_ready(
             &paths.agent_socket(),
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
-            || match vmm.try_wait() {
-                // The agent's console line is only a hint of when to start
-                // trying; the handshake and the RPCs decide.
-                Ok(None) => {
-                    let seen = hint.seen();
-                    if seen && hint_at.is_none() {
-                        hint_at = Some(Instant::now());
+            // The agent's console line is only a sign of when to start
+            // trying; the handshake and the RPCs decide.
+            |wait| {
+                let deadline = Instant::now() + wait;
+                loop {
+                    if let Some(status) = vmm.try_wait()? {
+                        // A piped console's log is whole once the pipe is
+                        // drained.
+                        if let Some(p) = pump.take() {
+                            let _ = p.join();
+                        }
+                        return Err(SandboxError::VmExited {
+                            status,
+                            console: tail_of_file(&console, LOG_TAIL),
+                            vmm: vmm.log_tail(LOG_TAIL),
+                        });
                     }
-                    Ok(seen)
-                }
-                Ok(Some(status)) => {
-                    // A piped console's log is whole once the pipe is drained.
-                    if let Some(p) = pump.take() {
-                        let _ = p.join();
+                    if mark.seen.get().is_some() {
+                        return Ok(true);
                     }
-                    Err(SandboxError::VmExited {
-                        status,
-                        console: tail_of_file(&console, LOG_TAIL),
-                        vmm: vmm.log_tail(LOG_TAIL),
-                    })
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(false);
+                    }
+                    wait_any(&[mark.wake.as_fd(), exited.as_fd()], left)
+                        .map_err(SandboxError::Console)?;
                 }
-                Err(e) => Err(e.into()),
             },
         )?;
+        let hint_at = mark.seen.get().copied();
         let agent_err = |source| SandboxError::Agent {
             source,
             console: tail_of_file(&console, LOG_TAIL),
@@ -686,17 +682,25 @@ impl Sandbox {
 }
 
 /// Copies the VMM's console pipe into `log` until the pipe's end.
-fn pump_console(read: OwnedFd, mut log: ConsoleLog) -> std::io::Result<JoinHandle<()>> {
+fn pump_console(
+    read: OwnedFd,
+    mut log: ConsoleLog,
+    mark: Arc<ReadyMark>,
+) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("console-pipe".into())
         .spawn(move || {
             let mut pipe = std::fs::File::from(read);
+            let mut scan = MarkScan::new(READY_MARK);
             let mut buf = [0u8; 16 << 10];
             loop {
                 match pipe.read(&mut buf) {
                     Ok(0) => break,
                     Ok(n) => {
                         let _ = log.write_all(&buf[..n]);
+                        if !scan.found && scan.feed(&buf[..n]) {
+                            mark.set();
+                        }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                     Err(_) => break,
@@ -776,56 +780,26 @@ mod tests {
 
     #[test]
     fn boot_waits_for_the_line_the_agent_prints() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("console.log");
-        let mut scan = HintScan::new(&log, LISTENING_HINT);
-        std::fs::write(&log, "[0.61] Run /init as init process\n").unwrap();
-        assert!(!scan.seen());
+        let mut scan = MarkScan::new(READY_MARK);
+        assert!(!scan.feed(b"[0.61] Run /init as init process\n"));
         let line = format!("[0.62] ok\n{}\n", husk_protocol::ready_line());
-        std::fs::OpenOptions::new()
-            .append(true)
-            .open(&log)
-            .and_then(|mut f| f.write_all(line.as_bytes()))
-            .unwrap();
         assert!(
-            scan.seen(),
+            scan.feed(line.as_bytes()),
             "the agent's ready line is not what boot waits for"
         );
     }
 
     #[test]
-    fn the_hint_is_found_across_reads_and_after_a_rotation() {
-        let dir = tempfile::tempdir().unwrap();
-        let log = dir.path().join("console.log");
-        let mut scan = HintScan::new(&log, b"agent: listening");
-        assert!(!scan.seen(), "no file yet");
-        let append = |text: &str| {
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .unwrap();
-            f.write_all(text.as_bytes()).unwrap();
-        };
-        append("[0.1] booting\nagent: list");
-        assert!(!scan.seen());
-        append("en");
-        assert!(!scan.seen());
-        append("ing on port 1024\n");
-        assert!(scan.seen(), "the needle straddled three reads");
-        assert!(scan.seen(), "found stays found");
-
-        assert!(!HintScan::new(&log, b"absent").seen());
-
-        // Rotated (renamed, a new file in its place) after a first look:
-        // the new file is read from its start, even once it has grown past
-        // the old offset.
-        let mut scan = HintScan::new(&log, b"agent: listening");
-        std::fs::write(&log, "x".repeat(40)).unwrap();
-        assert!(!scan.seen());
-        std::fs::rename(&log, dir.path().join("console.log.1")).unwrap();
-        append("agent: listening, and more than forty bytes in all\n");
-        assert!(scan.seen(), "a rotated file is read from its start");
+    fn the_mark_is_found_across_reads_and_stays_found() {
+        let mut scan = MarkScan::new(b"agent: listening");
+        assert!(!scan.feed(b"[0.1] booting\nagent: list"));
+        assert!(!scan.feed(b"en"));
+        assert!(!scan.feed(b""));
+        assert!(scan.feed(b"ing on port 1024\n"), "straddled three reads");
+        assert!(scan.feed(b"more"), "found stays found");
+        let mut scan = MarkScan::new(b"agent: listening");
+        assert!(!scan.feed(b"agent: LISTENING agent: listenin"));
+        assert!(!MarkScan::new(b"absent").feed(b"agent: listening"));
     }
 
     #[test]

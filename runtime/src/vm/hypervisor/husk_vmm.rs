@@ -85,12 +85,6 @@ impl Hypervisor for HuskVmm {
         ("husk-vmm", self.binary.clone(), self.args(spec))
     }
 
-    /// Through a pipe: husk-vmm in its jail has no sandbox directory to
-    /// write a log into (the sandbox caps what reaches the file).
-    fn console_through_pipe(&self) -> bool {
-        true
-    }
-
     fn tells_ready(&self) -> bool {
         true
     }

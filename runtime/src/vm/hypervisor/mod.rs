@@ -39,9 +39,12 @@ pub struct VmSpec {
     /// The pod's NICs, in order; the VMM gets NIC `i`'s tap as descriptor
     /// [`net_fd`]`(i)`.
     pub nets: Vec<NetDevice>,
-    /// For backends that write the console through a pipe: its write end,
-    /// in the caller (the VMM gets it after the taps, as
-    /// [`VmSpec::console_fd`]). The caller caps what reaches `console_log`.
+    /// The console pipe's write end, in the caller (the VMM gets it after
+    /// the taps, as [`VmSpec::console_fd`]). Every backend writes its
+    /// console there, never to a file of its own: QEMU's file chardev grows
+    /// without bound, and husk-vmm in its jail has no sandbox directory.
+    /// The caller caps what reaches `console_log`, and watches the stream
+    /// for the agent's ready line.
     pub console_pipe: Option<RawFd>,
     /// A virtio-balloon device whose only job is free page reporting.
     pub free_page_reporting: bool,
@@ -131,12 +134,6 @@ pub trait Hypervisor: Send {
 
     /// Process name (for errors), binary and arguments that run `spec`.
     fn command(&self, spec: &VmSpec) -> (&'static str, PathBuf, Vec<OsString>);
-
-    /// Whether the VMM writes the console into [`VmSpec::console_pipe`]
-    /// (it cannot bound a log file itself) rather than to the file.
-    fn console_through_pipe(&self) -> bool {
-        false
-    }
 
     /// Whether the VMM accepts on [`VmSpec::ready_socket`] and writes to
     /// the connection once its own start-up is done and the guest runs.

@@ -188,12 +188,6 @@ impl Hypervisor for Qemu {
         ("qemu", self.binary.clone(), self.args(spec))
     }
 
-    /// QEMU's file chardev grows without bound; the sandbox caps the pipe's
-    /// output instead.
-    fn console_through_pipe(&self) -> bool {
-        true
-    }
-
     fn tells_ready(&self) -> bool {
         true
     }
