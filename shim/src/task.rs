@@ -212,11 +212,13 @@ impl Shim for HuskShim {
         let pod = role.pod_id(&self.id);
         match SandboxPaths::new(&config, &self.namespace, pod) {
             Ok(paths) if husk_runtime::host::paths::bundle_owns(bundle, &paths) => {
-                if husk_protocol::validate_id("container", &self.id).is_ok() {
-                    husk_runtime::host::storage::release_container(&paths.container(&self.id));
-                }
-                if !paths.has_containers() {
-                    husk_runtime::host::storage::remove_sandbox(&paths);
+                let done = husk_runtime::pod::cleanup::cleanup(&paths, Some(&self.id));
+                if !done.killed.is_empty() {
+                    log::info!(
+                        "delete of {}: killed what was left of its pod: {:?}",
+                        self.id,
+                        done.killed
+                    );
                 }
             }
             Ok(paths) if paths.root().exists() => log::info!(

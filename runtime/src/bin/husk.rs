@@ -45,6 +45,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the pods on this host (their state directories), with what
+    /// still runs of each: "running", or "dead" when only state is left.
+    Ps,
+    /// Remove what is left of a pod whose owner (a shim, `husk run`) died:
+    /// its processes, mounts and state directory.
+    Delete {
+        /// The pod's id.
+        id: String,
+        /// Its containerd namespace (`husk run`'s pods: `_husk`).
+        #[arg(long, default_value = husk_runtime::host::paths::DIRECT_NAMESPACE)]
+        namespace: String,
+        /// Kill the pod's processes even while they run.
+        #[arg(long)]
+        force: bool,
+    },
     /// Run a command in a container in its own microVM; exits with the
     /// command's status.
     Run {
@@ -100,6 +115,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             id.unwrap_or_else(|| format!("ping-{}", std::process::id())),
             json,
         ),
+        Command::Ps => {
+            ps(&config);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Delete {
+            id,
+            namespace,
+            force,
+        } => delete(&config, &namespace, &id, force),
         Command::Run { rootfs, id, args } => run_container(
             &config,
             id.unwrap_or_else(|| format!("run-{}", std::process::id())),
@@ -159,6 +183,67 @@ fn check(config: &Config, source: &str) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn ps(config: &Config) {
+    use husk_runtime::pod::cleanup;
+    println!(
+        "{:<12} {:<40} {:<8} {:<12} CONTAINERS",
+        "NAMESPACE", "ID", "STATE", "PIDS"
+    );
+    for p in cleanup::list(config) {
+        let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
+        println!(
+            "{:<12} {:<40} {:<8} {:<12} {}",
+            p.namespace,
+            p.id,
+            p.state(),
+            if pids.is_empty() {
+                "-".to_owned()
+            } else {
+                pids.join(",")
+            },
+            p.containers.join(",")
+        );
+    }
+}
+
+fn delete(config: &Config, namespace: &str, id: &str, force: bool) -> Result<ExitCode> {
+    use husk_runtime::host::paths::SandboxPaths;
+    use husk_runtime::pod::cleanup;
+    let paths = SandboxPaths::new(config, namespace, id)?;
+    let Some(pod) = cleanup::list(config)
+        .into_iter()
+        .find(|p| p.namespace == namespace && p.id == id)
+    else {
+        bail!(
+            "no pod {id} in namespace {namespace} under {} (`husk ps` lists them)",
+            config.state_dir.display()
+        );
+    };
+    if !pod.pids.is_empty() && !force {
+        bail!(
+            "pod {id} is running (pids {:?}): stop it through its owner (containerd, husk run), or pass --force to kill it",
+            pod.pids
+        );
+    }
+    let done = cleanup::cleanup(&paths, None);
+    if !done.survivors.is_empty() {
+        bail!(
+            "pod {id}: processes {:?} outlived SIGKILL; its mounts and directory stay",
+            done.survivors
+        );
+    }
+    if !done.removed {
+        bail!("pod {id}: {} could not be removed", paths.root().display());
+    }
+    let killed = if done.killed.is_empty() {
+        String::new()
+    } else {
+        format!(" (killed {:?})", done.killed)
+    };
+    println!("deleted pod {id} in namespace {namespace}{killed}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) -> Result<ExitCode> {

@@ -2,7 +2,7 @@
 //! reports it (`husk check`): seccomp mode, capabilities, no_new_privs,
 //! user and mount namespace. It shows what is, not what was meant.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// One process of a sandbox and what confines it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +55,7 @@ fn full_caps() -> u64 {
 }
 
 /// The directories below `dir`, by name.
-fn subdirs(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
+fn subdirs(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
@@ -66,24 +66,29 @@ fn subdirs(dir: &Path) -> Vec<(String, std::path::PathBuf)> {
         .collect()
 }
 
-/// The processes of every sandbox under `state_dir` (in its namespace
-/// directories): those whose command line names the sandbox's directory
-/// (its VMM and device daemons). Sandboxes are named `<namespace>/<id>`.
-pub fn report(state_dir: &Path) -> Vec<Confinement> {
-    let sandboxes: Vec<(String, std::path::PathBuf)> = subdirs(state_dir)
+/// Every sandbox directory under `state_dir`, in its namespace directory:
+/// (namespace, id, directory).
+pub fn sandboxes(state_dir: &Path) -> Vec<(String, String, PathBuf)> {
+    let mut all: Vec<_> = subdirs(state_dir)
         .into_iter()
         .flat_map(|(ns, dir)| {
             subdirs(&dir)
                 .into_iter()
-                .map(move |(id, path)| (format!("{ns}/{id}"), path))
+                .map(move |(id, path)| (ns.clone(), id, path))
         })
         .collect();
-    // The caller's: `husk check` runs where the shims and containerd do.
-    let host_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
-    let mut out = Vec::new();
+    all.sort();
+    all
+}
+
+/// The processes whose command line names a path below `dir` (a sandbox's
+/// VMM and device daemons name its sockets and logs), with that line.
+pub fn processes_naming(dirs: &[&Path]) -> Vec<(u32, usize)> {
+    let needles: Vec<String> = dirs.iter().map(|d| format!("{}/", d.display())).collect();
     let Ok(procs) = std::fs::read_dir("/proc") else {
-        return out;
+        return Vec::new();
     };
+    let mut out = Vec::new();
     for pid in procs
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
@@ -92,16 +97,29 @@ pub fn report(state_dir: &Path) -> Vec<Confinement> {
             continue;
         };
         let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        let Some((sandbox, _)) = sandboxes
-            .iter()
-            .find(|(_, dir)| cmdline.contains(&format!("{}/", dir.display())))
-        else {
-            continue;
-        };
+        if let Some(i) = needles.iter().position(|n| cmdline.contains(n.as_str())) {
+            out.push((pid, i));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// The processes of every sandbox under `state_dir` (in its namespace
+/// directories): those whose command line names the sandbox's directory
+/// (its VMM and device daemons). Sandboxes are named `<namespace>/<id>`.
+pub fn report(state_dir: &Path) -> Vec<Confinement> {
+    let sandboxes = sandboxes(state_dir);
+    let dirs: Vec<&Path> = sandboxes.iter().map(|(_, _, d)| d.as_path()).collect();
+    // The caller's: `husk check` runs where the shims and containerd do.
+    let host_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let mut out = Vec::new();
+    for (pid, i) in processes_naming(&dirs) {
+        let (ns, id, _) = &sandboxes[i];
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
         };
-        if let Some(c) = parse_status(sandbox, pid, &status) {
+        if let Some(c) = parse_status(&format!("{ns}/{id}"), pid, &status) {
             let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
             out.push(Confinement {
                 own_mount_ns: ns.is_some() && ns != host_ns,

@@ -15,6 +15,7 @@
 //! container's namespaces in the guest, and nothing else is accepted.
 
 pub mod backend;
+pub mod cleanup;
 pub mod guest;
 pub mod inherit;
 pub mod portforward;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crate::confine::process::pidfd_open;
+use crate::confine::process::{pidfd_kill, pidfd_open};
 use crate::vm::agent::{Agent, AgentError};
 
 /// What a monitor needs to see: the VMM and the device daemons.
@@ -174,27 +174,6 @@ fn watch(
         let invalid = health.invalid_replies();
         if invalid >= MAX_INVALID_REPLIES {
             return Some(Verdict::AgentLying { invalid });
-        }
-    }
-}
-
-/// SIGKILLs the process behind a pidfd (no pid reuse race); one that is
-/// gone already is fine.
-fn pidfd_kill(fd: &OwnedFd) {
-    // SAFETY: a valid pidfd, a signal number, no siginfo, no flags.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_pidfd_send_signal,
-            fd.as_raw_fd(),
-            libc::SIGKILL,
-            std::ptr::null::<libc::siginfo_t>(),
-            0,
-        )
-    };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ESRCH) {
-            tracing::warn!(error = %e, "killing a sandbox process");
         }
     }
 }
