@@ -8,6 +8,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
 use std::sync::{Arc, OnceLock};
@@ -325,49 +326,29 @@ impl Sandbox {
         nets: Vec<NetDevice>,
     ) -> Result<Self, SandboxError> {
         let t0 = Instant::now();
-        validate_id(id)?;
-        let (backend, why) = probe::choose_backend(config, &probe::detect_kvm())?;
-        tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
-        let kernel = image(
-            config.guest.kernel.as_deref(),
-            probe::KERNEL_NAME,
-            "guest kernel",
-            "kernel",
-        )?;
-        let initramfs = image(
-            config.guest.initramfs.as_deref(),
-            probe::INITRAMFS_NAME,
-            "guest initramfs",
-            "initramfs",
-        )?;
-
+        let (backend, kernel, initramfs) = check_inputs(config, id)?;
         let paths = SandboxPaths::new(config, owner.namespace, id)?;
-        let dir = paths.root().to_path_buf();
-        let parent = dir.parent().unwrap_or(&config.state_dir).to_path_buf();
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&parent)
-            .map_err(|source| SandboxError::StateDir {
-                dir: parent,
-                source,
-            })?;
-        // The directory is made here or not at all: one that exists is
-        // another pod's, and nothing of it is touched.
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(SandboxError::Exists {
-                    id: id.to_owned(),
-                    dir,
-                })
-            }
-            Err(source) => return Err(SandboxError::StateDir { dir, source }),
-        }
+        make_state_dir(config, &paths, id)?;
         // From here on, Drop cleans up.
-        let mut sb = Self {
+        let hv = hypervisor(config, &backend);
+        let mut sb = Self::new(id, paths, backend);
+        sb.start_daemons(config, owner)?;
+        let spec = vm_spec(config, hv.as_ref(), &sb.paths, id, kernel, initramfs, nets);
+        let started = sb.spawn_vmm(hv.as_ref(), spec)?;
+        let (stream, attempts) = sb.wait_for_agent(config, &started)?;
+        let agent = sb.handshake(config, stream, started)?;
+        sb.timings.connect_attempts = attempts;
+        sb.timings.total = t0.elapsed();
+        tracing::info!(sandbox = id, backend = %sb.backend, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
+        sb.start_monitor(config, agent)?;
+        Ok(sb)
+    }
+
+    /// A sandbox that owns its (just made) directory and nothing else yet.
+    fn new(id: &str, paths: SandboxPaths, backend: Backend) -> Self {
+        Self {
             id: id.to_owned(),
-            paths: paths.clone(),
+            paths,
             backend: backend.to_string(),
             vmm: None,
             daemons: Vec::new(),
@@ -377,7 +358,14 @@ impl Sandbox {
             monitor: None,
             console: None,
             done: false,
-        };
+        }
+    }
+
+    /// Step: the owner record, the socket and share directories, the share
+    /// root mounted, virtiofsd and vhost-device-vsock listening.
+    fn start_daemons(&mut self, config: &Config, owner: &Owner<'_>) -> Result<(), SandboxError> {
+        let paths = &self.paths;
+        let dir = paths.root().to_path_buf();
         paths
             .record_owner(&owner.token)
             .map_err(|source| SandboxError::StateDir {
@@ -389,7 +377,7 @@ impl Sandbox {
             fs_socket: paths.fs_socket(),
             vsock_socket: paths.vsock_socket(),
             agent_socket: paths.agent_socket(),
-            log_dir: dir.clone(),
+            log_dir: dir,
             sockets: paths.sockets(),
             vsock_jail: paths.jail("vhost-device-vsock"),
         };
@@ -403,56 +391,22 @@ impl Sandbox {
                 })?;
         }
         storage::mount_share_root(&daemon_paths.shared_dir).map_err(SandboxError::Share)?;
-
         let t = Instant::now();
-        sb.daemons =
+        self.daemons =
             daemons::start(config, &daemon_paths, DAEMON_TIMEOUT).map_err(SandboxError::Daemon)?;
-        sb.timings.daemons = t.elapsed();
+        self.timings.daemons = t.elapsed();
+        Ok(())
+    }
 
-        let hv: Box<dyn Hypervisor> = match backend {
-            Backend::Qemu { accel } => Box::new(
-                Qemu::new(&config.qemu.path, accel).with_tb_size(config.qemu.tcg_tb_size_mib),
-            ),
-            Backend::HuskVmm => Box::new(HuskVmm::new(&config.husk_vmm.binary())),
-        };
-        let reporting = if config.guest.free_page_reporting {
-            format!(
-                "page_reporting.page_reporting_order={}",
-                config.guest.page_reporting_order
-            )
-        } else {
-            String::new()
-        };
-        let cmdline = [
-            BASE_CMDLINE,
-            hv.kernel_params(),
-            &reporting,
-            config.guest.kernel_params.trim(),
-        ]
-        .iter()
-        .filter(|p| !p.is_empty())
-        .copied()
-        .collect::<Vec<_>>()
-        .join(" ");
-        let mut spec = VmSpec {
-            id: id.to_owned(),
-            kernel,
-            initramfs,
-            cmdline,
-            vcpus: config.guest.vcpus,
-            memory_mib: config.guest.memory_mib,
-            console_log: paths.console_log(),
-            vmm_log: paths.vmm_log(),
-            fs_socket: paths.fs_socket(),
-            vsock_socket: paths.vsock_socket(),
-            control_socket: paths.control_socket(),
-            nets,
-            console_pipe: None,
-            free_page_reporting: config.guest.free_page_reporting,
-            ready_socket: None,
-        };
+    /// Step: the console pipe and its pump, the ready socket, the VMM
+    /// spawned in its jail.
+    fn spawn_vmm(
+        &mut self,
+        hv: &dyn Hypervisor,
+        mut spec: VmSpec,
+    ) -> Result<Started, SandboxError> {
         let ready = if hv.tells_ready() {
-            let path = paths.ready_socket();
+            let path = self.paths.ready_socket();
             let socket = ReadySocket::new(&path)
                 .map_err(|source| SandboxError::ReadySocket { path, source })?;
             spec.ready_socket = Some(socket.listener_fd());
@@ -466,14 +420,14 @@ impl Sandbox {
         let log = ConsoleLog::create(&spec.console_log, console::DEFAULT_LIMIT, || {})
             .map_err(SandboxError::Console)?;
         let mark = Arc::new(ReadyMark::new().map_err(SandboxError::Console)?);
-        sb.console = Some(pump_console(read, log, mark.clone()).map_err(SandboxError::Console)?);
+        self.console = Some(pump_console(read, log, mark.clone()).map_err(SandboxError::Console)?);
         spec.console_pipe = Some(write.as_raw_fd());
         let t = Instant::now();
         let (name, binary, args) = hv.command(&spec);
         let jail = hv
-            .jail(&spec, &paths.jail(name))
+            .jail(&spec, &self.paths.jail(name))
             .map_err(SandboxError::Jail)?;
-        sb.vmm = Some(Process::spawn_confined(
+        self.vmm = Some(Process::spawn_confined(
             name,
             &binary,
             args,
@@ -485,23 +439,37 @@ impl Sandbox {
         // The console's end of file is the VMM's exit.
         drop(write);
         let spawned = Instant::now();
-        sb.timings.vmm_spawn = spawned - t;
+        self.timings.vmm_spawn = spawned - t;
         let ready =
             ready
                 .map(|r| r.watch())
                 .transpose()
                 .map_err(|source| SandboxError::ReadySocket {
-                    path: paths.ready_socket(),
+                    path: self.paths.ready_socket(),
                     source,
                 })?;
+        Ok(Started {
+            spawned,
+            mark,
+            ready,
+        })
+    }
 
-        let console = spec.console_log.clone();
-        let vmm = sb.vmm.as_mut().expect("set above");
+    /// Step: waits for the agent's ready line on the console (or the VMM's
+    /// end), then connects to it through the vsock daemon.
+    fn wait_for_agent(
+        &mut self,
+        config: &Config,
+        started: &Started,
+    ) -> Result<(UnixStream, u32), SandboxError> {
+        let console = self.paths.console_log();
+        let vmm = self.vmm.as_mut().expect("spawned");
         // Readable when the VMM has exited (it is our unreaped child).
         let exited = pidfd_open(vmm.pid()).map_err(SandboxError::Monitor)?;
-        let pump = &mut sb.console;
+        let pump = &mut self.console;
+        let mark = &started.mark;
         let ready_agent = agent::wait_ready(
-            &paths.agent_socket(),
+            &self.paths.agent_socket(),
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
             // The agent's console line is only a sign of when to start
@@ -533,44 +501,56 @@ impl Sandbox {
                 }
             },
         )?;
-        let hint_at = mark.seen.get().copied();
-        let agent_err = |source| SandboxError::Agent {
-            source,
-            console: tail_of_file(&console, LOG_TAIL),
-        };
-        let (stream, attempts) = ready_agent.map_err(agent_err)?;
-        let connected = Instant::now();
-        sb.timings.handshake = connected - hint_at.unwrap_or(connected);
-        let agent = Agent::new(stream, config.agent.rpc_timeout())
-            .map_err(agent_err)?
-            .with_create_timeout(config.agent.create_timeout());
-        let info = agent.version(spawned.elapsed()).map_err(agent_err)?;
-        let answered = Instant::now();
-        sb.timings.first_rpc = answered - connected;
-        agent.check().map_err(agent_err)?;
+        ready_agent.map_err(|source| self.agent_error(source))
+    }
 
-        sb.timings.kernel_to_init = info.kernel_to_init;
-        sb.timings.init_to_listening = info.kernel_to_listening - info.kernel_to_init;
-        sb.timings.listening_to_serving = info.kernel_to_serving - info.kernel_to_listening;
-        sb.timings.serving_to_reply = info.kernel_to_reply - info.kernel_to_serving;
-        let kernel_start = kernel_start(spawned, answered, &info);
-        sb.timings.vmm_start = kernel_start - spawned;
-        sb.timings.connect =
-            connected.saturating_duration_since(kernel_start + info.kernel_to_listening);
-        sb.timings.vmm_ready = ready.and_then(ReadyWatch::at).map(|at| {
-            at.saturating_duration_since(spawned)
-                .min(sb.timings.vmm_start)
+    /// Step: the protocol handshake (version, checks) and the boot's
+    /// timings from the guest's own clock.
+    fn handshake(
+        &mut self,
+        config: &Config,
+        stream: UnixStream,
+        started: Started,
+    ) -> Result<Agent, SandboxError> {
+        let connected = Instant::now();
+        let hint_at = started.mark.seen.get().copied();
+        self.timings.handshake = connected - hint_at.unwrap_or(connected);
+        let agent = Agent::new(stream, config.agent.rpc_timeout())
+            .map_err(|e| self.agent_error(e))?
+            .with_create_timeout(config.agent.create_timeout());
+        let info = agent
+            .version(started.spawned.elapsed())
+            .map_err(|e| self.agent_error(e))?;
+        let answered = Instant::now();
+        self.timings.first_rpc = answered - connected;
+        agent.check().map_err(|e| self.agent_error(e))?;
+
+        let t = &mut self.timings;
+        t.kernel_to_init = info.kernel_to_init;
+        t.init_to_listening = info.kernel_to_listening - info.kernel_to_init;
+        t.listening_to_serving = info.kernel_to_serving - info.kernel_to_listening;
+        t.serving_to_reply = info.kernel_to_reply - info.kernel_to_serving;
+        let kernel_start = kernel_start(started.spawned, answered, &info);
+        t.vmm_start = kernel_start - started.spawned;
+        t.connect = connected.saturating_duration_since(kernel_start + info.kernel_to_listening);
+        t.vmm_ready = started.ready.and_then(ReadyWatch::at).map(|at| {
+            at.saturating_duration_since(started.spawned)
+                .min(t.vmm_start)
         });
-        sb.timings.connect_attempts = attempts;
-        sb.timings.total = t0.elapsed();
-        tracing::info!(sandbox = id, backend = %sb.backend, kernel = %info.kernel_release, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
+        tracing::debug!(sandbox = %self.id, kernel = %info.kernel_release, "agent answered");
+        self.info = Some(info);
+        Ok(agent)
+    }
+
+    /// Step: the liveness monitor on the VMM, the daemons and the agent.
+    fn start_monitor(&mut self, config: &Config, agent: Agent) -> Result<(), SandboxError> {
         let watched = Watched {
-            vmm: vmm.pid(),
-            daemons: sb.daemons.iter().map(Process::pid).collect(),
+            vmm: self.vmm.as_ref().expect("spawned").pid(),
+            daemons: self.daemons.iter().map(Process::pid).collect(),
         };
-        sb.monitor = Some(
+        self.monitor = Some(
             Monitor::start(
-                id,
+                &self.id,
                 watched,
                 agent.clone(),
                 config.agent.health_interval(),
@@ -578,9 +558,16 @@ impl Sandbox {
             )
             .map_err(SandboxError::Monitor)?,
         );
-        sb.agent = Some(agent);
-        sb.info = Some(info);
-        Ok(sb)
+        self.agent = Some(agent);
+        Ok(())
+    }
+
+    /// An agent error, with the console's tail.
+    fn agent_error(&self, source: AgentError) -> SandboxError {
+        SandboxError::Agent {
+            source,
+            console: tail_of_file(&self.paths.console_log(), LOG_TAIL),
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -682,6 +669,117 @@ impl Sandbox {
 }
 
 /// Copies the VMM's console pipe into `log` until the pipe's end.
+/// What [`Sandbox::spawn_vmm`] leaves for the steps after it.
+struct Started {
+    spawned: Instant,
+    mark: Arc<ReadyMark>,
+    /// The VMM's word that the guest runs, for backends that give it.
+    ready: Option<ReadyWatch>,
+}
+
+/// Step: the id, the backend this host can run, the guest image files;
+/// before anything is made.
+fn check_inputs(config: &Config, id: &str) -> Result<(Backend, PathBuf, PathBuf), SandboxError> {
+    validate_id(id)?;
+    let (backend, why) = probe::choose_backend(config, &probe::detect_kvm())?;
+    tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
+    let kernel = image(
+        config.guest.kernel.as_deref(),
+        probe::KERNEL_NAME,
+        "guest kernel",
+        "kernel",
+    )?;
+    let initramfs = image(
+        config.guest.initramfs.as_deref(),
+        probe::INITRAMFS_NAME,
+        "guest initramfs",
+        "initramfs",
+    )?;
+    Ok((backend, kernel, initramfs))
+}
+
+/// Step: the sandbox's directory, made here or not at all: one that exists
+/// is another pod's, and nothing of it is touched.
+fn make_state_dir(config: &Config, paths: &SandboxPaths, id: &str) -> Result<(), SandboxError> {
+    let dir = paths.root().to_path_buf();
+    let parent = dir.parent().unwrap_or(&config.state_dir).to_path_buf();
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&parent)
+        .map_err(|source| SandboxError::StateDir {
+            dir: parent,
+            source,
+        })?;
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Err(SandboxError::Exists {
+            id: id.to_owned(),
+            dir,
+        }),
+        Err(source) => Err(SandboxError::StateDir { dir, source }),
+    }
+}
+
+/// The backend's VMM.
+fn hypervisor(config: &Config, backend: &Backend) -> Box<dyn Hypervisor> {
+    match *backend {
+        Backend::Qemu { accel } => {
+            Box::new(Qemu::new(&config.qemu.path, accel).with_tb_size(config.qemu.tcg_tb_size_mib))
+        }
+        Backend::HuskVmm => Box::new(HuskVmm::new(&config.husk_vmm.binary())),
+    }
+}
+
+/// What the VMM is to run: the guest image, its command line (husk's,
+/// the backend's, free page reporting's, the config's), sizes, sockets.
+fn vm_spec(
+    config: &Config,
+    hv: &dyn Hypervisor,
+    paths: &SandboxPaths,
+    id: &str,
+    kernel: PathBuf,
+    initramfs: PathBuf,
+    nets: Vec<NetDevice>,
+) -> VmSpec {
+    let reporting = if config.guest.free_page_reporting {
+        format!(
+            "page_reporting.page_reporting_order={}",
+            config.guest.page_reporting_order
+        )
+    } else {
+        String::new()
+    };
+    let cmdline = [
+        BASE_CMDLINE,
+        hv.kernel_params(),
+        &reporting,
+        config.guest.kernel_params.trim(),
+    ]
+    .iter()
+    .filter(|p| !p.is_empty())
+    .copied()
+    .collect::<Vec<_>>()
+    .join(" ");
+    VmSpec {
+        id: id.to_owned(),
+        kernel,
+        initramfs,
+        cmdline,
+        vcpus: config.guest.vcpus,
+        memory_mib: config.guest.memory_mib,
+        console_log: paths.console_log(),
+        vmm_log: paths.vmm_log(),
+        fs_socket: paths.fs_socket(),
+        vsock_socket: paths.vsock_socket(),
+        control_socket: paths.control_socket(),
+        nets,
+        console_pipe: None,
+        free_page_reporting: config.guest.free_page_reporting,
+        ready_socket: None,
+    }
+}
+
 fn pump_console(
     read: OwnedFd,
     mut log: ConsoleLog,
