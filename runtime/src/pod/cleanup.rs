@@ -195,8 +195,19 @@ mod tests {
             .spawn()
             .unwrap();
         let pid = child.id();
-        let listed = list(&config);
-        assert_eq!(listed[0].pids, [pid]);
+        // spawn returns once exec closed the child's CLOEXEC pipe, which the
+        // kernel does before it sets up the new program's arguments: for a
+        // moment /proc/<pid>/cmdline is empty (1 run in 4 here in parallel
+        // with the other unit tests).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let listed = loop {
+            let listed = list(&config);
+            if listed[0].pids == [pid] || Instant::now() > deadline {
+                break listed;
+            }
+            std::thread::yield_now();
+        };
+        assert_eq!(listed[0].pids, [pid], "tail: {:?}", child.try_wait());
         assert_eq!(listed[0].state(), "running");
         let done = cleanup(&paths, None);
         assert_eq!(done.killed, [pid]);

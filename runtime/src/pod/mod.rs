@@ -25,6 +25,7 @@ mod service_tests;
 pub mod spec;
 pub mod stdio;
 pub mod volumes;
+pub mod workers;
 
 use std::path::Path;
 

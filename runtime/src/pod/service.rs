@@ -7,6 +7,7 @@
 //! happened: a process's start always before its exit, its exit only after
 //! its output reached the host paths.
 
+use super::workers::Workers;
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -37,6 +38,9 @@ pub const OOM_EVENT_GAP: Duration = Duration::from_secs(1);
 /// The longest an exit waits for the kills in flight on its process (each
 /// ends within its RPC deadline; this only bounds a wedged one).
 const KILLS_IN_FLIGHT_GRACE: Duration = Duration::from_secs(30);
+/// How long a stopped pod's threads get to end (their agent calls fail
+/// once the VM is gone).
+const WORKERS_GRACE: Duration = Duration::from_secs(5);
 
 /// What kind of failure an error is, for the caller's status codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -325,6 +329,8 @@ struct Inner<B: Backend> {
     events: Mutex<Sender<Event>>,
     /// Signalled (with `state`) when a kill's reply comes.
     kill_answered: Condvar,
+    /// The pod's exit and OOM watchers; stopping the VM joins them.
+    workers: Workers,
 }
 
 /// One pod: its VM and containers. Cheap to clone; clones share the pod.
@@ -356,6 +362,7 @@ impl<B: Backend> PodService<B> {
                 creating: Mutex::new(()),
                 events: Mutex::new(events),
                 kill_answered: Condvar::new(),
+                workers: Workers::default(),
             }),
         }
     }
@@ -619,7 +626,8 @@ impl<B: Backend> PodService<B> {
         let Ok(cell) = self.with_proc(&id, &exec_id, |p| Ok(p.exited.clone())) else {
             return;
         };
-        std::thread::spawn(move || {
+        let name = format!("exit-{id}-{exec_id}");
+        self.inner.workers.spawn(name, move || {
             let exec = (!exec_id.is_empty()).then_some(exec_id.as_str());
             let status = agent.wait_process(&id, exec).unwrap_or_else(|e| {
                 tracing::error!(container = %id, exec = %exec_id, "wait: {}", crate::error_chain(&e));
@@ -701,7 +709,7 @@ impl<B: Backend> PodService<B> {
     fn watch_oom(&self, id: &str, agent: AgentOf<B>) {
         let me = self.clone();
         let id = id.to_owned();
-        std::thread::spawn(move || {
+        self.inner.workers.spawn(format!("oom-{id}"), move || {
             let mut last: Option<std::time::Instant> = None;
             while let Ok(true) = agent.wait_oom(&id) {
                 if let Some(gap) = last.map(|t| OOM_EVENT_GAP.saturating_sub(t.elapsed())) {
@@ -873,6 +881,14 @@ impl<B: Backend> PodService<B> {
         };
         if let Some(vm) = vm {
             vm.shutdown();
+            // With the VM gone the agent's waits return: the watchers end.
+            let left = self
+                .inner
+                .workers
+                .finish_by(std::time::Instant::now() + WORKERS_GRACE);
+            if left > 0 {
+                tracing::warn!(threads = left, "pod threads outlived its VM");
+            }
         }
     }
 
