@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use husk_runtime::agent::Agent;
+use husk_runtime::vm::agent::Agent;
 use libfuzzer_sys::fuzz_target;
 use protobuf::Message;
 

@@ -12,7 +12,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use husk_runtime::agent::hybrid_connect;
+use husk_runtime::vm::agent::hybrid_connect;
 use libfuzzer_sys::fuzz_target;
 
 /// A listener that answers each connection with the next reply it is given
