@@ -7,7 +7,7 @@
 //! happened: a process's start always before its exit, its exit only after
 //! its output reached the host paths.
 
-use super::workers::Workers;
+use super::workers::{Worker, Workers};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -243,7 +243,7 @@ struct Proc {
     stdin_stream: Option<UnixStream>,
     /// A handle on the stdin stream for closing it.
     stdin_ctl: Option<UnixStream>,
-    stdin_copier: Option<stdio::StdinCopier>,
+    stdin_copier: Option<Worker>,
     /// Copies from the guest to the output paths.
     pumps: Vec<JoinHandle<()>>,
     /// Kills sent to the guest and not yet answered. The exit waits for
@@ -563,7 +563,9 @@ impl<B: Backend> PodService<B> {
             Ok(p.stdin_stream.take().map(|s| (s, p.io.stdin.clone())))
         })?;
         if let Some((s, path)) = stdin {
-            let copier = stdio::pump_stdin(s, path);
+            let copier = stdio::pump_stdin(s, path).map_err(|e| {
+                PodApiError::Precondition(format!("starting the stdin copier: {e}"))
+            })?;
             self.with_proc(id, exec_id, |p| {
                 p.stdin_copier = Some(copier);
                 Ok(())
@@ -933,7 +935,7 @@ impl<B: Backend> PodService<B> {
         })?;
         if let Some(c) = ctl {
             if let Some(copier) = copier {
-                copier.finish(CLOSE_STDIN_GRACE);
+                copier.finish_by(std::time::Instant::now() + CLOSE_STDIN_GRACE);
             }
             let _ = c.shutdown(std::net::Shutdown::Write);
         }

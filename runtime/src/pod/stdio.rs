@@ -2,6 +2,7 @@
 //! stream, copied to and from the paths the caller names (containerd's
 //! FIFOs, or the CLI's own stdio).
 
+use super::workers::Worker;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -118,34 +119,13 @@ fn open_output(path: &std::path::Path) -> std::io::Result<File> {
 
 /// Copies the stdin path into the stream, then half-closes it so the
 /// process sees EOF.
-pub fn pump_stdin(mut s: UnixStream, path: PathBuf) -> StdinCopier {
-    let (done, ended) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        // Dropped when the thread ends, however it ends: the receiver's
-        // wait returns then.
-        let _done = done;
+pub fn pump_stdin(mut s: UnixStream, path: PathBuf) -> std::io::Result<Worker> {
+    Worker::spawn("stdin".into(), move || {
         if let Ok(mut f) = File::open(&path) {
             let _ = husk_protocol::copy_plain(&mut f, &mut s);
         }
         let _ = s.shutdown(std::net::Shutdown::Write);
-    });
-    StdinCopier { thread, ended }
-}
-
-/// The thread [`pump_stdin`] started.
-pub struct StdinCopier {
-    thread: JoinHandle<()>,
-    ended: std::sync::mpsc::Receiver<()>,
-}
-
-impl StdinCopier {
-    /// Waits up to `grace` for the copy to end; joins the thread if it did.
-    pub fn finish(self, grace: std::time::Duration) {
-        if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) = self.ended.recv_timeout(grace)
-        {
-            let _ = self.thread.join();
-        }
-    }
+    })
 }
 
 #[cfg(test)]
