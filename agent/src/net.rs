@@ -10,7 +10,8 @@
 use std::fs::File;
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
+use std::time::{Duration, Instant};
 
 use husk_protocol::containers::{Interface, Network};
 use netlink_packet_core::{
@@ -20,7 +21,9 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage, AddressMessageBuffer,
 };
-use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::link::{
+    AfSpecInet6, AfSpecUnspec, Inet6IfaceFlags, LinkAttribute, LinkFlags, LinkMessage,
+};
 use netlink_packet_route::neighbour::{
     NeighbourAttribute, NeighbourMessage, NeighbourMessageBuffer, NeighbourState,
 };
@@ -31,7 +34,7 @@ use netlink_packet_route::route::{
 use netlink_packet_route::rule::{RuleAttribute, RuleMessage, RuleMessageBuffer};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::protocols::NETLINK_ROUTE;
-use netlink_sys::Socket;
+use netlink_sys::{Socket, SocketAddr};
 
 /// Brings `lo` up in the network namespace of process `pid`.
 pub fn loopback_up(pid: i32) -> io::Result<()> {
@@ -282,6 +285,7 @@ impl Plan {
     /// Configures the moved NICs and the namespace, in the calling thread's
     /// namespace: links, addresses, routes, rules, neighbours, sysctls.
     fn apply(&self, nl: &mut Netlink) -> io::Result<()> {
+        let ipv6_events = ipv6_link_events()?;
         let links = nl.links()?;
         let mut map = Vec::new();
         let taken = |name: &str| links.iter().any(|l| link_name(l) == Some(name));
@@ -304,8 +308,15 @@ impl Plan {
                 .map_err(|e| context(e, format!("{}: MTU {} and up", what(), nic.mtu)))?;
             map.push((nic.host_index, index));
         }
-        let guest = |host: u32| map.iter().find(|(h, _)| *h == host).map_or(0, |(_, g)| *g);
         let ours: Vec<u32> = map.iter().map(|(_, g)| *g).collect();
+        // IPv6 sets a link up (its own link-local address from the MAC)
+        // once the link is operationally up, which the kernel's link watch
+        // learns in a worker of its own a moment after `up`. The copy
+        // waits for that: started before it, a NIC whose MAC CNI changed
+        // (the tuning plugin) would end with the host's link-local address
+        // and, a moment later, the kernel's as well.
+        wait_ipv6_ready(nl, &ipv6_events, &ours)?;
+        let guest = |host: u32| map.iter().find(|(h, _)| *h == host).map_or(0, |(_, g)| *g);
         self.copy_addresses(nl, &guest, &ours)?;
         self.copy_routes(nl, &guest, &ours)?;
         self.copy_rules(nl)?;
@@ -497,6 +508,81 @@ impl Plan {
 
 /// Host route `r` for the guest: its links the guest's, only the flags and
 /// attributes a new route takes.
+/// How long a NIC may take to come up for IPv6 (carrier, the link watch).
+const IPV6_READY_WITHIN: Duration = Duration::from_secs(10);
+
+/// A netlink socket that hears the kernel's IPv6 link announcements: it
+/// sends one when it has set a link up for IPv6.
+fn ipv6_link_events() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind(&SocketAddr::new(0, libc::RTMGRP_IPV6_IFINFO as u32))?;
+    Ok(socket)
+}
+
+/// Waits until IPv6 has set up each link of `nics` (the kernel marks the
+/// link ready), or is off for it; looks again at each announcement on
+/// `events`, opened before the links went up.
+fn wait_ipv6_ready(nl: &mut Netlink, events: &Socket, nics: &[u32]) -> io::Result<()> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + IPV6_READY_WITHIN;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let links = nl.links()?;
+        let waiting: Vec<&str> = links
+            .iter()
+            .filter(|l| nics.contains(&l.header.index) && !ipv6_settled(l))
+            .map(|l| link_name(l).unwrap_or("?"))
+            .collect();
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "NIC {} not up for IPv6 within {IPV6_READY_WITHIN:?} (no carrier from the VMM?)",
+                    waiting.join(", ")
+                ),
+            ));
+        }
+        let ms = u16::try_from(left.as_millis() + 1).unwrap_or(u16::MAX);
+        let mut fds = [PollFd::new(events.as_fd(), PollFlags::POLLIN)];
+        match poll(&mut fds, PollTimeout::from(ms)) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // The announcement says what changed; the dump above says it all.
+        // A full queue (ENOBUFS) lost some: the dump sees them too.
+        match events.recv(&mut &mut buf[..], libc::MSG_DONTWAIT) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether IPv6 is done setting up link `l`: marked ready, turned off for
+/// it, or absent.
+fn ipv6_settled(l: &LinkMessage) -> bool {
+    let disabled = link_name(l).is_some_and(|name| {
+        std::fs::read_to_string(sysctl_path(&format!("net/ipv6/conf/{name}/disable_ipv6")))
+            .is_ok_and(|v| v.trim() == "1")
+    });
+    let flags = l.attributes.iter().find_map(|a| match a {
+        LinkAttribute::AfSpecUnspec(specs) => specs.iter().find_map(|s| match s {
+            AfSpecUnspec::Inet6(inet6) => inet6.iter().find_map(|x| match x {
+                AfSpecInet6::Flags(f) => Some(*f),
+                _ => None,
+            }),
+            _ => None,
+        }),
+        _ => None,
+    });
+    disabled || flags.is_none_or(|f| f.contains(Inet6IfaceFlags::Ready))
+}
+
 fn guest_route(r: &RouteMessage, guest: &dyn Fn(u32) -> u32) -> RouteMessage {
     let mut m = RouteMessage::default();
     m.header = r.header.clone();
@@ -1014,6 +1100,26 @@ mod tests {
         assert_eq!(route_key(&route(3, Some(0))), route_key(&route(3, None)));
         assert_ne!(route_key(&route(3, None)), route_key(&route(4, None)));
         assert_ne!(route_key(&route(3, None)), route_key(&route(3, Some(100))));
+    }
+
+    #[test]
+    fn a_link_is_settled_for_ipv6_once_marked_ready_or_without_ipv6() {
+        let link = |flags: Option<Inet6IfaceFlags>| {
+            let mut l = LinkMessage::default();
+            // No such link here: its disable_ipv6 sysctl reads as absent.
+            l.attributes
+                .push(LinkAttribute::IfName("husk-no-such0".to_owned()));
+            if let Some(f) = flags {
+                l.attributes
+                    .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet6(
+                        vec![AfSpecInet6::Flags(f)],
+                    )]));
+            }
+            l
+        };
+        assert!(!ipv6_settled(&link(Some(Inet6IfaceFlags::empty()))));
+        assert!(ipv6_settled(&link(Some(Inet6IfaceFlags::Ready))));
+        assert!(ipv6_settled(&link(None)), "a link without IPv6");
     }
 
     #[test]

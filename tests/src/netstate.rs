@@ -151,7 +151,7 @@ pub fn observe(cri: &Cri, id: &str, ips: &[IpAddr], links: &[&str]) -> Observati
                 a.as_object_mut().map(|o| o.remove("protocol"));
             }
             let key = format!("addr.{name}.{}/{}", role(&a["local"]), a["prefixlen"]);
-            map.insert(key, fields(&a, &["local", "prefixlen"], &role));
+            insert_numbered(&mut map, key, fields(&a, &["local", "prefixlen"], &role));
         }
     }
     for fam in ["route4", "route6"] {
@@ -167,13 +167,7 @@ pub fn observe(cri: &Cri, id: &str, ips: &[IpAddr], links: &[&str]) -> Observati
             let value = fields(r, &["table", "type", "dst", "gateway", "metric"], &role);
             // Two routes to one prefix (CNI's own beside the kernel's)
             // differ in their other fields: both kept.
-            let mut k = key.clone();
-            let mut n = 1;
-            while map.contains_key(&k) {
-                n += 1;
-                k = format!("{key}#{n}");
-            }
-            map.insert(k, value);
+            insert_numbered(&mut map, key, value);
         }
     }
     for n in json("neigh").as_array().into_iter().flatten() {
@@ -207,6 +201,19 @@ pub fn observe(cri: &Cri, id: &str, ips: &[IpAddr], links: &[&str]) -> Observati
 
 /// `v` as one line, values in their roles, object keys sorted; a finite
 /// address lifetime (it counts down) as `finite`.
+/// Inserts `value` at `key`, or at `key#2`, `key#3`… when taken: two
+/// entries one role names alike (two link-local addresses on a link, two
+/// routes to a prefix) are both kept, so a second one is a difference.
+fn insert_numbered(map: &mut BTreeMap<String, String>, key: String, value: String) {
+    let mut k = key.clone();
+    let mut n = 1;
+    while map.contains_key(&k) {
+        n += 1;
+        k = format!("{key}#{n}");
+    }
+    map.insert(k, value);
+}
+
 fn flat(v: &Value, role: &dyn Fn(&Value) -> String) -> String {
     match v {
         Value::Object(o) => {
