@@ -67,8 +67,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
 
-# Unit tests only: no root, no KVM, no guest.
+# Unit tests only: no root, no KVM, no guest. The CLI's tests run the
+# `husk` binary of the same profile, which `cargo test` does not build.
 unit:
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace
 
 # Every parser the guest (or containerd's options) feeds, under libFuzzer

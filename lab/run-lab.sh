@@ -627,7 +627,7 @@ agent=$(l2 "^husk-agent:")
 [ -n "$agent" ] || fail "husk-agent printed nothing in L2"
 echo "$cpus" | grep -q "Total of 2 processors" || fail "the L2 guest did not bring up its 2 vCPUs: ${cpus:-no smpboot line}"
 grep -q "LAB: husk-vmm exit 0 " "$WORK/result" || fail "husk-vmm did not end with the guest's power-off (exit 0)"
-grep -m1 "LAB: first run: husk-vmm: guest starts" "$WORK/result" | sed 's/^LAB: first run: /lab: /' || true
+grep -m1 "LAB: first run: .*husk_vmm: guest starts" "$WORK/result" | sed "s/^LAB: first run: .*husk_vmm: /lab: husk-vmm: /" || true
 echo "lab: L2 $init"
 echo "lab: L2 ${cpus:-smpboot line missing}"
 echo "lab: L2 agent said: $agent"

@@ -624,7 +624,7 @@ impl Manager {
                 return Ok((init, gone));
             };
             if let Err(e) = crate::net::loopback_up(init.pid) {
-                crate::log_error!("container {id}: bringing up lo in its network namespace: {e}");
+                tracing::error!("container {id}: bringing up lo in its network namespace: {e}");
             }
             // The pod's NICs, before anything of the pod starts.
             if let Some(net) = network {
@@ -635,7 +635,7 @@ impl Manager {
                         why: format!("configuring the pod network: {e}"),
                     }
                 })?;
-                crate::log_info!(
+                tracing::info!(
                     "container {id}: pod network configured in {:.1} ms ({} NICs)",
                     t.elapsed().as_secs_f64() * 1e3,
                     net.interfaces.len()

@@ -236,7 +236,7 @@ pub fn setup() -> Result<(), InitError> {
     // without one of them still boots; containers then lack that limit.
     let controllers = "+cpu +cpuset +memory +pids +io";
     if let Err(e) = fs::write("/sys/fs/cgroup/cgroup.subtree_control", controllers) {
-        crate::log_error!("enabling cgroup controllers {controllers:?}: {e}");
+        tracing::error!("enabling cgroup controllers {controllers:?}: {e}");
     }
     // Containers get the host's open-file limit where their spec sets none
     // (runtime/src/pod/inherit.rs), which on a systemd host is systemd's
@@ -244,7 +244,7 @@ pub fn setup() -> Result<(), InitError> {
     // (1048576): setrlimit would refuse it and every container fail. The
     // guest's ceiling is the kernel's largest, which costs nothing.
     if let Err(e) = fs::write("/proc/sys/fs/nr_open", NR_OPEN_MAX) {
-        crate::log_error!("raising fs.nr_open to {NR_OPEN_MAX}: {e}");
+        tracing::error!("raising fs.nr_open to {NR_OPEN_MAX}: {e}");
     }
     Ok(())
 }

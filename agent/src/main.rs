@@ -11,7 +11,6 @@ mod cgroup;
 mod containers;
 mod forward;
 mod init;
-mod log;
 mod net;
 mod reaper;
 mod server;
@@ -22,7 +21,37 @@ mod zygote;
 
 use std::process::ExitCode;
 
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::reload;
+
+/// What reaches the console: the agent's own events from info up, other
+/// crates' (libcontainer's) from warn up; with `debug`, everything from
+/// debug up.
+fn console_filter(debug: bool) -> Targets {
+    if debug {
+        Targets::new().with_default(LevelFilter::DEBUG)
+    } else {
+        Targets::new()
+            .with_target("husk_agent", LevelFilter::INFO)
+            .with_default(LevelFilter::WARN)
+    }
+}
+
 fn main() -> ExitCode {
+    // The console (the guest's serial port, which the host keeps in the
+    // sandbox's console log) is the one place the agent logs to, through
+    // tracing, from the first line on; each event names its module.
+    let (filter, console_level) = reload::Layer::new(console_filter(false));
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .without_time(),
+        )
+        .init();
     let is_init = std::process::id() == 1;
     let args: Vec<String> = std::env::args().collect();
     let switched = args.get(1).is_some_and(|a| a == init::SWITCHED_ARG);
@@ -35,38 +64,30 @@ fn main() -> ExitCode {
     };
     if is_init && !switched {
         let e = init::switch_root(boottime_at_init);
-        eprintln!("husk-agent: error: moving off the initramfs: {e}");
+        tracing::error!("moving off the initramfs: {e}");
         init::power_off();
     }
     let clock = init::BootClock::start(boottime_at_init);
     if is_init {
         std::panic::set_hook(Box::new(|info| {
-            log_error!("panic: {info}");
+            tracing::error!("panic: {info}");
             init::power_off();
         }));
         if let Err(e) = init::setup() {
-            log_error!("guest setup failed: {e}");
+            tracing::error!("guest setup failed: {e}");
             init::power_off();
         }
     }
-    // After setup: /proc is mounted. libcontainer reports through `tracing`; send it to the console.
-    // `husk.debug` on the kernel command line raises the level.
+    // After setup: /proc is mounted. `husk.debug` on the kernel command
+    // line raises every crate's level (libcontainer's too).
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
-    let debug = cmdline.split_whitespace().any(|w| w == "husk.debug");
-    tracing_subscriber::fmt()
-        .with_max_level(if debug {
-            tracing_subscriber::filter::LevelFilter::DEBUG
-        } else {
-            tracing_subscriber::filter::LevelFilter::WARN
-        })
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .without_time()
-        .init();
+    if cmdline.split_whitespace().any(|w| w == "husk.debug") {
+        let _ = console_level.reload(console_filter(true));
+    }
 
     if is_init {
         if let Err(e) = init::apply_page_reporting_order(&cmdline) {
-            log_error!("{e}");
+            tracing::error!("{e}");
         }
     }
 
@@ -84,7 +105,7 @@ fn main() -> ExitCode {
 
     match server::serve(clock, reaper, zygote) {
         Ok(()) => {
-            log_info!("shutdown requested; ending the VM");
+            tracing::info!("shutdown requested; ending the VM");
             if is_init {
                 init::power_off();
             }
@@ -95,7 +116,7 @@ fn main() -> ExitCode {
 }
 
 fn fail(is_init: bool, msg: &str) -> ExitCode {
-    log_error!("{msg}");
+    tracing::error!("{msg}");
     if is_init {
         init::power_off();
     }

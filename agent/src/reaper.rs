@@ -99,7 +99,7 @@ fn run(fd: SignalFd, watchers: Watchers, fork_lock: Arc<Mutex<()>>) {
             Ok(_) => {}
             Err(nix::Error::EINTR) => continue,
             Err(e) => {
-                crate::log_error!("reaper: reading signalfd: {e}");
+                tracing::error!("reading signalfd: {e}");
                 return;
             }
         }
@@ -119,7 +119,7 @@ fn run(fd: SignalFd, watchers: Watchers, fork_lock: Arc<Mutex<()>>) {
                 }
                 Err(nix::Error::EINTR) => continue,
                 Err(e) => {
-                    crate::log_error!("reaper: waitpid: {e}");
+                    tracing::error!("waitpid: {e}");
                     break;
                 }
             }

@@ -107,7 +107,7 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
         | ContainerError::Runtime { .. }
         | ContainerError::Volume { .. } => Code::INTERNAL,
     };
-    crate::log_error!("{e}");
+    tracing::error!("{e}");
     ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
 }
 

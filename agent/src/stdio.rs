@@ -67,7 +67,7 @@ pub fn serve_vsock(
                 }
                 Err(nix::Error::EINTR) | Err(nix::Error::ECONNABORTED) => {}
                 Err(e) => {
-                    crate::log_error!("{what} listener: accept: {e}");
+                    tracing::error!("{what} listener: accept: {e}");
                     std::thread::sleep(Duration::from_millis(100));
                 }
             }
@@ -96,7 +96,7 @@ impl StreamHub {
             return;
         };
         let Some(header) = StreamHeader::parse(&line) else {
-            crate::log_error!(
+            tracing::error!(
                 "stdio: refused a stream with a bad header ({} bytes)",
                 line.len()
             );
@@ -107,7 +107,7 @@ impl StreamHub {
             nix::sys::socket::setsockopt(&file, nix::sys::socket::sockopt::ReceiveTimeout, &off);
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
         if parked.len() >= MAX_PARKED {
-            crate::log_error!("stdio: too many unclaimed streams; refusing one");
+            tracing::error!("too many unclaimed streams; refusing one");
             return;
         }
         parked.insert(key(&header), file);

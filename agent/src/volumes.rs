@@ -117,7 +117,7 @@ impl Volumes {
                     Err(VolumeError::Io { source, .. })
                         if source.kind() == std::io::ErrorKind::NotFound =>
                     {
-                        crate::log_info!("{volume}: {name} went away while copied; waiting for the host's update");
+                        tracing::info!("{volume}: {name} went away while copied; waiting for the host's update");
                         Ok(())
                     }
                     r => r,
@@ -154,7 +154,7 @@ impl Volumes {
         let dir = Path::new(VOLUMES_DIR).join(id);
         if let Err(e) = fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
-                crate::log_error!("removing {}: {e}", dir.display());
+                tracing::error!("removing {}: {e}", dir.display());
             }
         }
     }

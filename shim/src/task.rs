@@ -67,7 +67,7 @@ fn code(kind: ErrorKind) -> Code {
 }
 
 fn status_of(code: Code, msg: String) -> ShimTtrpcError {
-    log::error!("{msg}");
+    tracing::error!("{msg}");
     ShimTtrpcError::RpcStatus(containerd_shim::protos::ttrpc::get_status(code, msg))
 }
 
@@ -157,7 +157,7 @@ impl Shim for HuskShim {
         // address here (containerd-shim 0.10 writes it in one path only);
         // `delete` after a crash uses it too.
         if let Err(e) = std::fs::write(ADDRESS_FILE, &address) {
-            log::warn!("recording the shim address: {e}");
+            tracing::warn!("recording the shim address: {e}");
         }
         Ok(address)
     }
@@ -191,14 +191,14 @@ impl Shim for HuskShim {
         if role == Role::Sandbox {
             if let Some(netns) = spec.as_ref().and_then(pod_netns) {
                 if let Err(e) = husk_runtime::host::network::cleanup(&netns) {
-                    log::warn!(
+                    tracing::warn!(
                         "removing the pod's taps in {}: {}",
                         netns.display(),
                         error_chain(&e)
                     );
                 }
                 if let Err(e) = husk_runtime::pod::portforward::cleanup(&netns) {
-                    log::warn!("{}", error_chain(&e));
+                    tracing::warn!("{}", error_chain(&e));
                 }
             }
         }
@@ -214,21 +214,21 @@ impl Shim for HuskShim {
             Ok(paths) if husk_runtime::host::paths::bundle_owns(bundle, &paths) => {
                 let done = husk_runtime::pod::cleanup::cleanup(&paths, Some(&self.id));
                 if !done.killed.is_empty() {
-                    log::info!(
+                    tracing::info!(
                         "delete of {}: killed what was left of its pod: {:?}",
                         self.id,
                         done.killed
                     );
                 }
             }
-            Ok(paths) if paths.root().exists() => log::info!(
+            Ok(paths) if paths.root().exists() => tracing::info!(
                 "delete of {} in namespace {}: sandbox {} is not this task's (owner record differs); left as it is",
                 self.id,
                 self.namespace,
                 paths.root().display()
             ),
             Ok(_) => {}
-            Err(e) => log::warn!("delete of {}: {e}", self.id),
+            Err(e) => tracing::warn!("delete of {}: {e}", self.id),
         }
         remove_stale_socket(&bundle.join(ADDRESS_FILE));
         Ok(resp)
@@ -250,7 +250,7 @@ impl Shim for HuskShim {
                     if let Err(e) =
                         rt.block_on(publisher.publish(Default::default(), topic, &namespace, msg))
                     {
-                        log::warn!("publish {topic}: {e}");
+                        tracing::warn!("publish {topic}: {e}");
                     }
                 }
             });
@@ -446,7 +446,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::CreateTaskRequest,
     ) -> TtrpcResult<api::CreateTaskResponse> {
-        log::info!("create {}", req.id);
+        tracing::info!("create {}", req.id);
         let id = req.id.clone();
         let fail = |code, e: String| status_of(code, format!("husk: create {id}: {e}"));
         let bundle = PathBuf::from(&req.bundle);
@@ -481,7 +481,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
-        log::info!("start {} {}", req.id, req.exec_id);
+        tracing::info!("start {} {}", req.id, req.exec_id);
         let mut resp = api::StartResponse::new();
         resp.pid = self
             .call(move |pod| pod.start(&req.id, &req.exec_id))
@@ -536,7 +536,7 @@ impl Task for HuskShim {
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
-        log::info!("kill {} {} signal {}", req.id, req.exec_id, req.signal);
+        tracing::info!("kill {} {} signal {}", req.id, req.exec_id, req.signal);
         self.call(move |pod| pod.kill(&req.id, &req.exec_id, req.signal, req.all))
             .await?;
         Ok(api::Empty::new())
@@ -592,7 +592,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::ExecProcessRequest,
     ) -> TtrpcResult<api::Empty> {
-        log::info!("exec {} {}", req.id, req.exec_id);
+        tracing::info!("exec {} {}", req.id, req.exec_id);
         let process = req.spec.as_ref().map(|a| a.value.clone()).ok_or_else(|| {
             status_of(Code::INVALID_ARGUMENT, "exec without a process spec".into())
         })?;
@@ -654,7 +654,7 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
-        log::info!("delete {} {}", req.id, req.exec_id);
+        tracing::info!("delete {} {}", req.id, req.exec_id);
         let (pid, exit) = self
             .call(move |pod| pod.delete(&req.id, &req.exec_id))
             .await?;
@@ -686,10 +686,10 @@ impl Task for HuskShim {
         _req: api::ShutdownRequest,
     ) -> TtrpcResult<api::Empty> {
         if !self.pod.is_empty() {
-            log::info!("shutdown: containers left; staying");
+            tracing::info!("shutdown: containers left; staying");
             return Ok(api::Empty::new());
         }
-        log::info!("shutdown");
+        tracing::info!("shutdown");
         let pod = self.pod.clone();
         let _ = tokio::task::spawn_blocking(move || pod.stop_if_empty()).await;
         self.exit_signal.signal();

@@ -235,7 +235,7 @@ impl Backing {
     /// guest must not flood the log.
     fn warn(&self, what: fmt::Arguments) {
         if !self.warned.swap(true, Ordering::Relaxed) {
-            eprintln!("husk-vmm: virtio-balloon: {what} (further ones are not told)");
+            tracing::warn!("{what} (further ones are not told)");
         }
     }
 

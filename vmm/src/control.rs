@@ -94,7 +94,7 @@ impl RunState {
             // a failure here leaves pause and shutdown timing out, not the
             // VM unsafe.
             if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
-                eprintln!("husk-vmm: cannot install the vCPU kick handler: {e}");
+                tracing::error!("cannot install the vCPU kick handler: {e}");
             }
         });
         Arc::new(Self {
@@ -428,7 +428,7 @@ pub fn stop_on_signals(state: Arc<RunState>) -> std::io::Result<()> {
                 } else {
                     "SIGTERM"
                 };
-                eprintln!("husk-vmm: {name}: stopping the VM");
+                tracing::info!("{name}: stopping the VM");
                 state.shutdown();
             }
         })

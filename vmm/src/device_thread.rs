@@ -181,7 +181,7 @@ fn run<S: Service>(
         let _ = stop.read();
         let _ = replies.send(Reply::Started(Ok(())));
         if let Err(e) = service.serve(&mut worker, kicks, stop) {
-            eprintln!("husk-vmm: {name} failed: {e}");
+            tracing::error!("{name} failed: {e}");
         }
         let _ = replies.send(Reply::Ended);
     }

@@ -135,26 +135,36 @@ fn main() -> ExitCode {
     if let Some(Ctl::Ctl { socket, request }) = &cli.ctl {
         return ctl(socket, request);
     }
+    // Every event goes to stderr (the runtime keeps it in the sandbox's
+    // VMM log and quotes its tail in errors), naming its module. Before any
+    // thread starts, so every thread's filter meets a subscriber that only
+    // writes.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .without_time()
+        .with_max_level(tracing::Level::INFO)
+        .init();
     if let Err(e) = control::block_stop_signals() {
-        eprintln!("husk-vmm: blocking SIGTERM and SIGINT: {e}");
+        tracing::error!("blocking SIGTERM and SIGINT: {e}");
         return ExitCode::from(EXIT_VMM_FAILED);
     }
     match run(&cli) {
         Ok(Exit::Reset) => ExitCode::SUCCESS,
         Ok(Exit::Stopped) => {
-            eprintln!("husk-vmm: the VM was stopped on request");
+            tracing::info!("the VM was stopped on request");
             ExitCode::SUCCESS
         }
         Ok(Exit::Shutdown) => {
-            eprintln!("husk-vmm: the guest crashed (shutdown or triple fault)");
+            tracing::error!("the guest crashed (shutdown or triple fault)");
             ExitCode::from(EXIT_GUEST_CRASHED)
         }
         Err(Failure::Guest(e)) => {
-            eprintln!("husk-vmm: the guest crashed: {e}");
+            tracing::error!("the guest crashed: {e}");
             ExitCode::from(EXIT_GUEST_CRASHED)
         }
         Err(Failure::Vmm(e)) => {
-            eprintln!("husk-vmm: {e}");
+            tracing::error!("{e}");
             ExitCode::from(EXIT_VMM_FAILED)
         }
     }
@@ -316,8 +326,8 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
     control::stop_on_signals(vm.run_state()).map_err(|e| vmm(&e))?;
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     let t_run = Instant::now();
-    eprintln!(
-        "husk-vmm: guest starts {:.1} ms after launch (KVM and memory {:.1} ms, vhost-user devices {:.1} ms, kernel and initramfs {:.1} ms)",
+    tracing::info!(
+        "guest starts {:.1} ms after launch (KVM and memory {:.1} ms, vhost-user devices {:.1} ms, kernel and initramfs {:.1} ms)",
         ms(t0, t_run),
         ms(t0, t_vm),
         ms(t_vm, t_devices),

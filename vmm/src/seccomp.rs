@@ -260,15 +260,15 @@ pub fn enter(kind: ThreadKind) {
     // (here and by `configure`, which ran before this thread started).
     let installed = set_no_new_privs().and_then(|()| unsafe { filter.install() });
     if let Err(e) = installed {
-        eprintln!(
-            "husk-vmm: installing the {} thread's seccomp filter: {e}",
+        tracing::error!(
+            "installing the {} thread's seccomp filter: {e}",
             kind.name()
         );
         std::process::exit(1);
     }
     if policy.test_kind == Some(kind) {
-        eprintln!(
-            "husk-vmm: --test-seccomp: the {} thread opens a TCP socket, which no filter allows",
+        tracing::warn!(
+            "--test-seccomp: the {} thread opens a TCP socket, which no filter allows",
             kind.name()
         );
         // SAFETY: socket(2) with integer arguments; a descriptor it returns
@@ -278,10 +278,7 @@ pub fn enter(kind: ThreadKind) {
             // SAFETY: the descriptor just made.
             unsafe { libc::close(fd) };
         }
-        eprintln!(
-            "husk-vmm: --test-seccomp: the {} thread was not stopped",
-            kind.name()
-        );
+        tracing::error!("--test-seccomp: the {} thread was not stopped", kind.name());
     }
 }
 

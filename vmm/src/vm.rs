@@ -643,7 +643,7 @@ fn mmio_write(d: &MmioDevice, offset: u64, data: &[u8]) {
         Ok(Action::Activate) => {
             let (features, queues) = (t.driver_features(), t.queues().to_vec());
             if let Err(e) = t.device_mut().activate(features, &queues) {
-                eprintln!("husk-vmm: activating the device at {:#x}: {e}", d.base);
+                tracing::error!("activating the device at {:#x}: {e}", d.base);
             }
         }
         Ok(Action::Notify(q)) => {

@@ -20,8 +20,11 @@
 
 use std::fs;
 use std::io::ErrorKind;
+use std::os::fd::AsFd;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
+
+use crate::confine::process::{pidfd_kill, pidfd_open, wait_any};
 
 /// cgroup v1 controllers the pod's cgroup is made in: those that account
 /// what CRI's pod stats read (CPU, memory, pids, block I/O).
@@ -311,34 +314,47 @@ pub fn record(record: &Path, cg: &PodCgroup) -> std::io::Result<()> {
 /// SIGKILLs every process left in the directories, then removes them,
 /// waiting for the processes to be gone.
 fn remove_dirs(dirs: &[PathBuf]) {
-    let me = std::process::id();
-    for dir in dirs {
-        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-            if pid as u32 != me && pid > 1 {
-                // SAFETY: kill(2) has no memory effects; the pid was read
-                // from the pod's own cgroup, which holds only its processes.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-        }
-    }
     let deadline = Instant::now() + REMOVE_WAIT;
     for dir in dirs {
+        kill_and_wait(dir, deadline);
         loop {
-            match fs::remove_dir(dir) {
+            let e = match fs::remove_dir(dir) {
                 Ok(()) => break,
                 Err(e) if e.kind() == ErrorKind::NotFound => break,
-                Err(e) if Instant::now() < deadline => {
-                    tracing::debug!(dir = %dir.display(), "cgroup busy: {e}");
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), "cgroup left behind: {e}");
-                    break;
-                }
+                Err(e) => e,
+            };
+            // A process forked while the others were killed: another
+            // round. None left (a sub-cgroup holds it): nothing to wait for.
+            if Instant::now() >= deadline || kill_and_wait(dir, deadline) == 0 {
+                tracing::warn!(dir = %dir.display(), "cgroup left behind: {e}");
+                break;
             }
+            tracing::debug!(dir = %dir.display(), "cgroup busy: {e}");
         }
     }
+}
+
+/// SIGKILLs every process in cgroup directory `dir` and waits, until
+/// `deadline`, for each to exit (a process leaves its cgroup as it exits,
+/// before its pidfd turns readable). Returns how many it killed.
+fn kill_and_wait(dir: &Path, deadline: Instant) -> usize {
+    let me = std::process::id();
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    let killed: Vec<_> = procs
+        .lines()
+        .filter_map(|l| l.trim().parse::<u32>().ok())
+        .filter(|&pid| pid != me && pid > 1)
+        // One gone already (ESRCH) has left the cgroup.
+        .filter_map(|pid| pidfd_open(pid).ok())
+        .inspect(pidfd_kill)
+        .collect();
+    for fd in &killed {
+        let _ = wait_any(
+            &[fd.as_fd()],
+            deadline.saturating_duration_since(Instant::now()),
+        );
+    }
+    killed.len()
 }
 
 /// Enables the v2 controllers in each ancestor of `path`, as far as the
