@@ -26,13 +26,15 @@ use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim::protos::ttrpc::{Code, Error as ShimTtrpcError};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult};
+use husk_protocol::{ContainerId, ExecId, SandboxId};
 use husk_runtime::host::cgroup;
 use husk_runtime::host::paths::SandboxPaths;
 use husk_runtime::host::storage::MountSpec;
 use husk_runtime::pod::backend::pod_netns;
 use husk_runtime::pod::service::read_spec;
 use husk_runtime::pod::{
-    CreateRequest, ErrorKind, Event, Exit, Io, PodApiError, PodService, Role, Status, VmBackend,
+    CreateRequest, ErrorKind, Event, Exit, Io, PodApiError, PodService, Role, Status, Stream,
+    VmBackend,
 };
 use husk_runtime::{error_chain, Config};
 
@@ -64,6 +66,21 @@ fn code(kind: ErrorKind) -> Code {
         ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
         ErrorKind::Internal => Code::INTERNAL,
     }
+}
+
+/// A request's container id, checked here, where it enters.
+fn container_id(id: &str) -> TtrpcResult<ContainerId> {
+    ContainerId::parse(id).map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))
+}
+
+/// A request's exec id, checked here; empty names the container's init.
+fn exec_id(exec_id: &str) -> TtrpcResult<Option<ExecId>> {
+    if exec_id.is_empty() {
+        return Ok(None);
+    }
+    ExecId::parse(exec_id)
+        .map(Some)
+        .map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))
 }
 
 fn status_of(code: Code, msg: String) -> ShimTtrpcError {
@@ -209,8 +226,12 @@ impl Shim for HuskShim {
         cgroup::remove_recorded(&record);
         // Only what this task's sandbox owns: a create that collided with
         // another pod's directory (or never made one) removes nothing.
-        let pod = role.pod_id(&self.id);
-        match SandboxPaths::new(&config, &self.namespace, pod) {
+        let paths = SandboxId::parse(role.pod_id(&self.id))
+            .map_err(|e| e.to_string())
+            .and_then(|pod| {
+                SandboxPaths::new(&config, &self.namespace, &pod).map_err(|e| e.to_string())
+            });
+        match paths {
             Ok(paths) if husk_runtime::host::paths::bundle_owns(bundle, &paths) => {
                 let done = husk_runtime::pod::cleanup::cleanup(&paths, Some(&self.id));
                 if !done.killed.is_empty() {
@@ -283,9 +304,9 @@ fn message(ev: Event) -> (&'static str, Box<dyn MessageDyn>) {
                 .collect();
             let mut tio = TaskIO::new();
             tio.terminal = io.terminal;
-            tio.stdin = io.stdin.display().to_string();
-            tio.stdout = io.stdout.display().to_string();
-            tio.stderr = io.stderr.display().to_string();
+            tio.stdin = io.stdin.display();
+            tio.stdout = io.stdout.display();
+            tio.stderr = io.stderr.display();
             ev.io = Some(tio).into();
             (topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
         }
@@ -382,9 +403,9 @@ fn load_config(req: &api::CreateTaskRequest) -> Result<Config, String> {
 
 fn io_of(stdin: &str, stdout: &str, stderr: &str, terminal: bool) -> Io {
     Io {
-        stdin: stdin.into(),
-        stdout: stdout.into(),
-        stderr: stderr.into(),
+        stdin: Stream::path(stdin),
+        stdout: Stream::path(stdout),
+        stderr: Stream::path(stderr),
         terminal,
     }
 }
@@ -453,7 +474,7 @@ impl Task for HuskShim {
         let spec = read_spec(&bundle).map_err(|e| fail(Code::INVALID_ARGUMENT, e.to_string()))?;
         let config = load_config(&req).map_err(|e| fail(Code::INVALID_ARGUMENT, e))?;
         let create = CreateRequest {
-            id: req.id.clone(),
+            id: container_id(&req.id)?,
             bundle,
             spec,
             rootfs: req
@@ -482,10 +503,9 @@ impl Task for HuskShim {
         req: api::StartRequest,
     ) -> TtrpcResult<api::StartResponse> {
         tracing::info!("start {} {}", req.id, req.exec_id);
+        let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
         let mut resp = api::StartResponse::new();
-        resp.pid = self
-            .call(move |pod| pod.start(&req.id, &req.exec_id))
-            .await?;
+        resp.pid = self.call(move |pod| pod.start(&id, exec.as_ref())).await?;
         Ok(resp)
     }
 
@@ -494,10 +514,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> TtrpcResult<api::StateResponse> {
-        let st = self
-            .pod
-            .process_state(&req.id, &req.exec_id)
-            .map_err(status)?;
+        let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
+        let st = self.pod.process_state(&id, exec.as_ref()).map_err(status)?;
         let mut resp = api::StateResponse::new();
         resp.id = req.id;
         resp.exec_id = req.exec_id;
@@ -510,9 +528,9 @@ impl Task for HuskShim {
             Status::Stopped => api::Status::STOPPED,
         }
         .into();
-        resp.stdin = st.io.stdin.display().to_string();
-        resp.stdout = st.io.stdout.display().to_string();
-        resp.stderr = st.io.stderr.display().to_string();
+        resp.stdin = st.io.stdin.display();
+        resp.stdout = st.io.stdout.display();
+        resp.stderr = st.io.stderr.display();
         resp.terminal = st.io.terminal;
         let (exit_status, exited_at) = exit_fields(st.exit);
         resp.exit_status = exit_status;
@@ -525,9 +543,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> TtrpcResult<api::WaitResponse> {
-        let exit = self
-            .call(move |pod| pod.wait(&req.id, &req.exec_id))
-            .await?;
+        let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
+        let exit = self.call(move |pod| pod.wait(&id, exec.as_ref())).await?;
         let mut resp = api::WaitResponse::new();
         let (exit_status, exited_at) = exit_fields(Some(exit));
         resp.exit_status = exit_status;
@@ -537,7 +554,8 @@ impl Task for HuskShim {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> TtrpcResult<api::Empty> {
         tracing::info!("kill {} {} signal {}", req.id, req.exec_id, req.signal);
-        self.call(move |pod| pod.kill(&req.id, &req.exec_id, req.signal, req.all))
+        let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
+        self.call(move |pod| pod.kill(&id, exec.as_ref(), req.signal, req.all))
             .await?;
         Ok(api::Empty::new())
     }
@@ -547,7 +565,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::PidsRequest,
     ) -> TtrpcResult<api::PidsResponse> {
-        let pids = self.call(move |pod| pod.pids(&req.id)).await?;
+        let id = container_id(&req.id)?;
+        let pids = self.call(move |pod| pod.pids(&id)).await?;
         let mut resp = api::PidsResponse::new();
         resp.processes = pids
             .into_iter()
@@ -561,7 +580,8 @@ impl Task for HuskShim {
     }
 
     async fn pause(&self, _ctx: &TtrpcContext, req: api::PauseRequest) -> TtrpcResult<api::Empty> {
-        self.call(move |pod| pod.pause(&req.id)).await?;
+        let id = container_id(&req.id)?;
+        self.call(move |pod| pod.pause(&id)).await?;
         Ok(api::Empty::new())
     }
 
@@ -570,7 +590,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.call(move |pod| pod.resume(&req.id)).await?;
+        let id = container_id(&req.id)?;
+        self.call(move |pod| pod.resume(&id)).await?;
         Ok(api::Empty::new())
     }
 
@@ -597,7 +618,10 @@ impl Task for HuskShim {
             status_of(Code::INVALID_ARGUMENT, "exec without a process spec".into())
         })?;
         let io = io_of(&req.stdin, &req.stdout, &req.stderr, req.terminal);
-        self.call(move |pod| pod.add_exec(&req.id, &req.exec_id, process, io))
+        let id = container_id(&req.id)?;
+        let exec = ExecId::parse(&req.exec_id)
+            .map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))?;
+        self.call(move |pod| pod.add_exec(&id, &exec, process, io))
             .await?;
         Ok(api::Empty::new())
     }
@@ -607,7 +631,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> TtrpcResult<api::Empty> {
-        self.call(move |pod| pod.resize_pty(&req.id, &req.exec_id, req.width, req.height))
+        let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
+        self.call(move |pod| pod.resize_pty(&id, exec.as_ref(), req.width, req.height))
             .await?;
         Ok(api::Empty::new())
     }
@@ -618,7 +643,8 @@ impl Task for HuskShim {
         req: api::CloseIORequest,
     ) -> TtrpcResult<api::Empty> {
         if req.stdin {
-            self.call(move |pod| pod.close_stdin(&req.id, &req.exec_id))
+            let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
+            self.call(move |pod| pod.close_stdin(&id, exec.as_ref()))
                 .await?;
         }
         Ok(api::Empty::new())
@@ -634,7 +660,8 @@ impl Task for HuskShim {
             .as_ref()
             .map(|a| a.value.clone())
             .ok_or_else(|| status_of(Code::INVALID_ARGUMENT, "update without resources".into()))?;
-        self.call(move |pod| pod.update(&req.id, resources)).await?;
+        let id = container_id(&req.id)?;
+        self.call(move |pod| pod.update(&id, resources)).await?;
         Ok(api::Empty::new())
     }
 
@@ -643,7 +670,8 @@ impl Task for HuskShim {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> TtrpcResult<api::StatsResponse> {
-        let s = self.call(move |pod| pod.stats(&req.id)).await?;
+        let id = container_id(&req.id)?;
+        let s = self.call(move |pod| pod.stats(&id)).await?;
         let mut resp = api::StatsResponse::new();
         resp.stats = Some(metrics(&s)).into();
         Ok(resp)
@@ -655,9 +683,8 @@ impl Task for HuskShim {
         req: api::DeleteRequest,
     ) -> TtrpcResult<api::DeleteResponse> {
         tracing::info!("delete {} {}", req.id, req.exec_id);
-        let (pid, exit) = self
-            .call(move |pod| pod.delete(&req.id, &req.exec_id))
-            .await?;
+        let (id, exec) = (container_id(&req.id)?, exec_id(&req.exec_id)?);
+        let (pid, exit) = self.call(move |pod| pod.delete(&id, exec.as_ref())).await?;
         let mut resp = api::DeleteResponse::new();
         resp.pid = pid;
         let (exit_status, exited_at) = exit_fields(Some(exit));
@@ -673,7 +700,7 @@ impl Task for HuskShim {
     ) -> TtrpcResult<api::ConnectResponse> {
         let mut resp = api::ConnectResponse::new();
         resp.shim_pid = std::process::id();
-        resp.task_pid = self.pod.pid(&req.id);
+        resp.task_pid = ContainerId::parse(&req.id).map_or(0, |id| self.pod.pid(&id));
         resp.version = env!("CARGO_PKG_VERSION").to_owned();
         Ok(resp)
     }
@@ -715,6 +742,22 @@ mod tests {
             ShimTtrpcError::RpcStatus(s) => s.code(),
             e => panic!("not a status: {e}"),
         }
+    }
+
+    #[test]
+    fn bad_ids_are_refused_where_they_enter_naming_them() {
+        let e = container_id("../c").unwrap_err();
+        assert_eq!(code_of(e), Code::INVALID_ARGUMENT);
+        match exec_id("e/2") {
+            Err(ShimTtrpcError::RpcStatus(s)) => {
+                assert_eq!(s.code(), Code::INVALID_ARGUMENT);
+                assert!(s.message.contains("exec id \"e/2\""), "{}", s.message);
+            }
+            other => panic!("not refused: {other:?}"),
+        }
+        assert_eq!(exec_id("").unwrap(), None, "the init");
+        assert_eq!(exec_id("e1").unwrap().unwrap().as_str(), "e1");
+        assert_eq!(container_id("c1").unwrap().as_str(), "c1");
     }
 
     #[test]

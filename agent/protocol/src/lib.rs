@@ -86,6 +86,85 @@ pub fn valid_id(id: &str) -> bool {
     validate_id("", id).is_ok()
 }
 
+/// An id type whose values passed [`validate_id`]: parsed once where the
+/// id enters (a containerd request, the CLI), trusted as a path component
+/// and a name from then on.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Checks `id` with [`validate_id`].
+            pub fn parse(id: &str) -> Result<Self, InvalidId> {
+                validate_id($kind, id)?;
+                Ok(Self(id.to_owned()))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl AsRef<std::path::Path> for $name {
+            fn as_ref(&self) -> &std::path::Path {
+                self.0.as_ref()
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = InvalidId;
+            fn from_str(id: &str) -> Result<Self, InvalidId> {
+                Self::parse(id)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A sandbox (pod) id: its directory, its shim, its VM.
+    SandboxId,
+    "sandbox"
+);
+id_type!(
+    /// A container id.
+    ContainerId,
+    "container"
+);
+id_type!(
+    /// An exec id (a process added to a running container).
+    ExecId,
+    "exec"
+);
+
+/// A container that is its own pod (a CRI sandbox's pause container, a
+/// plain `ctr run` container) names the pod: the rule is the same.
+impl From<&ContainerId> for SandboxId {
+    fn from(id: &ContainerId) -> SandboxId {
+        SandboxId(id.0.clone())
+    }
+}
+
 /// Copies `from` into `to` until EOF, with a plain read/write loop.
 ///
 /// Stdio must not go through `std::io::copy`: between a socket and a pipe
@@ -222,6 +301,22 @@ mod tests {
         ] {
             assert_eq!(StreamHeader::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn typed_ids_are_parsed_by_the_one_rule_and_name_their_kind() {
+        assert_eq!(ContainerId::parse("c-1").unwrap().as_str(), "c-1");
+        let e = ContainerId::parse("../x").unwrap_err().to_string();
+        assert!(e.starts_with("container id \"../x\""), "{e}");
+        let e = ExecId::parse("").unwrap_err().to_string();
+        assert!(e.starts_with("exec id \"\""), "{e}");
+        let e = "a/b".parse::<SandboxId>().unwrap_err().to_string();
+        assert!(e.starts_with("sandbox id "), "{e}");
+        let c = ContainerId::parse("pod1").unwrap();
+        assert_eq!(SandboxId::from(&c).as_str(), "pod1");
+        let mut m = std::collections::HashMap::new();
+        m.insert(c, 1);
+        assert_eq!(m.get("pod1"), Some(&1), "looked up by str");
     }
 
     #[test]

@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use husk_protocol::{ContainerId, SandboxId};
 use husk_runtime::config::Config;
 use husk_runtime::host::probe;
 use husk_runtime::vm::sandbox::{ms, Sandbox};
@@ -52,7 +53,7 @@ enum Command {
     /// its processes, mounts and state directory.
     Delete {
         /// The pod's id.
-        id: String,
+        id: SandboxId,
         /// Its containerd namespace (`husk run`'s pods: `_husk`).
         #[arg(long, default_value = husk_runtime::host::paths::DIRECT_NAMESPACE)]
         namespace: String,
@@ -68,7 +69,7 @@ enum Command {
         rootfs: PathBuf,
         /// Sandbox and container id (default: run-<pid>).
         #[arg(long)]
-        id: Option<String>,
+        id: Option<ContainerId>,
         /// The command and its arguments.
         #[arg(last = true, required = true)]
         args: Vec<String>,
@@ -126,7 +127,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => delete(&config, &namespace, &id, force),
         Command::Run { rootfs, id, args } => run_container(
             &config,
-            id.unwrap_or_else(|| format!("run-{}", std::process::id())),
+            match id {
+                Some(id) => id,
+                None => ContainerId::parse(&format!("run-{}", std::process::id()))?,
+            },
             &rootfs,
             &args,
         ),
@@ -208,13 +212,13 @@ fn ps(config: &Config) {
     }
 }
 
-fn delete(config: &Config, namespace: &str, id: &str, force: bool) -> Result<ExitCode> {
+fn delete(config: &Config, namespace: &str, id: &SandboxId, force: bool) -> Result<ExitCode> {
     use husk_runtime::host::paths::SandboxPaths;
     use husk_runtime::pod::cleanup;
     let paths = SandboxPaths::new(config, namespace, id)?;
     let Some(pod) = cleanup::list(config)
         .into_iter()
-        .find(|p| p.namespace == namespace && p.id == id)
+        .find(|p| p.namespace == namespace && p.id == id.as_str())
     else {
         bail!(
             "no pod {id} in namespace {namespace} under {} (`husk ps` lists them)",
@@ -246,9 +250,15 @@ fn delete(config: &Config, namespace: &str, id: &str, force: bool) -> Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
-fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) -> Result<ExitCode> {
+fn run_container(
+    config: &Config,
+    id: ContainerId,
+    rootfs: &Path,
+    args: &[String],
+) -> Result<ExitCode> {
     use husk_runtime::host::storage::MountSpec;
-    use husk_runtime::pod::{CreateRequest, Io, PodService, VmBackend};
+    use husk_runtime::pod::{CreateRequest, Io, PodService, Stream, VmBackend};
+    use std::os::fd::AsFd;
 
     if !rootfs.join("bin").is_dir() && !rootfs.join("usr").is_dir() {
         bail!(
@@ -280,22 +290,22 @@ fn run_container(config: &Config, id: String, rootfs: &Path, args: &[String]) ->
             options: vec!["rbind".into()],
         }],
         io: Io {
-            stdout: "/proc/self/fd/1".into(),
-            stderr: "/proc/self/fd/2".into(),
+            stdout: Stream::fd(std::io::stdout().as_fd()).context("husk's stdout")?,
+            stderr: Stream::fd(std::io::stderr().as_fd()).context("husk's stderr")?,
             ..Io::default()
         },
         config: config.clone(),
     })
     .map_err(fail)
     .with_context(|| format!("creating container {id} in its own VM"))?;
-    let ran = match signals.start(|| pod.start(&id, "")) {
-        Ok(Ok(_)) => pod.wait(&id, "").map(|e| e.status),
+    let ran = match signals.start(|| pod.start(&id, None)) {
+        Ok(Ok(_)) => pod.wait(&id, None).map(|e| e.status),
         Ok(Err(e)) => Err(e),
         // A signal before the container started: it never does.
         Err(sig) => Ok(128 + sig as u32),
     };
     // Deleting the pod's only container stops its VM.
-    let deleted = pod.delete(&id, "");
+    let deleted = pod.delete(&id, None);
     signals.stop();
     let status = ran.map_err(fail)?;
     deleted.map_err(fail)?;
@@ -329,7 +339,7 @@ struct Forwarding {
 impl Forwarder {
     fn new(
         pod: husk_runtime::pod::PodService<husk_runtime::pod::VmBackend>,
-        id: String,
+        id: ContainerId,
     ) -> Result<Self> {
         let mut signals = signal_hook::iterator::Signals::new(FORWARDED)
             .context("installing husk run's signal handlers")?;
@@ -350,7 +360,7 @@ impl Forwarder {
                 } else {
                     sig
                 };
-                if let Err(e) = pod.kill(&id, "", sig as u32, false) {
+                if let Err(e) = pod.kill(&id, None, sig as u32, false) {
                     tracing::warn!(signal = sig, error = %husk_runtime::error_chain(&e), "passing a signal to the container");
                 }
             }

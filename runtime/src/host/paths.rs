@@ -12,6 +12,8 @@
 
 use std::path::{Path, PathBuf};
 
+use husk_protocol::SandboxId;
+
 use crate::config::Config;
 
 /// The namespace of pods husk runs itself, without containerd. containerd
@@ -90,9 +92,8 @@ impl SandboxPaths {
     /// The paths of sandbox `id` of containerd namespace `namespace` under
     /// the configured state directory; both are checked before they become
     /// path components, and the longest socket path must fit.
-    pub fn new(config: &Config, namespace: &str, id: &str) -> Result<Self, PathsError> {
+    pub fn new(config: &Config, namespace: &str, id: &SandboxId) -> Result<Self, PathsError> {
         validate_namespace(namespace)?;
-        husk_protocol::validate_id("sandbox", id)?;
         let paths = Self::at(config.state_dir.join(namespace).join(id));
         let longest = paths.vsock_socket();
         let len = longest.as_os_str().len();
@@ -225,6 +226,10 @@ impl ContainerPaths {
 mod tests {
     use super::*;
 
+    fn sid(id: &str) -> SandboxId {
+        SandboxId::parse(id).unwrap()
+    }
+
     #[test]
     fn every_path_stays_under_the_sandbox_directory() {
         let sb = SandboxPaths::at("/run/husk/p1");
@@ -255,7 +260,7 @@ mod tests {
             ..Config::default()
         };
         assert_eq!(
-            SandboxPaths::new(&cfg, "k8s.io", "p")
+            SandboxPaths::new(&cfg, "k8s.io", &sid("p"))
                 .expect("valid")
                 .root(),
             Path::new("/var/run/h/k8s.io/p")
@@ -265,9 +270,9 @@ mod tests {
     #[test]
     fn the_same_id_in_two_namespaces_is_two_sandboxes() {
         let cfg = Config::default();
-        let a = SandboxPaths::new(&cfg, "default", "same").expect("valid");
-        let b = SandboxPaths::new(&cfg, "other", "same").expect("valid");
-        let direct = SandboxPaths::new(&cfg, DIRECT_NAMESPACE, "same").expect("valid");
+        let a = SandboxPaths::new(&cfg, "default", &sid("same")).expect("valid");
+        let b = SandboxPaths::new(&cfg, "other", &sid("same")).expect("valid");
+        let direct = SandboxPaths::new(&cfg, DIRECT_NAMESPACE, &sid("same")).expect("valid");
         assert_ne!(a.root(), b.root());
         assert_ne!(a.root(), direct.root());
         assert_eq!(a.root(), cfg.state_dir.join("default/same"));
@@ -276,22 +281,18 @@ mod tests {
     #[test]
     fn namespaces_and_ids_are_checked_and_sockets_must_fit() {
         let cfg = Config::default();
-        for (ns, id) in [
-            ("..", "p"),
-            ("a/b", "p"),
-            ("_other", "p"),
-            ("k8s.io", "../p"),
-            ("", "p"),
-        ] {
-            let e = SandboxPaths::new(&cfg, ns, id).expect_err("refused");
-            assert!(matches!(e, PathsError::Id(_)), "{ns}/{id}: {e}");
+        for ns in ["..", "a/b", "_other", ""] {
+            let e = SandboxPaths::new(&cfg, ns, &sid("p")).expect_err("refused");
+            assert!(matches!(e, PathsError::Id(_)), "{ns}: {e}");
         }
+        // An id is checked as it becomes a SandboxId, before any path.
+        assert!(SandboxId::parse("../p").is_err());
         // A CRI id (64 hex characters) in k8s.io fits.
         let cri = "0123456789abcdef".repeat(4);
-        assert!(SandboxPaths::new(&cfg, "k8s.io", &cri).is_ok());
+        assert!(SandboxPaths::new(&cfg, "k8s.io", &sid(&cri)).is_ok());
         // Two of containerd's longest names do not; the error says what to do.
         let long = "a".repeat(husk_protocol::MAX_ID_LEN);
-        let e = SandboxPaths::new(&cfg, &long, &long).expect_err("too long");
+        let e = SandboxPaths::new(&cfg, &long, &sid(&long)).expect_err("too long");
         assert!(matches!(e, PathsError::TooLong { .. }), "{e}");
         assert!(e.to_string().contains("shorter state_dir"), "{e}");
     }

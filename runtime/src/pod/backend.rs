@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use husk_protocol::containers::Network;
+use husk_protocol::SandboxId;
 use serde_json::Value;
 
 use super::guest::{GuestAgent, VmAgent};
@@ -29,7 +30,7 @@ pub trait Backend: Send + Sync + 'static {
     /// empty when there is no bundle).
     fn boot(
         &self,
-        pod_id: &str,
+        pod_id: &SandboxId,
         spec: &Value,
         bundle: &Path,
         config: &Config,
@@ -127,7 +128,7 @@ impl Backend for VmBackend {
     /// boots. On error the cgroup is gone again.
     fn boot(
         &self,
-        pod_id: &str,
+        pod_id: &SandboxId,
         spec: &Value,
         bundle: &Path,
         config: &Config,

@@ -146,6 +146,7 @@ fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use husk_protocol::SandboxId;
 
     #[test]
     fn a_pod_with_state_but_no_process_is_listed_dead_and_cleaned_whole() {
@@ -154,7 +155,7 @@ mod tests {
             state_dir: root.path().to_path_buf(),
             ..Config::default()
         };
-        let paths = SandboxPaths::new(&config, "k8s.io", "p1").unwrap();
+        let paths = SandboxPaths::new(&config, "k8s.io", &SandboxId::parse("p1").unwrap()).unwrap();
         for c in ["c1", "c2"] {
             std::fs::create_dir_all(paths.container(c).share.join("rootfs")).unwrap();
         }
@@ -184,7 +185,7 @@ mod tests {
             state_dir: root.path().to_path_buf(),
             ..Config::default()
         };
-        let paths = SandboxPaths::new(&config, "_husk", "p2").unwrap();
+        let paths = SandboxPaths::new(&config, "_husk", &SandboxId::parse("p2").unwrap()).unwrap();
         std::fs::create_dir_all(paths.sockets()).unwrap();
         // One process (no fork to race with) naming a file below the pod's
         // directory, as a VMM does.

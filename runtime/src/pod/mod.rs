@@ -29,12 +29,13 @@ pub mod workers;
 
 use std::path::Path;
 
+use husk_protocol::{ContainerId, SandboxId};
 use serde_json::{json, Value};
 
 pub use backend::{Backend, PodSandbox, PodVm, VmBackend};
 pub use guest::{GuestAgent, VmAgent};
 pub use service::{CreateRequest, ErrorKind, Event, Exit, PodApiError, PodService, Status};
-pub use stdio::Io;
+pub use stdio::{Io, Stream};
 
 use crate::host::storage::{is_bind, mount_options, StorageError};
 
@@ -92,7 +93,7 @@ pub enum Role {
     /// A CRI pod's sandbox (pause) container: boots the pod's VM.
     Sandbox,
     /// A CRI app container of pod `pod`: joins the pod's VM.
-    Member { pod: String },
+    Member { pod: SandboxId },
     /// A plain container (`ctr run`): a pod of one.
     Single,
 }
@@ -108,16 +109,12 @@ impl Role {
         match ann(CONTAINER_TYPE) {
             Some("sandbox") => Ok(Role::Sandbox),
             Some("container") => {
-                let pod = ann(SANDBOX_ID).unwrap_or_default();
-                if crate::vm::sandbox::validate_id(pod).is_err() {
-                    return Err(PodError::BadSandboxId {
-                        id: id.to_owned(),
-                        value: pod.to_owned(),
-                    });
-                }
-                Ok(Role::Member {
-                    pod: pod.to_owned(),
-                })
+                let value = ann(SANDBOX_ID).unwrap_or_default();
+                let pod = SandboxId::parse(value).map_err(|_| PodError::BadSandboxId {
+                    id: id.to_owned(),
+                    value: value.to_owned(),
+                })?;
+                Ok(Role::Member { pod })
             }
             _ => Ok(Role::Single),
         }
@@ -129,6 +126,14 @@ impl Role {
         match self {
             Role::Member { pod } => pod,
             Role::Sandbox | Role::Single => id,
+        }
+    }
+
+    /// [`Self::pod_id`], typed.
+    pub fn pod(&self, id: &ContainerId) -> SandboxId {
+        match self {
+            Role::Member { pod } => pod.clone(),
+            Role::Sandbox | Role::Single => SandboxId::from(id),
         }
     }
 
@@ -465,7 +470,9 @@ mod tests {
             { "type": "uts", "path": "/proc/42/ns/uts" },
             { "type": "network", "path": "/proc/42/ns/net" },
         ]);
-        let role = Role::Member { pod: "p1".into() };
+        let role = Role::Member {
+            pod: SandboxId::parse("p1").unwrap(),
+        };
         let mut spec = cri_spec("container", "p1", ns.clone());
         let guest = prepare_spec(&mut spec, "c1", &role, Some(42), |_| None).unwrap();
         assert_eq!(spec["linux"]["namespaces"], ns);

@@ -17,6 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use husk_protocol::containers::StatsResponse;
+use husk_protocol::{ContainerId, ExecId, SandboxId};
 use serde_json::Value;
 
 use super::backend::{Backend, BootError, PodVm};
@@ -186,7 +187,7 @@ pub struct ProcessState {
 /// What a create needs.
 #[derive(Debug, Clone)]
 pub struct CreateRequest {
-    pub id: String,
+    pub id: ContainerId,
     pub bundle: PathBuf,
     /// The bundle's OCI spec.
     pub spec: Value,
@@ -316,9 +317,9 @@ impl Ctr {
 
 struct State<V> {
     /// The pod's id, once its VM booted.
-    pod_id: Option<String>,
+    pod_id: Option<SandboxId>,
     vm: Option<V>,
-    containers: HashMap<String, Ctr>,
+    containers: HashMap<ContainerId, Ctr>,
 }
 
 struct Inner<B: Backend> {
@@ -408,7 +409,7 @@ impl<B: Backend> PodService<B> {
     }
 
     /// The pod's id, once its VM booted.
-    pub fn pod_id(&self) -> Option<String> {
+    pub fn pod_id(&self) -> Option<SandboxId> {
         self.state().pod_id.clone()
     }
 
@@ -435,13 +436,11 @@ impl<B: Backend> PodService<B> {
             io,
             config,
         } = req;
-        husk_protocol::validate_id("container", &id)
-            .map_err(|e| PodApiError::InvalidArgument(e.to_string()))?;
-        if self.state().containers.contains_key(&id) {
+        if self.state().containers.contains_key(id.as_str()) {
             return Err(PodApiError::Exists(format!("container {id}")));
         }
         let role = Role::of(&spec, &id)?;
-        let pod_id = role.pod_id(&id).to_owned();
+        let pod_id = role.pod(&id);
         let booted = self.state().pod_id.clone();
         match booted {
             Some(p) if p != pod_id => {
@@ -485,7 +484,7 @@ impl<B: Backend> PodService<B> {
             },
         );
         self.emit(Event::Created {
-            id,
+            id: id.to_string(),
             bundle,
             rootfs,
             io,
@@ -541,7 +540,8 @@ impl<B: Backend> PodService<B> {
     /// Starts a created container's init (`exec_id` empty) or an added
     /// exec; returns its guest pid. A process that fails to start has
     /// ended (as runc's shim has it), so a Wait on it returns.
-    pub fn start(&self, id: &str, exec_id: &str) -> Result<u32> {
+    pub fn start(&self, id: &ContainerId, exec: Option<&ExecId>) -> Result<u32> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         let agent = self.agent()?;
         let started = self.start_process(&agent, id, exec_id);
         let pid = match started {
@@ -690,11 +690,11 @@ impl<B: Backend> PodService<B> {
 
     /// SIGKILLs every running container of the pod but its sandbox.
     fn kill_members(&self, sandbox: &str, agent: &AgentOf<B>) {
-        let members: Vec<String> = self
+        let members: Vec<ContainerId> = self
             .state()
             .containers
             .iter()
-            .filter(|(cid, c)| *cid != sandbox && c.init.running())
+            .filter(|(cid, c)| cid.as_str() != sandbox && c.init.running())
             .map(|(cid, _)| cid.clone())
             .collect();
         for cid in members {
@@ -724,9 +724,14 @@ impl<B: Backend> PodService<B> {
     }
 
     /// Adds an exec to a running container; it starts with [`Self::start`].
-    pub fn add_exec(&self, id: &str, exec_id: &str, process: Vec<u8>, io: Io) -> Result<()> {
-        husk_protocol::validate_id("exec", exec_id)
-            .map_err(|e| PodApiError::InvalidArgument(e.to_string()))?;
+    pub fn add_exec(
+        &self,
+        id: &ContainerId,
+        exec_id: &ExecId,
+        process: Vec<u8>,
+        io: Io,
+    ) -> Result<()> {
+        let (id, exec_id) = (id.as_str(), exec_id.as_str());
         let mut process = serde_json::from_slice::<Value>(&process).map_err(|e| {
             PodApiError::InvalidArgument(format!("exec {exec_id}: process spec is not JSON: {e}"))
         })?;
@@ -760,7 +765,14 @@ impl<B: Backend> PodService<B> {
     /// Signals a process (with `all`, every process of the container). An
     /// init that has exited takes it as done; an exec that has exited is
     /// gone.
-    pub fn kill(&self, id: &str, exec_id: &str, signal: u32, all: bool) -> Result<()> {
+    pub fn kill(
+        &self,
+        id: &ContainerId,
+        exec: Option<&ExecId>,
+        signal: u32,
+        all: bool,
+    ) -> Result<()> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         let exited = self.with_proc(id, exec_id, |p| {
             if p.exit.is_none() {
                 p.kills_in_flight += 1;
@@ -791,21 +803,24 @@ impl<B: Backend> PodService<B> {
     /// Blocks until the process has exited. A Wait for a process already
     /// deleted finds nothing; one that was waiting when it was deleted
     /// returns its exit.
-    pub fn wait(&self, id: &str, exec_id: &str) -> Result<Exit> {
+    pub fn wait(&self, id: &ContainerId, exec: Option<&ExecId>) -> Result<Exit> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         let cell = self.with_proc(id, exec_id, |p| Ok(p.exited.clone()))?;
         Ok(cell.wait())
     }
 
     /// How many Waits are blocked on the process.
     #[cfg(test)]
-    pub(crate) fn waiting(&self, id: &str, exec_id: &str) -> usize {
+    pub(crate) fn waiting(&self, id: &ContainerId, exec: Option<&ExecId>) -> usize {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         self.with_proc(id, exec_id, |p| {
             Ok(p.exited.waiting.load(std::sync::atomic::Ordering::SeqCst))
         })
         .unwrap_or(0)
     }
 
-    pub fn process_state(&self, id: &str, exec_id: &str) -> Result<ProcessState> {
+    pub fn process_state(&self, id: &ContainerId, exec: Option<&ExecId>) -> Result<ProcessState> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         self.with_ctr(id, |c| {
             let (paused, bundle) = (c.paused, c.bundle.clone());
             let p = c.proc(id, exec_id)?;
@@ -822,7 +837,8 @@ impl<B: Backend> PodService<B> {
     /// Deletes an exec, or a container (the pod's VM stops with its last
     /// one). Returns the process's pid and exit (SIGKILL's for one that
     /// never exited).
-    pub fn delete(&self, id: &str, exec_id: &str) -> Result<(u32, Exit)> {
+    pub fn delete(&self, id: &ContainerId, exec: Option<&ExecId>) -> Result<(u32, Exit)> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         if !exec_id.is_empty() {
             let p = self.with_ctr(id, |c| {
                 c.execs.remove(exec_id).ok_or_else(|| PodApiError::NoExec {
@@ -894,12 +910,13 @@ impl<B: Backend> PodService<B> {
         }
     }
 
-    pub fn pids(&self, id: &str) -> Result<Vec<u32>> {
+    pub fn pids(&self, id: &ContainerId) -> Result<Vec<u32>> {
         self.with_ctr(id, |_| Ok(()))?;
         Ok(self.agent()?.list_processes(id)?)
     }
 
-    pub fn pause(&self, id: &str) -> Result<()> {
+    pub fn pause(&self, id: &ContainerId) -> Result<()> {
+        let id = id.as_str();
         self.with_ctr(id, |_| Ok(()))?;
         self.agent()?.pause_container(id)?;
         self.with_ctr(id, |c| {
@@ -910,7 +927,8 @@ impl<B: Backend> PodService<B> {
         Ok(())
     }
 
-    pub fn resume(&self, id: &str) -> Result<()> {
+    pub fn resume(&self, id: &ContainerId) -> Result<()> {
+        let id = id.as_str();
         self.with_ctr(id, |_| Ok(()))?;
         self.agent()?.resume_container(id)?;
         self.with_ctr(id, |c| {
@@ -921,7 +939,14 @@ impl<B: Backend> PodService<B> {
         Ok(())
     }
 
-    pub fn resize_pty(&self, id: &str, exec_id: &str, width: u32, height: u32) -> Result<()> {
+    pub fn resize_pty(
+        &self,
+        id: &ContainerId,
+        exec: Option<&ExecId>,
+        width: u32,
+        height: u32,
+    ) -> Result<()> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         self.with_proc(id, exec_id, |_| Ok(()))?;
         let exec = (!exec_id.is_empty()).then_some(exec_id);
         Ok(self.agent()?.resize_pty(id, exec, width, height)?)
@@ -929,7 +954,8 @@ impl<B: Backend> PodService<B> {
 
     /// Ends a process's stdin: what the client wrote is copied first (for
     /// a short grace), then the guest process reads EOF.
-    pub fn close_stdin(&self, id: &str, exec_id: &str) -> Result<()> {
+    pub fn close_stdin(&self, id: &ContainerId, exec: Option<&ExecId>) -> Result<()> {
+        let (id, exec_id) = (id.as_str(), exec_str(exec));
         let (ctl, copier) = self.with_proc(id, exec_id, |p| {
             Ok((p.stdin_ctl.take(), p.stdin_copier.take()))
         })?;
@@ -943,7 +969,7 @@ impl<B: Backend> PodService<B> {
     }
 
     /// Applies new resources (an OCI LinuxResources, JSON) in the guest.
-    pub fn update(&self, id: &str, resources: Vec<u8>) -> Result<()> {
+    pub fn update(&self, id: &ContainerId, resources: Vec<u8>) -> Result<()> {
         serde_json::from_slice::<Value>(&resources).map_err(|e| {
             PodApiError::InvalidArgument(format!("update: resources are not JSON: {e}"))
         })?;
@@ -951,15 +977,20 @@ impl<B: Backend> PodService<B> {
         Ok(self.agent()?.update_container(id, resources)?)
     }
 
-    pub fn stats(&self, id: &str) -> Result<StatsResponse> {
+    pub fn stats(&self, id: &ContainerId) -> Result<StatsResponse> {
         self.with_ctr(id, |_| Ok(()))?;
         Ok(self.agent()?.container_stats(id)?)
     }
 
     /// The init's pid of container `id` (0 before start or if unknown).
-    pub fn pid(&self, id: &str) -> u32 {
+    pub fn pid(&self, id: &ContainerId) -> u32 {
         self.with_ctr(id, |c| Ok(c.init.pid)).unwrap_or(0)
     }
+}
+
+/// The string the service keeps an exec under: "" for a container's init.
+fn exec_str(exec: Option<&ExecId>) -> &str {
+    exec.map_or("", ExecId::as_str)
 }
 
 /// Reads a bundle's OCI spec.

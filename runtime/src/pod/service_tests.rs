@@ -12,7 +12,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use husk_protocol::containers::{Network, StatsResponse, Stdio};
-use husk_protocol::{StreamHeader, StreamKind};
+use husk_protocol::{ContainerId, ExecId, SandboxId, StreamHeader, StreamKind};
 use serde_json::{json, Value};
 
 use super::backend::{Backend, BootError, PodVm};
@@ -288,7 +288,13 @@ struct FakeVm {
 impl Backend for FakeBackend {
     type Vm = FakeVm;
 
-    fn boot(&self, pod_id: &str, _: &Value, _: &Path, _: &Config) -> Result<FakeVm, BootError> {
+    fn boot(
+        &self,
+        pod_id: &SandboxId,
+        _: &Value,
+        _: &Path,
+        _: &Config,
+    ) -> Result<FakeVm, BootError> {
         self.agent.call(format!("boot {pod_id}"));
         Ok(FakeVm {
             agent: self.agent.clone(),
@@ -375,14 +381,14 @@ impl Pod {
         let stdout = self.dir.path().join(format!("{name}.out"));
         std::fs::File::create(&stdout).unwrap();
         Io {
-            stdout,
+            stdout: super::stdio::Stream::Path(stdout),
             ..Io::default()
         }
     }
 
     fn create(&self, id: &str, spec: Value) -> Result<(), PodApiError> {
         self.pod.create(CreateRequest {
-            id: id.into(),
+            id: cid(id),
             bundle: PathBuf::from("/bundles").join(id),
             spec,
             rootfs: Vec::new(),
@@ -423,9 +429,23 @@ impl Pod {
     }
 }
 
+/// A container id as the shim parses it.
+fn cid(id: &str) -> ContainerId {
+    ContainerId::parse(id).unwrap()
+}
+
+/// An exec id as the shim parses it ("": the init).
+fn eid(id: &str) -> Option<ExecId> {
+    (!id.is_empty()).then(|| xid(id))
+}
+
+fn xid(id: &str) -> ExecId {
+    ExecId::parse(id).unwrap()
+}
+
 fn run(p: &Pod, id: &str) -> u32 {
     p.create(id, spec(&["sleep"], json!({}))).unwrap();
-    p.pod.start(id, "").unwrap()
+    p.pod.start(&cid(id), eid("").as_ref()).unwrap()
 }
 
 #[test]
@@ -441,9 +461,14 @@ fn events_come_in_order_and_an_exit_only_after_its_output() {
         }
     );
     p.pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["echo"]), p.io("e1"))
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["echo"]),
+            p.io("e1"),
+        )
         .unwrap();
-    let epid = p.pod.start("c1", "e1").unwrap();
+    let epid = p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
     // Output the guest wrote before the exit is on the host when the exit
     // event comes.
     let big = "x".repeat(200_000);
@@ -482,7 +507,7 @@ fn events_come_in_order_and_an_exit_only_after_its_output() {
     writer.join().unwrap();
     p.agent.exit("c1", "", 0);
     assert!(matches!(p.next(), Event::Exited { exec_id, .. } if exec_id.is_empty()));
-    p.pod.delete("c1", "").unwrap();
+    p.pod.delete(&cid("c1"), eid("").as_ref()).unwrap();
     assert!(matches!(p.next(), Event::Deleted { id, pid: d, .. } if id == "c1" && d == pid));
 }
 
@@ -492,33 +517,49 @@ fn an_exec_before_start_is_refused_and_after_start_it_runs() {
     p.create("c1", spec(&["sleep"], json!({}))).unwrap();
     let e = p
         .pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["true"]),
+            Io::default(),
+        )
         .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::FailedPrecondition, "{e}");
     assert!(e.to_string().contains("not running"), "{e}");
-    p.pod.start("c1", "").unwrap();
+    p.pod.start(&cid("c1"), eid("").as_ref()).unwrap();
     p.pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["true"]),
+            Io::default(),
+        )
         .unwrap();
     assert_eq!(
-        p.pod.process_state("c1", "e1").unwrap().status,
+        p.pod
+            .process_state(&cid("c1"), eid("e1").as_ref())
+            .unwrap()
+            .status,
         Status::Created
     );
     let dup = p
         .pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["true"]),
+            Io::default(),
+        )
         .unwrap_err();
     assert_eq!(dup.kind(), ErrorKind::AlreadyExists);
-    p.pod.start("c1", "e1").unwrap();
-    let again = p.pod.start("c1", "e1").unwrap_err();
+    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
+    let again = p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap_err();
     assert_eq!(again.kind(), ErrorKind::FailedPrecondition);
     p.agent.exit("c1", "e1", 0);
-    assert_eq!(p.pod.wait("c1", "e1").unwrap().status, 0);
-    let bad = p
-        .pod
-        .add_exec("c1", "e/2", Pod::exec_spec(&["true"]), Io::default())
-        .unwrap_err();
-    assert_eq!(bad.kind(), ErrorKind::InvalidArgument, "{bad}");
+    assert_eq!(
+        p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap().status,
+        0
+    );
 }
 
 #[test]
@@ -526,16 +567,27 @@ fn kill_after_exit_is_done_for_an_init_and_not_found_for_an_exec() {
     let p = pod();
     run(&p, "c1");
     p.pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["true"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["true"]),
+            Io::default(),
+        )
         .unwrap();
-    p.pod.start("c1", "e1").unwrap();
+    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
     p.agent.exit("c1", "e1", 0);
-    p.pod.wait("c1", "e1").unwrap();
-    let e = p.pod.kill("c1", "e1", 9, false).unwrap_err();
+    p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap();
+    let e = p
+        .pod
+        .kill(&cid("c1"), eid("e1").as_ref(), 9, false)
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
-    p.pod.kill("c1", "", 15, false).unwrap();
-    assert_eq!(p.pod.wait("c1", "").unwrap().status, 128 + 15);
-    p.pod.kill("c1", "", 9, false).unwrap();
+    p.pod.kill(&cid("c1"), eid("").as_ref(), 15, false).unwrap();
+    assert_eq!(
+        p.pod.wait(&cid("c1"), eid("").as_ref()).unwrap().status,
+        128 + 15
+    );
+    p.pod.kill(&cid("c1"), eid("").as_ref(), 9, false).unwrap();
     let signals = p
         .agent
         .calls()
@@ -558,7 +610,7 @@ fn an_exit_is_published_only_after_the_kill_that_caused_it_returns() {
     p.agent.guest().signal_lag = Duration::from_millis(300);
     let killer = {
         let pod = p.pod.clone();
-        std::thread::spawn(move || pod.kill("c1", "", 9, false).unwrap())
+        std::thread::spawn(move || pod.kill(&cid("c1"), eid("").as_ref(), 9, false).unwrap())
     };
     match p.next() {
         Event::Exited { exec_id, exit, .. } => {
@@ -601,13 +653,16 @@ fn a_guest_reporting_ooms_in_a_loop_gets_one_event_per_gap() {
         "the guest is asked at most once per event: {reported}"
     );
     p.agent.guest().oom_flood = false;
-    p.pod.kill("c1", "", 9, false).unwrap();
+    p.pod.kill(&cid("c1"), eid("").as_ref(), 9, false).unwrap();
 }
 
 /// Returns once a Wait is blocked on each of `procs` (container, exec).
 fn until_waiting(pod: &PodService<FakeBackend>, procs: &[(&str, &str)]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while procs.iter().any(|(c, e)| pod.waiting(c, e) == 0) {
+    while procs
+        .iter()
+        .any(|(c, e)| pod.waiting(&cid(c), eid(e).as_ref()) == 0)
+    {
         assert!(std::time::Instant::now() < deadline, "no Wait got pending");
         std::thread::yield_now();
     }
@@ -618,49 +673,64 @@ fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
     let p = pod();
     run(&p, "c1");
     p.pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["sleep"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["sleep"]),
+            Io::default(),
+        )
         .unwrap();
-    p.pod.start("c1", "e1").unwrap();
+    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
     let waiter = {
         let pod = p.pod.clone();
-        std::thread::spawn(move || pod.wait("c1", "e1"))
+        std::thread::spawn(move || pod.wait(&cid("c1"), eid("e1").as_ref()))
     };
     until_waiting(&p.pod, &[("c1", "e1")]);
-    p.pod.kill("c1", "e1", 9, false).unwrap();
+    p.pod
+        .kill(&cid("c1"), eid("e1").as_ref(), 9, false)
+        .unwrap();
     let (_, exit) = {
         // The exit is recorded before delete reads it.
-        p.pod.wait("c1", "e1").unwrap();
-        p.pod.delete("c1", "e1").unwrap()
+        p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap();
+        p.pod.delete(&cid("c1"), eid("e1").as_ref()).unwrap()
     };
     assert_eq!(exit.status, KILLED_STATUS);
     assert_eq!(waiter.join().unwrap().unwrap().status, KILLED_STATUS);
-    let after = p.pod.wait("c1", "e1").unwrap_err();
+    let after = p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap_err();
     assert_eq!(after.kind(), ErrorKind::NotFound, "{after}");
     // The container too: deleted without an exit, it reports SIGKILL's,
     // and a Wait pending on it (and on an exec of it) returns that.
     p.pod
-        .add_exec("c1", "e2", Pod::exec_spec(&["sleep"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e2"),
+            Pod::exec_spec(&["sleep"]),
+            Io::default(),
+        )
         .unwrap();
-    p.pod.start("c1", "e2").unwrap();
+    p.pod.start(&cid("c1"), eid("e2").as_ref()).unwrap();
     let waiters: Vec<_> = ["", "e2"]
         .into_iter()
         .map(|exec| {
             let pod = p.pod.clone();
-            std::thread::spawn(move || pod.wait("c1", exec))
+            std::thread::spawn(move || pod.wait(&cid("c1"), eid(exec).as_ref()))
         })
         .collect();
     until_waiting(&p.pod, &[("c1", ""), ("c1", "e2")]);
-    let (_, exit) = p.pod.delete("c1", "").unwrap();
+    let (_, exit) = p.pod.delete(&cid("c1"), eid("").as_ref()).unwrap();
     assert_eq!(exit.status, KILLED_STATUS);
     for w in waiters {
         assert_eq!(w.join().unwrap().unwrap().status, KILLED_STATUS);
     }
     assert_eq!(
-        p.pod.wait("c1", "").unwrap_err().kind(),
+        p.pod.wait(&cid("c1"), eid("").as_ref()).unwrap_err().kind(),
         ErrorKind::NotFound
     );
     assert_eq!(
-        p.pod.delete("c1", "").unwrap_err().kind(),
+        p.pod
+            .delete(&cid("c1"), eid("").as_ref())
+            .unwrap_err()
+            .kind(),
         ErrorKind::NotFound
     );
 }
@@ -670,15 +740,23 @@ fn an_exec_that_fails_to_start_has_ended_for_its_waiters() {
     let p = pod();
     run(&p, "c1");
     p.pod
-        .add_exec("c1", "e1", Pod::exec_spec(&["fail"]), Io::default())
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["fail"]),
+            Io::default(),
+        )
         .unwrap();
-    let e = p.pod.start("c1", "e1").unwrap_err();
+    let e = p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
     assert!(e.to_string().contains("no such binary"), "{e}");
-    let exit = p.pod.wait("c1", "e1").unwrap();
+    let exit = p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap();
     assert_eq!(exit.status, FAILED_START_STATUS);
     assert_eq!(
-        p.pod.process_state("c1", "e1").unwrap().status,
+        p.pod
+            .process_state(&cid("c1"), eid("e1").as_ref())
+            .unwrap()
+            .status,
         Status::Stopped
     );
 }
@@ -689,7 +767,10 @@ fn the_agents_not_found_stays_not_found() {
     run(&p, "c1");
     // The guest lost the process the host still thinks runs.
     p.agent.guest().procs.clear();
-    let e = p.pod.kill("c1", "", 9, false).unwrap_err();
+    let e = p
+        .pod
+        .kill(&cid("c1"), eid("").as_ref(), 9, false)
+        .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     assert_eq!(
         PodApiError::from(failed("boom".into())).kind(),
@@ -741,7 +822,7 @@ fn a_pod_boots_once_and_its_vm_stops_with_the_last_container() {
         ),
     )
     .unwrap();
-    p.pod.start(sandbox, "").unwrap();
+    p.pod.start(&cid(sandbox), eid("").as_ref()).unwrap();
     run_member(&p, "a", member(sandbox));
     run_member(&p, "b", member(sandbox));
     // Only the sandbox's new network namespace gets the pod's NIC.
@@ -765,52 +846,65 @@ fn a_pod_boots_once_and_its_vm_stops_with_the_last_container() {
     // The sandbox's exit ends the pod: its members are killed.
     p.agent.exit(sandbox, "", 0);
     for id in ["a", "b"] {
-        assert_eq!(p.pod.wait(id, "").unwrap().status, 128 + 9, "{id}");
+        assert_eq!(
+            p.pod.wait(&cid(id), eid("").as_ref()).unwrap().status,
+            128 + 9,
+            "{id}"
+        );
     }
     for id in ["a", sandbox] {
-        p.pod.delete(id, "").unwrap();
+        p.pod.delete(&cid(id), eid("").as_ref()).unwrap();
         assert_eq!(
             p.agent.guest().shutdowns,
             0,
             "VM stopped before its last container"
         );
     }
-    p.pod.delete("b", "").unwrap();
+    p.pod.delete(&cid("b"), eid("").as_ref()).unwrap();
     assert_eq!(p.agent.guest().shutdowns, 1);
     assert!(p.pod.is_empty());
 }
 
 fn run_member(p: &Pod, id: &str, spec: Value) {
     p.create(id, spec).unwrap();
-    p.pod.start(id, "").unwrap();
+    p.pod.start(&cid(id), eid("").as_ref()).unwrap();
 }
 
 #[test]
 fn pause_resume_and_state_follow_the_container() {
     let p = pod();
     p.create("c1", spec(&["sleep"], json!({}))).unwrap();
-    let st = p.pod.process_state("c1", "").unwrap();
+    let st = p.pod.process_state(&cid("c1"), eid("").as_ref()).unwrap();
     assert_eq!((st.status, st.pid), (Status::Created, 0));
     assert_eq!(st.bundle, Path::new("/bundles/c1"));
-    let pid = p.pod.start("c1", "").unwrap();
-    p.pod.pause("c1").unwrap();
+    let pid = p.pod.start(&cid("c1"), eid("").as_ref()).unwrap();
+    p.pod.pause(&cid("c1")).unwrap();
     assert_eq!(
-        p.pod.process_state("c1", "").unwrap().status,
+        p.pod
+            .process_state(&cid("c1"), eid("").as_ref())
+            .unwrap()
+            .status,
         Status::Paused
     );
-    p.pod.resume("c1").unwrap();
-    let st = p.pod.process_state("c1", "").unwrap();
+    p.pod.resume(&cid("c1")).unwrap();
+    let st = p.pod.process_state(&cid("c1"), eid("").as_ref()).unwrap();
     assert_eq!((st.status, st.pid), (Status::Running, pid));
-    assert_eq!(p.pod.pids("c1").unwrap(), [pid]);
+    assert_eq!(p.pod.pids(&cid("c1")).unwrap(), [pid]);
     assert_eq!(
-        p.pod.update("c1", b"not json".to_vec()).unwrap_err().kind(),
+        p.pod
+            .update(&cid("c1"), b"not json".to_vec())
+            .unwrap_err()
+            .kind(),
         ErrorKind::InvalidArgument
     );
-    p.pod.update("c1", b"{}".to_vec()).unwrap();
+    p.pod.update(&cid("c1"), b"{}".to_vec()).unwrap();
     assert_eq!(
         p.kinds(),
         ["Created", "Started", "Paused", "Resumed"],
         "events"
     );
-    assert_eq!(p.pod.pause("nope").unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(
+        p.pod.pause(&cid("nope")).unwrap_err().kind(),
+        ErrorKind::NotFound
+    );
 }

@@ -15,7 +15,7 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use husk_protocol::AGENT_VSOCK_PORT;
+use husk_protocol::{SandboxId, AGENT_VSOCK_PORT};
 use husk_sys::console::{self, ConsoleLog};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
@@ -298,21 +298,16 @@ pub struct Owner<'a> {
     pub token: String,
 }
 
-/// Checks a sandbox id: it becomes a directory name and part of socket
-/// paths (the one rule of `husk_protocol::validate_id`).
-pub fn validate_id(id: &str) -> Result<(), SandboxError> {
-    Ok(husk_protocol::validate_id("sandbox", id)?)
-}
-
 impl Sandbox {
     /// Boots sandbox `id` of husk's own namespace (no containerd) and
     /// waits for its agent.
     pub fn boot(config: &Config, id: &str) -> Result<Self, SandboxError> {
+        let id = SandboxId::parse(id)?;
         let owner = Owner {
             namespace: DIRECT_NAMESPACE,
             token: paths::new_owner_token(),
         };
-        Self::boot_with_nets(config, &owner, id, Vec::new())
+        Self::boot_with_nets(config, &owner, &id, Vec::new())
     }
 
     /// Boots sandbox `id` of `owner`'s namespace with guest NICs on the
@@ -322,7 +317,7 @@ impl Sandbox {
     pub fn boot_with_nets(
         config: &Config,
         owner: &Owner<'_>,
-        id: &str,
+        id: &SandboxId,
         nets: Vec<NetDevice>,
     ) -> Result<Self, SandboxError> {
         let t0 = Instant::now();
@@ -339,7 +334,7 @@ impl Sandbox {
         let agent = sb.handshake(config, stream, started)?;
         sb.timings.connect_attempts = attempts;
         sb.timings.total = t0.elapsed();
-        tracing::info!(sandbox = id, backend = %sb.backend, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
+        tracing::info!(sandbox = %id, backend = %sb.backend, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
         sb.start_monitor(config, agent)?;
         Ok(sb)
     }
@@ -680,7 +675,6 @@ struct Started {
 /// Step: the id, the backend this host can run, the guest image files;
 /// before anything is made.
 fn check_inputs(config: &Config, id: &str) -> Result<(Backend, PathBuf, PathBuf), SandboxError> {
-    validate_id(id)?;
     let (backend, why) = probe::choose_backend(config, &probe::detect_kvm())?;
     tracing::debug!(sandbox = id, %backend, why, "hypervisor chosen");
     let kernel = image(
@@ -841,13 +835,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sandbox_ids_follow_the_shared_rule_and_name_themselves() {
-        assert!(validate_id("pod-1").is_ok());
-        let e = validate_id("../escape").expect_err("refused");
-        assert!(e.to_string().starts_with("sandbox id \"../escape\""), "{e}");
-    }
-
-    #[test]
     fn invalid_id_fails_before_touching_the_state_dir() {
         let dir = tempfile::tempdir().unwrap();
         let cfg = Config {
@@ -856,6 +843,10 @@ mod tests {
         };
         let err = Sandbox::boot(&cfg, "../escape").err().expect("refused");
         assert!(matches!(err, SandboxError::InvalidId(_)), "{err}");
+        assert!(
+            err.to_string().starts_with("sandbox id \"../escape\""),
+            "{err}"
+        );
         assert!(!cfg.state_dir.exists());
     }
 
