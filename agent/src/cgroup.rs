@@ -102,18 +102,19 @@ pub fn stats(cgroup: &Path) -> std::io::Result<StatsResponse> {
 
 /// Applies new resource limits to the cgroup (libcgroups converts the OCI
 /// values to cgroup v2 files, as at create).
-pub fn apply(cgroup: &Path, resources: &LinuxResources) -> Result<(), String> {
-    let rel = cgroup.strip_prefix(ROOT).map_err(|e| e.to_string())?;
-    let manager = libcgroups::v2::manager::Manager::new(ROOT.into(), rel.to_path_buf())
-        .map_err(|e| e.to_string())?;
-    manager
-        .apply(&ControllerOpt {
-            resources,
-            disable_oom_killer: false,
-            oom_score_adj: None,
-            freezer_state: None,
-        })
-        .map_err(|e| e.to_string())
+pub fn apply(
+    cgroup: &Path,
+    resources: &LinuxResources,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let rel = cgroup.strip_prefix(ROOT)?;
+    let manager = libcgroups::v2::manager::Manager::new(ROOT.into(), rel.to_path_buf())?;
+    manager.apply(&ControllerOpt {
+        resources,
+        disable_oom_killer: false,
+        oom_score_adj: None,
+        freezer_state: None,
+    })?;
+    Ok(())
 }
 
 /// The `oom_kill` count of an open `memory.events`, read from its start.

@@ -79,14 +79,26 @@ pub enum ContainerError {
         stream: &'static str,
         timeout: Duration,
     },
-    #[error("container {id}: {what}: {why}")]
+    #[error("container {id}: {what}")]
     Io {
         id: String,
         what: &'static str,
-        why: String,
+        #[source]
+        source: std::io::Error,
     },
+    /// What the zygote or libcontainer's console hand-over said: text, from
+    /// across a process boundary, or a refusal of our own.
     #[error("container {id}: {why}")]
     Runtime { id: String, why: String },
+    /// A step that failed with an error of its own (libcontainer's, the
+    /// network's), kept as the source: the host receives the whole chain.
+    #[error("container {id}: {what}")]
+    Failed {
+        id: String,
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error("container {id} has {MAX_EXECS} exec processes already")]
     TooManyExecs { id: String },
     #[error("container {id}: {source}")]
@@ -248,7 +260,7 @@ impl Manager {
         let io = |what, e: std::io::Error| ContainerError::Io {
             id: id.to_owned(),
             what,
-            why: e.to_string(),
+            source: e,
         };
         if terminal && stdio.stderr {
             return Err(ContainerError::Spec {
@@ -402,14 +414,15 @@ impl Manager {
                 let master = receive_pty(&listener, CONSOLE_TIMEOUT);
                 drop(listener);
                 let _ = std::fs::remove_file(&path);
-                let master = master.map_err(|why| ContainerError::Runtime {
+                let master = master.map_err(|e| ContainerError::Io {
                     id: id.to_owned(),
-                    why: format!("pty master: {why}"),
+                    what: "receiving the pty master",
+                    source: e,
                 })?;
                 let io = |e: std::io::Error| ContainerError::Io {
                     id: id.to_owned(),
                     what: "dup pty master",
-                    why: e.to_string(),
+                    source: e,
                 };
                 let mut pumps = Vec::new();
                 if let Some(out) = stdout {
@@ -449,7 +462,7 @@ impl Manager {
         let io = |what, e: std::io::Error| ContainerError::Io {
             id: id.to_owned(),
             what,
-            why: e.to_string(),
+            source: e,
         };
         let spec_error = |why: String| ContainerError::Spec {
             id: id.to_owned(),
@@ -588,7 +601,7 @@ impl Manager {
         std::fs::create_dir_all(STATE_DIR).map_err(|e| ContainerError::Io {
             id: id.to_owned(),
             what: "create state dir",
-            why: e.to_string(),
+            source: e,
         })?;
         let wiring = self.wire(id, None, stdio, terminal, stream_wait)?;
         let (pid, rx) = self.build(
@@ -599,9 +612,10 @@ impl Manager {
             &wiring,
         )?;
         let loaded =
-            Container::load(Path::new(STATE_DIR).join(id)).map_err(|e| ContainerError::Runtime {
+            Container::load(Path::new(STATE_DIR).join(id)).map_err(|e| ContainerError::Failed {
                 id: id.to_owned(),
-                why: format!("load the created container: {e}"),
+                what: "loading the created container".into(),
+                source: e.into(),
             });
         let mut container = match loaded {
             Ok(c) => c,
@@ -618,7 +632,7 @@ impl Manager {
             let gone = std::io::pipe().map_err(|e| ContainerError::Io {
                 id: id.to_owned(),
                 what: "removal pipe",
-                why: e.to_string(),
+                source: e,
             })?;
             let NetnsSetup::New(network, spec_sysctls) = netns else {
                 return Ok((init, gone));
@@ -630,9 +644,10 @@ impl Manager {
             if let Some(net) = network {
                 let t = std::time::Instant::now();
                 crate::net::configure(init.pid, net, &spec_sysctls).map_err(|e| {
-                    ContainerError::Runtime {
+                    ContainerError::Failed {
                         id: id.to_owned(),
-                        why: format!("configuring the pod network: {e}"),
+                        what: "configuring the pod network".into(),
+                        source: e.into(),
                     }
                 })?;
                 tracing::info!(
@@ -674,9 +689,10 @@ impl Manager {
         entry
             .container
             .start()
-            .map_err(|e| ContainerError::Runtime {
+            .map_err(|e| ContainerError::Failed {
                 id: id.to_owned(),
-                why: e.to_string(),
+                what: "starting".into(),
+                source: e.into(),
             })?;
         entry.started = true;
         Ok(entry.init.pid as u32)
@@ -723,7 +739,7 @@ impl Manager {
         std::fs::write(&path, process_json).map_err(|e| ContainerError::Io {
             id: id.to_owned(),
             what: "write exec process.json",
-            why: e.to_string(),
+            source: e,
         })?;
         let built = self.build(
             id,
@@ -738,6 +754,11 @@ impl Manager {
             ContainerError::Runtime { id, why } => ContainerError::Runtime {
                 id,
                 why: format!("exec {exec_id}: {why}"),
+            },
+            ContainerError::Failed { id, what, source } => ContainerError::Failed {
+                id,
+                what: format!("exec {exec_id}: {what}"),
+                source,
             },
             other => other,
         })?;
@@ -820,9 +841,10 @@ impl Manager {
         }
         match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig) {
             Ok(()) | Err(nix::Error::ESRCH) => Ok(()),
-            Err(e) => Err(ContainerError::Runtime {
+            Err(e) => Err(ContainerError::Failed {
                 id: id.to_owned(),
-                why: format!("kill: {e}"),
+                what: format!("signal {sig}"),
+                source: e.into(),
             }),
         }
     }
@@ -853,7 +875,7 @@ impl Manager {
                 _ => Err(ContainerError::Io {
                     id: id.to_owned(),
                     what: "resize pty",
-                    why: std::io::Error::last_os_error().to_string(),
+                    source: std::io::Error::last_os_error(),
                 }),
             },
         })?
@@ -877,25 +899,27 @@ impl Manager {
     }
 
     pub fn pause(&self, id: &str) -> Result<(), ContainerError> {
-        self.with_container(id, |c| c.pause())
+        self.with_container(id, "pausing", |c| c.pause())
     }
 
     pub fn resume(&self, id: &str) -> Result<(), ContainerError> {
-        self.with_container(id, |c| c.resume())
+        self.with_container(id, "resuming", |c| c.resume())
     }
 
     fn with_container(
         &self,
         id: &str,
+        what: &str,
         f: impl FnOnce(&mut Container) -> Result<(), libcontainer::error::LibcontainerError>,
     ) -> Result<(), ContainerError> {
         let mut map = self.lock();
         let entry = map
             .get_mut(id)
             .ok_or_else(|| ContainerError::NotFound(format!("container {id}")))?;
-        f(&mut entry.container).map_err(|e| ContainerError::Runtime {
+        f(&mut entry.container).map_err(|e| ContainerError::Failed {
             id: id.to_owned(),
-            why: e.to_string(),
+            what: what.to_owned(),
+            source: e.into(),
         })
     }
 
@@ -923,7 +947,7 @@ impl Manager {
         cgroup::stats(&self.cgroup_of(id)?).map_err(|e| ContainerError::Io {
             id: id.to_owned(),
             what: "read cgroup statistics",
-            why: e.to_string(),
+            source: e,
         })
     }
 
@@ -933,9 +957,10 @@ impl Manager {
                 id: id.to_owned(),
                 why: format!("resources: {e}"),
             })?;
-        cgroup::apply(&self.cgroup_of(id)?, &resources).map_err(|why| ContainerError::Runtime {
+        cgroup::apply(&self.cgroup_of(id)?, &resources).map_err(|source| ContainerError::Failed {
             id: id.to_owned(),
-            why: format!("update resources: {why}"),
+            what: "updating resources".into(),
+            source,
         })
     }
 
@@ -950,7 +975,7 @@ impl Manager {
             let gone = entry.gone.0.try_clone().map_err(|e| ContainerError::Io {
                 id: id.to_owned(),
                 what: "removal pipe",
-                why: e.to_string(),
+                source: e,
             })?;
             (entry.cgroup.clone(), gone)
         };
@@ -977,16 +1002,17 @@ impl Manager {
         };
         let _ = std::fs::remove_dir_all(Path::new(BUNDLE_DIR).join(id));
         self.volumes.remove(id);
-        result.map_err(|e| ContainerError::Runtime {
+        result.map_err(|e| ContainerError::Failed {
             id: id.to_owned(),
-            why: e.to_string(),
+            what: "removing".into(),
+            source: e.into(),
         })
     }
 }
 
 /// Accepts libcontainer's connection on the console socket and receives the
 /// pty master it sends.
-fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, String> {
+fn receive_pty(listener: &UnixListener, timeout: Duration) -> std::io::Result<File> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     // Readable once libcontainer connects; then accept does not block.
     let mut fds = [nix::poll::PollFd::new(
@@ -1000,18 +1026,18 @@ fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, Strin
             nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX),
         ) {
             Err(nix::errno::Errno::EINTR) => continue,
-            r => break r.map_err(|e| e.to_string())?,
+            r => break r?,
         }
     };
     if ready == 0 {
-        return Err(format!(
-            "no connection on the console socket in {timeout:?}"
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no connection on the console socket in {timeout:?}"),
         ));
     }
-    let (conn, _) = listener.accept().map_err(|e| e.to_string())?;
-    conn.set_nonblocking(false).map_err(|e| e.to_string())?;
-    conn.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+    let (conn, _) = listener.accept()?;
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(timeout))?;
     let mut name = [0u8; 64];
     let mut iov = [std::io::IoSliceMut::new(&mut name)];
     let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
@@ -1021,8 +1047,11 @@ fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, Strin
         Some(&mut space),
         MsgFlags::MSG_CMSG_CLOEXEC,
     )
-    .map_err(|e| format!("recvmsg: {e}"))?;
-    for cmsg in msg.cmsgs().map_err(|e| e.to_string())? {
+    .map_err(|e| {
+        let e = std::io::Error::from(e);
+        std::io::Error::new(e.kind(), format!("recvmsg: {e}"))
+    })?;
+    for cmsg in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = cmsg {
             let mut owned = fds.into_iter().map(|fd| {
                 // SAFETY: SCM_RIGHTS delivered fresh descriptors to this
@@ -1034,7 +1063,9 @@ fn receive_pty(listener: &UnixListener, timeout: Duration) -> Result<File, Strin
             }
         }
     }
-    Err("the console socket message carried no descriptor".into())
+    Err(std::io::Error::other(
+        "the console socket message carried no descriptor",
+    ))
 }
 
 #[cfg(test)]

@@ -105,10 +105,13 @@ fn rpc_error(e: ContainerError) -> ttrpc::Error {
         ContainerError::TooManyExecs { .. } => Code::RESOURCE_EXHAUSTED,
         ContainerError::Io { .. }
         | ContainerError::Runtime { .. }
+        | ContainerError::Failed { .. }
         | ContainerError::Volume { .. } => Code::INTERNAL,
     };
-    tracing::error!("{e}");
-    ttrpc::Error::RpcStatus(ttrpc::get_status(code, e.to_string()))
+    // Every cause, as the host logs it.
+    let chain = husk_protocol::error_chain(&e);
+    tracing::error!("{chain}");
+    ttrpc::Error::RpcStatus(ttrpc::get_status(code, chain))
 }
 
 /// The exec id of a request: empty means the container's init.

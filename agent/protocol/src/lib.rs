@@ -165,6 +165,25 @@ impl From<&ContainerId> for SandboxId {
     }
 }
 
+/// An error and its sources, `outer: inner: ...`, for messages that leave
+/// the process (ttrpc statuses, CLI output): the agent's errors reach the
+/// host as this text, whole. A source whose text the message already holds
+/// (a `{source}` in a thiserror message, at its end or before more text)
+/// is not repeated.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let text = inner.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        cur = inner.source();
+    }
+    s
+}
+
 /// Copies `from` into `to` until EOF, with a plain read/write loop.
 ///
 /// Stdio must not go through `std::io::copy`: between a socket and a pipe
@@ -301,6 +320,47 @@ mod tests {
         ] {
             assert_eq!(StreamHeader::parse(bad), None, "{bad:?}");
         }
+    }
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("no such file")]
+    struct Leaf;
+
+    /// Names its source at the end of its message, and has it as source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading /x: {0}")]
+    struct Ends(#[source] Leaf);
+
+    /// Names its source before more text, as the runtime's
+    /// `SandboxError::Agent` does.
+    #[derive(Debug, thiserror::Error)]
+    #[error("agent: {source}\n--- console ---\nboot noise")]
+    struct Middle {
+        #[source]
+        source: Ends,
+    }
+
+    /// Does not name its source.
+    #[derive(Debug, thiserror::Error)]
+    #[error("starting the sandbox")]
+    struct Silent(#[source] Middle);
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        assert_eq!(error_chain(&Leaf), "no such file");
+        // The source's text is the message's end: not repeated.
+        assert_eq!(error_chain(&Ends(Leaf)), "reading /x: no such file");
+        // In the middle of the message: not repeated after it either.
+        let middle = Middle { source: Ends(Leaf) };
+        assert_eq!(
+            error_chain(&middle),
+            "agent: reading /x: no such file\n--- console ---\nboot noise"
+        );
+        // A silent outer error: its cause follows it, once.
+        assert_eq!(
+            error_chain(&Silent(Middle { source: Ends(Leaf) })),
+            "starting the sandbox: agent: reading /x: no such file\n--- console ---\nboot noise"
+        );
     }
 
     #[test]
