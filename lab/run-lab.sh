@@ -346,7 +346,9 @@ rc=$?
 echo "LAB: bzimage run: husk-vmm exit $rc after $start .. $(up) s (L1 uptime)"
 grep -m1 -E "Run /init as init process" /tmp/bz.log | sed 's/^/LAB: bzimage run: /'
 grep -m1 -E "Total of [0-9]+ processors activated" /tmp/bz.log | sed 's/^/LAB: bzimage run: /'
-grep -m1 "^husk-agent:" /tmp/bz.log | sed 's/^/LAB: bzimage run: /'
+# The agent's own lines: its ready line, or an event it logged (tracing
+# names the module: husk_agent...).
+grep -m1 -E "^husk-agent:| husk_agent[a-z_:]*: " /tmp/bz.log | sed 's/^/LAB: bzimage run: agent: /'
 # The control socket on a guest that spins at 100% (panic=0 loops for
 # ever): paused, its vCPU thread takes no CPU time; resumed, it does;
 # shutdown ends husk-vmm with status 0 and removes the socket.
@@ -621,7 +623,7 @@ l2() { tr -d '\r' < "$LOG" | grep -m1 -E "$1" || true; }
 kvm=$(l2 "Booting paravirtualized kernel on KVM")
 init=$(l2 "Run /init as init process")
 cpus=$(l2 "smpboot: Total of [0-9]+ processors activated")
-agent=$(l2 "^husk-agent:")
+agent=$(l2 "^husk-agent:| husk_agent[a-z_:]*: ")
 [ -n "$kvm" ] || fail "the L2 guest did not detect KVM"
 [ -n "$init" ] || fail "the L2 guest kernel did not reach /init under husk-vmm"
 [ -n "$agent" ] || fail "husk-agent printed nothing in L2"
@@ -643,7 +645,7 @@ grep -m1 "LAB: run: container" "$WORK/result" | sed 's/^LAB: run: /lab: containe
 grep -q "LAB: bzimage run: husk-vmm exit 0 " "$WORK/result" || fail "the bzImage boot did not end with the guest's power-off (exit 0)"
 grep -q "LAB: bzimage run: .*Run /init" "$WORK/result" || fail "the bzImage guest did not reach /init"
 grep -q "LAB: bzimage run: .*Total of 2 processors" "$WORK/result" || fail "the bzImage guest did not bring up 2 vCPUs"
-grep -q "LAB: bzimage run: husk-agent:" "$WORK/result" || fail "husk-agent printed nothing in the bzImage guest"
+grep -q "LAB: bzimage run: agent: " "$WORK/result" || fail "husk-agent printed nothing in the bzImage guest"
 grep "LAB: bzimage run: husk-vmm exit" "$WORK/result" | sed 's/^LAB: /lab: /'
 for r in "status -> ok running" "pause -> ok paused" "resume -> ok running" "shutdown -> ok stopping"; do
     grep -q "LAB: ctl: $r" "$WORK/result" || fail "control socket: expected '$r'"

@@ -1,39 +1,64 @@
-//! Seccomp filters as classic BPF allowlists (x86_64): a list of system
-//! calls, and ioctl requests checked by value. husk-vmm filters its own
-//! threads with them; the runtime filters the daemons it starts.
+//! Seccomp allowlists (x86_64), compiled to BPF by rust-vmm's seccompiler
+//! (as Firecracker and Cloud Hypervisor compile theirs): system calls,
+//! some only with given argument values (an ioctl's request, a socket's
+//! family, clone's flags, tgkill's target), and calls answered ENOSYS.
+//! husk-vmm filters its own threads with them; the runtime filters the
+//! daemons it starts.
 
-use libc::{c_long, sock_filter};
+use std::collections::BTreeMap;
 
-/// AUDIT_ARCH_X86_64: EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE.
-const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-/// Bit 30 marks the x32 ABI's system call numbers; none are allowed.
-const X32_SYSCALL_BIT: u32 = 0x4000_0000;
-const SECCOMP_RET_KILL_PROCESS: u32 = 0x8000_0000;
-const SECCOMP_RET_LOG: u32 = 0x7ffc_0000;
-const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
-/// Offsets in struct seccomp_data: the call number, the architecture, and
-/// the low half of the second argument (an ioctl's request).
-const NR: u32 = 0;
-const ARCH: u32 = 4;
-const ARG1_LOW: u32 = 24;
-
-const BPF_LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
-const BPF_JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
-const BPF_JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
-const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
-
-fn op(code: u16, jt: u8, jf: u8, k: u32) -> sock_filter {
-    sock_filter { code, jt, jf, k }
-}
+use libc::c_long;
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+    SeccompRule, TargetArch,
+};
 
 /// What a filtered thread or process may call.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Allow {
-    /// System calls (x86_64 numbers).
+    /// System calls allowed with any arguments (x86_64 numbers).
     pub calls: &'static [c_long],
     /// ioctl requests, when ioctl is not in `calls` (the request is checked,
     /// so a descriptor the process holds cannot be driven at will).
     pub ioctls: &'static [u32],
+    /// Calls allowed only with an argument as given; two entries for one
+    /// call are two ways in.
+    pub when: &'static [Arg],
+    /// Calls that fail with ENOSYS instead: clone3, whose flags lie in
+    /// memory a filter cannot read. libc then falls back to clone, whose
+    /// flags `when` can check.
+    pub enosys: &'static [c_long],
+}
+
+impl Allow {
+    /// Nothing: the rest of a list that names only some fields.
+    pub const NONE: Allow = Allow {
+        calls: &[],
+        ioctls: &[],
+        when: &[],
+        enosys: &[],
+    };
+}
+
+/// A call allowed when its argument `index` (0 to 5) is as `is` says.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Arg {
+    pub call: c_long,
+    pub index: u8,
+    pub is: Is,
+}
+
+/// What an argument must be (its low 32 bits: the int arguments these are).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Is {
+    /// This value.
+    Eq(u32),
+    /// All these bits set.
+    Has(u32),
+    /// The pid of the process that builds the filter: only for a filter a
+    /// process builds for itself (husk-vmm's threads), never one built in
+    /// a parent for its child.
+    OwnPid,
 }
 
 /// What happens on a call the filter does not allow.
@@ -46,108 +71,288 @@ pub enum Action {
     Log,
 }
 
-/// A filter that allows what its lists name; any other call, any other
-/// architecture's entry and any x32 call meet its [`Action`] (other
-/// architectures and x32 are always killed).
+/// A filter that allows what its lists name; any other call meets its
+/// [`Action`], another architecture's entry is killed.
 #[derive(Debug, Clone)]
 pub struct Filter {
-    program: Vec<sock_filter>,
+    /// The allowlist, after (when a list has ENOSYS calls) a program that
+    /// answers those: the kernel runs both, and an error outranks an allow.
+    programs: Vec<BpfProgram>,
 }
+
+/// A seccompiler error: only a malformed list (a bad argument index), a
+/// bug here, never a runtime condition.
+#[derive(Debug, thiserror::Error)]
+#[error("seccomp filter: {0}")]
+pub struct FilterError(#[from] seccompiler::BackendError);
 
 impl Filter {
     /// Allows what `allow` names; kills on anything else.
-    pub fn allow(allow: &Allow) -> Self {
+    pub fn allow(allow: &Allow) -> Result<Self, FilterError> {
         Self::of(&[allow], Action::Kill)
     }
 
     /// Allows what any of `lists` names; `otherwise` on anything else.
-    pub fn of(lists: &[&Allow], otherwise: Action) -> Self {
-        let mut p = vec![
-            op(BPF_LD_W_ABS, 0, 0, ARCH),
-            op(BPF_JEQ_K, 1, 0, AUDIT_ARCH_X86_64),
-            op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
-            op(BPF_LD_W_ABS, 0, 0, NR),
-            op(BPF_JGE_K, 0, 1, X32_SYSCALL_BIT),
-            op(BPF_RET_K, 0, 0, SECCOMP_RET_KILL_PROCESS),
-        ];
-        let mut calls: Vec<c_long> = lists.iter().flat_map(|l| l.calls).copied().collect();
-        calls.sort_unstable();
-        calls.dedup();
-        for nr in calls {
-            p.push(op(BPF_JEQ_K, 0, 1, nr as u32));
-            p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
-        }
-        let mut ioctls: Vec<u32> = lists.iter().flat_map(|l| l.ioctls).copied().collect();
-        ioctls.sort_unstable();
-        ioctls.dedup();
-        // A jump offset is a byte: a list that long is a mistake.
-        assert!(ioctls.len() < 100, "too many ioctl requests for one filter");
-        let refuse = match otherwise {
-            Action::Kill => SECCOMP_RET_KILL_PROCESS,
-            Action::Log => SECCOMP_RET_LOG,
-        };
-        if !ioctls.is_empty() {
-            // Not ioctl: on to the refusal at the end; ioctl: its request.
-            let block = 1 + 2 * ioctls.len();
-            p.push(op(BPF_JEQ_K, 0, block as u8, libc::SYS_ioctl as u32));
-            p.push(op(BPF_LD_W_ABS, 0, 0, ARG1_LOW));
-            for req in ioctls {
-                p.push(op(BPF_JEQ_K, 0, 1, req));
-                p.push(op(BPF_RET_K, 0, 0, SECCOMP_RET_ALLOW));
+    pub fn of(lists: &[&Allow], otherwise: Action) -> Result<Self, FilterError> {
+        let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        let mut free: Vec<i64> = Vec::new();
+        for l in lists {
+            // The allowlist lets the ENOSYS calls through to the second
+            // program: a kill here would outrank its error.
+            free.extend(l.calls.iter().chain(l.enosys).copied());
+            for req in l.ioctls {
+                let cond = dword(1, SeccompCmpOp::Eq, u64::from(*req))?;
+                rules
+                    .entry(libc::SYS_ioctl)
+                    .or_default()
+                    .push(SeccompRule::new(vec![cond])?);
+            }
+            for a in l.when {
+                let cond = match a.is {
+                    Is::Eq(v) => dword(a.index, SeccompCmpOp::Eq, u64::from(v))?,
+                    Is::Has(bits) => dword(
+                        a.index,
+                        SeccompCmpOp::MaskedEq(u64::from(bits)),
+                        u64::from(bits),
+                    )?,
+                    Is::OwnPid => dword(a.index, SeccompCmpOp::Eq, u64::from(std::process::id()))?,
+                };
+                rules
+                    .entry(a.call)
+                    .or_default()
+                    .push(SeccompRule::new(vec![cond])?);
             }
         }
-        p.push(op(BPF_RET_K, 0, 0, refuse));
-        Self { program: p }
+        // A call allowed whatever its arguments needs no rule: an empty
+        // chain matches unconditionally.
+        for nr in free {
+            rules.insert(nr, Vec::new());
+        }
+        let refuse = match otherwise {
+            Action::Kill => SeccompAction::KillProcess,
+            Action::Log => SeccompAction::Log,
+        };
+        let mut programs = Vec::new();
+        let enosys: BTreeMap<i64, Vec<SeccompRule>> = lists
+            .iter()
+            .flat_map(|l| l.enosys)
+            .map(|nr| (*nr, Vec::new()))
+            .collect();
+        if !enosys.is_empty() {
+            programs.push(compile(
+                enosys,
+                SeccompAction::Allow,
+                SeccompAction::Errno(libc::ENOSYS as u32),
+            )?);
+        }
+        // Last: once it is in, no further prctl would pass.
+        programs.push(compile(rules, refuse, SeccompAction::Allow)?);
+        Ok(Self { programs })
     }
 
     /// Installs the filter on the calling thread (and the threads and
     /// programs it starts afterwards); filters already there stay.
     ///
     /// # Safety
-    /// Async-signal-safe (one prctl on memory the filter owns), so it may
-    /// run in a child between fork and exec. Needs no_new_privs (or
-    /// CAP_SYS_ADMIN).
+    /// Async-signal-safe (a prctl per program, on memory the filter owns),
+    /// so it may run in a child between fork and exec. Needs no_new_privs
+    /// (or CAP_SYS_ADMIN).
     pub unsafe fn install(&self) -> std::io::Result<()> {
-        let prog = libc::sock_fprog {
-            len: self.program.len() as u16,
-            filter: self.program.as_ptr() as *mut sock_filter,
-        };
-        // SAFETY: a sock_fprog pointing at this filter's instructions, which
-        // outlive the call (the kernel copies them).
-        let rc = unsafe {
-            libc::prctl(
-                libc::PR_SET_SECCOMP,
-                libc::SECCOMP_MODE_FILTER,
-                &prog as *const libc::sock_fprog,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
+        for program in &self.programs {
+            let prog = libc::sock_fprog {
+                len: program.len() as u16,
+                // seccompiler's sock_filter is the kernel's struct, as
+                // libc's is.
+                filter: program.as_ptr() as *mut libc::sock_filter,
+            };
+            // SAFETY: a sock_fprog pointing at this filter's instructions,
+            // which outlive the call (the kernel copies them).
+            let rc = unsafe {
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &prog as *const libc::sock_fprog,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
         }
+        Ok(())
     }
+}
+
+fn dword(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, FilterError> {
+    Ok(SeccompCondition::new(
+        index,
+        SeccompCmpArgLen::Dword,
+        op,
+        value,
+    )?)
+}
+
+fn compile(
+    rules: BTreeMap<i64, Vec<SeccompRule>>,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> Result<BpfProgram, FilterError> {
+    let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)?;
+    Ok(filter.try_into()?)
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicI32, Ordering};
+
     use super::*;
 
+    /// What a child needs to end.
+    const END: &Allow = &Allow {
+        calls: &[libc::SYS_exit_group, libc::SYS_exit],
+        ..Allow::NONE
+    };
+
+    /// Forks a child that installs `filter`, runs `then` and exits with
+    /// what it returns; the child's wait status.
+    fn in_child(filter: &Filter, then: fn() -> i32) -> i32 {
+        // SAFETY: the child only makes system calls (prctl, the test's own
+        // calls through libc::syscall, _exit): no allocation, no lock.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if filter.install().is_err() {
+                    libc::_exit(100);
+                }
+                libc::_exit(then());
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            status
+        }
+    }
+
+    fn exited(status: i32) -> Option<i32> {
+        libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status))
+    }
+
+    fn killed_by_sigsys(status: i32) -> bool {
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSYS
+    }
+
+    fn socket(family: i32) -> i32 {
+        // SAFETY: socket(2) with integers; the descriptor is closed by the
+        // child's exit.
+        let fd = unsafe { libc::syscall(libc::SYS_socket, family, libc::SOCK_STREAM, 0) };
+        i32::from(fd < 0)
+    }
+
+    const UNIX_ONLY: &Allow = &Allow {
+        when: &[Arg {
+            call: libc::SYS_socket,
+            index: 0,
+            is: Is::Eq(libc::AF_UNIX as u32),
+        }],
+        ..Allow::NONE
+    };
+
     #[test]
-    fn lists_merge_without_duplicates_and_the_program_ends_in_the_action() {
-        let a = &Allow {
-            calls: &[libc::SYS_read, libc::SYS_write],
-            ioctls: &[1],
+    fn an_argument_rule_lets_its_value_through_and_kills_any_other() {
+        let f = Filter::of(&[END, UNIX_ONLY], Action::Kill).unwrap();
+        let s = in_child(&f, || socket(libc::AF_UNIX));
+        assert_eq!(exited(s), Some(0), "AF_UNIX refused: status {s:#x}");
+        let s = in_child(&f, || socket(libc::AF_INET));
+        assert!(killed_by_sigsys(s), "AF_INET not killed: status {s:#x}");
+    }
+
+    #[test]
+    fn clone3_is_answered_enosys_and_clone_needs_its_flags() {
+        const THREADS: &Allow = &Allow {
+            when: &[Arg {
+                call: libc::SYS_clone,
+                index: 0,
+                is: Is::Has(libc::CLONE_THREAD as u32),
+            }],
+            enosys: &[libc::SYS_clone3],
+            ..Allow::NONE
         };
-        let b = &Allow {
-            calls: &[libc::SYS_write],
-            ioctls: &[1, 2],
+        let f = Filter::of(&[END, THREADS], Action::Kill).unwrap();
+        let s = in_child(&f, || {
+            // SAFETY: clone3 with no arguments: answered by the filter
+            // before the kernel reads anything.
+            let r = unsafe { libc::syscall(libc::SYS_clone3, 0usize, 0usize) };
+            // SAFETY: reads this thread's errno.
+            let errno = unsafe { *libc::__errno_location() };
+            if r == -1 && errno == libc::ENOSYS {
+                0
+            } else {
+                1
+            }
+        });
+        assert_eq!(exited(s), Some(0), "clone3 not ENOSYS: status {s:#x}");
+        // A fork (clone without CLONE_THREAD) is killed.
+        let s = in_child(&f, || {
+            // SAFETY: clone as fork, flags only; killed before it runs.
+            let r = unsafe { libc::syscall(libc::SYS_clone, libc::SIGCHLD, 0, 0, 0, 0) };
+            i32::from(r != 0)
+        });
+        assert!(killed_by_sigsys(s), "a fork was not killed: status {s:#x}");
+    }
+
+    /// The pid of the process that built the filter, for its child.
+    static PARENT: AtomicI32 = AtomicI32::new(0);
+
+    #[test]
+    fn ioctl_requests_and_tgkill_targets_are_checked() {
+        const LISTS: &Allow = &Allow {
+            calls: &[libc::SYS_getpid, libc::SYS_gettid],
+            ioctls: &[libc::FIONBIO as u32],
+            when: &[Arg {
+                call: libc::SYS_tgkill,
+                index: 0,
+                is: Is::OwnPid,
+            }],
+            ..Allow::NONE
         };
-        let f = Filter::of(&[a, b], Action::Log);
-        // Header 6, two calls 4, ioctl block 2 + 4, final 1.
-        assert_eq!(f.program.len(), 17);
-        assert_eq!(f.program.last().unwrap().k, SECCOMP_RET_LOG);
-        let k = Filter::of(&[a], Action::Kill);
-        assert_eq!(k.program.last().unwrap().k, SECCOMP_RET_KILL_PROCESS);
+        // Built in the child's parent: OwnPid is the parent's pid, so a
+        // tgkill to the parent passes and the child's to itself is killed.
+        let f = Filter::of(&[END, LISTS], Action::Kill).unwrap();
+        PARENT.store(std::process::id() as i32, Ordering::SeqCst);
+        let s = in_child(&f, || {
+            let mut on: libc::c_int = 1;
+            // SAFETY: FIONBIO on stdin with a pointer to a live int.
+            unsafe { libc::syscall(libc::SYS_ioctl, 0, libc::FIONBIO, &mut on) };
+            let parent = PARENT.load(Ordering::SeqCst);
+            // SAFETY: tgkill with signal 0 (a check, no signal) to the
+            // builder's main thread.
+            let r = unsafe { libc::syscall(libc::SYS_tgkill, parent, parent, 0) };
+            i32::from(r != 0)
+        });
+        assert_eq!(exited(s), Some(0), "status {s:#x}");
+        let s = in_child(&f, || {
+            // SAFETY: an ioctl request the list does not name.
+            unsafe { libc::syscall(libc::SYS_ioctl, 0, libc::TCGETS, 0) };
+            0
+        });
+        assert!(killed_by_sigsys(s), "TCGETS not killed: status {s:#x}");
+        let s = in_child(&f, || {
+            // SAFETY: getpid and tgkill with signal 0: a check, no signal.
+            let me = unsafe { libc::syscall(libc::SYS_getpid) };
+            // SAFETY: as above.
+            unsafe { libc::syscall(libc::SYS_tgkill, me, me, 0) };
+            0
+        });
+        assert!(
+            killed_by_sigsys(s),
+            "tgkill to another pid than the builder's passed: {s:#x}"
+        );
+    }
+
+    #[test]
+    fn log_mode_lets_a_refused_call_through() {
+        let f = Filter::of(&[END, UNIX_ONLY], Action::Log).unwrap();
+        let s = in_child(&f, || socket(libc::AF_INET));
+        assert_eq!(exited(s), Some(0), "status {s:#x}");
     }
 }

@@ -21,7 +21,7 @@
 
 use std::sync::OnceLock;
 
-pub use husk_sys::seccomp::{Action, Allow, Filter};
+pub use husk_sys::seccomp::{Action, Allow, Arg, Filter, FilterError, Is};
 
 /// husk-vmm's thread kinds, each with a filter of its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,8 +81,8 @@ impl ThreadKind {
         }
     }
 
-    /// The filter of this kind.
-    pub fn filter(self, otherwise: Action) -> Filter {
+    /// The filter of this kind, for a thread of the calling process.
+    pub fn filter(self, otherwise: Action) -> Result<Filter, FilterError> {
         Filter::of(&[THREAD, self.allow()], otherwise)
     }
 }
@@ -121,7 +121,6 @@ pub const THREAD: &Allow = &Allow {
         libc::SYS_sched_getaffinity,
         libc::SYS_getpid,
         libc::SYS_gettid,
-        libc::SYS_tgkill, // abort
         libc::SYS_clock_gettime,
         libc::SYS_clock_nanosleep,
         libc::SYS_nanosleep,
@@ -130,6 +129,13 @@ pub const THREAD: &Allow = &Allow {
         libc::SYS_exit_group,
     ],
     ioctls: &[],
+    // A panic's abort signals its own thread: this process only.
+    when: &[Arg {
+        call: libc::SYS_tgkill,
+        index: 0,
+        is: Is::OwnPid,
+    }],
+    ..Allow::NONE
 };
 
 /// KVM_RUN: _IO(KVMIO, 0x80).
@@ -139,6 +145,7 @@ pub const KVM_RUN: u32 = 0xae80;
 const VMM: &Allow = &Allow {
     calls: &[libc::SYS_unlink, libc::SYS_unlinkat],
     ioctls: &[],
+    ..Allow::NONE
 };
 
 /// A vCPU: KVM_RUN only among ioctls; a kick's eventfd write; the
@@ -154,6 +161,7 @@ const VCPU: &Allow = &Allow {
         libc::SYS_fcntl, // a kick's descriptor duplicated for the daemon
     ],
     ioctls: &[KVM_RUN],
+    ..Allow::NONE
 };
 
 /// The control socket: accept, read a request, answer, kick the vCPUs
@@ -170,12 +178,14 @@ const CONTROL: &Allow = &Allow {
         libc::SYS_poll,
     ],
     ioctls: &[],
+    ..Allow::NONE
 };
 
 /// SIGTERM and SIGINT: waits for one and kicks the vCPUs.
 const SIGNALS: &Allow = &Allow {
     calls: &[libc::SYS_rt_sigtimedwait],
     ioctls: &[],
+    ..Allow::NONE
 };
 
 /// The console writer: writes, and rotates a log file it was given by
@@ -183,6 +193,7 @@ const SIGNALS: &Allow = &Allow {
 const CONSOLE: &Allow = &Allow {
     calls: &[libc::SYS_rename, libc::SYS_renameat, libc::SYS_openat],
     ioctls: &[],
+    ..Allow::NONE
 };
 
 /// virtio-net's worker: waits on the tap and the kicks, moves frames.
@@ -195,6 +206,7 @@ const NET: &Allow = &Allow {
         libc::SYS_writev,
     ],
     ioctls: &[],
+    ..Allow::NONE
 };
 
 /// virtio-balloon's worker: waits on the kicks and reads them, punches
@@ -208,6 +220,7 @@ const BALLOON: &Allow = &Allow {
         libc::SYS_fallocate,
     ],
     ioctls: &[],
+    ..Allow::NONE
 };
 
 /// How this process's threads are filtered: set once, by the husk-vmm
@@ -255,10 +268,12 @@ pub fn enter(kind: ThreadKind) {
     let Some(policy) = POLICY.get() else {
         return;
     };
-    let filter = kind.filter(policy.otherwise);
-    // SAFETY: one prctl on the filter's own memory; no_new_privs is set
+    // SAFETY: prctl on the filter's own memory; no_new_privs is set
     // (here and by `configure`, which ran before this thread started).
-    let installed = set_no_new_privs().and_then(|()| unsafe { filter.install() });
+    let installed = kind
+        .filter(policy.otherwise)
+        .map_err(std::io::Error::other)
+        .and_then(|filter| set_no_new_privs().and_then(|()| unsafe { filter.install() }));
     if let Err(e) = installed {
         tracing::error!(
             "installing the {} thread's seccomp filter: {e}",

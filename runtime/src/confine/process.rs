@@ -43,6 +43,12 @@ pub enum ProcessError {
         #[source]
         source: crate::confine::jail::JailError,
     },
+    #[error("{name}: its seccomp filter")]
+    Filter {
+        name: &'static str,
+        #[source]
+        source: husk_sys::seccomp::FilterError,
+    },
     #[error("{name}: waiting for exit")]
     Wait {
         name: &'static str,
@@ -320,7 +326,11 @@ impl Process {
             source,
         })?;
         // Built here: the child may not allocate.
-        let filter = confine.seccomp.map(Filter::allow);
+        let filter = confine
+            .seccomp
+            .map(Filter::allow)
+            .transpose()
+            .map_err(|source| ProcessError::Filter { name, source })?;
         let mut cmd = Command::new(&path);
         cmd.args(args)
             .stdin(Stdio::null())

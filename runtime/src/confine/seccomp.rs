@@ -8,7 +8,21 @@
 #[cfg(test)]
 use libc::c_long;
 
-pub use husk_sys::seccomp::{Allow, Filter};
+pub use husk_sys::seccomp::{Allow, Arg, Filter, Is};
+
+/// socket(2) for AF_UNIX only.
+const UNIX_SOCKETS: Arg = Arg {
+    call: libc::SYS_socket,
+    index: 0,
+    is: Is::Eq(libc::AF_UNIX as u32),
+};
+
+/// clone(2) that makes a thread (CLONE_THREAD set): no new process.
+const THREADS: Arg = Arg {
+    call: libc::SYS_clone,
+    index: 0,
+    is: Is::Has(libc::CLONE_THREAD as u32),
+};
 
 /// What vhost-device-vsock (0.x from crates.io) calls from exec to exit: the
 /// dynamic loader, its vhost-user and unix socket serving (epoll, eventfd,
@@ -49,7 +63,6 @@ pub const VSOCK_DAEMON: &Allow = &Allow {
         libc::SYS_epoll_wait,
         libc::SYS_epoll_pwait, // other libc
         libc::SYS_eventfd2,
-        libc::SYS_socket,
         libc::SYS_bind,
         libc::SYS_listen,
         libc::SYS_accept4,
@@ -71,8 +84,6 @@ pub const VSOCK_DAEMON: &Allow = &Allow {
         libc::SYS_tgkill, // a panic's abort
         libc::SYS_sched_getaffinity,
         libc::SYS_sched_yield,
-        libc::SYS_clone3,
-        libc::SYS_clone, // other libc
         libc::SYS_exit,
         libc::SYS_exit_group,
         libc::SYS_execve,
@@ -88,6 +99,14 @@ pub const VSOCK_DAEMON: &Allow = &Allow {
     ],
     // set_nonblocking, and the logger's terminal check.
     ioctls: &[libc::FIONBIO as u32, libc::TCGETS as u32],
+    when: &[
+        // Unix sockets only: the VMM's, the agent's, the host ports'.
+        UNIX_SOCKETS,
+        // Threads only (no fork): clone with CLONE_THREAD, after clone3
+        // answered ENOSYS.
+        THREADS,
+    ],
+    enosys: &[libc::SYS_clone3],
 };
 
 /// virtiofsd (1.x from crates.io) as a whole, on top of the filter it
@@ -217,7 +236,6 @@ pub const VIRTIOFSD: &Allow = &Allow {
         libc::SYS_open_tree,
         libc::SYS_move_mount,
         libc::SYS_getgroups,
-        libc::SYS_socket,
         libc::SYS_bind,
         libc::SYS_listen,
         libc::SYS_poll,
@@ -231,6 +249,10 @@ pub const VIRTIOFSD: &Allow = &Allow {
     ],
     // The logger's terminal check.
     ioctls: &[libc::TCGETS as u32],
+    // Its namespace sandbox clones with namespace flags, so clone stays
+    // open; its sockets are unix ones.
+    when: &[UNIX_SOCKETS],
+    ..Allow::NONE
 };
 
 #[cfg(test)]
@@ -283,7 +305,11 @@ mod tests {
                 .collect::<Vec<_>>()
                 .into_boxed_slice(),
         );
-        Box::leak(Box::new(Allow { calls, ioctls }))
+        Box::leak(Box::new(Allow {
+            calls,
+            ioctls,
+            ..Allow::NONE
+        }))
     }
 
     #[test]
