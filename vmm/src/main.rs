@@ -23,7 +23,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
-use husk_sys::console::{self, ConsoleLog};
+use husk_sys::console::{self, ConsoleEnd, ConsoleLog};
 use husk_vmm::control::{self, ControlSocket};
 use husk_vmm::net::TapSource;
 use husk_vmm::vhost_user::Kind;
@@ -192,32 +192,24 @@ fn ctl(socket: &Path, request: &str) -> ExitCode {
     }
 }
 
+/// A failure of husk-vmm's own (not the guest's), as its message.
+fn vmm(e: impl std::fmt::Display) -> Failure {
+    Failure::Vmm(e.to_string())
+}
+
+/// Boots the VM and runs it to its end, as named steps: the inputs, the
+/// caller's ready connection, the seccomp policy, the console, the control
+/// socket, KVM and memory, the devices, the kernel, the control and signal
+/// threads, then the vCPUs.
 fn run(cli: &Cli) -> Result<Exit, Failure> {
     let t0 = Instant::now();
-    let vmm = |e: &dyn std::fmt::Display| Failure::Vmm(e.to_string());
-    // clap requires --kernel unless the ctl subcommand is given.
-    let Some(kernel) = cli.kernel.as_deref() else {
-        return Err(Failure::Vmm("--kernel is required".into()));
-    };
-    // Inputs first: a bad path is reported before any KVM work.
-    if !kernel.is_file() {
-        return Err(Failure::Vmm(format!(
-            "kernel {} does not exist or is not a file; pass the guest's vmlinux or bzImage (`make guest-image`)",
-            kernel.display()
-        )));
-    }
-    if let Some(i) = cli.initramfs.as_ref().filter(|i| !i.is_file()) {
-        return Err(Failure::Vmm(format!(
-            "initramfs {} does not exist or is not a file",
-            i.display()
-        )));
-    }
+    let kernel = check_inputs(cli)?;
     let ready = cli
         .ready_fd
         .map(take_ready_connection)
         .transpose()
         .map_err(|e| {
-            Failure::Vmm(format!(
+            vmm(format!(
                 "--ready-fd: {e}; pass a listening unix socket with a connection waiting"
             ))
         })?;
@@ -230,86 +222,22 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         },
         test_kind: cli.test_seccomp,
     })
-    .map_err(|e| Failure::Vmm(format!("seccomp: {e}")))?;
-    let log = match (&cli.console, cli.console_fd) {
-        (Some(p), _) => Some(
-            ConsoleLog::create(p, cli.console_limit, console_thread)
-                .map_err(|e| Failure::Vmm(format!("console file {}: {e}", p.display())))?,
-        ),
-        (None, Some(fd)) => Some(
-            inherited(fd)
-                .and_then(|f| ConsoleLog::stream(f, console_thread))
-                .map_err(|e| {
-                    Failure::Vmm(format!(
-                        "--console-fd {fd}: {e}; pass the console pipe as that descriptor"
-                    ))
-                })?,
-        ),
-        (None, None) => None,
-    };
-    // The VM is never dropped (vCPUs may still run when it ends): its
-    // console's last lines are written through this end.
-    let console_end = log.as_ref().map(ConsoleLog::end);
-    let console: Box<dyn Write + Send> = match log {
-        Some(log) => Box::new(log),
-        None => Box::new(std::io::stdout()),
-    };
+    .map_err(|e| vmm(format!("seccomp: {e}")))?;
+    let (console, console_end) = open_console(cli)?;
     let mut api = cli
         .api_socket
         .as_deref()
         .map(ControlSocket::bind)
         .transpose()
-        .map_err(|e| vmm(&e))?;
+        .map_err(vmm)?;
     let mut vm = Vm::new(VmConfig {
         memory_mib: cli.memory_mib,
         vcpus: cli.vcpus,
         console,
     })
-    .map_err(|e| vmm(&e))?;
+    .map_err(vmm)?;
     let t_vm = Instant::now();
-    let mut cmdline = cli.cmdline.clone();
-    let devices = [
-        cli.vhost_user_fs.as_ref().map(|p| {
-            (
-                Kind::Fs {
-                    tag: cli.fs_tag.clone(),
-                },
-                p,
-            )
-        }),
-        cli.vhost_user_vsock.as_ref().map(|p| {
-            (
-                Kind::Vsock {
-                    guest_cid: cli.guest_cid,
-                },
-                p,
-            )
-        }),
-    ];
-    for (kind, socket) in devices.into_iter().flatten() {
-        let param = vm.add_vhost_user(kind, socket).map_err(|e| vmm(&e))?;
-        cmdline.push(' ');
-        cmdline.push_str(&param);
-    }
-    for n in &cli.nets {
-        let tap = match &n.source {
-            TapSource::Fd(fd) => inherited(*fd).map_err(|e| {
-                Failure::Vmm(format!(
-                    "--net fd={fd}: {e}; pass the tap's queue as that descriptor"
-                ))
-            })?,
-            TapSource::Name(name) => husk_sys::tap::open_tap(name)
-                .map_err(|e| Failure::Vmm(format!("--net tap={name}: {e}")))?,
-        };
-        let param = vm.add_net(tap, n.mac, n.mtu).map_err(|e| vmm(&e))?;
-        cmdline.push(' ');
-        cmdline.push_str(&param);
-    }
-    if cli.free_page_reporting {
-        let param = vm.add_balloon().map_err(|e| vmm(&e))?;
-        cmdline.push(' ');
-        cmdline.push_str(&param);
-    }
+    let cmdline = add_devices(&mut vm, cli)?;
     let t_devices = Instant::now();
     let entry = boot::load(
         &vm.memory().memory,
@@ -318,12 +246,12 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         cli.initramfs.as_deref(),
         &cmdline,
     )
-    .map_err(|e| vmm(&e))?;
-    vm.setup_boot(entry).map_err(|e| vmm(&e))?;
+    .map_err(vmm)?;
+    vm.setup_boot(entry).map_err(vmm)?;
     if let Some(api) = api.as_mut() {
-        api.serve(vm.run_state()).map_err(|e| vmm(&e))?;
+        api.serve(vm.run_state()).map_err(vmm)?;
     }
-    control::stop_on_signals(vm.run_state()).map_err(|e| vmm(&e))?;
+    control::stop_on_signals(vm.run_state()).map_err(vmm)?;
     let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
     let t_run = Instant::now();
     tracing::info!(
@@ -345,8 +273,97 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
     match ended {
         Ok(exit) => Ok(exit),
         Err(e @ VmError::Internal { .. }) => Err(Failure::Guest(e)),
-        Err(e) => Err(vmm(&e)),
+        Err(e) => Err(vmm(e)),
     }
+}
+
+/// Step: the kernel and initramfs files, before any KVM work.
+fn check_inputs(cli: &Cli) -> Result<&Path, Failure> {
+    // clap requires --kernel unless the ctl subcommand is given.
+    let Some(kernel) = cli.kernel.as_deref() else {
+        return Err(vmm("--kernel is required"));
+    };
+    if !kernel.is_file() {
+        return Err(vmm(format!(
+            "kernel {} does not exist or is not a file; pass the guest's vmlinux or bzImage (`make guest-image`)",
+            kernel.display()
+        )));
+    }
+    if let Some(i) = cli.initramfs.as_ref().filter(|i| !i.is_file()) {
+        return Err(vmm(format!(
+            "initramfs {} does not exist or is not a file",
+            i.display()
+        )));
+    }
+    Ok(kernel)
+}
+
+/// Step: where the guest's serial output goes (a bounded log file, the
+/// caller's pipe, or stdout), and the end through which the last lines are
+/// written (the VM is never dropped: vCPUs may still run when it ends).
+fn open_console(cli: &Cli) -> Result<(Box<dyn Write + Send>, Option<ConsoleEnd>), Failure> {
+    let log = match (&cli.console, cli.console_fd) {
+        (Some(p), _) => Some(
+            ConsoleLog::create(p, cli.console_limit, console_thread)
+                .map_err(|e| vmm(format!("console file {}: {e}", p.display())))?,
+        ),
+        (None, Some(fd)) => Some(
+            inherited(fd)
+                .and_then(|f| ConsoleLog::stream(f, console_thread))
+                .map_err(|e| {
+                    vmm(format!(
+                        "--console-fd {fd}: {e}; pass the console pipe as that descriptor"
+                    ))
+                })?,
+        ),
+        (None, None) => None,
+    };
+    let end = log.as_ref().map(ConsoleLog::end);
+    let console: Box<dyn Write + Send> = match log {
+        Some(log) => Box::new(log),
+        None => Box::new(std::io::stdout()),
+    };
+    Ok((console, end))
+}
+
+/// Step: the vhost-user devices, the NICs and the balloon; returns the
+/// kernel command line with each device's parameter.
+fn add_devices(vm: &mut Vm, cli: &Cli) -> Result<String, Failure> {
+    let mut cmdline = cli.cmdline.clone();
+    let mut add = |param: String| {
+        cmdline.push(' ');
+        cmdline.push_str(&param);
+    };
+    let vhost_user = [
+        cli.vhost_user_fs.as_ref().map(|p| {
+            let tag = cli.fs_tag.clone();
+            (Kind::Fs { tag }, p)
+        }),
+        cli.vhost_user_vsock.as_ref().map(|p| {
+            let guest_cid = cli.guest_cid;
+            (Kind::Vsock { guest_cid }, p)
+        }),
+    ];
+    for (kind, socket) in vhost_user.into_iter().flatten() {
+        add(vm.add_vhost_user(kind, socket).map_err(vmm)?);
+    }
+    for n in &cli.nets {
+        let tap = match &n.source {
+            TapSource::Fd(fd) => inherited(*fd).map_err(|e| {
+                vmm(format!(
+                    "--net fd={fd}: {e}; pass the tap's queue as that descriptor"
+                ))
+            })?,
+            TapSource::Name(name) => {
+                husk_sys::tap::open_tap(name).map_err(|e| vmm(format!("--net tap={name}: {e}")))?
+            }
+        };
+        add(vm.add_net(tap, n.mac, n.mtu).map_err(vmm)?);
+    }
+    if cli.free_page_reporting {
+        add(vm.add_balloon().map_err(vmm)?);
+    }
+    Ok(cmdline)
 }
 
 /// Accepts the connection waiting on the inherited listener `fd`, and
