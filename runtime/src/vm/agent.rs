@@ -76,7 +76,9 @@ fn rpc_message(e: &ttrpc::Error) -> String {
                 s.code()
             )
         }
-        other => other.to_string(),
+        // The transport's own errors may quote what the guest sent (a
+        // frame of the wrong type): capped the same way.
+        other => guest_text(&other.to_string(), MAX_GUEST_TEXT),
     }
 }
 
@@ -106,15 +108,29 @@ pub fn hybrid_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixS
         path: path.to_path_buf(),
         source,
     };
+    // One deadline for the whole handshake, up to the OK line: a peer that
+    // drips a byte at a time cannot stretch it.
+    let deadline = Instant::now() + timeout;
+    let left = || {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            Err(io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no OK line within {timeout:?}"),
+            )))
+        } else {
+            Ok(left)
+        }
+    };
     let mut stream = UnixStream::connect(path).map_err(io)?;
-    stream.set_read_timeout(Some(timeout)).map_err(io)?;
-    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(left()?)).map_err(io)?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
         .map_err(io)?;
     // Byte by byte: whatever follows the newline belongs to the guest stream.
     let mut line = Vec::with_capacity(MAX_REPLY);
     loop {
+        stream.set_read_timeout(Some(left()?)).map_err(io)?;
         let mut b = [0u8; 1];
         match stream.read(&mut b) {
             Ok(0) => {
@@ -722,6 +738,14 @@ mod tests {
         );
         assert!(text.contains("more bytes)"), "{text}");
         assert!(text.ends_with("(INTERNAL)"), "{text}");
+        // Any other ttrpc error is capped and escaped too.
+        let e = AgentError::Rpc {
+            rpc: "Check",
+            error: ttrpc::Error::Others(huge),
+        };
+        let text = e.to_string();
+        assert!(text.len() < MAX_GUEST_TEXT + 200, "{} bytes", text.len());
+        assert!(!text.chars().any(char::is_control), "{text:?}");
         assert_eq!(guest_text("short", 100), "short");
         // A cut never splits a character.
         assert_eq!(guest_text("ééé", 3), "é... (4 more bytes)");
@@ -907,6 +931,36 @@ mod tests {
             String::from_utf8_lossy(&buf).into_owned()
         });
         (dir, path, t)
+    }
+
+    #[test]
+    fn a_reply_dripped_a_byte_at_a_time_meets_one_deadline() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            // Each byte well within the timeout, the line far beyond it.
+            for b in b"OK 77\n" {
+                std::thread::sleep(Duration::from_millis(150));
+                if s.write_all(&[*b]).is_err() {
+                    break;
+                }
+            }
+        });
+        let start = Instant::now();
+        let e = hybrid_connect(&path, 1024, Duration::from_millis(300)).unwrap_err();
+        assert!(
+            start.elapsed() < Duration::from_millis(800),
+            "{:?}",
+            start.elapsed()
+        );
+        assert!(
+            matches!(&e, AgentError::Connect { source, .. }
+                if matches!(source.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{e}"
+        );
+        t.join().unwrap();
     }
 
     #[test]
