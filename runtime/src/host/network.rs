@@ -57,6 +57,8 @@ pub enum NetworkError {
     },
     #[error("the pod's network namespace {} holds {what}, which the guest kernel cannot copy; husk refuses the pod rather than give it a different network", netns.display())]
     Unsupported { netns: PathBuf, what: String },
+    #[error("network namespace {} is the host's own: husk puts no pod on the host network (its taps and redirects, and their removal at the end, would hit the node's links)", path.display())]
+    HostNamespace { path: PathBuf },
     #[error("creating tap {name} in {}", netns.display())]
     Tap {
         name: String,
@@ -161,14 +163,33 @@ where
     })
 }
 
+/// Refuses `netns` when it is this process's own network namespace or
+/// init's (the node's): a spec may name any path.
+fn refuse_host_namespace(netns: &Path) -> Result<(), NetworkError> {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &Path| std::fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    let Some(pod) = id(netns) else {
+        // Not there: entering it fails and says so.
+        return Ok(());
+    };
+    let host = ["/proc/self/ns/net", "/proc/1/ns/net"];
+    if host.iter().any(|h| id(Path::new(h)) == Some(pod)) {
+        return Err(NetworkError::HostNamespace {
+            path: netns.to_path_buf(),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `f` with a netlink handle inside network namespace `netns`, on a
-/// thread of its own.
+/// thread of its own; never in the host's.
 fn in_netns<T, F, Fut>(netns: &Path, f: F) -> Result<T, NetworkError>
 where
     T: Send,
     F: FnOnce(Handle) -> Fut + Send,
     Fut: Future<Output = Result<T, NetworkError>>,
 {
+    refuse_host_namespace(netns)?;
     let ns_err = |source| NetworkError::Netns {
         path: netns.to_path_buf(),
         source,
@@ -761,6 +782,20 @@ pub fn cleanup(netns: &Path) -> Result<(), NetworkError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_hosts_own_network_namespace_is_refused_by_name() {
+        for host in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+            let e = refuse_host_namespace(Path::new(host)).unwrap_err();
+            assert!(matches!(e, NetworkError::HostNamespace { .. }), "{e}");
+            assert!(e.to_string().contains(host), "{e}");
+            // Attach and clean-up meet the refusal before they touch a link.
+            let e = cleanup(Path::new(host)).unwrap_err();
+            assert!(matches!(e, NetworkError::HostNamespace { .. }), "{e}");
+        }
+        let other = tempfile::NamedTempFile::new().unwrap();
+        assert!(refuse_host_namespace(other.path()).is_ok());
+    }
 
     #[test]
     fn tap_names_fit_and_name_their_link() {
