@@ -375,3 +375,52 @@ fn a_console_flood_is_capped_on_disk_and_the_vmm_stays_flat() {
         );
     }
 }
+
+/// Where a process of someone else's sits in this test: the pids
+/// controller's hierarchy on cgroup v1, the unified one on v2.
+fn foreign_cgroup(name: &str) -> std::path::PathBuf {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").exists() {
+        root.join(name)
+    } else {
+        root.join("pids").join(name)
+    }
+}
+
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn a_spec_naming_a_cgroup_with_processes_is_refused_and_they_are_left_alone() {
+    e2e();
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    // As a node's system.slice/kubelet.service would be: a cgroup that
+    // exists and holds a process that is not the pod's.
+    let name = "husk-test-held";
+    let dir = foreign_cgroup(name);
+    std::fs::create_dir_all(&dir).expect("the foreign cgroup");
+    let mut foreign = std::process::Command::new("sleep")
+        .arg("600")
+        .spawn()
+        .expect("sleep");
+    std::fs::write(dir.join("cgroup.procs"), foreign.id().to_string()).expect("into it");
+    let out = ctd.run(
+        &["--rm", "--cgroup", &format!("/{name}")],
+        "held",
+        &["true"],
+    );
+    let err = text(&out.stderr);
+    let alive = foreign.try_wait().expect("try_wait").is_none();
+    let _ = foreign.kill();
+    let _ = foreign.wait();
+    let _ = std::fs::remove_dir(&dir);
+    assert!(!out.status.success(), "ran in a cgroup with processes");
+    assert!(
+        err.contains(name) && err.contains("holds processes"),
+        "the refusal names the cgroup: {err}"
+    );
+    assert!(alive, "the cgroup's own process was killed");
+    // Nothing of the refused pod stays (runc 1.1.5 runs the container in
+    // that cgroup, leaves the process alone and fails to remove the
+    // cgroup at the end; husk refuses the path instead).
+    assert_clean();
+}

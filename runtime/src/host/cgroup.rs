@@ -50,6 +50,8 @@ pub enum CgroupError {
         #[source]
         source: std::io::Error,
     },
+    #[error("linux.cgroupsPath names cgroup {}, which exists and holds processes ({pids}): a pod's cgroup is its own (joined, it would be killed at the pod's end); give the pod a path of its own", dir.display())]
+    Populated { dir: PathBuf, pids: String },
     #[error("moving the shim into cgroup {}", dir.display())]
     Join {
         dir: PathBuf,
@@ -246,6 +248,10 @@ impl PodCgroup {
         };
         for h in mounted_hierarchies()? {
             let dir = h.mount.join(&path);
+            if let Some(pids) = processes_in(&dir) {
+                cg.remove();
+                return Err(CgroupError::Populated { dir, pids });
+            }
             if h.v2 {
                 enable_v2_controllers(&h.mount, &path);
             }
@@ -304,6 +310,13 @@ pub fn remove_recorded(record: &Path) {
     let dirs: Vec<PathBuf> = found.iter().map(|h| h.mount.join(&path)).collect();
     remove_dirs(&dirs);
     let _ = fs::remove_file(record);
+}
+
+/// The first pids in cgroup directory `dir`, when it exists and holds any.
+fn processes_in(dir: &Path) -> Option<String> {
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).ok()?;
+    let pids: Vec<&str> = procs.split_whitespace().take(5).collect();
+    (!pids.is_empty()).then(|| pids.join(", "))
 }
 
 /// Writes the record `remove_recorded` reads.
