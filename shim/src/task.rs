@@ -26,7 +26,7 @@ use containerd_shim::protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim::protos::ttrpc::{Code, Error as ShimTtrpcError};
 use containerd_shim::publisher::RemotePublisher;
 use containerd_shim::{Config as ShimConfig, Error, Flags, StartOpts, TtrpcResult};
-use husk_protocol::{ContainerId, ExecId, SandboxId};
+use husk_protocol::{ContainerId, ExecId, InvalidId, SandboxId};
 use husk_runtime::host::cgroup;
 use husk_runtime::host::paths::SandboxPaths;
 use husk_runtime::host::storage::MountSpec;
@@ -68,19 +68,21 @@ fn code(kind: ErrorKind) -> Code {
     }
 }
 
-/// A request's container id, checked here, where it enters.
-fn container_id(id: &str) -> TtrpcResult<ContainerId> {
-    ContainerId::parse(id).map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))
+/// An id from a request, checked here, where it enters (a bad one is
+/// INVALID_ARGUMENT, naming it and the rule).
+fn parsed<T: std::str::FromStr<Err = InvalidId>>(id: &str) -> TtrpcResult<T> {
+    id.parse()
+        .map_err(|e: InvalidId| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))
 }
 
-/// A request's exec id, checked here; empty names the container's init.
+/// A request's container id.
+fn container_id(id: &str) -> TtrpcResult<ContainerId> {
+    parsed(id)
+}
+
+/// A request's exec id; empty names the container's init.
 fn exec_id(exec_id: &str) -> TtrpcResult<Option<ExecId>> {
-    if exec_id.is_empty() {
-        return Ok(None);
-    }
-    ExecId::parse(exec_id)
-        .map(Some)
-        .map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))
+    (!exec_id.is_empty()).then(|| parsed(exec_id)).transpose()
 }
 
 fn status_of(code: Code, msg: String) -> ShimTtrpcError {
@@ -619,8 +621,7 @@ impl Task for HuskShim {
         })?;
         let io = io_of(&req.stdin, &req.stdout, &req.stderr, req.terminal);
         let id = container_id(&req.id)?;
-        let exec = ExecId::parse(&req.exec_id)
-            .map_err(|e| status_of(Code::INVALID_ARGUMENT, format!("husk: {e}")))?;
+        let exec: ExecId = parsed(&req.exec_id)?;
         self.call(move |pod| pod.add_exec(&id, &exec, process, io))
             .await?;
         Ok(api::Empty::new())

@@ -787,7 +787,7 @@ impl<B: Backend> PodService<B> {
                 exec_id: exec_id.to_owned(),
             });
         }
-        let exec = (!exec_id.is_empty()).then_some(exec_id);
+        let exec = exec.map(ExecId::as_str);
         let sent = self
             .agent()
             .and_then(|a| Ok(a.signal_process(id, exec, signal, all)?));
@@ -948,7 +948,7 @@ impl<B: Backend> PodService<B> {
     ) -> Result<()> {
         let (id, exec_id) = (id.as_str(), exec_str(exec));
         self.with_proc(id, exec_id, |_| Ok(()))?;
-        let exec = (!exec_id.is_empty()).then_some(exec_id);
+        let exec = exec.map(ExecId::as_str);
         Ok(self.agent()?.resize_pty(id, exec, width, height)?)
     }
 
