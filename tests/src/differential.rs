@@ -168,6 +168,70 @@ pub fn differences(
         .collect()
 }
 
+/// What husk's typed reading of a bundle's spec (as the shim reads it, and
+/// as the guest's libcontainer reads what the shim sends on) changes of
+/// the spec containerd wrote: each JSON pointer whose value differs, with
+/// both. The capability lists are sets to the OCI types, so their order
+/// does not count. Empty: nothing the container asked for is lost.
+pub fn spec_round_trip_losses(config_json: &std::path::Path) -> Vec<String> {
+    let bytes = std::fs::read(config_json)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", config_json.display()));
+    let spec = match husk_runtime::pod::spec::parse(&bytes, config_json) {
+        Ok(s) => s,
+        Err(e) => return vec![e.to_string()],
+    };
+    let sorted_caps = |mut v: serde_json::Value| {
+        if let Some(caps) = v
+            .pointer_mut("/process/capabilities")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            for list in caps
+                .values_mut()
+                .filter_map(serde_json::Value::as_array_mut)
+            {
+                list.sort_by_key(|c| c.as_str().map(str::to_owned));
+            }
+        }
+        v
+    };
+    let written = serde_json::from_slice(&bytes).expect("containerd's spec is JSON");
+    let read = serde_json::to_value(&spec).expect("a typed spec serialises");
+    let mut losses = Vec::new();
+    json_differences("", &sorted_caps(written), &sorted_caps(read), &mut losses);
+    losses
+}
+
+/// Pushes `at: written X, read Y` for each leaf where the two differ.
+fn json_differences(
+    at: &str,
+    written: &serde_json::Value,
+    read: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    match (written, read) {
+        (Value::Object(w), Value::Object(r)) => {
+            let mut keys: Vec<&String> = w.keys().chain(r.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let (a, b) = (w.get(k), r.get(k));
+                match (a, b) {
+                    (Some(a), Some(b)) => json_differences(&format!("{at}/{k}"), a, b, out),
+                    _ => out.push(format!("{at}/{k}: written {a:?}, read {b:?}")),
+                }
+            }
+        }
+        (Value::Array(w), Value::Array(r)) if w.len() == r.len() => {
+            for (i, (a, b)) in w.iter().zip(r).enumerate() {
+                json_differences(&format!("{at}/{i}"), a, b, out);
+            }
+        }
+        (w, r) if w != r => out.push(format!("{at}: written {w}, read {r}")),
+        _ => {}
+    }
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }

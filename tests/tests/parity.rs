@@ -218,7 +218,7 @@ mod cri {
 
     use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
     use husk_tests::cri::{container, Cri, PodOpts};
-    use husk_tests::differential::{Observation, Probes, Report};
+    use husk_tests::differential::{spec_round_trip_losses, Observation, Probes, Report};
     use husk_tests::stream::Session;
     use husk_tests::volumes::{configmap, AtomicVolume};
     use husk_tests::{e2e, vm_lock};
@@ -410,6 +410,7 @@ mod cri {
         let cases = cases(ctd.dir.path());
         let p = probes();
         let mut seen: Vec<Vec<Vec<(&str, Observation)>>> = Vec::new();
+        let mut report = Report::default();
         for handler in ["runc", "husk"] {
             let dir = logs.path().join(handler);
             std::fs::create_dir_all(&dir).expect("log dir");
@@ -420,17 +421,31 @@ mod cri {
                 .run_pod(&opts)
                 .unwrap_or_else(|e| panic!("RunPodSandbox ({handler}): {e}\n{}", ctd.log()));
             let mut per_case = Vec::new();
+            // The specs CRI writes for runc: husk's typed reading of each
+            // must keep every field (checked after the loop).
+            let mut specs = vec![("pod sandbox", ctd.bundle("k8s.io", &pod))];
             for (i, (case, ctx)) in cases.iter().enumerate() {
                 let id = cri
                     .run_container(&pod, &opts, observer(case, ctx, &p))
                     .unwrap_or_else(|e| panic!("{case} ({handler}): {e}\n{}", ctd.log()));
+                if handler == "runc" {
+                    specs.push((case, ctd.bundle("k8s.io", &id)));
+                }
                 per_case.push(observe(&cri, &id, &p, i == 0));
+            }
+            if handler == "runc" {
+                for (case, bundle) in &specs {
+                    let losses = spec_round_trip_losses(&bundle.join("config.json"));
+                    report.require(
+                        losses.is_empty(),
+                        format!("{case}: reading CRI's spec for runc loses: {losses:#?}"),
+                    );
+                }
             }
             cri.stop_pod(&pod).expect("StopPodSandbox");
             cri.remove_pod(&pod).expect("RemovePodSandbox");
             seen.push(per_case);
         }
-        let mut report = Report::default();
         for (i, (case, _)) in cases.iter().enumerate() {
             for ((what, r), (_, h)) in seen[0][i].iter().zip(&seen[1][i]) {
                 report.compare(&format!("{case} ({what})"), r, h, EXPECTED);

@@ -23,11 +23,11 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
     std::fs::create_dir(src.join("..v1")).expect("mkdir");
     std::os::unix::fs::symlink("..v1", src.join("..data")).expect("link");
     let (private, share) = (d.path().join("private"), d.path().join("share"));
-    let mut spec = serde_json::json!({"mounts": [
+    let mut spec = spec_of(serde_json::json!({"mounts": [
         {"destination": "/proc", "type": "proc", "source": "proc"},
         {"destination": "/ro", "type": "bind", "source": src, "options": ["rbind", "ro"]},
         {"destination": "/rw", "type": "bind", "source": src, "options": ["rbind", "rw"]}
-    ]});
+    ]}));
     let synced = share_bind_mounts(&mut spec, &private, &share, Path::new("/guest/binds"))
         .expect("share binds");
     assert_eq!(
@@ -38,6 +38,7 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
         }],
         "only the read-only bind is synced"
     );
+    let spec = serde_json::to_value(&spec).expect("spec");
     assert_eq!(
         spec["mounts"][0]["source"], "proc",
         "non-bind mounts untouched"
@@ -57,9 +58,9 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
     assert_eq!(std::fs::read_to_string(src.join("new")).expect("read"), "x");
 
     // A symlink the guest planted where a bind goes is not followed.
-    let mut again = serde_json::json!({"mounts": [
+    let mut again = spec_of(serde_json::json!({"mounts": [
         {"destination": "/x", "type": "bind", "source": src, "options": ["rbind"]}
-    ]});
+    ]}));
     let trap = d.path().join("trap");
     std::fs::create_dir(&trap).expect("mkdir");
     std::os::unix::fs::symlink("/etc", trap.join("0")).expect("symlink");
@@ -74,6 +75,10 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
     let left = unmount_all_under(d.path());
     assert!(left.len() >= 4, "mounts made: {left:?}");
     assert!(unmount_all_under(d.path()).is_empty());
+}
+
+fn spec_of(v: serde_json::Value) -> husk_runtime::pod::spec::Spec {
+    serde_json::from_value(v).expect("an OCI spec")
 }
 
 /// statvfs(3)'s mount flags of `p`.
@@ -120,10 +125,10 @@ fn shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_do
     )
     .expect("mknod");
     let (private, share) = (d.path().join("private"), d.path().join("share"));
-    let mut spec = serde_json::json!({"mounts": [
+    let mut spec = spec_of(serde_json::json!({"mounts": [
         {"destination": "/ro", "type": "bind", "source": src, "options": ["rbind", "ro"]},
         {"destination": "/rw", "type": "bind", "source": src, "options": ["rbind", "rw"]}
-    ]});
+    ]}));
     share_bind_mounts(&mut spec, &private, &share, Path::new("/g")).expect("share binds");
 
     let e = std::fs::write(share.join("0/sub/new"), "x").expect_err("write below a ro rbind");

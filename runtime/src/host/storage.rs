@@ -16,6 +16,7 @@ use nix::fcntl::OFlag;
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sys::stat::Mode;
 use nix::unistd::{unlinkat, UnlinkatFlags};
+use oci_spec::runtime::{Mount, Spec};
 
 use crate::host::paths::{ContainerPaths, SandboxPaths};
 
@@ -27,6 +28,8 @@ pub enum StorageError {
     Count(usize),
     #[error("bind mount source {0:?} is not an absolute host path")]
     BindSource(PathBuf),
+    #[error("bind mount to {0:?} has no source; give the host path to bind")]
+    NoBindSource(PathBuf),
     #[error("{what} {path}")]
     Io {
         what: &'static str,
@@ -336,22 +339,14 @@ pub fn is_mount_point(dir: &Path) -> bool {
 }
 
 /// An OCI mount's options.
-pub(crate) fn mount_options(m: &serde_json::Value) -> Vec<String> {
-    m.get("options")
-        .and_then(|o| o.as_array())
-        .map(|o| {
-            o.iter()
-                .filter_map(|v| v.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+pub(crate) fn mount_options(m: &Mount) -> &[String] {
+    m.options().as_deref().unwrap_or_default()
 }
 
 /// Whether an OCI mount is a bind mount of a host path.
-pub(crate) fn is_bind(m: &serde_json::Value) -> bool {
-    let opts = m.get("options").and_then(|o| o.as_array());
-    m.get("type").and_then(|t| t.as_str()) == Some("bind")
-        || opts.is_some_and(|o| o.iter().any(|v| v == "bind" || v == "rbind"))
+pub(crate) fn is_bind(m: &Mount) -> bool {
+    m.typ().as_deref() == Some("bind")
+        || mount_options(m).iter().any(|o| o == "bind" || o == "rbind")
 }
 
 /// A shared bind that kubelet's atomic writer keeps up to date (see
@@ -382,12 +377,12 @@ pub fn is_synced_volume(source: &Path, read_only: bool) -> bool {
 /// error, what was mounted stays under the two dirs for the caller's
 /// cleanup.
 pub fn share_bind_mounts(
-    spec: &mut serde_json::Value,
+    spec: &mut Spec,
     private_dir: &Path,
     share_dir: &Path,
     guest_dir: &Path,
 ) -> Result<Vec<SyncedVolume>, StorageError> {
-    let Some(mounts) = spec.get_mut("mounts").and_then(|m| m.as_array_mut()) else {
+    let Some(mounts) = spec.mounts_mut() else {
         return Ok(Vec::new());
     };
     let mut synced = Vec::new();
@@ -395,10 +390,11 @@ pub fn share_bind_mounts(
         if !is_bind(m) {
             continue;
         }
-        let source = PathBuf::from(m.get("source").and_then(|s| s.as_str()).unwrap_or(""));
-        if !source.is_absolute() {
-            return Err(StorageError::BindSource(source));
-        }
+        let source = match m.source() {
+            Some(s) if s.is_absolute() => s.clone(),
+            Some(s) => return Err(StorageError::BindSource(s.clone())),
+            None => return Err(StorageError::NoBindSource(m.destination().clone())),
+        };
         let meta = std::fs::metadata(&source).map_err(io("bind mount source", &source))?;
         let opts = mount_options(m);
         let recursive = opts.iter().any(|o| o == "rbind");
@@ -417,8 +413,7 @@ pub fn share_bind_mounts(
             rec,
             read_only,
         )?;
-        m["source"] =
-            serde_json::Value::String(guest_dir.join(n.to_string()).display().to_string());
+        m.set_source(Some(guest_dir.join(n.to_string())));
         if is_synced_volume(&source, read_only) {
             synced.push(SyncedVolume {
                 n: n as u32,
@@ -607,7 +602,7 @@ fn unescape(s: &str) -> PathBuf {
 pub fn attach_container(
     paths: &ContainerPaths,
     rootfs: &[MountSpec],
-    spec: &mut serde_json::Value,
+    spec: &mut Spec,
 ) -> Result<Vec<SyncedVolume>, StorageError> {
     let _writable = ShareWrite::begin(&paths.share_root);
     mount_rootfs(rootfs, &paths.rootfs_private, &paths.rootfs_shared())?;
@@ -694,7 +689,13 @@ mod tests {
 
     #[test]
     fn bind_mounts_are_recognised_by_type_or_option() {
-        let j = |v: serde_json::Value| is_bind(&v);
+        let j = |v: serde_json::Value| {
+            let mut m = serde_json::json!({"destination": "/d"});
+            m.as_object_mut()
+                .unwrap()
+                .extend(v.as_object().unwrap().clone());
+            is_bind(&serde_json::from_value(m).unwrap())
+        };
         assert!(j(serde_json::json!({"type": "bind", "source": "/a"})));
         assert!(j(
             serde_json::json!({"type": "none", "options": ["rbind", "ro"]})
@@ -705,20 +706,29 @@ mod tests {
         assert!(!j(serde_json::json!({"type": "proc"})));
     }
 
+    fn spec_of(v: serde_json::Value) -> Spec {
+        serde_json::from_value(v).unwrap()
+    }
+
     #[test]
     fn relative_or_missing_bind_sources_are_refused_by_name() {
         let d = tempfile::tempdir().unwrap();
-        let mut spec = serde_json::json!({"mounts": [
+        let mut spec = spec_of(serde_json::json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "relative/dir", "options": ["rbind"]}
-        ]});
+        ]}));
         let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
         assert!(e.to_string().contains("relative/dir"), "{e}");
-        let mut spec = serde_json::json!({"mounts": [
+        let mut spec = spec_of(serde_json::json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "/nonexistent/husk-src"}
-        ]});
+        ]}));
         let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/husk-src"), "{e}");
-        let mut none = serde_json::json!({"process": {}});
+        let mut spec = spec_of(serde_json::json!({"mounts": [
+            {"destination": "/data", "type": "bind", "options": ["rbind"]}
+        ]}));
+        let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
+        assert!(e.to_string().contains("\"/data\" has no source"), "{e}");
+        let mut none = spec_of(serde_json::json!({}));
         assert_eq!(
             share_bind_mounts(&mut none, d.path(), d.path(), Path::new("/g")).unwrap(),
             vec![]

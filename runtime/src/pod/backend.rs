@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use husk_protocol::containers::Network;
 use husk_protocol::SandboxId;
-use serde_json::Value;
+use oci_spec::runtime::{LinuxNamespaceType, Spec};
 
 use super::guest::{GuestAgent, VmAgent};
 use super::{prepare_spec, size_guest, PodError, Role};
@@ -31,7 +31,7 @@ pub trait Backend: Send + Sync + 'static {
     fn boot(
         &self,
         pod_id: &SandboxId,
-        spec: &Value,
+        spec: &Spec,
         bundle: &Path,
         config: &Config,
     ) -> Result<Self::Vm, BootError>;
@@ -50,7 +50,7 @@ pub trait PodVm: Send + 'static {
         role: &Role,
         sandbox_pid: Option<u32>,
         rootfs: &[MountSpec],
-        spec: &mut Value,
+        spec: &mut Spec,
     ) -> Result<Vec<u32>, PodError>;
     /// The network the guest gives a container of `role` in its new network
     /// namespace: the pod's, for its sandbox; none for the others.
@@ -129,7 +129,7 @@ impl Backend for VmBackend {
     fn boot(
         &self,
         pod_id: &SandboxId,
-        spec: &Value,
+        spec: &Spec,
         bundle: &Path,
         config: &Config,
     ) -> Result<PodSandbox, BootError> {
@@ -214,15 +214,16 @@ impl Backend for VmBackend {
 
 /// The host network namespace CNI set up for the pod: the path a
 /// sandbox spec gives its network namespace.
-pub fn pod_netns(spec: &Value) -> Option<PathBuf> {
-    spec.pointer("/linux/namespaces")?
-        .as_array()?
+pub fn pod_netns(spec: &Spec) -> Option<PathBuf> {
+    spec.linux()
+        .as_ref()?
+        .namespaces()
+        .as_ref()?
         .iter()
-        .find(|ns| ns.get("type").and_then(Value::as_str) == Some("network"))?
-        .get("path")?
-        .as_str()
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
+        .find(|ns| ns.typ() == LinuxNamespaceType::Network)?
+        .path()
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty())
 }
 
 /// Writes the sandbox's owner token into a task's bundle (no bundle, no
@@ -250,14 +251,19 @@ fn detach(network: Option<PodNetwork>) {
 /// Moves this process into the cgroup the booting spec names, so the VMM
 /// and daemons it starts are charged to the pod, and records it in the
 /// bundle for `delete` after a crash (no bundle, no record).
-fn join_pod_cgroup(spec: &Value, bundle: &Path) -> Result<Option<PodCgroup>, BootError> {
+fn join_pod_cgroup(spec: &Spec, bundle: &Path) -> Result<Option<PodCgroup>, BootError> {
     let Some(path) = spec
-        .pointer("/linux/cgroupsPath")
-        .and_then(Value::as_str)
-        .filter(|p| !p.is_empty())
+        .linux()
+        .as_ref()
+        .and_then(|l| l.cgroups_path().as_ref())
+        .filter(|p| !p.as_os_str().is_empty())
     else {
         return Ok(None);
     };
+    let path = path.to_str().ok_or_else(|| cgroup::CgroupError::Path {
+        path: path.display().to_string(),
+        why: "it is not UTF-8",
+    })?;
     let cg = match PodCgroup::enter(path) {
         Ok(cg) => cg,
         // A host without any cgroup hierarchy (a bare VM image, the nested
@@ -293,7 +299,7 @@ impl PodVm for PodSandbox {
         role: &Role,
         sandbox_pid: Option<u32>,
         rootfs: &[MountSpec],
-        spec: &mut Value,
+        spec: &mut Spec,
     ) -> Result<Vec<u32>, PodError> {
         let guest_only = prepare_spec(spec, id, role, sandbox_pid, super::fs_size)?;
         let synced = storage::attach_container(&self.paths().container(id), rootfs, spec)?;

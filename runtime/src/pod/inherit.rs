@@ -9,30 +9,30 @@
 //! (no LSM) cannot apply: refused where runc refuses them, dropped where
 //! the VM confines the container instead.
 
-use serde_json::{json, Value};
+use oci_spec::runtime::{LinuxNamespaceType, PosixRlimitBuilder, PosixRlimitType, Process, Spec};
 
 /// Every resource limit the OCI spec names, with its number.
-const RLIMITS: [(&str, libc::__rlimit_resource_t); 16] = [
-    ("RLIMIT_AS", libc::RLIMIT_AS),
-    ("RLIMIT_CORE", libc::RLIMIT_CORE),
-    ("RLIMIT_CPU", libc::RLIMIT_CPU),
-    ("RLIMIT_DATA", libc::RLIMIT_DATA),
-    ("RLIMIT_FSIZE", libc::RLIMIT_FSIZE),
-    ("RLIMIT_LOCKS", libc::RLIMIT_LOCKS),
-    ("RLIMIT_MEMLOCK", libc::RLIMIT_MEMLOCK),
-    ("RLIMIT_MSGQUEUE", libc::RLIMIT_MSGQUEUE),
-    ("RLIMIT_NICE", libc::RLIMIT_NICE),
-    ("RLIMIT_NOFILE", libc::RLIMIT_NOFILE),
-    ("RLIMIT_NPROC", libc::RLIMIT_NPROC),
-    ("RLIMIT_RSS", libc::RLIMIT_RSS),
-    ("RLIMIT_RTPRIO", libc::RLIMIT_RTPRIO),
-    ("RLIMIT_RTTIME", libc::RLIMIT_RTTIME),
-    ("RLIMIT_SIGPENDING", libc::RLIMIT_SIGPENDING),
-    ("RLIMIT_STACK", libc::RLIMIT_STACK),
+const RLIMITS: [(PosixRlimitType, libc::__rlimit_resource_t); 16] = [
+    (PosixRlimitType::RlimitAs, libc::RLIMIT_AS),
+    (PosixRlimitType::RlimitCore, libc::RLIMIT_CORE),
+    (PosixRlimitType::RlimitCpu, libc::RLIMIT_CPU),
+    (PosixRlimitType::RlimitData, libc::RLIMIT_DATA),
+    (PosixRlimitType::RlimitFsize, libc::RLIMIT_FSIZE),
+    (PosixRlimitType::RlimitLocks, libc::RLIMIT_LOCKS),
+    (PosixRlimitType::RlimitMemlock, libc::RLIMIT_MEMLOCK),
+    (PosixRlimitType::RlimitMsgqueue, libc::RLIMIT_MSGQUEUE),
+    (PosixRlimitType::RlimitNice, libc::RLIMIT_NICE),
+    (PosixRlimitType::RlimitNofile, libc::RLIMIT_NOFILE),
+    (PosixRlimitType::RlimitNproc, libc::RLIMIT_NPROC),
+    (PosixRlimitType::RlimitRss, libc::RLIMIT_RSS),
+    (PosixRlimitType::RlimitRtprio, libc::RLIMIT_RTPRIO),
+    (PosixRlimitType::RlimitRttime, libc::RLIMIT_RTTIME),
+    (PosixRlimitType::RlimitSigpending, libc::RLIMIT_SIGPENDING),
+    (PosixRlimitType::RlimitStack, libc::RLIMIT_STACK),
 ];
 
-/// One limit: (OCI name, soft, hard).
-pub type Rlimit = (&'static str, u64, u64);
+/// One limit: (its OCI type, soft, hard).
+pub type Rlimit = (PosixRlimitType, u64, u64);
 
 /// This process's own limits, as runc's child would inherit them.
 pub fn own_rlimits() -> Vec<Rlimit> {
@@ -59,53 +59,49 @@ pub fn host_hostname() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-/// Adds to `process` (an OCI process object) each of `own` limits it does
-/// not set itself.
-pub fn rlimits(process: &mut Value, own: &[Rlimit]) {
-    let Some(p) = process.as_object_mut() else {
-        return;
-    };
-    let list = p.entry("rlimits").or_insert_with(|| json!([]));
-    let Some(list) = list.as_array_mut() else {
-        return;
-    };
-    for &(name, soft, hard) in own {
-        if !list
-            .iter()
-            .any(|r| r.get("type").and_then(Value::as_str) == Some(name))
-        {
-            list.push(json!({ "type": name, "soft": soft, "hard": hard }));
+/// Adds to `process` each of `own` limits it does not set itself.
+pub fn rlimits(process: &mut Process, own: &[Rlimit]) {
+    let mut list = process.rlimits().clone().unwrap_or_default();
+    for &(typ, soft, hard) in own {
+        let set = list.iter().any(|r| r.typ() == typ);
+        // The builder fails only for a field left out; all three are set.
+        if let (false, Ok(r)) = (
+            set,
+            PosixRlimitBuilder::default()
+                .typ(typ)
+                .soft(soft)
+                .hard(hard)
+                .build(),
+        ) {
+            list.push(r);
         }
     }
+    process.set_rlimits(Some(list));
 }
 
 /// Gives a spec whose container gets a new UTS namespace and no hostname
 /// the host's, as the kernel gives runc's container.
-pub fn hostname(spec: &mut Value, host: Option<&str>) {
+pub fn hostname(spec: &mut Spec, host: Option<&str>) {
     let new_uts = spec
-        .pointer("/linux/namespaces")
-        .and_then(Value::as_array)
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
         .is_some_and(|ns| {
             ns.iter().any(|n| {
-                n.get("type").and_then(Value::as_str) == Some("uts")
-                    && n.get("path")
-                        .and_then(Value::as_str)
-                        .is_none_or(str::is_empty)
+                n.typ() == LinuxNamespaceType::Uts
+                    && n.path().as_ref().is_none_or(|p| p.as_os_str().is_empty())
             })
         });
-    let unset = spec
-        .get("hostname")
-        .and_then(Value::as_str)
-        .is_none_or(str::is_empty);
-    if let (true, true, Some(host), Some(obj)) = (new_uts, unset, host, spec.as_object_mut()) {
-        obj.insert("hostname".into(), json!(host));
+    let unset = spec.hostname().as_ref().is_none_or(String::is_empty);
+    if let (true, true, Some(host)) = (new_uts, unset, host) {
+        spec.set_hostname(Some(host.to_owned()));
     }
 }
 
 /// Both, for a container's spec.
-pub fn container(spec: &mut Value) {
+pub fn container(spec: &mut Spec) {
     hostname(spec, host_hostname().as_deref());
-    if let Some(p) = spec.get_mut("process") {
+    if let Some(p) = spec.process_mut() {
         rlimits(p, &own_rlimits());
     }
 }
@@ -144,17 +140,9 @@ impl AppArmor {
 /// confinement and the label is dropped (an AppArmor profile the host has
 /// loaded; an SELinux label, which runc ignores where SELinux is off).
 /// Returns what was dropped.
-pub fn lsm_labels(process: &mut Value, apparmor: &AppArmor) -> Result<Vec<String>, String> {
-    let Some(p) = process.as_object_mut() else {
-        return Ok(Vec::new());
-    };
+pub fn lsm_labels(process: &mut Process, apparmor: &AppArmor) -> Result<Vec<String>, String> {
     let mut dropped = Vec::new();
-    if let Some(profile) = p
-        .get("apparmorProfile")
-        .and_then(Value::as_str)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-    {
+    if let Some(profile) = process.apparmor_profile().clone().filter(|s| !s.is_empty()) {
         match apparmor {
             AppArmor::Off => {
                 return Err(format!(
@@ -168,49 +156,66 @@ pub fn lsm_labels(process: &mut Value, apparmor: &AppArmor) -> Result<Vec<String
                     "it asks for AppArmor profile {profile:?}, which the host has not loaded (runc refuses it too); load it with apparmor_parser"
                 ))
             }
-            AppArmor::On(_) => {
-                p.remove("apparmorProfile");
-                dropped.push(format!("AppArmor profile {profile:?}"));
-            }
+            AppArmor::On(_) => dropped.push(format!("AppArmor profile {profile:?}")),
         }
     }
-    if let Some(label) = p.remove("selinuxLabel") {
-        if label.as_str().is_some_and(|l| !l.is_empty()) {
-            dropped.push(format!("SELinux label {label}"));
-        }
+    process.set_apparmor_profile(None);
+    if let Some(label) = process.selinux_label().clone().filter(|l| !l.is_empty()) {
+        dropped.push(format!("SELinux label {label:?}"));
     }
+    process.set_selinux_label(None);
     Ok(dropped)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
+
+    /// An OCI process object with `fields` besides the required ones.
+    fn process(fields: Value) -> Process {
+        let mut p = json!({ "user": { "uid": 0, "gid": 0 }, "cwd": "/", "args": ["sh"] });
+        p.as_object_mut()
+            .unwrap()
+            .extend(fields.as_object().unwrap().clone());
+        serde_json::from_value(p).unwrap()
+    }
+
+    fn json_of<T: serde::Serialize>(t: &T) -> Value {
+        serde_json::to_value(t).unwrap()
+    }
 
     #[test]
     fn limits_the_spec_sets_stay_and_the_others_are_the_hosts() {
-        let mut p = json!({ "args": ["sh"], "rlimits": [{ "type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024 }] });
+        let mut p = process(
+            json!({ "rlimits": [{ "type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024 }] }),
+        );
         let own = [
-            ("RLIMIT_NOFILE", 4096, 1 << 20),
-            ("RLIMIT_NPROC", 96367, 96367),
-            ("RLIMIT_CORE", 0, u64::MAX),
+            (PosixRlimitType::RlimitNofile, 4096, 1 << 20),
+            (PosixRlimitType::RlimitNproc, 96367, 96367),
+            (PosixRlimitType::RlimitCore, 0, u64::MAX),
         ];
         rlimits(&mut p, &own);
         assert_eq!(
-            p["rlimits"],
+            json_of(&p)["rlimits"],
             json!([
                 { "type": "RLIMIT_NOFILE", "soft": 1024, "hard": 1024 },
                 { "type": "RLIMIT_NPROC", "soft": 96367, "hard": 96367 },
                 { "type": "RLIMIT_CORE", "soft": 0, "hard": u64::MAX },
             ])
         );
-        let mut none = json!({ "args": ["sh"] });
+        let mut none = process(json!({}));
         rlimits(&mut none, &own[1..2]);
-        assert_eq!(none["rlimits"][0]["type"], "RLIMIT_NPROC");
+        assert_eq!(json_of(&none)["rlimits"][0]["type"], "RLIMIT_NPROC");
     }
 
     #[test]
     fn lsm_labels_are_refused_where_runc_refuses_them_and_dropped_where_the_vm_confines() {
-        let with = |profile: &str| json!({ "args": ["sh"], "apparmorProfile": profile, "selinuxLabel": "system_u:system_r:container_t:s0" });
+        let with = |profile: &str| {
+            process(
+                json!({ "apparmorProfile": profile, "selinuxLabel": "system_u:system_r:container_t:s0" }),
+            )
+        };
         let loaded = AppArmor::On(Some(vec!["cri-containerd.apparmor.d".into()]));
         let e = lsm_labels(&mut with("x"), &AppArmor::Off).unwrap_err();
         assert!(e.contains("\"x\"") && e.contains("not enabled"), "{e}");
@@ -223,12 +228,12 @@ mod tests {
         ] {
             let mut p = with(profile);
             let dropped = lsm_labels(&mut p, apparmor).unwrap();
-            assert_eq!(p, json!({ "args": ["sh"] }), "{profile}");
+            assert_eq!(p, process(json!({})), "{profile}");
             assert_eq!(dropped.len(), 2, "{dropped:?}");
         }
-        let mut none = json!({ "args": ["sh"] });
+        let mut none = process(json!({}));
         assert_eq!(lsm_labels(&mut none, &AppArmor::Off), Ok(vec![]));
-        assert_eq!(none, json!({ "args": ["sh"] }));
+        assert_eq!(none, process(json!({})));
     }
 
     #[test]
@@ -240,22 +245,23 @@ mod tests {
 
     #[test]
     fn only_a_new_uts_namespace_without_a_hostname_gets_the_hosts() {
+        let spec = |v: Value| -> Spec { serde_json::from_value(v).unwrap() };
         let uts = |path: Option<&str>| match path {
-            Some(p) => json!({ "linux": { "namespaces": [{ "type": "uts", "path": p }] } }),
-            None => json!({ "linux": { "namespaces": [{ "type": "uts" }] } }),
+            Some(p) => spec(json!({ "linux": { "namespaces": [{ "type": "uts", "path": p }] } })),
+            None => spec(json!({ "linux": { "namespaces": [{ "type": "uts" }] } })),
         };
         let mut new = uts(None);
         hostname(&mut new, Some("node1"));
-        assert_eq!(new["hostname"], "node1");
+        assert_eq!(new.hostname().as_deref(), Some("node1"));
         let mut joined = uts(Some("/proc/7/ns/uts"));
         hostname(&mut joined, Some("node1"));
-        assert!(joined.get("hostname").is_none());
+        assert_eq!(joined.hostname(), &None);
         let mut named = uts(None);
-        named["hostname"] = json!("pod-a");
+        named.set_hostname(Some("pod-a".into()));
         hostname(&mut named, Some("node1"));
-        assert_eq!(named["hostname"], "pod-a");
-        let mut host_uts = json!({ "linux": { "namespaces": [] } });
+        assert_eq!(named.hostname().as_deref(), Some("pod-a"));
+        let mut host_uts = spec(json!({ "linux": { "namespaces": [] } }));
         hostname(&mut host_uts, Some("node1"));
-        assert!(host_uts.get("hostname").is_none());
+        assert_eq!(host_uts.hostname(), &None);
     }
 }

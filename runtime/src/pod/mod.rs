@@ -30,7 +30,7 @@ pub mod workers;
 use std::path::Path;
 
 use husk_protocol::{ContainerId, SandboxId};
-use serde_json::{json, Value};
+use oci_spec::runtime::{LinuxNamespace, LinuxNamespaceType, Mount, Spec};
 
 pub use backend::{Backend, PodSandbox, PodVm, VmBackend};
 pub use guest::{GuestAgent, VmAgent};
@@ -100,12 +100,8 @@ pub enum Role {
 
 impl Role {
     /// Reads the role from the spec's annotations.
-    pub fn of(spec: &Value, id: &str) -> Result<Role, PodError> {
-        let ann = |k: &str| {
-            spec.pointer("/annotations")
-                .and_then(|a| a.get(k))
-                .and_then(Value::as_str)
-        };
+    pub fn of(spec: &Spec, id: &str) -> Result<Role, PodError> {
+        let ann = |k: &str| annotation(spec, k);
         match ann(CONTAINER_TYPE) {
             Some("sandbox") => Ok(Role::Sandbox),
             Some("container") => {
@@ -142,39 +138,30 @@ impl Role {
     }
 }
 
-/// The host namespaces a pod may ask to share, by CRI field.
-const HOST_NAMESPACES: [(&str, &str, &str); 3] = [
-    ("network", "hostNetwork", "network"),
-    ("pid", "hostPID", "PID"),
-    ("ipc", "hostIPC", "IPC"),
-];
-
-/// `/proc/<pid>/ns/<name>` names for OCI namespace types.
-fn ns_file(kind: &str) -> Option<&'static str> {
-    Some(match kind {
-        "network" => "net",
-        "ipc" => "ipc",
-        "uts" => "uts",
-        "pid" => "pid",
-        "mount" => "mnt",
-        "user" => "user",
-        "cgroup" => "cgroup",
-        _ => return None,
-    })
+/// One annotation of a spec.
+fn annotation<'a>(spec: &'a Spec, key: &str) -> Option<&'a str> {
+    spec.annotations().as_ref()?.get(key).map(String::as_str)
 }
+
+/// The host namespaces a pod may ask to share, by CRI field.
+const HOST_NAMESPACES: [(LinuxNamespaceType, &str, &str); 3] = [
+    (LinuxNamespaceType::Network, "hostNetwork", "network"),
+    (LinuxNamespaceType::Pid, "hostPID", "PID"),
+    (LinuxNamespaceType::Ipc, "hostIPC", "IPC"),
+];
 
 /// Mounts that exist only in the guest, taken out of the spec while the
 /// host shares the rest, and put back at their places afterwards.
 #[derive(Debug, Default)]
-pub struct GuestOnlyMounts(Vec<(usize, Value)>);
+pub struct GuestOnlyMounts(Vec<(usize, Mount)>);
 
 impl GuestOnlyMounts {
     /// Puts the guest-only mounts back where they were.
-    pub fn restore(self, spec: &mut Value) {
+    pub fn restore(self, spec: &mut Spec) {
         if self.0.is_empty() {
             return;
         }
-        if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        if let Some(mounts) = spec.mounts_mut() {
             for (i, m) in self.0 {
                 mounts.insert(i.min(mounts.len()), m);
             }
@@ -190,7 +177,7 @@ impl GuestOnlyMounts {
 /// containers bind from the pause container. Returns those guest-only
 /// mounts, taken out of the spec until the host has shared the rest.
 pub fn prepare_spec(
-    spec: &mut Value,
+    spec: &mut Spec,
     id: &str,
     role: &Role,
     sandbox_pid: Option<u32>,
@@ -198,7 +185,7 @@ pub fn prepare_spec(
 ) -> Result<GuestOnlyMounts, PodError> {
     normalise_rootfs_propagation(spec);
     inherit::container(spec);
-    if let Some(process) = spec.get_mut("process") {
+    if let Some(process) = spec.process_mut() {
         let dropped = inherit::lsm_labels(process, &inherit::AppArmor::host()).map_err(|why| {
             PodError::Lsm {
                 id: id.to_owned(),
@@ -213,17 +200,16 @@ pub fn prepare_spec(
         return Ok(GuestOnlyMounts::default());
     }
     let pod = role.pod_id(id).to_owned();
-    let spec_err = |why: &str| PodError::Spec {
-        id: id.to_owned(),
-        why: why.to_owned(),
-    };
     let namespaces = spec
-        .pointer_mut("/linux/namespaces")
-        .and_then(Value::as_array_mut)
-        .ok_or_else(|| spec_err("linux.namespaces is missing"))?;
-    let has = |kind: &str, ns: &[Value]| ns.iter().any(|n| n.get("type") == Some(&json!(kind)));
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.namespaces_mut().as_mut())
+        .ok_or_else(|| PodError::Spec {
+            id: id.to_owned(),
+            why: "linux.namespaces is missing".to_owned(),
+        })?;
     for (kind, field, what) in HOST_NAMESPACES {
-        if !has(kind, namespaces) {
+        if !namespaces.iter().any(|n| n.typ() == kind) {
             return Err(PodError::HostNamespace {
                 pod: pod.clone(),
                 field,
@@ -238,75 +224,65 @@ pub fn prepare_spec(
         })?),
         _ => None,
     };
-    let mut kept = Vec::with_capacity(namespaces.len());
-    for ns in namespaces.drain(..) {
-        let kind = ns
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_owned();
-        let path = ns.get("path").and_then(Value::as_str).map(str::to_owned);
-        match (role, path) {
+    for ns in namespaces.iter_mut() {
+        let Some(path) = ns.path().clone() else {
+            continue;
+        };
+        let kind = ns.typ();
+        let foreign = |pid: u32| PodError::ForeignNamespace {
+            id: id.to_owned(),
+            pod: pod.clone(),
+            kind: format!("{kind:?}").to_lowercase(),
+            path: path.display().to_string(),
+            pid,
+        };
+        match role {
             // CNI's namespace is the host's; the pod gets a new one in
             // the guest, held by the pause container.
-            (Role::Sandbox, Some(_)) if kind == "network" => {
-                kept.push(json!({ "type": "network" }))
-            }
-            (_, None) => kept.push(ns),
-            (Role::Member { .. }, Some(path)) => {
+            Role::Sandbox if kind == LinuxNamespaceType::Network => *ns = new_namespace(kind),
+            Role::Member { .. } => {
                 let pid = sandbox_pid.unwrap_or(0);
-                let want = ns_file(&kind).map(|f| format!("/proc/{pid}/ns/{f}"));
-                if want.as_deref() != Some(path.as_str()) {
-                    return Err(PodError::ForeignNamespace {
-                        id: id.to_owned(),
-                        pod,
-                        kind,
-                        path,
-                        pid,
-                    });
+                // The namespace type names its /proc/<pid>/ns file.
+                if path != Path::new(&format!("/proc/{pid}/ns/{kind}")) {
+                    return Err(foreign(pid));
                 }
-                kept.push(ns);
             }
-            (_, Some(path)) => {
-                return Err(PodError::ForeignNamespace {
-                    id: id.to_owned(),
-                    pod,
-                    kind,
-                    path,
-                    pid: 0,
-                })
-            }
+            _ => return Err(foreign(0)),
         }
     }
-    *namespaces = kept;
-
     let mut guest_only = Vec::new();
-    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+    if let Some(mounts) = spec.mounts_mut() {
         let mut i = 0;
         while i < mounts.len() {
             let m = &mounts[i];
-            if m.get("destination").and_then(Value::as_str) != Some("/dev/shm") || !is_bind(m) {
+            if m.destination() != Path::new("/dev/shm") || !is_bind(m) {
                 i += 1;
                 continue;
             }
             let ro = mount_options(m).iter().any(|o| o == "ro");
             let rw = if ro { "ro" } else { "rw" };
-            let shm = match (role, sandbox_pid) {
-                (Role::Member { .. }, Some(pid)) => json!({
-                    "destination": "/dev/shm",
-                    "type": "bind",
-                    "source": format!("/proc/{pid}/root/dev/shm"),
-                    "options": ["rbind", "nosuid", "nodev", "noexec", rw],
-                }),
+            let mut shm = Mount::default();
+            shm.set_destination("/dev/shm".into());
+            match (role, sandbox_pid) {
+                (Role::Member { .. }, Some(pid)) => {
+                    shm.set_typ(Some("bind".into()));
+                    shm.set_source(Some(format!("/proc/{pid}/root/dev/shm").into()));
+                    shm.set_options(Some(strings(&["rbind", "nosuid", "nodev", "noexec", rw])));
+                }
                 _ => {
-                    let source = m.get("source").and_then(Value::as_str).unwrap_or("");
-                    let bytes = shm_bytes(Path::new(source)).unwrap_or(DEFAULT_SHM_BYTES);
-                    json!({
-                        "destination": "/dev/shm",
-                        "type": "tmpfs",
-                        "source": "shm",
-                        "options": ["nosuid", "nodev", "noexec", "mode=1777", format!("size={bytes}"), rw],
-                    })
+                    let source = m.source().clone().unwrap_or_default();
+                    let bytes = shm_bytes(&source).unwrap_or(DEFAULT_SHM_BYTES);
+                    let size = format!("size={bytes}");
+                    shm.set_typ(Some("tmpfs".into()));
+                    shm.set_source(Some("shm".into()));
+                    shm.set_options(Some(strings(&[
+                        "nosuid",
+                        "nodev",
+                        "noexec",
+                        "mode=1777",
+                        &size,
+                        rw,
+                    ])));
                 }
             };
             mounts.remove(i);
@@ -314,6 +290,17 @@ pub fn prepare_spec(
         }
     }
     Ok(GuestOnlyMounts(guest_only))
+}
+
+/// A namespace of `kind` that the container gets new.
+fn new_namespace(kind: LinuxNamespaceType) -> LinuxNamespace {
+    let mut ns = LinuxNamespace::default();
+    ns.set_typ(kind);
+    ns
+}
+
+fn strings(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| (*s).to_owned()).collect()
 }
 
 /// Size of the filesystem at `path` (the host's pod shm), in bytes.
@@ -327,18 +314,22 @@ pub fn fs_size(path: &Path) -> Option<u64> {
 /// for a HostToContainer volume, `rshared` for Bidirectional); the guest's
 /// libcontainer knows only the spec's plain names and applies them
 /// recursively anyway.
-fn normalise_rootfs_propagation(spec: &mut Value) {
-    let Some(p) = spec.pointer_mut("/linux/rootfsPropagation") else {
+fn normalise_rootfs_propagation(spec: &mut Spec) {
+    let Some(p) = spec
+        .linux_mut()
+        .as_mut()
+        .and_then(|l| l.rootfs_propagation_mut().as_mut())
+    else {
         return;
     };
     let plain = match p.as_str() {
-        Some("rslave") => "slave",
-        Some("rshared") => "shared",
-        Some("rprivate") => "private",
-        Some("runbindable") => "unbindable",
+        "rslave" => "slave",
+        "rshared" => "shared",
+        "rprivate" => "private",
+        "runbindable" => "unbindable",
         _ => return,
     };
-    *p = json!(plain);
+    *p = plain.to_owned();
 }
 
 /// CRI's annotations with the pod's resources (the sum of its containers'
@@ -355,14 +346,10 @@ pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
 /// limits gets the configured size. Capped at the config's maxima.
 pub fn size_guest(
     guest: &mut crate::config::GuestConfig,
-    spec: &Value,
+    spec: &Spec,
     id: &str,
 ) -> Result<(), PodError> {
-    let ann = |k: &str| {
-        spec.pointer("/annotations")
-            .and_then(|a| a.get(k))
-            .and_then(Value::as_str)
-    };
+    let ann = |k: &str| annotation(spec, k);
     let number = |k: &'static str| -> Result<Option<i64>, PodError> {
         ann(k)
             .map(|v| {
@@ -394,9 +381,18 @@ const MAX_GUEST_VCPUS: u32 = 32;
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{json, Value};
 
-    fn cri_spec(kind: &str, pod: &str, namespaces: Value) -> Value {
-        json!({
+    fn typed(v: Value) -> Spec {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn json_of(spec: &Spec) -> Value {
+        serde_json::to_value(spec).unwrap()
+    }
+
+    fn cri_spec(kind: &str, pod: &str, namespaces: Value) -> Spec {
+        typed(json!({
             "annotations": { CONTAINER_TYPE: kind, SANDBOX_ID: pod },
             "linux": { "namespaces": namespaces },
             "mounts": [
@@ -404,7 +400,7 @@ mod tests {
                 { "destination": "/dev/shm", "type": "bind", "source": "/run/ctd/sandboxes/p1/shm", "options": ["rbind", "ro"] },
                 { "destination": "/etc/hosts", "type": "bind", "source": "/run/ctd/sandboxes/p1/hosts", "options": ["rbind", "rw"] },
             ],
-        })
+        }))
     }
 
     fn sandbox_ns() -> Value {
@@ -417,7 +413,7 @@ mod tests {
     #[test]
     fn roles_come_from_cri_annotations() {
         let id = "c1";
-        assert_eq!(Role::of(&json!({}), id).unwrap(), Role::Single);
+        assert_eq!(Role::of(&typed(json!({})), id).unwrap(), Role::Single);
         let sb = cri_spec("sandbox", "p1", json!([]));
         assert_eq!(Role::of(&sb, "p1").unwrap(), Role::Sandbox);
         let app = cri_spec("container", "p1", json!([]));
@@ -437,7 +433,8 @@ mod tests {
             Some(1 << 20)
         })
         .unwrap();
-        let kinds: Vec<&str> = spec["linux"]["namespaces"]
+        let v = json_of(&spec);
+        let kinds: Vec<&str> = v["linux"]["namespaces"]
             .as_array()
             .unwrap()
             .iter()
@@ -445,21 +442,25 @@ mod tests {
             .collect();
         assert_eq!(kinds, ["pid", "ipc", "uts", "mount", "network"]);
         assert!(
-            spec["linux"]["namespaces"][4].get("path").is_none(),
+            v["linux"]["namespaces"][4].get("path").is_none(),
             "host path dropped"
         );
         assert_eq!(
-            spec["mounts"].as_array().unwrap().len(),
+            v["mounts"].as_array().unwrap().len(),
             2,
             "shm taken out while sharing"
         );
         guest.restore(&mut spec);
-        let shm = &spec["mounts"][1];
-        assert_eq!(shm["type"], "tmpfs");
+        let shm = &spec.mounts().as_ref().unwrap()[1];
+        assert_eq!(shm.typ().as_deref(), Some("tmpfs"));
         let opts = mount_options(shm);
         assert!(opts.contains(&"size=1048576".to_owned()), "{opts:?}");
         assert!(opts.contains(&"ro".to_owned()), "ro kept: {opts:?}");
-        assert_eq!(spec["mounts"][2]["destination"], "/etc/hosts", "order kept");
+        assert_eq!(
+            json_of(&spec)["mounts"][2]["destination"],
+            "/etc/hosts",
+            "order kept"
+        );
     }
 
     #[test]
@@ -475,9 +476,12 @@ mod tests {
         };
         let mut spec = cri_spec("container", "p1", ns.clone());
         let guest = prepare_spec(&mut spec, "c1", &role, Some(42), |_| None).unwrap();
-        assert_eq!(spec["linux"]["namespaces"], ns);
+        assert_eq!(json_of(&spec)["linux"]["namespaces"], ns);
         guest.restore(&mut spec);
-        assert_eq!(spec["mounts"][1]["source"], "/proc/42/root/dev/shm");
+        assert_eq!(
+            json_of(&spec)["mounts"][1]["source"],
+            "/proc/42/root/dev/shm"
+        );
 
         let mut other = cri_spec("container", "p1", ns);
         let e = prepare_spec(&mut other, "c1", &role, Some(7), |_| None).unwrap_err();
@@ -516,7 +520,7 @@ mod tests {
         let base = crate::config::GuestConfig::default();
         let sized = |ann: Value| {
             let mut g = base.clone();
-            size_guest(&mut g, &json!({ "annotations": ann }), "p1")
+            size_guest(&mut g, &typed(json!({ "annotations": ann })), "p1")
                 .map(|()| (g.vcpus, g.memory_mib))
         };
         assert_eq!(
@@ -564,15 +568,15 @@ mod tests {
             ("rshared", "shared"),
             ("slave", "slave"),
         ] {
-            let mut spec = json!({ "linux": { "rootfsPropagation": given } });
+            let mut spec = typed(json!({ "linux": { "rootfsPropagation": given } }));
             prepare_spec(&mut spec, "c1", &Role::Single, None, |_| None).unwrap();
-            assert_eq!(spec["linux"]["rootfsPropagation"], plain);
+            assert_eq!(json_of(&spec)["linux"]["rootfsPropagation"], plain);
         }
     }
 
     #[test]
     fn plain_containers_are_left_alone() {
-        let mut spec = json!({ "linux": { "namespaces": [] }, "mounts": [] });
+        let mut spec = typed(json!({ "linux": { "namespaces": [] }, "mounts": [] }));
         let before = spec.clone();
         prepare_spec(&mut spec, "c", &Role::Single, None, |_| None).unwrap();
         assert_eq!(spec, before);

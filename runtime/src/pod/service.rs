@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use husk_protocol::containers::StatsResponse;
 use husk_protocol::{ContainerId, ExecId, SandboxId};
-use serde_json::Value;
+use oci_spec::runtime::{LinuxResources, Process, Spec};
 
 use super::backend::{Backend, BootError, PodVm};
 use super::guest::GuestAgent;
@@ -190,7 +190,7 @@ pub struct CreateRequest {
     pub id: ContainerId,
     pub bundle: PathBuf,
     /// The bundle's OCI spec.
-    pub spec: Value,
+    pub spec: Spec,
     /// containerd's rootfs mounts (empty: the spec's root path as is).
     pub rootfs: Vec<MountSpec>,
     pub io: Io,
@@ -498,7 +498,7 @@ impl<B: Backend> PodService<B> {
         role: &Role,
         pod_id: &str,
         rootfs: &[MountSpec],
-        spec: &mut Value,
+        spec: &mut Spec,
         io: &Io,
     ) -> Result<Proc> {
         let sandbox_pid = {
@@ -732,8 +732,10 @@ impl<B: Backend> PodService<B> {
         io: Io,
     ) -> Result<()> {
         let (id, exec_id) = (id.as_str(), exec_id.as_str());
-        let mut process = serde_json::from_slice::<Value>(&process).map_err(|e| {
-            PodApiError::InvalidArgument(format!("exec {exec_id}: process spec is not JSON: {e}"))
+        let mut process = serde_json::from_slice::<Process>(&process).map_err(|e| {
+            PodApiError::InvalidArgument(format!(
+                "exec {exec_id}: the process is not an OCI process object: {e}"
+            ))
         })?;
         super::inherit::rlimits(&mut process, &super::inherit::own_rlimits());
         super::inherit::lsm_labels(&mut process, &super::inherit::AppArmor::host())
@@ -970,8 +972,10 @@ impl<B: Backend> PodService<B> {
 
     /// Applies new resources (an OCI LinuxResources, JSON) in the guest.
     pub fn update(&self, id: &ContainerId, resources: Vec<u8>) -> Result<()> {
-        serde_json::from_slice::<Value>(&resources).map_err(|e| {
-            PodApiError::InvalidArgument(format!("update: resources are not JSON: {e}"))
+        serde_json::from_slice::<LinuxResources>(&resources).map_err(|e| {
+            PodApiError::InvalidArgument(format!(
+                "update: the resources are not an OCI LinuxResources object: {e}"
+            ))
         })?;
         self.with_ctr(id, |_| Ok(()))?;
         Ok(self.agent()?.update_container(id, resources)?)
@@ -994,11 +998,6 @@ fn exec_str(exec: Option<&ExecId>) -> &str {
 }
 
 /// Reads a bundle's OCI spec.
-pub fn read_spec(bundle: &Path) -> Result<Value, PodApiError> {
-    let path = bundle.join("config.json");
-    let bytes = std::fs::read(&path)
-        .map_err(|e| PodApiError::InvalidArgument(format!("reading {}: {e}", path.display())))?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        PodApiError::InvalidArgument(format!("{} is not valid JSON: {e}", path.display()))
-    })
+pub fn read_spec(bundle: &Path) -> Result<Spec, PodApiError> {
+    super::spec::read(bundle).map_err(|e| PodApiError::InvalidArgument(crate::error_chain(&e)))
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use husk_protocol::containers::{Network, StatsResponse, Stdio};
 use husk_protocol::{ContainerId, ExecId, SandboxId, StreamHeader, StreamKind};
+use oci_spec::runtime::Spec;
 use serde_json::{json, Value};
 
 use super::backend::{Backend, BootError, PodVm};
@@ -291,7 +292,7 @@ impl Backend for FakeBackend {
     fn boot(
         &self,
         pod_id: &SandboxId,
-        _: &Value,
+        _: &Spec,
         _: &Path,
         _: &Config,
     ) -> Result<FakeVm, BootError> {
@@ -315,7 +316,7 @@ impl PodVm for FakeVm {
         role: &Role,
         sandbox_pid: Option<u32>,
         _: &[MountSpec],
-        _: &mut Value,
+        _: &mut Spec,
     ) -> Result<Vec<u32>, PodError> {
         if matches!(role, Role::Member { .. }) && sandbox_pid.is_none() {
             return Err(PodError::NoSandbox {
@@ -371,8 +372,12 @@ fn pod() -> Pod {
     }
 }
 
-fn spec(args: &[&str], annotations: Value) -> Value {
-    json!({ "process": { "args": args }, "annotations": annotations })
+fn spec(args: &[&str], annotations: Value) -> Spec {
+    serde_json::from_value(json!({
+        "process": { "args": args, "user": { "uid": 0, "gid": 0 }, "cwd": "/" },
+        "annotations": annotations,
+    }))
+    .unwrap()
 }
 
 impl Pod {
@@ -386,7 +391,7 @@ impl Pod {
         }
     }
 
-    fn create(&self, id: &str, spec: Value) -> Result<(), PodApiError> {
+    fn create(&self, id: &str, spec: Spec) -> Result<(), PodApiError> {
         self.pod.create(CreateRequest {
             id: cid(id),
             bundle: PathBuf::from("/bundles").join(id),
@@ -398,7 +403,8 @@ impl Pod {
     }
 
     fn exec_spec(args: &[&str]) -> Vec<u8> {
-        serde_json::to_vec(&json!({ "args": args })).unwrap()
+        serde_json::to_vec(&json!({ "args": args, "user": { "uid": 0, "gid": 0 }, "cwd": "/" }))
+            .unwrap()
     }
 
     /// The next event, which must come within a second.
@@ -865,7 +871,7 @@ fn a_pod_boots_once_and_its_vm_stops_with_the_last_container() {
     assert!(p.pod.is_empty());
 }
 
-fn run_member(p: &Pod, id: &str, spec: Value) {
+fn run_member(p: &Pod, id: &str, spec: Spec) {
     p.create(id, spec).unwrap();
     p.pod.start(&cid(id), eid("").as_ref()).unwrap();
 }
