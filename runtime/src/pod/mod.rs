@@ -199,6 +199,25 @@ pub fn prepare_spec(
     if !role.is_cri() {
         return Ok(GuestOnlyMounts::default());
     }
+    let sandbox_pid = guest_namespaces(spec, id, role, sandbox_pid)?;
+    Ok(GuestOnlyMounts(guest_shm(
+        spec,
+        role,
+        sandbox_pid,
+        shm_bytes,
+    )))
+}
+
+/// [`prepare_spec`]'s namespaces: refuses the host's by their CRI field;
+/// gives the sandbox a new network namespace for CNI's; keeps a member's
+/// paths only where they name its sandbox (guest pid `sandbox_pid`, which
+/// a member must have, and is returned).
+fn guest_namespaces(
+    spec: &mut Spec,
+    id: &str,
+    role: &Role,
+    sandbox_pid: Option<u32>,
+) -> Result<Option<u32>, PodError> {
     let pod = role.pod_id(id).to_owned();
     let namespaces = spec
         .linux_mut()
@@ -250,46 +269,59 @@ pub fn prepare_spec(
             _ => return Err(foreign(0)),
         }
     }
+    Ok(sandbox_pid)
+}
+
+/// [`prepare_spec`]'s /dev/shm: takes containerd's bind out of the spec
+/// and returns, at its place, the sandbox's tmpfs (`shm_bytes` big) or a
+/// member's bind of its sandbox's.
+fn guest_shm(
+    spec: &mut Spec,
+    role: &Role,
+    sandbox_pid: Option<u32>,
+    shm_bytes: impl Fn(&Path) -> Option<u64>,
+) -> Vec<(usize, Mount)> {
     let mut guest_only = Vec::new();
-    if let Some(mounts) = spec.mounts_mut() {
-        let mut i = 0;
-        while i < mounts.len() {
-            let m = &mounts[i];
-            if m.destination() != Path::new("/dev/shm") || !is_bind(m) {
-                i += 1;
-                continue;
-            }
-            let ro = mount_options(m).iter().any(|o| o == "ro");
-            let rw = if ro { "ro" } else { "rw" };
-            let mut shm = Mount::default();
-            shm.set_destination("/dev/shm".into());
-            match (role, sandbox_pid) {
-                (Role::Member { .. }, Some(pid)) => {
-                    shm.set_typ(Some("bind".into()));
-                    shm.set_source(Some(format!("/proc/{pid}/root/dev/shm").into()));
-                    shm.set_options(Some(strings(&["rbind", "nosuid", "nodev", "noexec", rw])));
-                }
-                _ => {
-                    let source = m.source().clone().unwrap_or_default();
-                    let bytes = shm_bytes(&source).unwrap_or(DEFAULT_SHM_BYTES);
-                    let size = format!("size={bytes}");
-                    shm.set_typ(Some("tmpfs".into()));
-                    shm.set_source(Some("shm".into()));
-                    shm.set_options(Some(strings(&[
-                        "nosuid",
-                        "nodev",
-                        "noexec",
-                        "mode=1777",
-                        &size,
-                        rw,
-                    ])));
-                }
-            };
-            mounts.remove(i);
-            guest_only.push((i, shm));
+    let Some(mounts) = spec.mounts_mut() else {
+        return guest_only;
+    };
+    let mut i = 0;
+    while i < mounts.len() {
+        let m = &mounts[i];
+        if m.destination() != Path::new("/dev/shm") || !is_bind(m) {
+            i += 1;
+            continue;
         }
+        let ro = mount_options(m).iter().any(|o| o == "ro");
+        let rw = if ro { "ro" } else { "rw" };
+        let mut shm = Mount::default();
+        shm.set_destination("/dev/shm".into());
+        match (role, sandbox_pid) {
+            (Role::Member { .. }, Some(pid)) => {
+                shm.set_typ(Some("bind".into()));
+                shm.set_source(Some(format!("/proc/{pid}/root/dev/shm").into()));
+                shm.set_options(Some(strings(&["rbind", "nosuid", "nodev", "noexec", rw])));
+            }
+            _ => {
+                let source = m.source().clone().unwrap_or_default();
+                let bytes = shm_bytes(&source).unwrap_or(DEFAULT_SHM_BYTES);
+                let size = format!("size={bytes}");
+                shm.set_typ(Some("tmpfs".into()));
+                shm.set_source(Some("shm".into()));
+                shm.set_options(Some(strings(&[
+                    "nosuid",
+                    "nodev",
+                    "noexec",
+                    "mode=1777",
+                    &size,
+                    rw,
+                ])));
+            }
+        };
+        mounts.remove(i);
+        guest_only.push((i, shm));
     }
-    Ok(GuestOnlyMounts(guest_only))
+    guest_only
 }
 
 /// A namespace of `kind` that the container gets new.
