@@ -132,7 +132,12 @@ pub struct HuskVmmConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct VirtiofsdConfig {
     pub path: PathBuf,
-    /// `--sandbox` mode: `namespace`, `chroot` or `none`.
+    /// `--sandbox` mode: only `namespace` is accepted. In `chroot` and
+    /// `none` virtiofsd serves the host's share mount itself, which husk
+    /// makes writable for a moment at each container it adds: a guest
+    /// that plants symlinks there races with husk (Kata CVE-2020-2026's
+    /// class). The key stays so that a config naming the mode gets a clear
+    /// error rather than an unknown-key one.
     pub sandbox: String,
     /// `--cache` policy: `auto`, `always`, `metadata` or `never`.
     pub cache: String,
@@ -371,11 +376,11 @@ impl Config {
                 return Err(range(key, value.to_string(), "at least 10"));
             }
         }
-        if !["namespace", "chroot", "none"].contains(&self.virtiofsd.sandbox.as_str()) {
+        if self.virtiofsd.sandbox != "namespace" {
             return Err(range(
                 "virtiofsd.sandbox",
                 self.virtiofsd.sandbox.clone(),
-                "namespace, chroot or none",
+                "only namespace: in chroot and none modes virtiofsd serves the host's share mount, which a guest can race with symlinks; remove the key",
             ));
         }
         if !["auto", "always", "metadata", "never"].contains(&self.virtiofsd.cache.as_str()) {
@@ -447,6 +452,26 @@ mod tests {
             err.to_string(),
             "config c.toml: guest.page_reporting_order = 11 is out of range (0 to 10: blocks of 4 KiB to 4 MiB)"
         );
+    }
+
+    #[test]
+    fn only_virtiofsds_namespace_sandbox_is_accepted() {
+        for mode in ["chroot", "none", "Namespace"] {
+            let text = format!("[virtiofsd]\nsandbox = \"{mode}\"\n");
+            let err = Config::parse(&text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("virtiofsd.sandbox = {mode}"))
+                    && err.contains("only namespace"),
+                "{err}"
+            );
+        }
+        let ok = Config::parse(
+            "[virtiofsd]\nsandbox = \"namespace\"\n",
+            Path::new("c.toml"),
+        );
+        assert_eq!(ok.unwrap().virtiofsd.sandbox, "namespace");
     }
 
     #[test]

@@ -54,6 +54,7 @@ fn shared_rootfs(sb: &Sandbox, cid: &str) -> std::path::PathBuf {
             options: vec!["rbind".into()],
         }],
         &paths.rootfs_private,
+        &paths.share_root,
         &paths.rootfs_shared(),
     )
     .expect("share the rootfs");

@@ -28,8 +28,14 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
         {"destination": "/ro", "type": "bind", "source": src, "options": ["rbind", "ro"]},
         {"destination": "/rw", "type": "bind", "source": src, "options": ["rbind", "rw"]}
     ]}));
-    let synced = share_bind_mounts(&mut spec, &private, &share, Path::new("/guest/binds"))
-        .expect("share binds");
+    let synced = share_bind_mounts(
+        &mut spec,
+        &private,
+        d.path(),
+        &share,
+        Path::new("/guest/binds"),
+    )
+    .expect("share binds");
     assert_eq!(
         synced,
         [SyncedVolume {
@@ -64,8 +70,14 @@ fn read_only_binds_are_read_only_in_the_share_whatever_the_guest_does() {
     let trap = d.path().join("trap");
     std::fs::create_dir(&trap).expect("mkdir");
     std::os::unix::fs::symlink("/etc", trap.join("0")).expect("symlink");
-    let e = share_bind_mounts(&mut again, &d.path().join("p2"), &trap, Path::new("/g"))
-        .expect_err("bound through a planted symlink");
+    let e = share_bind_mounts(
+        &mut again,
+        &d.path().join("p2"),
+        d.path(),
+        &trap,
+        Path::new("/g"),
+    )
+    .expect_err("bound through a planted symlink");
     assert!(e.to_string().contains("trap/0"), "{e}");
     assert!(std::fs::symlink_metadata(trap.join("0"))
         .expect("still there")
@@ -129,7 +141,7 @@ fn shared_binds_are_nosuid_nodev_and_read_only_ones_are_read_only_all_the_way_do
         {"destination": "/ro", "type": "bind", "source": src, "options": ["rbind", "ro"]},
         {"destination": "/rw", "type": "bind", "source": src, "options": ["rbind", "rw"]}
     ]}));
-    share_bind_mounts(&mut spec, &private, &share, Path::new("/g")).expect("share binds");
+    share_bind_mounts(&mut spec, &private, d.path(), &share, Path::new("/g")).expect("share binds");
 
     let e = std::fs::write(share.join("0/sub/new"), "x").expect_err("write below a ro rbind");
     assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");

@@ -5,16 +5,16 @@
 //! can write the share) could have swapped for a symlink.
 
 use std::ffi::{CString, OsStr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use nix::dir::Dir;
 use nix::errno::Errno;
-use nix::fcntl::OFlag;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{mkdirat, Mode};
 use nix::unistd::{unlinkat, UnlinkatFlags};
 use oci_spec::runtime::{Mount, Spec};
 
@@ -85,10 +85,11 @@ fn flags_and_data(options: &[String]) -> (MsFlags, String) {
 }
 
 /// Mounts the rootfs into `host_dir` (created) and binds it to
-/// `share_target` (created, must not exist yet).
+/// `share_target` (created below `share_root`, must not exist yet).
 pub fn mount_rootfs(
     mounts: &[MountSpec],
     host_dir: &Path,
+    share_root: &Path,
     share_target: &Path,
 ) -> Result<(), StorageError> {
     let [m] = mounts else {
@@ -116,49 +117,44 @@ pub fn mount_rootfs(
         target: host_dir.to_path_buf(),
         source,
     })?;
-    if let Err(e) = bind_into_share(host_dir, share_target) {
+    if let Err(e) = bind_into_share(host_dir, share_root, share_target) {
         let _ = umount2(host_dir, MntFlags::MNT_DETACH);
         return Err(e);
     }
     Ok(())
 }
 
-fn bind_into_share(host_dir: &Path, share_target: &Path) -> Result<(), StorageError> {
-    bind_via_fd(host_dir, share_target, true, MsFlags::MS_REC, false)
+fn bind_into_share(
+    host_dir: &Path,
+    share_root: &Path,
+    share_target: &Path,
+) -> Result<(), StorageError> {
+    bind_via_fd(
+        host_dir,
+        share_root,
+        share_target,
+        true,
+        MsFlags::MS_REC,
+        false,
+    )
 }
 
-/// Creates `target` (a directory or an empty file; it must not exist) and
-/// binds `source` onto it through an `O_PATH | O_NOFOLLOW` descriptor. The
-/// bind and every mount below it are nosuid and nodev, and read-only with
-/// `read_only`.
+/// Creates `target` below `root` (a directory husk made; `target` must
+/// not exist: a directory or an empty file) and binds `source` onto it
+/// through an `O_PATH` descriptor. Every path below `root` is resolved
+/// with [`Beneath`]: a symlink the guest planted anywhere on the way fails
+/// the bind instead of leading it out. The bind and every mount below it
+/// are nosuid and nodev, and read-only with `read_only`.
 fn bind_via_fd(
     source: &Path,
+    root: &Path,
     target: &Path,
     dir: bool,
     extra: MsFlags,
     read_only: bool,
 ) -> Result<(), StorageError> {
-    if let Some(parent) = target.parent() {
-        std::fs::create_dir_all(parent).map_err(io("create", parent))?;
-    }
-    // Both fail if anything (a guest-made symlink included) is there.
-    if dir {
-        std::fs::create_dir(target).map_err(io("create", target))?;
-    } else {
-        std::fs::File::options()
-            .write(true)
-            .create_new(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(target)
-            .map_err(io("create", target))?;
-    }
-    let kind = if dir { libc::O_DIRECTORY } else { 0 };
-    let fd = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | kind)
-        .open(target)
-        .map_err(io("open", target))?;
-    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    let made = Beneath::open(root)?.create(target, dir)?;
+    let via_fd = PathBuf::from(format!("/proc/self/fd/{}", made.fd.as_raw_fd()));
     let failed = |what: &str| {
         let what = what.to_owned();
         move |source| StorageError::Mount {
@@ -179,13 +175,10 @@ fn bind_via_fd(
     // (husk's cleanup) would then unmount the host's own mounts below the
     // source. As a slave it still receives the host's new mounts
     // (HostToContainer) but sends nothing back. Through a descriptor opened
-    // after the bind: if anything replaced the target meanwhile, the open
-    // (a symlink) or the mount (not a mount's root) fails.
-    let mounted = std::fs::File::options()
-        .read(true)
-        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | kind)
-        .open(target)
-        .map_err(io("open", target))?;
+    // after the bind, by name in the parent held since: if anything
+    // replaced the target meanwhile, the open (a symlink) or the mount (not
+    // a mount's root) fails.
+    let mounted = std::fs::File::from(made.reopen().map_err(io("open", target))?);
     mount(
         None::<&str>,
         &PathBuf::from(format!("/proc/self/fd/{}", mounted.as_raw_fd())),
@@ -198,6 +191,106 @@ fn bind_via_fd(
         target: target.to_path_buf(),
         source,
     })
+}
+
+/// A directory husk made, held open, below which paths are resolved with
+/// openat2(2) `RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH`: never through a
+/// symlink, never out of it (Linux 5.6).
+struct Beneath {
+    root: PathBuf,
+    fd: OwnedFd,
+}
+
+/// A path [`Beneath::create`] made: its parent and name, and itself.
+struct Made {
+    parent: OwnedFd,
+    name: std::ffi::OsString,
+    dir: bool,
+    fd: OwnedFd,
+}
+
+impl Beneath {
+    fn open(root: &Path) -> Result<Self, StorageError> {
+        let fd = std::fs::File::options()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(root)
+            .map_err(io("open", root))?;
+        Ok(Self {
+            root: root.to_owned(),
+            fd: fd.into(),
+        })
+    }
+
+    /// `name` (one component) in directory `at`, opened with `flags`.
+    fn open_at(at: &OwnedFd, name: &OsStr, flags: OFlag, mode: Mode) -> nix::Result<OwnedFd> {
+        let how = OpenHow::new()
+            .flags(flags | OFlag::O_CLOEXEC)
+            .mode(mode)
+            .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
+        let fd = openat2(at.as_raw_fd(), name, how)?;
+        // SAFETY: openat2 just returned this descriptor, owned by no one
+        // else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// Creates `target` (below the root; a directory with `dir`, else an
+    /// empty file) with every missing directory on the way, one component
+    /// at a time. `target` itself must not exist.
+    fn create(&self, target: &Path, dir: bool) -> Result<Made, StorageError> {
+        let err = |e: nix::Error| StorageError::Io {
+            what: "create",
+            path: target.to_owned(),
+            source: e.into(),
+        };
+        let rel = target
+            .strip_prefix(&self.root)
+            .map_err(|_| err(Errno::EXDEV))?;
+        let (Some(parent), Some(name)) = (rel.parent(), rel.file_name()) else {
+            return Err(err(Errno::EINVAL));
+        };
+        let path_only = OFlag::O_PATH | OFlag::O_DIRECTORY;
+        let mut at = self.fd.try_clone().map_err(io("open", &self.root))?;
+        for c in parent.components() {
+            let c = c.as_os_str();
+            match mkdirat(Some(at.as_raw_fd()), c, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(err(e)),
+            }
+            at = Self::open_at(&at, c, path_only, Mode::empty()).map_err(err)?;
+        }
+        // Both fail if anything (a guest-made symlink included) is there.
+        if dir {
+            mkdirat(Some(at.as_raw_fd()), name, Mode::from_bits_truncate(0o755)).map_err(err)?;
+        } else {
+            let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY;
+            Self::open_at(&at, name, flags, Mode::from_bits_truncate(0o644)).map_err(err)?;
+        }
+        let fd = reopen(&at, name, dir).map_err(io("open", target))?;
+        Ok(Made {
+            parent: at,
+            name: name.to_owned(),
+            dir,
+            fd,
+        })
+    }
+}
+
+/// Opens `name` in `parent` again (`O_PATH`), a directory with `dir`.
+fn reopen(parent: &OwnedFd, name: &OsStr, dir: bool) -> std::io::Result<OwnedFd> {
+    let kind = if dir {
+        OFlag::O_DIRECTORY
+    } else {
+        OFlag::empty()
+    };
+    Beneath::open_at(parent, name, OFlag::O_PATH | kind, Mode::empty()).map_err(Into::into)
+}
+
+impl Made {
+    /// Opens the path again, by name in the parent held open.
+    fn reopen(&self) -> std::io::Result<OwnedFd> {
+        reopen(&self.parent, &self.name, self.dir)
+    }
 }
 
 /// Sets nosuid and nodev (and read-only with `read_only`) on the mount
@@ -372,13 +465,15 @@ pub fn is_synced_volume(source: &Path, read_only: bool) -> bool {
 /// Shares the host bind mounts of an OCI spec with the guest: each source
 /// is bound into `private_dir/<n>` (host-only; made read-only there when the
 /// mount says `ro`, so the guest cannot write through virtio-fs whatever its
-/// spec says), then into `share_dir/<n>`, and the spec's source becomes
+/// spec says), then into `share_dir/<n>` (made below `share_root` without
+/// following a symlink, see [`Beneath`]), and the spec's source becomes
 /// `guest_dir/<n>`. Returns the shared binds that are synced volumes. On
 /// error, what was mounted stays under the two dirs for the caller's
 /// cleanup.
 pub fn share_bind_mounts(
     spec: &mut Spec,
     private_dir: &Path,
+    share_root: &Path,
     share_dir: &Path,
     guest_dir: &Path,
 ) -> Result<Vec<SyncedVolume>, StorageError> {
@@ -405,9 +500,18 @@ pub fn share_bind_mounts(
         } else {
             MsFlags::empty()
         };
-        bind_via_fd(&source, &staging, meta.is_dir(), rec, read_only)?;
+        std::fs::create_dir_all(private_dir).map_err(io("create", private_dir))?;
+        bind_via_fd(
+            &source,
+            private_dir,
+            &staging,
+            meta.is_dir(),
+            rec,
+            read_only,
+        )?;
         bind_via_fd(
             &staging,
+            share_root,
             &share_dir.join(n.to_string()),
             meta.is_dir(),
             rec,
@@ -605,10 +709,16 @@ pub fn attach_container(
     spec: &mut Spec,
 ) -> Result<Vec<SyncedVolume>, StorageError> {
     let _writable = ShareWrite::begin(&paths.share_root);
-    mount_rootfs(rootfs, &paths.rootfs_private, &paths.rootfs_shared())?;
+    mount_rootfs(
+        rootfs,
+        &paths.rootfs_private,
+        &paths.share_root,
+        &paths.rootfs_shared(),
+    )?;
     share_bind_mounts(
         spec,
         &paths.binds_private,
+        &paths.share_root,
         &paths.binds_shared(),
         &paths.guest_binds,
     )
@@ -716,21 +826,24 @@ mod tests {
         let mut spec = spec_of(serde_json::json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "relative/dir", "options": ["rbind"]}
         ]}));
-        let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
+        let e = share_bind_mounts(&mut spec, d.path(), d.path(), d.path(), Path::new("/g"))
+            .unwrap_err();
         assert!(e.to_string().contains("relative/dir"), "{e}");
         let mut spec = spec_of(serde_json::json!({"mounts": [
             {"destination": "/data", "type": "bind", "source": "/nonexistent/husk-src"}
         ]}));
-        let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
+        let e = share_bind_mounts(&mut spec, d.path(), d.path(), d.path(), Path::new("/g"))
+            .unwrap_err();
         assert!(e.to_string().contains("/nonexistent/husk-src"), "{e}");
         let mut spec = spec_of(serde_json::json!({"mounts": [
             {"destination": "/data", "type": "bind", "options": ["rbind"]}
         ]}));
-        let e = share_bind_mounts(&mut spec, d.path(), d.path(), Path::new("/g")).unwrap_err();
+        let e = share_bind_mounts(&mut spec, d.path(), d.path(), d.path(), Path::new("/g"))
+            .unwrap_err();
         assert!(e.to_string().contains("\"/data\" has no source"), "{e}");
         let mut none = spec_of(serde_json::json!({}));
         assert_eq!(
-            share_bind_mounts(&mut none, d.path(), d.path(), Path::new("/g")).unwrap(),
+            share_bind_mounts(&mut none, d.path(), d.path(), d.path(), Path::new("/g")).unwrap(),
             vec![]
         );
     }
@@ -750,6 +863,46 @@ mod tests {
     }
 
     #[test]
+    fn paths_below_a_root_are_made_without_following_any_symlink() {
+        let d = tempfile::tempdir().unwrap();
+        let (root, outside) = (d.path().join("share"), d.path().join("outside"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::fs::create_dir_all(&outside).unwrap();
+        let beneath = Beneath::open(&root).unwrap();
+        // Missing directories on the way are made; a file or a directory.
+        beneath.create(&root.join("c1/binds/0"), true).unwrap();
+        assert!(root.join("c1/binds/0").is_dir());
+        let f = beneath.create(&root.join("c1/binds/1"), false).unwrap();
+        assert!(root.join("c1/binds/1").is_file());
+        assert!(f.reopen().is_ok());
+        // A symlink where a directory on the way should be (as a guest
+        // could plant one in the share): refused, nothing made behind it,
+        // whether it points out of the root or inside it.
+        for (link, to) in [("c2", &outside), ("c3", &root.join("c1"))] {
+            std::os::unix::fs::symlink(to, root.join(link)).unwrap();
+            let e = beneath
+                .create(&root.join(link).join("binds/0"), true)
+                .err()
+                .unwrap();
+            assert!(e.to_string().contains(&format!("{link}/binds/0")), "{e}");
+            let errno = match &e {
+                StorageError::Io { source, .. } => source.raw_os_error(),
+                _ => None,
+            };
+            assert_eq!(errno, Some(libc::ELOOP), "{link}: {e}");
+        }
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+        assert!(!root.join("c1/binds/binds").exists());
+        // The target itself: it must not exist, a symlink included.
+        std::os::unix::fs::symlink(&outside, root.join("c1/binds/2")).unwrap();
+        assert!(beneath.create(&root.join("c1/binds/2"), true).is_err());
+        assert!(beneath.create(&root.join("c1/binds/2"), false).is_err());
+        // Nothing outside the root.
+        assert!(beneath.create(&outside.join("x"), true).is_err());
+        assert!(!outside.join("x").exists());
+    }
+
+    #[test]
     fn more_than_one_mount_is_refused() {
         let m = MountSpec {
             fstype: "overlay".into(),
@@ -759,6 +912,7 @@ mod tests {
         let err = mount_rootfs(
             &[m.clone(), m],
             Path::new("/nonexistent/a"),
+            Path::new("/nonexistent"),
             Path::new("/nonexistent/b"),
         )
         .unwrap_err();
