@@ -1,8 +1,10 @@
 //! virtio-net (type 1) served in the VMM over a tap the caller opened
 //! (`IFF_TAP | IFF_NO_PI | IFF_VNET_HDR`). Offered: VERSION_1, MAC, MTU,
-//! STATUS; no offloads, so every frame is whole and checksummed, and the
-//! guest's 12-byte `virtio_net_hdr_v1` passes to and from the tap unchanged
-//! (the tap's header size is set to 12 to match).
+//! STATUS; no offloads, so every frame is whole and checksummed. The tap's
+//! header size is set to the 12 bytes of `virtio_net_hdr_v1`: the tap's
+//! header reaches the guest as it is (no flags, as no offload is on), and
+//! the guest's is zeroed on its way to the tap, so no guest can ask the
+//! host kernel for checksum or segmentation work it never negotiated.
 //!
 //! One worker thread per device waits on the tap, the two queue kicks
 //! (ioeventfds) and a stop eventfd. The guest is not trusted: a chain that
@@ -396,6 +398,9 @@ impl Worker {
             if !any || frame.len() < HDR_LEN {
                 return Err(NetError::Empty { queue: "tx", head });
             }
+            // No offload was negotiated: whatever the guest wrote in the
+            // header (a GSO type, NEEDS_CSUM) the host kernel never sees.
+            frame[..HDR_LEN].fill(0);
             // A frame the tap refuses (e.g. the link is down) is dropped,
             // as a NIC drops it; the chain is still returned.
             let _ = (&*self.tap).write(&frame);
@@ -627,6 +632,22 @@ mod tests {
         let n = peer.recv(&mut got).unwrap();
         assert_eq!(&got[..n], &f[..]);
         assert_eq!(d.used(TX), [(u32::from(head), 0)]);
+    }
+
+    #[test]
+    fn the_guests_net_header_reaches_the_tap_zeroed() {
+        let (mut w, mut d, peer) = setup();
+        let mut f = frame(HDR_LEN + 60);
+        // flags NEEDS_CSUM, gso_type TCPV4, hdr_len, gso_size, csum_start,
+        // csum_offset, num_buffers: all set by a guest that negotiated none.
+        f[..HDR_LEN].copy_from_slice(&[1, 1, 54, 0, 0xb4, 5, 14, 0, 16, 0, 1, 0]);
+        d.mem.write_slice(&f, GuestAddress(BUFS)).unwrap();
+        d.chain(TX, &[(BUFS, f.len() as u32, false)]);
+        assert!(w.process_tx().unwrap());
+        let mut got = vec![0u8; 2048];
+        let n = peer.recv(&mut got).unwrap();
+        assert_eq!(&got[..HDR_LEN], &[0; HDR_LEN]);
+        assert_eq!(&got[HDR_LEN..n], &f[HDR_LEN..]);
     }
 
     #[test]
