@@ -65,7 +65,7 @@ fn shared_rootfs(sb: &Sandbox, cid: &str) -> std::path::PathBuf {
 /// rootfs in the share and stdio streams attached.
 fn start(sb: &Sandbox, cid: &str, args: &[&str], stdin: bool) -> Running {
     shared_rootfs(sb, cid);
-    let sock = sb.paths().agent_socket();
+    let sock = sb.agent_socket();
     let input = stdin
         .then(|| open_stream(&sock, &header(cid, StreamKind::Stdin), T).expect("stdin stream"));
     let stdout = open_stream(&sock, &header(cid, StreamKind::Stdout), T).expect("stdout stream");
@@ -224,7 +224,7 @@ fn spec_with(cid: &str, args: &[&str], edit: impl FnOnce(&mut serde_json::Value)
 fn run_spec(sb: &Sandbox, cid: &str, spec: Vec<u8>) -> (u32, String, String) {
     let rootfs = shared_rootfs(sb, cid);
     std::fs::create_dir_all(rootfs.join("work")).expect("mkdir");
-    let sock = sb.paths().agent_socket();
+    let sock = sb.agent_socket();
     let stdout = open_stream(&sock, &header(cid, StreamKind::Stdout), T).expect("stdout");
     let stderr = open_stream(&sock, &header(cid, StreamKind::Stderr), T).expect("stderr");
     let agent = sb.agent().expect("agent");

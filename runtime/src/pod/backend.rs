@@ -174,7 +174,7 @@ impl Backend for VmBackend {
             .map_err(BootError::from)
             .and_then(|sb| {
                 let agent = sb.agent().cloned().ok_or(BootError::NoAgent)?;
-                let socket = sb.paths().agent_socket();
+                let socket = sb.agent_socket();
                 let t_forward = Instant::now();
                 let forward = netns
                     .as_deref()

@@ -2,13 +2,12 @@
 //! over the sandbox's vsock, or a fake in unit tests.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use husk_protocol::containers::{Network, StatsResponse, Stdio};
 use husk_protocol::StreamHeader;
 
-use crate::vm::agent::{self, Agent, AgentError};
+use crate::vm::agent::{self, Agent, AgentError, HybridSocket};
 
 /// How long opening one stdio stream to the agent may take.
 const STREAM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,7 +68,7 @@ pub trait GuestAgent: Clone + Send + Sync + 'static {
 #[derive(Clone)]
 pub struct VmAgent {
     pub agent: Agent,
-    pub socket: PathBuf,
+    pub socket: HybridSocket,
 }
 
 impl GuestAgent for VmAgent {

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use husk_protocol::{FORWARD_VSOCK_PORT, MAX_FORWARD_LINE};
 
-use crate::vm::agent;
+use crate::vm::agent::{self, HybridSocket};
 
 /// The comment that marks husk's rules.
 const RULE_COMMENT: &str = "husk-port-forward";
@@ -187,7 +187,11 @@ impl PortForward {
     /// namespace has ::1), redirects loopback TCP there, and forwards each
     /// connection to pod `pod_id`'s agent through `agent_socket`. On error
     /// nothing of it stays.
-    pub fn start(netns: &Path, agent_socket: &Path, pod_id: &str) -> Result<Self, ForwardError> {
+    pub fn start(
+        netns: &Path,
+        agent_socket: &HybridSocket,
+        pod_id: &str,
+    ) -> Result<Self, ForwardError> {
         let listeners = in_netns(netns, || {
             let mut made: Vec<(Family, TcpListener, u16)> = Vec::new();
             for family in [Family::V4, Family::V6] {
@@ -229,7 +233,7 @@ impl PortForward {
                     netns: netns.to_path_buf(),
                     source,
                 })?;
-            let socket = agent_socket.to_path_buf();
+            let socket = agent_socket.clone();
             let pod = pod_id.to_owned();
             threads.push(std::thread::spawn(move || {
                 accept_loop(listener, socket, pod)
@@ -306,7 +310,7 @@ pub fn cleanup(netns: &Path) -> Result<(), ForwardError> {
     })
 }
 
-fn accept_loop(listener: TcpListener, agent_socket: PathBuf, pod: String) {
+fn accept_loop(listener: TcpListener, agent_socket: HybridSocket, pod: String) {
     loop {
         match listener.accept() {
             Ok((conn, _)) => {
@@ -354,7 +358,7 @@ fn original_port(conn: &TcpStream) -> io::Result<u16> {
 }
 
 /// Forwards one connection through the agent.
-fn forward(conn: TcpStream, agent_socket: &Path, pod: &str) -> io::Result<()> {
+fn forward(conn: TcpStream, agent_socket: &HybridSocket, pod: &str) -> io::Result<()> {
     let port = original_port(&conn)?;
     let mut guest = agent::hybrid_connect(agent_socket, FORWARD_VSOCK_PORT, AGENT_TIMEOUT)
         .map_err(|e| io::Error::other(crate::error_chain(&e)))?;

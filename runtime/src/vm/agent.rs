@@ -9,7 +9,7 @@
 use std::io::{Read, Write};
 use std::os::fd::IntoRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +40,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("{path} is served by pid {got}, not by the sandbox's vsock daemon (pid {want}): something replaced the socket; the sandbox's state directory is not to be trusted")]
+    Peer { path: PathBuf, want: u32, got: i32 },
     #[error("vsock handshake on {path}: guest closed the connection (agent not listening on port {port})")]
     NotListening { path: PathBuf, port: u32 },
     #[error("vsock handshake on {path}: unexpected reply {reply:?}")]
@@ -102,8 +104,25 @@ pub fn guest_text(text: &str, max: usize) -> String {
     out
 }
 
+/// The vsock daemon's hybrid socket (`agent.sock`), and the daemon that
+/// must serve it. The socket lives in a directory the jailed daemons can
+/// write: a compromised one could put a symlink to any host socket in its
+/// place, so every connection checks its peer (SO_PEERCRED) before it
+/// says anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HybridSocket {
+    pub path: PathBuf,
+    /// The pid of the process that listens on it (vhost-device-vsock).
+    pub server_pid: u32,
+}
+
 /// Opens a guest vsock connection to `port` through the hybrid socket.
-pub fn hybrid_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixStream, AgentError> {
+pub fn hybrid_connect(
+    socket: &HybridSocket,
+    port: u32,
+    timeout: Duration,
+) -> Result<UnixStream, AgentError> {
+    let path = &socket.path;
     let io = |source| AgentError::Connect {
         path: path.to_path_buf(),
         source,
@@ -123,6 +142,15 @@ pub fn hybrid_connect(path: &Path, port: u32, timeout: Duration) -> Result<UnixS
         }
     };
     let mut stream = UnixStream::connect(path).map_err(io)?;
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| io(e.into()))?;
+    if u32::try_from(peer.pid()).ok() != Some(socket.server_pid) {
+        return Err(AgentError::Peer {
+            path: path.to_path_buf(),
+            want: socket.server_pid,
+            got: peer.pid(),
+        });
+    }
     stream.set_write_timeout(Some(left()?)).map_err(io)?;
     stream
         .write_all(format!("CONNECT {port}\n").as_bytes())
@@ -183,7 +211,7 @@ fn parse_ok(line: &[u8]) -> Option<u32> {
 /// forwarding for good, about one boot in seven, when hammered with
 /// CONNECTs while the guest was still booting.
 pub fn wait_ready<E>(
-    path: &Path,
+    socket: &HybridSocket,
     port: u32,
     timeout: Duration,
     mut sign: impl FnMut(Duration) -> Result<bool, E>,
@@ -202,9 +230,9 @@ pub fn wait_ready<E>(
         }
         attempts += 1;
         let left = timeout.saturating_sub(start.elapsed());
-        match hybrid_connect(path, port, left.min(Duration::from_secs(2))) {
+        match hybrid_connect(socket, port, left.min(Duration::from_secs(2))) {
             Ok(s) => return Ok(Ok((s, attempts))),
-            Err(e @ AgentError::Handshake { .. }) => return Ok(Err(e)),
+            Err(e @ (AgentError::Handshake { .. } | AgentError::Peer { .. })) => return Ok(Err(e)),
             Err(e) if start.elapsed() >= timeout => {
                 return Ok(Err(AgentError::Timeout {
                     port,
@@ -259,14 +287,14 @@ pub struct Agent {
 
 /// Opens one stdio stream of a guest process (see containers.proto).
 pub fn open_stream(
-    agent_socket: &Path,
+    agent_socket: &HybridSocket,
     header: &StreamHeader,
     timeout: Duration,
 ) -> Result<UnixStream, AgentError> {
     let mut s = hybrid_connect(agent_socket, STDIO_VSOCK_PORT, timeout)?;
     s.write_all(header.encode().as_bytes())
         .map_err(|source| AgentError::Connect {
-            path: agent_socket.to_path_buf(),
+            path: agent_socket.path.clone(),
             source,
         })?;
     Ok(s)
@@ -919,10 +947,15 @@ mod tests {
     /// Plays vhost-device-vsock's side of the handshake with a scripted reply.
     fn fake_daemon(
         reply: &'static [u8],
-    ) -> (tempfile::TempDir, PathBuf, std::thread::JoinHandle<String>) {
+    ) -> (
+        tempfile::TempDir,
+        HybridSocket,
+        std::thread::JoinHandle<String>,
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
+        let path = served_here(path);
         let t = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             let mut buf = [0u8; 13];
@@ -933,11 +966,53 @@ mod tests {
         (dir, path, t)
     }
 
+    /// A hybrid socket this test process serves.
+    fn served_here(path: PathBuf) -> HybridSocket {
+        HybridSocket {
+            path,
+            server_pid: std::process::id(),
+        }
+    }
+
+    #[test]
+    fn a_socket_served_by_another_process_gets_not_a_byte() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.sock");
+        let listener = UnixListener::bind(&path).unwrap();
+        // Two connections: hybrid_connect's, then wait_ready's.
+        let t = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            for _ in 0..2 {
+                let (mut s, _) = listener.accept().unwrap();
+                s.read_to_end(&mut got).unwrap();
+            }
+            got
+        });
+        let other = HybridSocket {
+            path: path.clone(),
+            server_pid: std::process::id() + 1,
+        };
+        let e = hybrid_connect(&other, 1024, Duration::from_secs(5)).unwrap_err();
+        assert!(
+            matches!(&e, AgentError::Peer { want, got, .. }
+                if *want == other.server_pid && *got as u32 == std::process::id()),
+            "{e}"
+        );
+        assert!(e.to_string().contains("agent.sock"), "{e}");
+        // wait_ready gives up at once: another try would meet the same peer.
+        let start = Instant::now();
+        let r: Result<_, ()> = wait_ready(&other, 1024, Duration::from_secs(30), |_| Ok(true));
+        assert!(matches!(r.unwrap(), Err(AgentError::Peer { .. })));
+        assert!(start.elapsed() < Duration::from_secs(5));
+        assert_eq!(t.join().unwrap(), b"", "nothing was sent to the wrong peer");
+    }
+
     #[test]
     fn a_reply_dripped_a_byte_at_a_time_meets_one_deadline() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("agent.sock");
         let listener = UnixListener::bind(&path).unwrap();
+        let path = served_here(path);
         let t = std::thread::spawn(move || {
             let (mut s, _) = listener.accept().unwrap();
             // Each byte well within the timeout, the line far beyond it.
@@ -991,7 +1066,7 @@ mod tests {
     fn wait_ready_gives_up_at_its_deadline() {
         let start = Instant::now();
         let r: Result<_, ()> = wait_ready(
-            Path::new("/nonexistent/agent.sock"),
+            &served_here("/nonexistent/agent.sock".into()),
             1024,
             Duration::from_millis(200),
             |_| Ok(true),
@@ -1006,7 +1081,7 @@ mod tests {
         let start = Instant::now();
         let mut asked = Vec::new();
         let r: Result<_, ()> = wait_ready(
-            Path::new("/nonexistent/agent.sock"),
+            &served_here("/nonexistent/agent.sock".into()),
             1024,
             Duration::from_millis(100),
             |wait| {
@@ -1029,7 +1104,7 @@ mod tests {
     #[test]
     fn wait_ready_stops_when_the_vm_dies() {
         let r = wait_ready(
-            Path::new("/nonexistent/agent.sock"),
+            &served_here("/nonexistent/agent.sock".into()),
             1024,
             Duration::from_secs(10),
             |_| Err("vm exited"),

@@ -54,6 +54,9 @@ pub struct DaemonPaths {
 
 /// Starts virtiofsd and vhost-device-vsock and waits until both listen.
 /// On error, whatever was started has been stopped again.
+/// Where vhost-device-vsock is in [`start`]'s list (virtiofsd is first).
+pub const VSOCK_DAEMON: usize = 1;
+
 pub fn start(
     config: &Config,
     paths: &DaemonPaths,

@@ -24,7 +24,7 @@ use crate::confine::process::{pidfd_open, tail_of_file, wait_any, Confine, Proce
 use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::host::probe::{self, Backend, ChoiceError};
 use crate::host::storage;
-use crate::vm::agent::{self, Agent, AgentError, AgentInfo};
+use crate::vm::agent::{self, Agent, AgentError, AgentInfo, HybridSocket};
 use crate::vm::daemons::{self, DaemonError, DaemonPaths};
 use crate::vm::hypervisor::{
     HuskVmm, Hypervisor, NetDevice, Qemu, ReadySocket, ReadyWatch, VmSpec,
@@ -458,13 +458,14 @@ impl Sandbox {
         started: &Started,
     ) -> Result<(UnixStream, u32), SandboxError> {
         let console = self.paths.console_log();
+        let socket = self.agent_socket();
         let vmm = self.vmm.as_mut().expect("spawned");
         // Readable when the VMM has exited (it is our unreaped child).
         let exited = pidfd_open(vmm.pid()).map_err(SandboxError::Monitor)?;
         let pump = &mut self.console;
         let mark = &started.mark;
         let ready_agent = agent::wait_ready(
-            &self.paths.agent_socket(),
+            &socket,
             AGENT_VSOCK_PORT,
             config.agent.boot_timeout(),
             // The agent's console line is only a sign of when to start
@@ -594,6 +595,18 @@ impl Sandbox {
 
     pub fn agent(&self) -> Option<&Agent> {
         self.agent.as_ref()
+    }
+
+    /// The agent's hybrid socket, which this sandbox's vsock daemon must
+    /// serve (pid 0, which no peer has, before the daemons run).
+    pub fn agent_socket(&self) -> HybridSocket {
+        HybridSocket {
+            path: self.paths.agent_socket(),
+            server_pid: self
+                .daemons
+                .get(daemons::VSOCK_DAEMON)
+                .map_or(0, Process::pid),
+        }
     }
 
     /// PIDs of every host process of this sandbox (VMM and daemons).
