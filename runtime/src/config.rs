@@ -167,6 +167,10 @@ pub struct AgentConfig {
     /// stopped and every process of the pod exits. With the interval, this
     /// bounds how long a hung guest goes unnoticed.
     pub health_timeout_ms: u64,
+    /// How long the guest has to report the exit of a pod's sandbox (or a
+    /// pod of one's) init after a SIGKILL; then the host kills the VM and
+    /// reports the pod's processes killed itself.
+    pub kill_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -249,6 +253,7 @@ impl Default for AgentConfig {
             create_timeout_ms: 60_000,
             health_interval_ms: 1_000,
             health_timeout_ms: 3_000,
+            kill_timeout_ms: 5_000,
         }
     }
 }
@@ -272,6 +277,10 @@ impl AgentConfig {
 
     pub fn health_timeout(&self) -> Duration {
         Duration::from_millis(self.health_timeout_ms)
+    }
+
+    pub fn kill_timeout(&self) -> Duration {
+        Duration::from_millis(self.kill_timeout_ms)
     }
 }
 
@@ -363,6 +372,7 @@ impl Config {
         for (key, value) in [
             ("agent.health_interval_ms", self.agent.health_interval_ms),
             ("agent.health_timeout_ms", self.agent.health_timeout_ms),
+            ("agent.kill_timeout_ms", self.agent.kill_timeout_ms),
         ] {
             if !(100..=600_000).contains(&value) {
                 return Err(range(key, value.to_string(), "100 to 600000"));

@@ -64,6 +64,7 @@ fn code(kind: ErrorKind) -> Code {
         ErrorKind::AlreadyExists => Code::ALREADY_EXISTS,
         ErrorKind::InvalidArgument => Code::INVALID_ARGUMENT,
         ErrorKind::FailedPrecondition => Code::FAILED_PRECONDITION,
+        ErrorKind::ResourceExhausted => Code::RESOURCE_EXHAUSTED,
         ErrorKind::Internal => Code::INTERNAL,
     }
 }

@@ -65,6 +65,51 @@ fn dropping_a_sandbox_kills_everything() {
     assert_nothing_left(&env.config.state_dir, "dropped", &pids);
 }
 
+/// What the host does to a guest that will not end a SIGKILLed pod: the
+/// VM and daemons die at once, every call on the agent fails instead of
+/// waiting on the guest, and the shutdown after it leaves nothing.
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn a_killed_sandbox_fails_its_agent_calls_at_once_and_shuts_down_clean() {
+    e2e();
+    let _vm = vm_lock();
+    let env = TestEnv::new();
+    let sb = Sandbox::boot(&env.config, "killed").expect("boot");
+    let pids = sb.pids();
+    let agent = sb.agent().expect("connected agent").clone();
+    agent.check().expect("health check before");
+    let start = Instant::now();
+    sb.kill();
+    let e = agent.check().expect_err("a health check on a killed VM");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}: {e}",
+        start.elapsed()
+    );
+    // Dead within moments: zombies until the shutdown reaps them.
+    let dead = |pid: &u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        matches!(
+            stat.rsplit(") ").next().and_then(|r| r.chars().next()),
+            None | Some('Z' | 'X')
+        )
+    };
+    while !pids.iter().all(dead) {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still alive: {pids:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let report = sb.shutdown().expect("shutdown after kill");
+    assert!(
+        report.vm_exit.is_none_or(|s| !s.success()),
+        "a killed VMM's exit: {:?}",
+        report.vm_exit
+    );
+    assert_nothing_left(&env.config.state_dir, "killed", &pids);
+}
+
 #[test]
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn missing_kernel_is_named_and_nothing_starts() {

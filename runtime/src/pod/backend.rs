@@ -60,6 +60,10 @@ pub trait PodVm: Send + 'static {
     fn record_owner(&self, bundle: &Path);
     /// Undoes [`PodVm::attach`]; the guest no longer uses the container.
     fn release(&self, id: &str);
+    /// Kills the VM and its daemons now and cuts the agent connection, so
+    /// every call waiting on the guest fails: for a guest not trusted to
+    /// end (its state stays for [`PodVm::shutdown`]).
+    fn kill(&self);
     /// Stops the VM and removes its host state.
     fn shutdown(self);
 }
@@ -326,6 +330,10 @@ impl PodVm for PodSandbox {
 
     fn record_owner(&self, bundle: &Path) {
         record_owner_in(bundle, &self.owner_token);
+    }
+
+    fn kill(&self) {
+        self.sandbox.kill();
     }
 
     fn release(&self, id: &str) {

@@ -50,6 +50,7 @@ pub enum ErrorKind {
     AlreadyExists,
     InvalidArgument,
     FailedPrecondition,
+    ResourceExhausted,
     Internal,
 }
 
@@ -65,6 +66,8 @@ pub enum PodApiError {
     ExecExited { exec_id: String },
     #[error("{0}")]
     Precondition(String),
+    #[error("{pending} Waits are pending in this pod, the most it holds; wait for some to return")]
+    TooManyWaits { pending: usize },
     #[error("{0}")]
     InvalidArgument(String),
     #[error(transparent)]
@@ -86,6 +89,7 @@ impl PodApiError {
                 ErrorKind::NotFound
             }
             Self::Exists(_) => ErrorKind::AlreadyExists,
+            Self::TooManyWaits { .. } => ErrorKind::ResourceExhausted,
             Self::InvalidArgument(_) => ErrorKind::InvalidArgument,
             Self::Spec(PodError::Storage(_) | PodError::WatchVolume { .. }) => {
                 ErrorKind::FailedPrecondition
@@ -217,6 +221,16 @@ impl ExitCell {
         }
     }
 
+    /// The exit, once there or when `timeout` has passed (None).
+    fn wait_for(&self, timeout: Duration) -> Option<Exit> {
+        let g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .cv
+            .wait_timeout_while(g, timeout, |e| e.is_none())
+            .unwrap_or_else(|e| e.into_inner());
+        *g
+    }
+
     fn wait(&self) -> Exit {
         use std::sync::atomic::Ordering;
         let mut g = self.exit.lock().unwrap_or_else(|e| e.into_inner());
@@ -320,6 +334,9 @@ struct State<V> {
     pod_id: Option<SandboxId>,
     vm: Option<V>,
     containers: HashMap<ContainerId, Ctr>,
+    /// How long the guest has to report the exit a SIGKILL causes before
+    /// the host ends the VM itself (the config's `agent.kill_timeout_ms`).
+    kill_grace: Duration,
 }
 
 struct Inner<B: Backend> {
@@ -332,7 +349,14 @@ struct Inner<B: Backend> {
     kill_answered: Condvar,
     /// The pod's exit and OOM watchers; stopping the VM joins them.
     workers: Workers,
+    /// Waits blocked in the pod (each holds a thread of the caller's).
+    pending_waits: std::sync::atomic::AtomicUsize,
 }
+
+/// The most Waits one pod holds at once: each blocks a thread of the
+/// shim's blocking pool (tokio's, 512 threads), which every other call
+/// needs too.
+pub const MAX_PENDING_WAITS: usize = 256;
 
 /// One pod: its VM and containers. Cheap to clone; clones share the pod.
 pub struct PodService<B: Backend> {
@@ -359,11 +383,13 @@ impl<B: Backend> PodService<B> {
                     pod_id: None,
                     vm: None,
                     containers: HashMap::new(),
+                    kill_grace: Config::default().agent.kill_timeout(),
                 }),
                 creating: Mutex::new(()),
                 events: Mutex::new(events),
                 kill_answered: Condvar::new(),
                 workers: Workers::default(),
+                pending_waits: Default::default(),
             }),
         }
     }
@@ -461,6 +487,7 @@ impl<B: Backend> PodService<B> {
                 let vm = self.inner.backend.boot(&pod_id, &spec, &bundle, &config)?;
                 let mut st = self.state();
                 st.vm = Some(vm);
+                st.kill_grace = config.agent.kill_timeout();
                 st.pod_id = Some(pod_id.clone());
             }
         }
@@ -640,7 +667,10 @@ impl<B: Backend> PodService<B> {
                 .unwrap_or_default();
             pumps.into_iter().for_each(|p| drop(p.join()));
             let exit = Exit::now(status);
-            let ends_pod = me.record_exit(&id, &exec_id, exit);
+            // The host ended it already (see `enforce_kill`).
+            let Some(ends_pod) = me.record_exit(&id, &exec_id, exit) else {
+                return;
+            };
             me.emit(Event::Exited {
                 id: id.clone(),
                 exec_id: exec_id.clone(),
@@ -655,18 +685,21 @@ impl<B: Backend> PodService<B> {
     }
 
     /// Records a process's exit once no kill on it is in flight, and says
-    /// whether it ends the pod.
-    fn record_exit(&self, id: &str, exec_id: &str, exit: Exit) -> bool {
+    /// whether it ends the pod; None if it has its exit already.
+    fn record_exit(&self, id: &str, exec_id: &str, exit: Exit) -> Option<bool> {
         let deadline = std::time::Instant::now() + KILLS_IN_FLIGHT_GRACE;
         let mut st = self.state();
         loop {
             let Some(c) = st.containers.get_mut(id) else {
-                return false;
+                return Some(false);
             };
             let ends_pod = c.role == Role::Sandbox && exec_id.is_empty();
             let Ok(p) = c.proc(id, exec_id) else {
-                return false;
+                return Some(false);
             };
+            if p.exit.is_some() {
+                return None;
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             if p.kills_in_flight == 0 || left.is_zero() {
                 if p.kills_in_flight > 0 {
@@ -677,7 +710,7 @@ impl<B: Backend> PodService<B> {
                     );
                 }
                 p.exit = Some(exit);
-                return ends_pod;
+                return Some(ends_pod);
             }
             st = self
                 .inner
@@ -686,6 +719,57 @@ impl<B: Backend> PodService<B> {
                 .unwrap_or_else(|e| e.into_inner())
                 .0;
         }
+    }
+
+    /// After a SIGKILL to the init whose exit ends the VM (a CRI sandbox's,
+    /// a pod of one's): if the guest has not reported that exit within the
+    /// pod's kill grace, the host kills the VM and reports every process
+    /// still running as killed (137) itself, as the kernel guarantees a
+    /// SIGKILL under runc. A guest that acknowledges kills and never
+    /// reports the exits cannot pin the pod (and containerd's
+    /// StopPodSandbox) for ever.
+    fn enforce_kill(&self, id: &str, cell: Arc<ExitCell>) {
+        let me = self.clone();
+        let grace = self.state().kill_grace;
+        let id = id.to_owned();
+        self.inner.workers.spawn(format!("kill-{id}"), move || {
+            if cell.wait_for(grace).is_some() {
+                return;
+            }
+            tracing::warn!(
+                container = %id,
+                "the guest did not report the exit within {} ms of SIGKILL; killing the VM and reporting the pod's processes killed",
+                grace.as_millis()
+            );
+            let ended = me.end_running(Exit::now(KILLED_STATUS));
+            me.with_vm(PodVm::kill);
+            for (id, exec_id, pid, exit, cell) in ended {
+                me.emit(Event::Exited {
+                    id,
+                    exec_id,
+                    pid,
+                    exit,
+                });
+                cell.set_once(exit);
+            }
+        });
+    }
+
+    /// Gives every started process without an exit `exit`; returns them
+    /// (container, exec id, pid, exit, cell) for their events.
+    fn end_running(&self, exit: Exit) -> Vec<(String, String, u32, Exit, Arc<ExitCell>)> {
+        let mut st = self.state();
+        let mut ended = Vec::new();
+        for (cid, c) in st.containers.iter_mut() {
+            let execs = c.execs.iter_mut().map(|(e, p)| (e.clone(), p));
+            for (exec_id, p) in execs.chain(std::iter::once((String::new(), &mut c.init))) {
+                if p.pid != 0 && p.exit.is_none() {
+                    p.exit = Some(exit);
+                    ended.push((cid.to_string(), exec_id, p.pid, exit, p.exited.clone()));
+                }
+            }
+        }
+        ended
     }
 
     /// SIGKILLs every running container of the pod but its sandbox.
@@ -775,11 +859,13 @@ impl<B: Backend> PodService<B> {
         all: bool,
     ) -> Result<()> {
         let (id, exec_id) = (id.as_str(), exec_str(exec));
-        let exited = self.with_proc(id, exec_id, |p| {
+        let (exited, ends_vm, cell) = self.with_ctr(id, |c| {
+            let ends_vm = exec_id.is_empty() && matches!(c.role, Role::Sandbox | Role::Single);
+            let p = c.proc(id, exec_id)?;
             if p.exit.is_none() {
                 p.kills_in_flight += 1;
             }
-            Ok(p.exit.is_some())
+            Ok((p.exit.is_some(), ends_vm, p.exited.clone()))
         })?;
         if exited {
             if exec_id.is_empty() {
@@ -799,6 +885,9 @@ impl<B: Backend> PodService<B> {
             Ok(())
         });
         self.inner.kill_answered.notify_all();
+        if sent.is_ok() && ends_vm && signal == libc::SIGKILL as u32 {
+            self.enforce_kill(id, cell);
+        }
         sent
     }
 
@@ -807,8 +896,16 @@ impl<B: Backend> PodService<B> {
     /// returns its exit.
     pub fn wait(&self, id: &ContainerId, exec: Option<&ExecId>) -> Result<Exit> {
         let (id, exec_id) = (id.as_str(), exec_str(exec));
+        use std::sync::atomic::Ordering;
         let cell = self.with_proc(id, exec_id, |p| Ok(p.exited.clone()))?;
-        Ok(cell.wait())
+        let pending = self.inner.pending_waits.fetch_add(1, Ordering::SeqCst);
+        let exit = if pending >= MAX_PENDING_WAITS {
+            Err(PodApiError::TooManyWaits { pending })
+        } else {
+            Ok(cell.wait())
+        };
+        self.inner.pending_waits.fetch_sub(1, Ordering::SeqCst);
+        exit
     }
 
     /// How many Waits are blocked on the process.

@@ -51,6 +51,10 @@ struct Guest {
     signal_lag: Duration,
     /// Whether the guest reports an OOM kill on every WaitOom.
     oom_flood: bool,
+    /// Whether the guest acknowledges kills and never reports the exits.
+    ignore_kills: bool,
+    /// Whether the host killed the VM: every wait fails.
+    dead: bool,
 }
 
 /// A fake agent: processes exit when a test says so or on SIGKILL/SIGTERM.
@@ -180,6 +184,9 @@ impl GuestAgent for FakeAgent {
     fn wait_process(&self, id: &str, exec_id: Option<&str>) -> Result<u32, AgentError> {
         let mut g = self.guest();
         loop {
+            if g.dead {
+                return Err(failed("the VM was killed".into()));
+            }
             match g.procs.get(&key(id, exec_id)) {
                 None => return Err(not_found(format!("{id} {exec_id:?}"))),
                 Some(FakeProc {
@@ -206,7 +213,7 @@ impl GuestAgent for FakeAgent {
         if !running {
             return Err(not_found(format!("process {id} {exec_id:?} not found")));
         }
-        if signal == 9 || signal == 15 {
+        if (signal == 9 || signal == 15) && !self.guest().ignore_kills {
             self.exit(id, exec_id.unwrap_or_default(), 128 + signal);
         }
         let lag = self.guest().signal_lag;
@@ -258,7 +265,7 @@ impl GuestAgent for FakeAgent {
 
     fn wait_oom(&self, id: &str) -> Result<bool, AgentError> {
         let mut g = self.guest();
-        while g.containers.iter().any(|c| c == id) {
+        while g.containers.iter().any(|c| c == id) && !g.dead {
             if g.oom_flood {
                 g.calls.push(format!("oom {id}"));
                 return Ok(true);
@@ -340,6 +347,12 @@ impl PodVm for FakeVm {
 
     fn release(&self, id: &str) {
         self.agent.call(format!("release {id}"));
+    }
+
+    fn kill(&self) {
+        self.agent.call("kill vm".into());
+        self.agent.guest().dead = true;
+        self.agent.guest.1.notify_all();
     }
 
     fn shutdown(self) {
@@ -629,6 +642,127 @@ fn an_exit_is_published_only_after_the_kill_that_caused_it_returns() {
         e => panic!("expected the exit, got {e:?}"),
     }
     killer.join().unwrap();
+}
+
+/// Runs c1 with exec e1 in a pod whose kill grace is `grace_ms`.
+fn run_with_exec(p: &Pod, grace_ms: u64) {
+    let mut config = Config::default();
+    config.agent.kill_timeout_ms = grace_ms;
+    p.pod
+        .create(CreateRequest {
+            id: cid("c1"),
+            bundle: PathBuf::from("/bundles/c1"),
+            spec: spec(&["sleep"], json!({})),
+            rootfs: Vec::new(),
+            io: p.io("c1"),
+            config,
+        })
+        .unwrap();
+    p.pod.start(&cid("c1"), None).unwrap();
+    p.pod
+        .add_exec(
+            &cid("c1"),
+            &xid("e1"),
+            Pod::exec_spec(&["sleep"]),
+            Io::default(),
+        )
+        .unwrap();
+    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
+    assert_eq!(
+        p.kinds(),
+        ["Created", "Started", "ExecAdded", "ExecStarted"]
+    );
+}
+
+#[test]
+fn a_guest_that_never_reports_a_sigkilled_init_has_its_vm_killed_and_every_process_137() {
+    let p = pod();
+    p.agent.guest().ignore_kills = true;
+    run_with_exec(&p, 200);
+    let start = std::time::Instant::now();
+    p.pod.kill(&cid("c1"), None, 9, false).unwrap();
+    assert_eq!(p.pod.wait(&cid("c1"), None).unwrap().status, 137);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(
+        p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap().status,
+        137
+    );
+    assert!(p.agent.calls().contains(&"kill vm".to_owned()));
+    // One exit each, though the killed VM then fails every wait.
+    let mut exits: Vec<(String, u32)> =
+        std::iter::from_fn(|| p.events.recv_timeout(Duration::from_millis(300)).ok())
+            .filter_map(|e| match e {
+                Event::Exited { exec_id, exit, .. } => Some((exec_id, exit.status)),
+                _ => None,
+            })
+            .collect();
+    exits.sort();
+    assert_eq!(exits, [("".to_owned(), 137), ("e1".to_owned(), 137)]);
+    assert_eq!(p.pod.delete(&cid("c1"), None).unwrap().1.status, 137);
+}
+
+#[test]
+fn a_guest_that_reports_the_exit_in_time_keeps_its_vm_and_other_signals_arm_nothing() {
+    let p = pod();
+    run_with_exec(&p, 200);
+    // An exec's SIGKILL, and a SIGTERM the guest ignores: no enforcement.
+    p.pod
+        .kill(&cid("c1"), eid("e1").as_ref(), 9, false)
+        .unwrap();
+    assert_eq!(
+        p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap().status,
+        137
+    );
+    p.agent.guest().ignore_kills = true;
+    p.pod.kill(&cid("c1"), None, 15, false).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(p
+        .pod
+        .process_state(&cid("c1"), None)
+        .unwrap()
+        .exit
+        .is_none());
+    p.agent.guest().ignore_kills = false;
+    p.pod.kill(&cid("c1"), None, 9, false).unwrap();
+    assert_eq!(p.pod.wait(&cid("c1"), None).unwrap().status, 137);
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(!p.agent.calls().contains(&"kill vm".to_owned()));
+}
+
+#[test]
+fn waits_a_pod_holds_are_bounded() {
+    use super::service::MAX_PENDING_WAITS;
+    let p = pod();
+    run(&p, "c1");
+    let waiters: Vec<_> = (0..MAX_PENDING_WAITS)
+        .map(|_| {
+            let pod = p.pod.clone();
+            std::thread::spawn(move || pod.wait(&cid("c1"), None).unwrap().status)
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while p.pod.waiting(&cid("c1"), None) < MAX_PENDING_WAITS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waiters never blocked"
+        );
+        std::thread::yield_now();
+    }
+    let e = p.pod.wait(&cid("c1"), None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ResourceExhausted, "{e}");
+    p.agent.exit("c1", "", 0);
+    for w in waiters {
+        assert_eq!(w.join().unwrap(), 0);
+    }
+    assert_eq!(
+        p.pod.wait(&cid("c1"), None).unwrap().status,
+        0,
+        "room again"
+    );
 }
 
 #[test]

@@ -20,7 +20,9 @@ use husk_sys::console::{self, ConsoleLog};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::Config;
-use crate::confine::process::{pidfd_open, tail_of_file, wait_any, Confine, Process, ProcessError};
+use crate::confine::process::{
+    pidfd_kill, pidfd_open, tail_of_file, wait_any, Confine, Process, ProcessError,
+};
 use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::host::probe::{self, Backend, ChoiceError};
 use crate::host::storage;
@@ -606,6 +608,22 @@ impl Sandbox {
                 .daemons
                 .get(daemons::VSOCK_DAEMON)
                 .map_or(0, Process::pid),
+        }
+    }
+
+    /// Kills the VMM and the daemons now (SIGKILL through pidfds: they are
+    /// this process's unreaped children, so no pid is reused meanwhile)
+    /// and cuts the agent connection. The rest of the teardown is
+    /// [`Sandbox::shutdown`]'s.
+    pub fn kill(&self) {
+        for pid in self.pids() {
+            match pidfd_open(pid) {
+                Ok(fd) => pidfd_kill(&fd),
+                Err(e) => tracing::warn!(sandbox = %self.id, pid, "killing: {e}"),
+            }
+        }
+        if let Some(a) = &self.agent {
+            a.sever();
         }
     }
 
