@@ -18,6 +18,7 @@ use nix::unistd::Pid;
 
 use crate::confine::jail::Jail;
 use crate::confine::seccomp::Filter;
+use husk_sys::console::ConsoleLog;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProcessError {
@@ -217,6 +218,47 @@ pub struct Process {
     child: Child,
     log: PathBuf,
     exited: Option<ExitStatus>,
+    /// Disconnected once the log pump has written the last output.
+    log_done: std::sync::mpsc::Receiver<()>,
+}
+
+/// Bytes of a helper's output kept on disk, its log and the rotated
+/// `<log>.1` together (the console log's rotation).
+pub const LOG_LIMIT: u64 = husk_sys::console::DEFAULT_LIMIT;
+
+/// How long [`Process::log_tail`] of an exited process waits for the last
+/// output to reach the file (a child of the process that still holds its
+/// output may keep the pipe open).
+const LOG_FLUSH: Duration = Duration::from_millis(500);
+
+/// Copies a process's output pipe into its bounded log until the pipe
+/// closes; the receiver disconnects when all of it is on disk.
+fn pump_log(
+    name: &'static str,
+    read: OwnedFd,
+    mut sink: ConsoleLog,
+) -> std::io::Result<std::sync::mpsc::Receiver<()>> {
+    use std::io::{Read, Write};
+    let (done, log_done) = std::sync::mpsc::channel::<()>();
+    std::thread::Builder::new()
+        .name(format!("log-{name}"))
+        .stack_size(64 << 10)
+        .spawn(move || {
+            let mut pipe = File::from(read);
+            let mut buf = [0u8; 8 << 10];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => drop(sink.write_all(&buf[..n])),
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
+            }
+            // Dropping the log writes what is pending.
+            drop(sink);
+            drop(done);
+        })?;
+    Ok(log_done)
 }
 
 /// Finds `program` the way a shell would: a path with a slash is taken as is,
@@ -311,20 +353,17 @@ impl Process {
             .map(|j| j.read_only(&path))
             .transpose()
             .map_err(|source| ProcessError::Jail { name, source })?;
-        let out = File::options()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|source| ProcessError::Log {
-                name,
-                path: log.to_path_buf(),
-                source,
-            })?;
-        let err = out.try_clone().map_err(|source| ProcessError::Log {
+        let log_err = |source| ProcessError::Log {
             name,
             path: log.to_path_buf(),
             source,
-        })?;
+        };
+        // The output goes through a pipe into a bounded, rotating log: a
+        // guest that makes a device print in a loop cannot fill the host.
+        let (read, out) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| log_err(e.into()))?;
+        let err = out.try_clone().map_err(log_err)?;
+        let sink = ConsoleLog::create(log, LOG_LIMIT, || {}).map_err(log_err)?;
         // Built here: the child may not allocate.
         let filter = confine
             .seccomp
@@ -334,8 +373,8 @@ impl Process {
         let mut cmd = Command::new(&path);
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
+            .stdout(Stdio::from(out))
+            .stderr(Stdio::from(err))
             .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec; it
         // allocates nothing and calls only prctl(2), fcntl(2), dup2(2),
@@ -373,14 +412,18 @@ impl Process {
                 }
             });
         }
+        // The command (with the pipe's write ends) is gone after the
+        // spawn: the log ends when the process and its children have.
         let child =
             spawn_from_keeper(cmd).map_err(|source| ProcessError::Spawn { name, path, source })?;
         tracing::debug!(name, pid = child.id(), "spawned");
+        let log_done = pump_log(name, read, sink).map_err(log_err)?;
         Ok(Self {
             name,
             child,
             log: log.to_path_buf(),
             exited: None,
+            log_done,
         })
     }
 
@@ -469,6 +512,10 @@ impl Process {
 
     /// The last `max` bytes of the process log, for error messages.
     pub fn log_tail(&self, max: usize) -> String {
+        if self.exited.is_some() {
+            // Ends at once when the pump is done (disconnected).
+            let _ = self.log_done.recv_timeout(LOG_FLUSH);
+        }
         tail_of_file(&self.log, max)
     }
 }
@@ -657,7 +704,8 @@ mod tests {
         )
         .unwrap();
         assert!(p.wait_timeout(Duration::from_secs(10)).unwrap().is_some());
-        let out = std::fs::read_to_string(&log).unwrap();
+        // The tail drops the last newline.
+        let out = format!("{}\n", p.log_tail(usize::MAX));
         for want in [
             "CapEff:\t0000000000000000",
             "CapPrm:\t0000000000000000",
@@ -692,6 +740,36 @@ mod tests {
         assert_eq!(
             p.terminate(Duration::from_millis(10)).unwrap().code(),
             Some(3)
+        );
+    }
+
+    #[test]
+    fn a_process_that_prints_without_end_keeps_its_log_under_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        // Four times the cap, then a last line after a pause (a flood
+        // drops bytes while it lasts; what follows it is kept).
+        let script = format!(
+            "head -c {} /dev/zero | tr '\\0' x >&2; sleep 0.3; echo last words >&2",
+            LOG_LIMIT * 4
+        );
+        let mut p =
+            Process::spawn("flood", Path::new("sh"), ["-c", script.as_str()], &log).unwrap();
+        let st = p
+            .wait_timeout(Duration::from_secs(60))
+            .unwrap()
+            .expect("it ends");
+        assert!(st.success(), "{st:?}");
+        assert!(
+            p.log_tail(100).ends_with("last words"),
+            "{}",
+            p.log_tail(100)
+        );
+        let size = |f: &Path| std::fs::metadata(f).map_or(0, |m| m.len());
+        let kept = size(&log) + size(&dir.path().join("log.1"));
+        assert!(
+            kept > 0 && kept <= LOG_LIMIT,
+            "{kept} bytes on disk, cap {LOG_LIMIT}"
         );
     }
 
