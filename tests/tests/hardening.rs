@@ -214,7 +214,10 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
         .collect();
     assert_eq!(virtiofsd.len(), 2, "{virtiofsd:?}");
     for l in &virtiofsd {
-        assert!(l.contains("mount ns own"), "{l}");
+        assert!(
+            l.contains("mount ns own") && l.contains("ipc ns own"),
+            "{l}"
+        );
     }
     assert!(
         virtiofsd.iter().any(|l| l.contains("seccomp filter")),
@@ -230,13 +233,28 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             .iter()
             .find(|l| l.contains(&format!(" {name}: ")))
             .unwrap_or_else(|| panic!("{name} not listed:\n{report}"));
-        assert!(line.contains("mount ns own"), "{line}");
+        // An IPC namespace and an empty network namespace of their own:
+        // no host network to reach (QEMU's taps come as descriptors).
+        assert!(
+            line.contains("mount ns own")
+                && line.contains("ipc ns own")
+                && line.contains("net ns own"),
+            "{line}"
+        );
         let pid: u32 = line
             .split(" pid ")
             .nth(1)
             .and_then(|r| r.split_whitespace().next())
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no pid in {line}"));
+        let links = std::fs::read_to_string(format!("/proc/{pid}/net/dev")).expect("net/dev");
+        let links: Vec<&str> = links
+            .lines()
+            .skip(2)
+            .filter_map(|l| l.split(':').next())
+            .map(str::trim)
+            .collect();
+        assert_eq!(links, ["lo"], "{name}'s network namespace");
         let root = Path::new("/proc").join(pid.to_string()).join("root");
         let seen = |p: &Path| root.join(p.strip_prefix("/").expect("absolute")).exists();
         assert!(

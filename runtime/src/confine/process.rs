@@ -74,7 +74,16 @@ pub struct Confine {
     /// [`crate::confine::seccomp`]). Installed with no_new_privs when
     /// `no_capabilities`, else through the caller's CAP_SYS_ADMIN.
     pub seccomp: Option<&'static crate::confine::seccomp::Allow>,
+    /// Namespaces it gets new (`CLONE_NEW*` flags for unshare(2)), made
+    /// before its capabilities go: an IPC namespace of its own, and an
+    /// empty network namespace for a process that needs no network (a
+    /// VMM's taps come as descriptors; unix sockets bound to paths are
+    /// reached across network namespaces).
+    pub new_namespaces: libc::c_int,
 }
+
+/// An IPC namespace of its own and an empty network namespace.
+const NO_IPC_NO_NET: libc::c_int = libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
 
 impl Confine {
     /// Nothing beyond what the caller has (a daemon that confines itself).
@@ -83,6 +92,7 @@ impl Confine {
         max_files: None,
         max_file_size: None,
         seccomp: None,
+        new_namespaces: 0,
     };
 
     /// A device daemon that needs no privilege: descriptors it is given,
@@ -92,19 +102,23 @@ impl Confine {
         max_files: Some(4096),
         max_file_size: Some(64 << 20),
         seccomp: None,
+        new_namespaces: 0,
     };
 
     /// vhost-device-vsock: unprivileged, under husk's own filter.
     pub const VSOCK_DAEMON: Confine = Confine {
         seccomp: Some(crate::confine::seccomp::VSOCK_DAEMON),
+        new_namespaces: NO_IPC_NO_NET,
         ..Confine::UNPRIVILEGED
     };
 
     /// virtiofsd: root's file capabilities (it serves the guest's files
     /// with their owners and modes, and sets up its namespace sandbox),
-    /// its own limits, under husk's filter on top of its own.
+    /// its own limits, under husk's filter on top of its own; its sandbox
+    /// makes its own network namespace, husk an IPC one.
     pub const FS_DAEMON: Confine = Confine {
         seccomp: Some(crate::confine::seccomp::VIRTIOFSD),
+        new_namespaces: libc::CLONE_NEWIPC,
         ..Confine::NONE
     };
 
@@ -115,6 +129,7 @@ impl Confine {
     /// the sandbox.
     pub const VMM: Confine = Confine {
         max_file_size: None,
+        new_namespaces: NO_IPC_NO_NET,
         ..Confine::UNPRIVILEGED
     };
 
@@ -122,6 +137,10 @@ impl Confine {
     /// Runs between fork and exec: only async-signal-safe syscalls.
     unsafe fn apply(&self) -> std::io::Result<()> {
         let fail = || Err(std::io::Error::last_os_error());
+        // SAFETY: unshare(2) takes flags and touches no memory.
+        if self.new_namespaces != 0 && unsafe { libc::unshare(self.new_namespaces) } != 0 {
+            return fail();
+        }
         for (resource, value) in [
             (libc::RLIMIT_NOFILE, self.max_files),
             (libc::RLIMIT_FSIZE, self.max_file_size),

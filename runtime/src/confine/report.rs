@@ -1,6 +1,7 @@
 //! What confines each host process of the running sandboxes, as the kernel
 //! reports it (`husk check`): seccomp mode, capabilities, no_new_privs,
-//! user and mount namespace. It shows what is, not what was meant.
+//! uid and gid, and which of its mount, PID, IPC and network namespaces
+//! are its own. It shows what is, not what was meant.
 
 use std::path::{Path, PathBuf};
 
@@ -16,8 +17,13 @@ pub struct Confinement {
     pub cap_eff: u64,
     pub no_new_privs: bool,
     pub uid: u32,
+    pub gid: u32,
     /// Whether it has a mount namespace of its own (not the caller's).
     pub own_mount_ns: bool,
+    /// The same for its PID, IPC and network namespaces.
+    pub own_pid_ns: bool,
+    pub own_ipc_ns: bool,
+    pub own_net_ns: bool,
 }
 
 impl std::fmt::Display for Confinement {
@@ -32,15 +38,20 @@ impl std::fmt::Display for Confinement {
             n if self.cap_eff == full_caps() => format!("all ({n})"),
             n => format!("{n} ({:#x})", self.cap_eff),
         };
+        let whose = |own: bool| if own { "own" } else { "host's" };
         write!(
             f,
-            "{} pid {} {}: seccomp {seccomp}, capabilities {caps}, no_new_privs {}, uid {}, mount ns {}",
+            "{} pid {} {}: seccomp {seccomp}, capabilities {caps}, no_new_privs {}, uid {}, gid {}, mount ns {}, pid ns {}, ipc ns {}, net ns {}",
             self.sandbox,
             self.pid,
             self.name,
             if self.no_new_privs { "on" } else { "off" },
             self.uid,
-            if self.own_mount_ns { "own" } else { "host's" }
+            self.gid,
+            whose(self.own_mount_ns),
+            whose(self.own_pid_ns),
+            whose(self.own_ipc_ns),
+            whose(self.own_net_ns),
         )
     }
 }
@@ -112,7 +123,11 @@ pub fn report(state_dir: &Path) -> Vec<Confinement> {
     let sandboxes = sandboxes(state_dir);
     let dirs: Vec<&Path> = sandboxes.iter().map(|(_, _, d)| d.as_path()).collect();
     // The caller's: `husk check` runs where the shims and containerd do.
-    let host_ns = std::fs::read_link("/proc/self/ns/mnt").ok();
+    let ns_of = |pid: &str, kind: &str| std::fs::read_link(format!("/proc/{pid}/ns/{kind}")).ok();
+    let own = |pid: u32, kind: &str| {
+        let theirs = ns_of(&pid.to_string(), kind);
+        theirs.is_some() && theirs != ns_of("self", kind)
+    };
     let mut out = Vec::new();
     for (pid, i) in processes_naming(&dirs) {
         let (ns, id, _) = &sandboxes[i];
@@ -120,9 +135,11 @@ pub fn report(state_dir: &Path) -> Vec<Confinement> {
             continue;
         };
         if let Some(c) = parse_status(&format!("{ns}/{id}"), pid, &status) {
-            let ns = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).ok();
             out.push(Confinement {
-                own_mount_ns: ns.is_some() && ns != host_ns,
+                own_mount_ns: own(pid, "mnt"),
+                own_pid_ns: own(pid, "pid"),
+                own_ipc_ns: own(pid, "ipc"),
+                own_net_ns: own(pid, "net"),
                 ..c
             });
         }
@@ -148,7 +165,11 @@ fn parse_status(sandbox: &str, pid: u32, status: &str) -> Option<Confinement> {
         cap_eff: u64::from_str_radix(field("CapEff")?, 16).ok()?,
         no_new_privs: field("NoNewPrivs")? == "1",
         uid: field("Uid")?.split_whitespace().nth(1)?.parse().ok()?,
+        gid: field("Gid")?.split_whitespace().nth(1)?.parse().ok()?,
         own_mount_ns: false,
+        own_pid_ns: false,
+        own_ipc_ns: false,
+        own_net_ns: false,
     })
 }
 
@@ -158,11 +179,18 @@ mod tests {
 
     #[test]
     fn status_fields_are_read_and_a_partial_status_is_skipped() {
-        let status = "Name:\tvirtiofsd\nUid:\t0\t1000\t0\t0\nNoNewPrivs:\t1\nSeccomp:\t2\nCapEff:\t0000000000000003\n";
+        let status = "Name:\tvirtiofsd\nUid:\t0\t1000\t0\t0\nGid:\t0\t1001\t0\t0\nNoNewPrivs:\t1\nSeccomp:\t2\nCapEff:\t0000000000000003\n";
         let c = parse_status("p1", 7, status).unwrap();
         assert_eq!(
-            (c.name.as_str(), c.seccomp, c.cap_eff, c.no_new_privs, c.uid),
-            ("virtiofsd", 2, 3, true, 1000)
+            (
+                c.name.as_str(),
+                c.seccomp,
+                c.cap_eff,
+                c.no_new_privs,
+                c.uid,
+                c.gid
+            ),
+            ("virtiofsd", 2, 3, true, 1000, 1001)
         );
         assert!(
             c.to_string()
@@ -170,6 +198,20 @@ mod tests {
             "{c}"
         );
         assert!(parse_status("p1", 7, "Name:\tx\n").is_none());
+    }
+
+    #[test]
+    fn namespaces_show_whose_they_are() {
+        let c = Confinement {
+            own_mount_ns: true,
+            own_net_ns: true,
+            ..parse_status("p1", 7, "Name:\tx\nUid:\t0\t0\t0\t0\nGid:\t0\t0\t0\t0\nNoNewPrivs:\t0\nSeccomp:\t0\nCapEff:\t0\n").unwrap()
+        };
+        assert!(
+            c.to_string()
+                .ends_with("uid 0, gid 0, mount ns own, pid ns host's, ipc ns host's, net ns own"),
+            "{c}"
+        );
     }
 
     #[test]

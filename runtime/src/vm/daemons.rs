@@ -125,7 +125,7 @@ fn wait_listening(
 ) -> Result<(), DaemonError> {
     let mut pause = Duration::from_micros(500);
     loop {
-        if is_listening(socket) {
+        if is_listening(p.pid(), socket) {
             return Ok(());
         }
         if let Some(status) = p.try_wait()? {
@@ -152,13 +152,17 @@ fn wait_listening(
 /// `__SO_ACCEPTCON` in /proc/net/unix's Flags column: a listening socket.
 const SO_ACCEPTCON: u32 = 0x0001_0000;
 
-/// Whether a unix socket bound at `path` is listening in this network
-/// namespace.
-pub fn is_listening(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
-        return false;
-    };
-    listening_in(&table, path)
+/// Whether a unix socket bound at `path` is listening in the network
+/// namespace of process `pid` (vhost-device-vsock has an empty one of its
+/// own) or in this process's (virtiofsd binds its socket here, then makes
+/// its own namespace).
+pub fn is_listening(pid: u32, path: &Path) -> bool {
+    [
+        format!("/proc/{pid}/net/unix"),
+        "/proc/self/net/unix".into(),
+    ]
+    .iter()
+    .any(|t| std::fs::read_to_string(t).is_ok_and(|table| listening_in(&table, path)))
 }
 
 fn listening_in(table: &str, path: &Path) -> bool {
@@ -193,8 +197,9 @@ mod tests {
     fn real_listener_is_seen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("l.sock");
-        assert!(!is_listening(&path));
+        let me = std::process::id();
+        assert!(!is_listening(me, &path));
         let _l = std::os::unix::net::UnixListener::bind(&path).unwrap();
-        assert!(is_listening(&path));
+        assert!(is_listening(me, &path));
     }
 }
