@@ -55,9 +55,9 @@ pub enum Is {
     Eq(u32),
     /// All these bits set.
     Has(u32),
-    /// The pid of the process that builds the filter: only for a filter a
-    /// process builds for itself (husk-vmm's threads), never one built in
-    /// a parent for its child.
+    /// The pid of the process the filter is on: the builder's for
+    /// [`Filter::of`]; for [`Filter::allow_in_child`], the child's own,
+    /// written in by [`Filter::install_in_child`].
     OwnPid,
 }
 
@@ -80,6 +80,11 @@ pub struct Filter {
     programs: Vec<BpfProgram>,
 }
 
+/// Stands for the pid in a filter built for a child: no pid is this large
+/// (PID_MAX_LIMIT is 2^22), and no other value the lists compare with is
+/// it (an ioctl request, a socket family, clone flags).
+const CHILD_PID: u32 = 0x7e57_0d1d;
+
 /// A seccompiler error: only a malformed list (a bad argument index), a
 /// bug here, never a runtime condition.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +99,17 @@ impl Filter {
 
     /// Allows what any of `lists` names; `otherwise` on anything else.
     pub fn of(lists: &[&Allow], otherwise: Action) -> Result<Self, FilterError> {
+        Self::build(lists, otherwise, std::process::id())
+    }
+
+    /// [`Filter::allow`] for a child this process is about to start, whose
+    /// pid is not known yet: [`Is::OwnPid`] is the child's, once
+    /// [`Filter::install_in_child`] writes it in.
+    pub fn allow_in_child(allow: &Allow) -> Result<Self, FilterError> {
+        Self::build(&[allow], Action::Kill, CHILD_PID)
+    }
+
+    fn build(lists: &[&Allow], otherwise: Action, own_pid: u32) -> Result<Self, FilterError> {
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         let mut free: Vec<i64> = Vec::new();
         for l in lists {
@@ -115,7 +131,7 @@ impl Filter {
                         SeccompCmpOp::MaskedEq(u64::from(bits)),
                         u64::from(bits),
                     )?,
-                    Is::OwnPid => dword(a.index, SeccompCmpOp::Eq, u64::from(std::process::id()))?,
+                    Is::OwnPid => dword(a.index, SeccompCmpOp::Eq, u64::from(own_pid))?,
                 };
                 rules
                     .entry(a.call)
@@ -182,6 +198,27 @@ impl Filter {
     }
 }
 
+impl Filter {
+    /// Writes the calling process's pid where a filter from
+    /// [`Filter::allow_in_child`] compares with it, then installs it.
+    ///
+    /// # Safety
+    /// As [`Filter::install`]: only getpid and stores into memory the
+    /// filter owns besides, so it may run between fork and exec.
+    pub unsafe fn install_in_child(&mut self) -> std::io::Result<()> {
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() } as u32;
+        let compare = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+        for ins in self.programs.iter_mut().flat_map(|p| p.iter_mut()) {
+            if ins.code == compare && ins.k == CHILD_PID {
+                ins.k = pid;
+            }
+        }
+        // SAFETY: as this function's.
+        unsafe { self.install() }
+    }
+}
+
 fn dword(index: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, FilterError> {
     Ok(SeccompCondition::new(
         index,
@@ -231,6 +268,66 @@ mod tests {
             assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
             status
         }
+    }
+
+    /// As [`in_child`], with the filter installed as a child's.
+    fn in_child_own(filter: &Filter, then: fn() -> i32) -> i32 {
+        let mut filter = filter.clone();
+        // SAFETY: as in_child.
+        unsafe {
+            let pid = libc::fork();
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
+                if filter.install_in_child().is_err() {
+                    libc::_exit(100);
+                }
+                libc::_exit(then());
+            }
+            let mut status = 0;
+            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
+            status
+        }
+    }
+
+    #[test]
+    fn a_filter_built_for_a_child_lets_it_tgkill_itself_and_no_one_else() {
+        const OWN: &Allow = &Allow {
+            calls: &[libc::SYS_getpid, libc::SYS_exit_group, libc::SYS_exit],
+            when: &[Arg {
+                call: libc::SYS_tgkill,
+                index: 0,
+                is: Is::OwnPid,
+            }],
+            ..Allow::NONE
+        };
+        let f = Filter::allow_in_child(OWN).unwrap();
+        let s = in_child_own(&f, || {
+            // SAFETY: getpid and tgkill with signal 0: a check, no signal.
+            let me = unsafe { libc::syscall(libc::SYS_getpid) };
+            // SAFETY: as above.
+            let r = unsafe { libc::syscall(libc::SYS_tgkill, me, me, 0) };
+            i32::from(r != 0)
+        });
+        assert_eq!(exited(s), Some(0), "tgkill to itself: status {s:#x}");
+        PARENT.store(std::process::id() as i32, Ordering::SeqCst);
+        let s = in_child_own(&f, || {
+            let parent = PARENT.load(Ordering::SeqCst);
+            // SAFETY: tgkill with signal 0 to the parent: a check.
+            unsafe { libc::syscall(libc::SYS_tgkill, parent, parent, 0) };
+            0
+        });
+        assert!(killed_by_sigsys(s), "tgkill to the parent passed: {s:#x}");
+        // The placeholder itself is no pid that passes either.
+        let s = in_child_own(&f, || {
+            // SAFETY: tgkill with signal 0 to a pid no process has.
+            unsafe { libc::syscall(libc::SYS_tgkill, super::CHILD_PID, super::CHILD_PID, 0) };
+            0
+        });
+        assert!(
+            killed_by_sigsys(s),
+            "tgkill to the placeholder passed: {s:#x}"
+        );
     }
 
     fn exited(status: i32) -> Option<i32> {

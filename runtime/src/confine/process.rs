@@ -384,9 +384,9 @@ impl Process {
         let err = out.try_clone().map_err(log_err)?;
         let sink = ConsoleLog::create(log, LOG_LIMIT, || {}).map_err(log_err)?;
         // Built here: the child may not allocate.
-        let filter = confine
+        let mut filter = confine
             .seccomp
-            .map(Filter::allow)
+            .map(Filter::allow_in_child)
             .transpose()
             .map_err(|source| ProcessError::Filter { name, source })?;
         let mut cmd = Command::new(&path);
@@ -425,8 +425,8 @@ impl Process {
                     j.enter()?;
                 }
                 confine.apply()?;
-                match &filter {
-                    Some(f) => f.install(),
+                match &mut filter {
+                    Some(f) => f.install_in_child(),
                     None => Ok(()),
                 }
             });

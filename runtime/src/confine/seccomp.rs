@@ -81,7 +81,6 @@ pub const VSOCK_DAEMON: &Allow = &Allow {
         libc::SYS_rseq,
         libc::SYS_gettid,
         libc::SYS_getpid,
-        libc::SYS_tgkill, // a panic's abort
         libc::SYS_sched_getaffinity,
         libc::SYS_sched_yield,
         libc::SYS_exit,
@@ -105,6 +104,14 @@ pub const VSOCK_DAEMON: &Allow = &Allow {
         // Threads only (no fork): clone with CLONE_THREAD, after clone3
         // answered ENOSYS.
         THREADS,
+        // A panic's abort signals its own process, and no other (it runs
+        // as root in the host's PID namespace: root's processes would be
+        // in reach).
+        Arg {
+            call: libc::SYS_tgkill,
+            index: 0,
+            is: Is::OwnPid,
+        },
     ],
     enosys: &[libc::SYS_clone3],
 };
@@ -332,6 +339,33 @@ mod tests {
             }
             assert!(!list.calls.contains(&libc::SYS_ioctl), "{name}: any ioctl");
         }
+    }
+
+    #[test]
+    fn the_vsock_daemon_may_signal_only_its_own_process() {
+        for nr in [
+            libc::SYS_kill,
+            libc::SYS_tkill,
+            libc::SYS_tgkill,
+            libc::SYS_rt_sigqueueinfo,
+            libc::SYS_rt_tgsigqueueinfo,
+            libc::SYS_pidfd_send_signal,
+        ] {
+            assert!(!VSOCK_DAEMON.calls.contains(&nr), "may call {nr} freely");
+        }
+        let rules: Vec<&Arg> = VSOCK_DAEMON
+            .when
+            .iter()
+            .filter(|a| a.call == libc::SYS_tgkill)
+            .collect();
+        assert_eq!(
+            rules,
+            [&Arg {
+                call: libc::SYS_tgkill,
+                index: 0,
+                is: Is::OwnPid
+            }]
+        );
     }
 
     #[test]
