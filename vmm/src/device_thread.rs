@@ -7,8 +7,10 @@
 //! thread (each thread kind has its own seccomp filter, and a thread would
 //! inherit its maker's). Each activation is served until the driver resets
 //! the device (the stop eventfd) or the guest breaks one of the device's
-//! rules (the reason goes to stderr; the device then stays quiet until the
-//! next reset).
+//! rules (the reason goes to stderr, the first time and then at each
+//! power of two with the count, see [`Repeats`]: a guest that breaks a rule
+//! at every reset gets a few log lines, not one per cycle; the device then
+//! stays quiet until the next reset).
 
 use std::fmt::Display;
 use std::io;
@@ -22,6 +24,20 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::seccomp::ThreadKind;
 use crate::virtio_mmio::QueueConfig;
+
+/// Counts a failure that a guest can repeat at will (a device it resets
+/// with bad rings in a loop) and says which ones to log: the first, then
+/// the 2nd, 4th, 8th..., so a log holds a few lines for any number.
+#[derive(Debug, Default)]
+pub struct Repeats(std::sync::atomic::AtomicU64);
+
+impl Repeats {
+    /// Counts one; `Some(n)` (the count so far) when this one is told.
+    pub fn count(&self) -> Option<u64> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        n.is_power_of_two().then_some(n)
+    }
+}
 
 /// What a device's thread does with each activation.
 pub trait Service: Send + 'static {
@@ -169,6 +185,7 @@ fn run<S: Service>(
     jobs: &Receiver<Job>,
     replies: &Sender<Reply<S::Error>>,
 ) {
+    let failures = Repeats::default();
     while let Ok((queues, call)) = jobs.recv() {
         let mut worker = match service.worker(&queues, call) {
             Ok(w) => w,
@@ -181,7 +198,12 @@ fn run<S: Service>(
         let _ = stop.read();
         let _ = replies.send(Reply::Started(Ok(())));
         if let Err(e) = service.serve(&mut worker, kicks, stop) {
-            tracing::error!("{name} failed: {e}");
+            if let Some(n) = failures.count() {
+                tracing::error!(
+                    "{name} failed: {e} (failure {n}; the next told is the {})",
+                    n * 2
+                );
+            }
         }
         let _ = replies.send(Reply::Ended);
     }
@@ -227,4 +249,14 @@ pub fn wait(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn repeats_are_told_at_powers_of_two() {
+        let r = super::Repeats::default();
+        let told: Vec<u64> = (0..1000).filter_map(|_| r.count()).collect();
+        assert_eq!(told, [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]);
+    }
 }

@@ -117,6 +117,8 @@ impl VirtioDevice for Device {
 struct MmioDevice {
     base: u64,
     transport: Transport,
+    /// Failed activations (a guest can fail them in a loop).
+    failures: crate::device_thread::Repeats,
 }
 
 /// Most vCPUs husk-vmm creates.
@@ -514,6 +516,7 @@ impl Vm {
         self.mmio.push(MmioDevice {
             base,
             transport: Mutex::new(MmioTransport::with_external_interrupts(dev)),
+            failures: Default::default(),
         });
         Ok(format!("virtio_mmio.device=4K@{base:#x}:{irq}"))
     }
@@ -643,7 +646,13 @@ fn mmio_write(d: &MmioDevice, offset: u64, data: &[u8]) {
         Ok(Action::Activate) => {
             let (features, queues) = (t.driver_features(), t.queues().to_vec());
             if let Err(e) = t.device_mut().activate(features, &queues) {
-                tracing::error!("activating the device at {:#x}: {e}", d.base);
+                if let Some(n) = d.failures.count() {
+                    tracing::error!(
+                        "activating the device at {:#x}: {e} (failure {n}; the next told is the {})",
+                        d.base,
+                        n * 2
+                    );
+                }
             }
         }
         Ok(Action::Notify(q)) => {
