@@ -252,34 +252,30 @@ mod tests {
     /// Forks a child that installs `filter`, runs `then` and exits with
     /// what it returns; the child's wait status.
     fn in_child(filter: &Filter, then: fn() -> i32) -> i32 {
-        // SAFETY: the child only makes system calls (prctl, the test's own
-        // calls through libc::syscall, _exit): no allocation, no lock.
-        unsafe {
-            let pid = libc::fork();
-            assert!(pid >= 0, "fork");
-            if pid == 0 {
-                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if filter.install().is_err() {
-                    libc::_exit(100);
-                }
-                libc::_exit(then());
-            }
-            let mut status = 0;
-            assert_eq!(libc::waitpid(pid, &mut status, 0), pid);
-            status
-        }
+        fork_filtered(filter, false, then)
     }
 
     /// As [`in_child`], with the filter installed as a child's.
     fn in_child_own(filter: &Filter, then: fn() -> i32) -> i32 {
+        fork_filtered(filter, true, then)
+    }
+
+    fn fork_filtered(filter: &Filter, own: bool, then: fn() -> i32) -> i32 {
         let mut filter = filter.clone();
-        // SAFETY: as in_child.
+        // SAFETY: the child only makes system calls (prctl, the test's own
+        // calls through libc::syscall, _exit) and writes into the filter's
+        // own memory: no allocation, no lock.
         unsafe {
             let pid = libc::fork();
             assert!(pid >= 0, "fork");
             if pid == 0 {
                 libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0);
-                if filter.install_in_child().is_err() {
+                let installed = if own {
+                    filter.install_in_child()
+                } else {
+                    filter.install()
+                };
+                if installed.is_err() {
                     libc::_exit(100);
                 }
                 libc::_exit(then());

@@ -585,15 +585,7 @@ fn an_exec_before_start_is_refused_and_after_start_it_runs() {
 fn kill_after_exit_is_done_for_an_init_and_not_found_for_an_exec() {
     let p = pod();
     run(&p, "c1");
-    p.pod
-        .add_exec(
-            &cid("c1"),
-            &xid("e1"),
-            Pod::exec_spec(&["true"]),
-            Io::default(),
-        )
-        .unwrap();
-    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
+    start_exec(&p, "c1", "e1", &["true"]);
     p.agent.exit("c1", "e1", 0);
     p.pod.wait(&cid("c1"), eid("e1").as_ref()).unwrap();
     let e = p
@@ -644,6 +636,14 @@ fn an_exit_is_published_only_after_the_kill_that_caused_it_returns() {
     killer.join().unwrap();
 }
 
+/// Adds and starts exec `exec_id` of container `id`.
+fn start_exec(p: &Pod, id: &str, exec_id: &str, args: &[&str]) -> u32 {
+    p.pod
+        .add_exec(&cid(id), &xid(exec_id), Pod::exec_spec(args), Io::default())
+        .unwrap();
+    p.pod.start(&cid(id), eid(exec_id).as_ref()).unwrap()
+}
+
 /// Runs c1 with exec e1 in a pod whose kill grace is `grace_ms`.
 fn run_with_exec(p: &Pod, grace_ms: u64) {
     let mut config = Config::default();
@@ -659,15 +659,7 @@ fn run_with_exec(p: &Pod, grace_ms: u64) {
         })
         .unwrap();
     p.pod.start(&cid("c1"), None).unwrap();
-    p.pod
-        .add_exec(
-            &cid("c1"),
-            &xid("e1"),
-            Pod::exec_spec(&["sleep"]),
-            Io::default(),
-        )
-        .unwrap();
-    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
+    start_exec(p, "c1", "e1", &["sleep"]);
     assert_eq!(
         p.kinds(),
         ["Created", "Started", "ExecAdded", "ExecStarted"]
@@ -812,15 +804,7 @@ fn until_waiting(pod: &PodService<FakeBackend>, procs: &[(&str, &str)]) {
 fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
     let p = pod();
     run(&p, "c1");
-    p.pod
-        .add_exec(
-            &cid("c1"),
-            &xid("e1"),
-            Pod::exec_spec(&["sleep"]),
-            Io::default(),
-        )
-        .unwrap();
-    p.pod.start(&cid("c1"), eid("e1").as_ref()).unwrap();
+    start_exec(&p, "c1", "e1", &["sleep"]);
     let waiter = {
         let pod = p.pod.clone();
         std::thread::spawn(move || pod.wait(&cid("c1"), eid("e1").as_ref()))
@@ -840,15 +824,7 @@ fn a_wait_pending_at_delete_returns_and_one_after_it_finds_nothing() {
     assert_eq!(after.kind(), ErrorKind::NotFound, "{after}");
     // The container too: deleted without an exit, it reports SIGKILL's,
     // and a Wait pending on it (and on an exec of it) returns that.
-    p.pod
-        .add_exec(
-            &cid("c1"),
-            &xid("e2"),
-            Pod::exec_spec(&["sleep"]),
-            Io::default(),
-        )
-        .unwrap();
-    p.pod.start(&cid("c1"), eid("e2").as_ref()).unwrap();
+    start_exec(&p, "c1", "e2", &["sleep"]);
     let waiters: Vec<_> = ["", "e2"]
         .into_iter()
         .map(|exec| {
