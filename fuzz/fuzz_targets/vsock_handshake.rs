@@ -7,18 +7,17 @@
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
 use std::sync::mpsc::{channel, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
-use husk_runtime::vm::agent::hybrid_connect;
+use husk_runtime::vm::agent::{hybrid_connect, HybridSocket};
 use libfuzzer_sys::fuzz_target;
 
 /// A listener that answers each connection with the next reply it is given
-/// and then closes it.
-fn daemon() -> &'static (PathBuf, Mutex<Sender<Vec<u8>>>) {
-    static DAEMON: OnceLock<(PathBuf, Mutex<Sender<Vec<u8>>>)> = OnceLock::new();
+/// and then closes it; this process serves it, as the peer check wants.
+fn daemon() -> &'static (HybridSocket, Mutex<Sender<Vec<u8>>>) {
+    static DAEMON: OnceLock<(HybridSocket, Mutex<Sender<Vec<u8>>>)> = OnceLock::new();
     DAEMON.get_or_init(|| {
         let dir = std::env::temp_dir().join(format!("husk-fuzz-vsock-{}", std::process::id()));
         let _ = std::fs::create_dir_all(&dir);
@@ -36,14 +35,18 @@ fn daemon() -> &'static (PathBuf, Mutex<Sender<Vec<u8>>>) {
                 let _ = s.write_all(&reply);
             }
         });
-        (path, Mutex::new(tx))
+        let socket = HybridSocket {
+            path,
+            server_pid: std::process::id(),
+        };
+        (socket, Mutex::new(tx))
     })
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (path, tx) = daemon();
+    let (socket, tx) = daemon();
     tx.lock().unwrap().send(data.to_vec()).expect("daemon");
-    let result = hybrid_connect(path, 1024, Duration::from_secs(5));
+    let result = hybrid_connect(socket, 1024, Duration::from_secs(5));
     let line_end = data.iter().position(|&b| b == b'\n');
     match result {
         Ok(mut stream) => {
