@@ -371,12 +371,19 @@ pub fn mount_share_root(dir: &Path) -> Result<(), StorageError> {
     })
 }
 
-/// Serialises husk's writes to share roots (one pod per shim process).
+/// Serialises husk's writes to share roots within this process.
 static SHARE_WRITE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The lock file, next to a share root, that serialises its write windows
+/// across processes.
+pub const SHARE_LOCK: &str = "share.lock";
 
 /// Holds a share root writable; it is read-only again when dropped.
 pub struct ShareWrite<'a> {
     dir: Option<&'a Path>,
+    /// Held for the whole window, released after the remount read-only
+    /// (fields drop after `drop`).
+    _flock: Option<nix::fcntl::Flock<std::fs::File>>,
     _lock: std::sync::MutexGuard<'static, ()>,
 }
 
@@ -384,15 +391,39 @@ impl<'a> ShareWrite<'a> {
     /// Makes the share root at `dir` writable. A `dir` that is not a mount
     /// point (a sandbox from before share roots were tmpfs) is left alone:
     /// remounting would reach the file system it lives on.
+    ///
+    /// One window at a time per share root, across processes too (an
+    /// flock on [`SHARE_LOCK`] beside it): containerd runs the `delete` of
+    /// a dead pod's containers at once, and one's remount read-only in the
+    /// middle of the other's removal left that container's state, and so
+    /// the pod's directory, behind.
     pub fn begin(dir: &'a Path) -> Self {
         let lock = SHARE_WRITE.lock().unwrap_or_else(|e| e.into_inner());
+        let flock = dir.parent().and_then(|parent| {
+            let path = parent.join(SHARE_LOCK);
+            let file = std::fs::File::options()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(&path)
+                .map_err(|e| tracing::warn!(path = %path.display(), error = %e, "opening the share lock"))
+                .ok()?;
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| tracing::warn!(path = %path.display(), error = %e, "locking the share"))
+                .ok()
+        });
         let dir = is_mount_point(dir).then_some(dir);
         if let Some(d) = dir {
             if let Err(e) = remount_share_root(d, false) {
                 tracing::warn!(dir = %d.display(), error = %e, "making the share root writable");
             }
         }
-        Self { dir, _lock: lock }
+        Self {
+            dir,
+            _flock: flock,
+            _lock: lock,
+        }
     }
 }
 
@@ -860,6 +891,25 @@ mod tests {
         let plain = tempfile::tempdir().unwrap();
         std::fs::create_dir(plain.path().join("..data")).unwrap();
         assert!(!is_synced_volume(plain.path(), true));
+    }
+
+    #[test]
+    fn a_share_write_window_excludes_other_processes_windows() {
+        let d = tempfile::tempdir().unwrap();
+        let share = d.path().join("shared");
+        std::fs::create_dir(&share).unwrap();
+        let try_lock = || {
+            let f = std::fs::File::options()
+                .write(true)
+                .open(d.path().join(SHARE_LOCK))
+                .unwrap();
+            // Another open file description: as another process's would be.
+            nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+        };
+        let window = ShareWrite::begin(&share);
+        assert!(!try_lock(), "a second window while the first is open");
+        drop(window);
+        assert!(try_lock(), "the lock outlived the window");
     }
 
     #[test]
