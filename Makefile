@@ -63,9 +63,13 @@ demo: build guest-image
 	bash tests/demo.sh
 	./target/release/pod-demo
 
+# The fuzz crate is outside the workspace (nightly, cargo fuzz): checked
+# here too, so an API change that breaks a target fails in minutes, not
+# after the lab.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	cd fuzz && $(CARGO) +nightly check --locked --bins
 
 # Unit tests only: no root, no KVM, no guest. The CLI's tests run the
 # `husk` binary of the same profile, which `cargo test` does not build.
