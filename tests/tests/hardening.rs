@@ -223,6 +223,19 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
         virtiofsd.iter().any(|l| l.contains("seccomp filter")),
         "{virtiofsd:?}"
     );
+    // Outside each of their PID namespaces, a waiter that holds nothing
+    // and may only wait, signal and exit.
+    let waiters: Vec<_> = lines
+        .iter()
+        .filter(|l| l.contains(" husk-nswait: "))
+        .collect();
+    assert_eq!(waiters.len(), 2, "{waiters:?}");
+    for l in &waiters {
+        assert!(
+            l.contains("seccomp filter") && l.contains("pid ns host's"),
+            "{l}"
+        );
+    }
     // vhost-device-vsock and QEMU live in jails: a mount namespace of their
     // own whose root holds the system's programs and the sandbox's sockets
     // (and for QEMU the guest image), nothing else of the host: no /etc,
@@ -233,10 +246,12 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             .iter()
             .find(|l| l.contains(&format!(" {name}: ")))
             .unwrap_or_else(|| panic!("{name} not listed:\n{report}"));
-        // An IPC namespace and an empty network namespace of their own:
-        // no host network to reach (QEMU's taps come as descriptors).
+        // PID and IPC namespaces and an empty network namespace of their
+        // own: no host process to signal, no host network to reach
+        // (QEMU's taps come as descriptors).
         assert!(
             line.contains("mount ns own")
+                && line.contains("pid ns own")
                 && line.contains("ipc ns own")
                 && line.contains("net ns own"),
             "{line}"
@@ -255,6 +270,7 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             .map(str::trim)
             .collect();
         assert_eq!(links, ["lo"], "{name}'s network namespace");
+        from_its_namespaces_nothing_outside_is_in_reach(name, pid);
         let root = Path::new("/proc").join(pid.to_string()).join("root");
         let seen = |p: &Path| root.join(p.strip_prefix("/").expect("absolute")).exists();
         assert!(
@@ -289,6 +305,69 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
     ok(&ctd, "ctr task rm", &ctd.ctr(&["task", "rm", id]));
     ok(&ctd, "ctr container rm", &ctd.ctr(&["container", "rm", id]));
     assert_clean();
+}
+
+/// From a process that enters `pid`'s PID namespace (as root, with every
+/// capability: more than the jailed process has), `kill -9 -1` reaches
+/// nothing (the pod lives on, and so does a canary outside); from its
+/// network namespace a TCP connection to a listener on the host's loopback
+/// fails, where the same command from the host's succeeds.
+fn from_its_namespaces_nothing_outside_is_in_reach(name: &str, pid: u32) {
+    let ours = std::fs::read_link("/proc/self/ns/pid").expect("our pid ns");
+    let theirs = std::fs::read_link(format!("/proc/{pid}/ns/pid")).expect("its pid ns");
+    // Never kill(-1) in the host's namespace.
+    assert_ne!(ours, theirs, "{name} in the host's PID namespace");
+    let mut canary = std::process::Command::new("sleep")
+        .arg("60")
+        .spawn()
+        .expect("canary");
+    let script = format!(
+        "[ \"$(readlink /proc/self/ns/pid)\" = '{}' ] || exit 99; kill -9 -1; echo kill $?",
+        theirs.display()
+    );
+    let out = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &pid.to_string(),
+            "--pid",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ])
+        .output()
+        .expect("nsenter");
+    assert_eq!(text(&out.stdout).trim(), "kill 1", "{name}: {out:?}");
+    assert!(
+        canary.try_wait().expect("canary").is_none(),
+        "{name}: the canary was killed"
+    );
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "{name} was killed"
+    );
+    canary.kill().expect("canary");
+    canary.wait().expect("canary");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listener");
+    let port = listener.local_addr().expect("port").port();
+    let connect = |enter: bool| {
+        let probe = format!("exec 3<>/dev/tcp/127.0.0.1/{port}");
+        let mut cmd = std::process::Command::new("timeout");
+        cmd.arg("5");
+        if enter {
+            cmd.args(["nsenter", "--target", &pid.to_string(), "--net", "--"]);
+        }
+        cmd.args(["bash", "-c", &probe])
+            .output()
+            .expect("probe")
+            .status
+            .success()
+    };
+    assert!(connect(false), "the probe cannot reach the host's listener");
+    assert!(
+        !connect(true),
+        "{name}: a TCP connection to the host's loopback"
+    );
 }
 
 /// A guest that floods its serial console: the log on disk stays within

@@ -4,6 +4,7 @@
 //! process (`husk check`).
 
 pub mod jail;
+pub mod pidns;
 pub mod process;
 pub mod report;
 pub mod seccomp;

@@ -17,6 +17,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::confine::jail::Jail;
+use crate::confine::pidns;
 use crate::confine::seccomp::Filter;
 use husk_sys::console::ConsoleLog;
 
@@ -75,15 +76,16 @@ pub struct Confine {
     /// `no_capabilities`, else through the caller's CAP_SYS_ADMIN.
     pub seccomp: Option<&'static crate::confine::seccomp::Allow>,
     /// Namespaces it gets new (`CLONE_NEW*` flags for unshare(2)), made
-    /// before its capabilities go: an IPC namespace of its own, and an
-    /// empty network namespace for a process that needs no network (a
-    /// VMM's taps come as descriptors; unix sockets bound to paths are
-    /// reached across network namespaces).
+    /// before its capabilities go: an IPC namespace of its own, an empty
+    /// network namespace for a process that needs no network (a VMM's
+    /// taps come as descriptors; unix sockets bound to paths are reached
+    /// across network namespaces), a PID namespace whose pid 1 it is (see
+    /// [`crate::confine::pidns`]).
     pub new_namespaces: libc::c_int,
 }
 
-/// An IPC namespace of its own and an empty network namespace.
-const NO_IPC_NO_NET: libc::c_int = libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
+/// PID and IPC namespaces of its own and an empty network namespace.
+const NO_PID_IPC_NET: libc::c_int = libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWNET;
 
 impl Confine {
     /// Nothing beyond what the caller has (a daemon that confines itself).
@@ -108,7 +110,7 @@ impl Confine {
     /// vhost-device-vsock: unprivileged, under husk's own filter.
     pub const VSOCK_DAEMON: Confine = Confine {
         seccomp: Some(crate::confine::seccomp::VSOCK_DAEMON),
-        new_namespaces: NO_IPC_NO_NET,
+        new_namespaces: NO_PID_IPC_NET,
         ..Confine::UNPRIVILEGED
     };
 
@@ -129,7 +131,7 @@ impl Confine {
     /// the sandbox.
     pub const VMM: Confine = Confine {
         max_file_size: None,
-        new_namespaces: NO_IPC_NO_NET,
+        new_namespaces: NO_PID_IPC_NET,
         ..Confine::UNPRIVILEGED
     };
 
@@ -211,6 +213,25 @@ impl Confine {
 
 const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
 
+/// Empties the calling thread's permitted, effective and inheritable
+/// capability sets, for a process that will not exec (exec under an empty
+/// bounding set does that for the others).
+///
+/// # Safety
+/// Async-signal-safe: capset(2) on locals.
+pub(crate) unsafe fn clear_capabilities() -> std::io::Result<()> {
+    let mut header = CapHeader {
+        version: LINUX_CAPABILITY_VERSION_3,
+        pid: 0,
+    };
+    let data = [CapData::default(); 2];
+    // SAFETY: a header and two zeroed data structs that live across the call.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `struct __user_cap_header_struct`.
 #[repr(C)]
 struct CapHeader {
@@ -235,6 +256,13 @@ pub const MAX_INHERITED: usize = 16;
 pub struct Process {
     name: &'static str,
     child: Child,
+    /// The program's pid: the child's, or in a PID namespace of its own
+    /// the pid (as the host sees it) of the namespace's pid 1, whose
+    /// waiter the child is.
+    program: u32,
+    /// A pidfd of the namespace's pid 1 (its pid is reaped by the waiter,
+    /// not by us).
+    program_fd: Option<OwnedFd>,
     log: PathBuf,
     exited: Option<ExitStatus>,
     /// Disconnected once the log pump has written the last output.
@@ -389,6 +417,21 @@ impl Process {
             .map(Filter::allow_in_child)
             .transpose()
             .map_err(|source| ProcessError::Filter { name, source })?;
+        let pid_ns = confine.new_namespaces & libc::CLONE_NEWPID != 0;
+        let mut waiter = pid_ns
+            .then(|| Filter::allow_in_child(pidns::WAITER))
+            .transpose()
+            .map_err(|source| ProcessError::Filter { name, source })?;
+        let spawn_err = |source| ProcessError::Spawn {
+            name,
+            path: path.clone(),
+            source,
+        };
+        let report = pid_ns
+            .then(pidns::report_pipe)
+            .transpose()
+            .map_err(spawn_err)?;
+        let report_fd = report.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
         let mut cmd = Command::new(&path);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -425,6 +468,9 @@ impl Process {
                     j.enter()?;
                 }
                 confine.apply()?;
+                if let Some(w) = &mut waiter {
+                    pidns::split(report_fd, w)?;
+                }
                 match &mut filter {
                     Some(f) => f.install_in_child(),
                     None => Ok(()),
@@ -433,13 +479,34 @@ impl Process {
         }
         // The command (with the pipe's write ends) is gone after the
         // spawn: the log ends when the process and its children have.
-        let child =
-            spawn_from_keeper(cmd).map_err(|source| ProcessError::Spawn { name, path, source })?;
-        tracing::debug!(name, pid = child.id(), "spawned");
+        let mut child = spawn_from_keeper(cmd).map_err(spawn_err)?;
+        let program = match report {
+            None => child.id(),
+            Some((report, ours)) => {
+                drop(ours);
+                match pidns::program_pid(report) {
+                    Some(pid) => pid,
+                    None => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        return Err(spawn_err(std::io::Error::other(
+                            "its PID namespace's pid 1 was not reported",
+                        )));
+                    }
+                }
+            }
+        };
+        // When pid 1 has already ended, the group's signals do.
+        let program_fd = (program != child.id())
+            .then(|| pidfd_open(program).ok())
+            .flatten();
+        tracing::debug!(name, pid = program, leader = child.id(), "spawned");
         let log_done = pump_log(name, read, sink).map_err(log_err)?;
         Ok(Self {
             name,
             child,
+            program,
+            program_fd,
             log: log.to_path_buf(),
             exited: None,
             log_done,
@@ -450,8 +517,25 @@ impl Process {
         self.name
     }
 
+    /// The program's pid (in a PID namespace of its own, as the host sees
+    /// it): the process its /proc, socket peers and report are about.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.program
+    }
+
+    /// A pidfd that turns readable when the process has ended (the
+    /// program, or its waiter, which ends with it): it is our unreaped
+    /// child, so no other process can have its pid meanwhile.
+    pub fn exit_fd(&self) -> std::io::Result<OwnedFd> {
+        pidfd_open(self.child.id())
+    }
+
+    /// SIGKILL to the group now, without waiting; nothing if it has been
+    /// reaped (its group id could then be another's).
+    pub fn kill_now(&self) {
+        if self.exited.is_none() {
+            self.kill_group(Signal::SIGKILL);
+        }
     }
 
     pub fn log_path(&self) -> &Path {
@@ -498,6 +582,12 @@ impl Process {
             self.kill_group(Signal::SIGKILL);
             return Ok(status);
         }
+        // A namespace's pid 1 ignores a SIGTERM it does not handle, where
+        // outside the namespace the signal's default would have ended it
+        // at once: SIGKILL does that.
+        if self.program != self.child.id() && !pidns::catches(self.program, libc::SIGTERM) {
+            return self.kill();
+        }
         self.kill_group(Signal::SIGTERM);
         if let Some(status) = self.wait_timeout(grace)? {
             self.kill_group(Signal::SIGKILL);
@@ -518,8 +608,30 @@ impl Process {
     }
 
     /// Signals the whole group: a daemon that forked (virtiofsd's sandbox
-    /// does) is stopped with all its children.
+    /// does) is stopped with all its children. In a PID namespace of its
+    /// own, the program (pid 1) alone: the namespace ends with it, and its
+    /// waiter then reaps it and ends too, so once the waiter is reaped
+    /// nothing of it is left.
     fn kill_group(&self, signal: Signal) {
+        if let Some(fd) = &self.program_fd {
+            // SAFETY: a pidfd we own, a signal number, no siginfo, no flags.
+            let rc = unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    signal as libc::c_int,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::ESRCH) {
+                    tracing::warn!(name = self.name, pid = self.program, %signal, error = %e, "cannot signal the program");
+                }
+            }
+            return;
+        }
         let pgid = Pid::from_raw(self.child.id() as i32);
         match killpg(pgid, signal) {
             Ok(()) | Err(nix::Error::ESRCH) => {}
@@ -584,20 +696,23 @@ impl Drop for Process {
     }
 }
 
-/// The last `max` bytes of a text file, trimmed to whole lines; empty if the
-/// file cannot be read.
+/// The last `max` bytes of a text file, trimmed to whole lines; a last line
+/// longer than `max` keeps its end (a flood without newlines still shows
+/// what it ended with). Empty if the file cannot be read.
 pub fn tail_of_file(path: &Path, max: usize) -> String {
     let Ok(bytes) = std::fs::read(path) else {
         return String::new();
     };
-    let start = bytes.len().saturating_sub(max);
-    let text = String::from_utf8_lossy(&bytes[start..]);
-    let text = if start > 0 {
-        text.split_once('\n').map_or(&*text, |(_, rest)| rest)
-    } else {
-        &text
-    };
-    text.trim_end().to_owned()
+    let end = bytes.trim_ascii_end().len();
+    let start = end.saturating_sub(max);
+    let mut text = &bytes[start..end];
+    if start > 0 && bytes[start - 1] != b'\n' {
+        // Cut inside a line: its start goes when a whole line follows.
+        if let Some(nl) = text.iter().position(|&b| b == b'\n') {
+            text = &text[nl + 1..];
+        }
+    }
+    String::from_utf8_lossy(text).into_owned()
 }
 
 /// A pidfd for `pid` (Linux 5.3): readable once the process exits, and a
@@ -654,6 +769,7 @@ pub fn wait_any(fds: &[BorrowedFd<'_>], timeout: Duration) -> std::io::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::process::ExitStatusExt;
 
     #[test]
     fn missing_binary_is_named() {
@@ -741,6 +857,107 @@ mod tests {
         }
     }
 
+    fn pid_ns() -> Confine {
+        Confine {
+            new_namespaces: libc::CLONE_NEWPID,
+            ..Confine::UNPRIVILEGED
+        }
+    }
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    #[test]
+    fn in_its_pid_namespace_kill_minus_1_reaches_nothing_and_its_exit_is_the_waiters() {
+        let d = tempfile::tempdir().unwrap();
+        let log = d.path().join("log");
+        // The script checks it is pid 1 before it signals everything it
+        // may: outside a namespace of its own that would be all of root's
+        // processes.
+        let script = "[ $$ = 1 ] || exit 99; kill -9 -1; echo kill $?; exit 7";
+        let spawned = Process::spawn_confined(
+            "sh",
+            Path::new("sh"),
+            ["-c", script],
+            &log,
+            &[],
+            pid_ns(),
+            None,
+        );
+        if !is_root() {
+            let err = spawned.unwrap_err().to_string();
+            assert!(err.contains("cannot start"), "{err}");
+            return;
+        }
+        let mut canary = Command::new("sleep").arg("30").spawn().unwrap();
+        let mut p = spawned.unwrap();
+        let st = p
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("it ends");
+        // kill(-1) found no process to signal (ESRCH).
+        let out = p.log_tail(200);
+        assert!(
+            out.contains("No such process") && out.ends_with("kill 1"),
+            "{out}"
+        );
+        assert_eq!(st.code(), Some(7), "the waiter ends as its program did");
+        assert!(
+            canary.try_wait().unwrap().is_none(),
+            "the canary was killed"
+        );
+        canary.kill().unwrap();
+        canary.wait().unwrap();
+    }
+
+    #[test]
+    fn terminate_ends_a_pid_1_that_ignores_sigterm_and_leaves_no_process() {
+        if !is_root() {
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let mut p = Process::spawn_confined(
+            "sleep",
+            Path::new("sleep"),
+            ["60"],
+            &d.path().join("log"),
+            &[],
+            pid_ns(),
+            None,
+        )
+        .unwrap();
+        let program = p.pid();
+        let leader = p.child.id();
+        assert_ne!(program, leader);
+        let ns = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+        assert_ne!(ns(&program.to_string()), ns("self"));
+        let status = std::fs::read_to_string(format!("/proc/{program}/status")).unwrap();
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+        assert!(nspid.ends_with("\t1"), "{nspid}");
+        let comm = std::fs::read_to_string(format!("/proc/{leader}/comm")).unwrap();
+        assert_eq!(comm.trim_end(), "husk-nswait");
+        // The waiter is as confined as its program.
+        let waiter = std::fs::read_to_string(format!("/proc/{leader}/status")).unwrap();
+        for want in [
+            "CapEff:\t0000000000000000",
+            "CapPrm:\t0000000000000000",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+        ] {
+            assert!(waiter.contains(want), "{want:?} not in {waiter}");
+        }
+        // sleep has no SIGTERM handler: as pid 1 it would ignore SIGTERM.
+        let t = Instant::now();
+        let st = p.terminate(Duration::from_secs(10)).unwrap();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert_eq!(st.signal(), Some(libc::SIGKILL));
+        for pid in [program, leader] {
+            assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{pid} left");
+        }
+    }
+
     #[test]
     fn terminate_reports_exit_status() {
         let dir = tempfile::tempdir().unwrap();
@@ -797,8 +1014,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("t");
         std::fs::write(&f, "first line\nsecond\nthird\n").unwrap();
-        assert_eq!(tail_of_file(&f, 12), "third");
+        assert_eq!(tail_of_file(&f, 10), "third");
+        assert_eq!(tail_of_file(&f, 12), "second\nthird");
         assert_eq!(tail_of_file(&f, 1000), "first line\nsecond\nthird");
         assert_eq!(tail_of_file(&dir.path().join("none"), 10), "");
+    }
+
+    #[test]
+    fn tail_of_one_long_line_keeps_its_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("t");
+        std::fs::write(&f, format!("{}last words\n", "x".repeat(500))).unwrap();
+        assert_eq!(tail_of_file(&f, 14), "xxxxlast words");
+        std::fs::write(&f, format!("first\n{}last words\n", "x".repeat(500))).unwrap();
+        assert_eq!(tail_of_file(&f, 14), "xxxxlast words");
     }
 }

@@ -129,7 +129,7 @@ pub fn report(state_dir: &Path) -> Vec<Confinement> {
         theirs.is_some() && theirs != ns_of("self", kind)
     };
     let mut out = Vec::new();
-    for (pid, i) in processes_naming(&dirs) {
+    for (pid, i) in with_waiters(processes_naming(&dirs)) {
         let (ns, id, _) = &sandboxes[i];
         let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
             continue;
@@ -146,6 +146,30 @@ pub fn report(state_dir: &Path) -> Vec<Confinement> {
     }
     out.sort_by(|a, b| (&a.sandbox, a.pid).cmp(&(&b.sandbox, b.pid)));
     out
+}
+
+/// The processes found, and the waiter outside each one's PID namespace
+/// (see [`crate::confine::pidns`]): its command line is its owner's, but
+/// it belongs to the same sandbox.
+fn with_waiters(found: Vec<(u32, usize)>) -> Vec<(u32, usize)> {
+    let parent = |pid: u32| {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:"))?;
+        ppid.trim().parse::<u32>().ok()
+    };
+    let is_waiter = |pid: u32| {
+        std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .is_ok_and(|c| c.trim_end().as_bytes() == crate::confine::pidns::WAITER_NAME.to_bytes())
+    };
+    let mut all = found.clone();
+    for (pid, i) in found {
+        if let Some(p) = parent(pid).filter(|&p| is_waiter(p)) {
+            all.push((p, i));
+        }
+    }
+    all.sort();
+    all.dedup();
+    all
 }
 
 /// Reads /proc/<pid>/status fields; `None` for a kernel thread or one

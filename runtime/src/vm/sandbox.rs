@@ -20,9 +20,7 @@ use husk_sys::console::{self, ConsoleLog};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::Config;
-use crate::confine::process::{
-    pidfd_kill, pidfd_open, tail_of_file, wait_any, Confine, Process, ProcessError,
-};
+use crate::confine::process::{tail_of_file, wait_any, Confine, Process, ProcessError};
 use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::host::probe::{self, Backend, ChoiceError};
 use crate::host::storage;
@@ -462,8 +460,7 @@ impl Sandbox {
         let console = self.paths.console_log();
         let socket = self.agent_socket();
         let vmm = self.vmm.as_mut().expect("spawned");
-        // Readable when the VMM has exited (it is our unreaped child).
-        let exited = pidfd_open(vmm.pid()).map_err(SandboxError::Monitor)?;
+        let exited = vmm.exit_fd().map_err(SandboxError::Monitor)?;
         let pump = &mut self.console;
         let mark = &started.mark;
         let ready_agent = agent::wait_ready(
@@ -611,16 +608,13 @@ impl Sandbox {
         }
     }
 
-    /// Kills the VMM and the daemons now (SIGKILL through pidfds: they are
-    /// this process's unreaped children, so no pid is reused meanwhile)
-    /// and cuts the agent connection. The rest of the teardown is
-    /// [`Sandbox::shutdown`]'s.
+    /// Kills the VMM and the daemons now (SIGKILL to each process group:
+    /// they are this process's unreaped children, so no group id is
+    /// reused meanwhile) and cuts the agent connection. The rest of the
+    /// teardown is [`Sandbox::shutdown`]'s.
     pub fn kill(&self) {
-        for pid in self.pids() {
-            match pidfd_open(pid) {
-                Ok(fd) => pidfd_kill(&fd),
-                Err(e) => tracing::warn!(sandbox = %self.id, pid, "killing: {e}"),
-            }
+        for p in self.vmm.iter().chain(&self.daemons) {
+            p.kill_now();
         }
         if let Some(a) = &self.agent {
             a.sever();
