@@ -65,7 +65,7 @@ trap 'rm -rf "$WORK"' EXIT
 S=$WORK/stage
 mkdir -p "$S"/{bin,proc,sys,dev,tmp,run,husk,modules,etc/husk,usr/bin,usr/share/qemu}
 cp /bin/busybox "$S/bin/busybox"
-for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc ip ping mkdir cp touch switch_root dmesg; do
+for a in sh mount insmod cat cut grep sed echo poweroff sleep ls head awk pidof seq timeout tail kill wc ip ping mkdir cp touch switch_root dmesg chown chmod; do
     ln -s busybox "$S/bin/$a"
 done
 for m in virt/lib/irqbypass arch/x86/kvm/kvm arch/x86/kvm/kvm-amd drivers/net/tun; do
@@ -159,6 +159,9 @@ insmod /modules/irqbypass.ko || echo "LAB: FAIL: insmod irqbypass"
 insmod /modules/kvm.ko || echo "LAB: FAIL: insmod kvm"
 insmod /modules/kvm-amd.ko npt=0 || echo "LAB: FAIL: insmod kvm-amd"
 insmod /modules/tun.ko || echo "LAB: FAIL: insmod tun"
+# What udev's rule does on a distribution (GROUP="kvm", MODE="0660"): a
+# VMM under its sandbox's uid reaches KVM through the device's group.
+[ -c /dev/kvm ] && chown 0:36 /dev/kvm && chmod 0660 /dev/kvm
 [ -c /dev/kvm ] && echo "LAB: /dev/kvm ready (kvm-amd, npt=$(cat /sys/module/kvm_amd/parameters/npt))" || echo "LAB: FAIL: no /dev/kvm"
 mount -t tmpfs tmpfs /run
 # Boot to agent-ready, husk-vmm and QEMU microvm interleaved, same guest,

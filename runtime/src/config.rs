@@ -68,6 +68,20 @@ pub struct Config {
     pub virtiofsd: VirtiofsdConfig,
     pub vsock: VsockConfig,
     pub agent: AgentConfig,
+    pub jail: JailConfig,
+}
+
+/// The ids each sandbox's VMM and vsock daemon run under.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JailConfig {
+    /// The first uid (and gid) of the range leased to sandboxes, one each
+    /// while it runs. High by default, past the ranges /etc/subuid and
+    /// kubelet's user namespaces usually take; no user or file of the host
+    /// should have one of these ids.
+    pub id_base: u32,
+    /// How many ids the range holds: the most sandboxes at once.
+    pub id_count: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -184,6 +198,16 @@ impl Default for Config {
             vsock: VsockConfig::default(),
             husk_vmm: HuskVmmConfig::default(),
             agent: AgentConfig::default(),
+            jail: JailConfig::default(),
+        }
+    }
+}
+
+impl Default for JailConfig {
+    fn default() -> Self {
+        Self {
+            id_base: 0x7000_0000,
+            id_count: 65_536,
         }
     }
 }
@@ -400,6 +424,22 @@ impl Config {
                 "auto, always, metadata or never",
             ));
         }
+        if self.jail.id_base < 65_536 {
+            return Err(range(
+                "jail.id_base",
+                self.jail.id_base.to_string(),
+                "at least 65536: lower ids are the host's users and system accounts",
+            ));
+        }
+        if self.jail.id_count == 0
+            || u64::from(self.jail.id_base) + u64::from(self.jail.id_count) > u64::from(u32::MAX)
+        {
+            return Err(range(
+                "jail.id_count",
+                self.jail.id_count.to_string(),
+                "at least 1, and jail.id_base + jail.id_count at most 4294967295",
+            ));
+        }
         if !self.state_dir.is_absolute() {
             return Err(range(
                 "state_dir",
@@ -462,6 +502,28 @@ mod tests {
             err.to_string(),
             "config c.toml: guest.page_reporting_order = 11 is out of range (0 to 10: blocks of 4 KiB to 4 MiB)"
         );
+    }
+
+    #[test]
+    fn an_id_range_over_the_hosts_users_or_past_the_last_uid_is_refused() {
+        for (text, key) in [
+            ("[jail]\nid_base = 1000\n", "jail.id_base = 1000"),
+            ("[jail]\nid_count = 0\n", "jail.id_count = 0"),
+            (
+                "[jail]\nid_base = 4294967000\nid_count = 1000\n",
+                "jail.id_count = 1000",
+            ),
+        ] {
+            let err = Config::parse(text, Path::new("c.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+        let ok = Config::parse(
+            "[jail]\nid_base = 200000\nid_count = 10\n",
+            Path::new("c.toml"),
+        );
+        assert_eq!(ok.unwrap().jail.id_count, 10);
     }
 
     #[test]

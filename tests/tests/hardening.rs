@@ -157,17 +157,8 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
         "ctr run -d",
         &ctd.run(&["-d"], id, &["sleep", "3600"]),
     );
-    let husk = husk_tests::containerd::profile_dir().join("husk");
-    let out = std::process::Command::new(&husk)
-        .arg("check")
-        .env_remove("HUSK_CONFIG")
-        .output()
-        .expect("husk check");
-    let report = text(&out.stdout);
-    let lines: Vec<&str> = report
-        .lines()
-        .filter(|l| l.starts_with(&format!("confinement: {NAMESPACE}/{id} pid ")))
-        .collect();
+    let report = husk_check();
+    let lines = confinement_lines(&report, id);
     let vmm = vmm_of(id);
     for name in ["virtiofsd", "vhost-device-vs"] {
         assert!(
@@ -292,19 +283,119 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
             );
         }
     }
+    // The VMM, the vsock daemon and their waiters run as the sandbox's
+    // own uid and gid (virtiofsd as root, for the files it serves); a
+    // second pod's are another, and neither can reach the other's
+    // sockets, where root can.
+    let own = sandbox_id(&lines);
+    let other = "confined-b";
     ok(
         &ctd,
-        "ctr task kill",
-        &ctd.ctr(&["task", "kill", "-s", "SIGKILL", id]),
+        "ctr run -d",
+        &ctd.run(&["-d"], other, &["sleep", "3600"]),
     );
+    let theirs = sandbox_id(&confinement_lines(&husk_check(), other));
+    assert_ne!(own, theirs, "two pods under one uid");
+    for (uid, dir) in [
+        (own, husk_tests::sandbox_dir(NAMESPACE, other)),
+        (theirs, sandbox.clone()),
+    ] {
+        let sock = dir.join("sock");
+        let list = |as_uid: Option<u32>| {
+            let mut cmd = std::process::Command::new("setpriv");
+            if let Some(u) = as_uid {
+                cmd.args([
+                    "--reuid",
+                    &u.to_string(),
+                    "--regid",
+                    &u.to_string(),
+                    "--clear-groups",
+                ]);
+            }
+            cmd.arg("ls").arg(&sock).output().expect("setpriv")
+        };
+        let root = list(None);
+        assert!(
+            root.status.success() && text(&root.stdout).contains("agent.sock"),
+            "root cannot list {}: {root:?}",
+            sock.display()
+        );
+        let denied = list(Some(uid));
+        assert!(
+            !denied.status.success() && text(&denied.stderr).contains("Permission denied"),
+            "uid {uid} lists {}: {denied:?}",
+            sock.display()
+        );
+    }
+    for name in [id, other] {
+        ok(
+            &ctd,
+            "ctr task kill",
+            &ctd.ctr(&["task", "kill", "-s", "SIGKILL", name]),
+        );
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !text(&ctd.ctr(&["task", "ls"]).stdout).contains("STOPPED") {
+    while text(&ctd.ctr(&["task", "ls"]).stdout)
+        .matches("STOPPED")
+        .count()
+        < 2
+    {
         assert!(Instant::now() < deadline, "never stopped");
         std::thread::sleep(Duration::from_millis(100));
     }
-    ok(&ctd, "ctr task rm", &ctd.ctr(&["task", "rm", id]));
-    ok(&ctd, "ctr container rm", &ctd.ctr(&["container", "rm", id]));
+    for name in [id, other] {
+        ok(&ctd, "ctr task rm", &ctd.ctr(&["task", "rm", name]));
+        ok(
+            &ctd,
+            "ctr container rm",
+            &ctd.ctr(&["container", "rm", name]),
+        );
+    }
     assert_clean();
+}
+
+/// What `husk check` prints about the running pods.
+fn husk_check() -> String {
+    let husk = husk_tests::containerd::profile_dir().join("husk");
+    let out = std::process::Command::new(&husk)
+        .arg("check")
+        .env_remove("HUSK_CONFIG")
+        .output()
+        .expect("husk check");
+    text(&out.stdout)
+}
+
+/// The confinement lines of pod `id`'s processes.
+fn confinement_lines<'a>(report: &'a str, id: &str) -> Vec<&'a str> {
+    report
+        .lines()
+        .filter(|l| l.starts_with(&format!("confinement: {NAMESPACE}/{id} pid ")))
+        .collect()
+}
+
+/// The uid every process of a pod but virtiofsd runs as (and its gid):
+/// one, not root's.
+fn sandbox_id(lines: &[&str]) -> u32 {
+    let field = |l: &str, key: &str| -> u32 {
+        l.split(&format!(" {key} "))
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {l}"))
+    };
+    let ids: Vec<(u32, u32)> = lines
+        .iter()
+        .filter(|l| !l.contains(" virtiofsd: "))
+        .map(|l| (field(l, "uid"), field(l, "gid")))
+        .collect();
+    assert_eq!(ids.len(), 4, "VMM, vsock daemon, two waiters: {lines:?}");
+    let (uid, gid) = ids[0];
+    assert!(uid != 0 && gid == uid, "{lines:?}");
+    assert!(ids.iter().all(|&i| i == (uid, gid)), "{lines:?}");
+    for l in lines.iter().filter(|l| l.contains(" virtiofsd: ")) {
+        assert_eq!(field(l, "uid"), 0, "{l}");
+    }
+    uid
 }
 
 /// From a process that enters `pid`'s PID namespace (as root, with every

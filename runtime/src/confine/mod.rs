@@ -3,6 +3,7 @@
 //! under them, and the report of what actually confines each running
 //! process (`husk check`).
 
+pub mod ids;
 pub mod jail;
 pub mod pidns;
 pub mod process;

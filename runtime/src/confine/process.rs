@@ -82,6 +82,12 @@ pub struct Confine {
     /// across network namespaces), a PID namespace whose pid 1 it is (see
     /// [`crate::confine::pidns`]).
     pub new_namespaces: libc::c_int,
+    /// The uid and gid it runs as, a sandbox's own (see
+    /// [`crate::confine::ids`]); with `no_capabilities` only.
+    pub user: Option<u32>,
+    /// Its one supplementary group with `user` (/dev/kvm's, for a VMM
+    /// that accelerates); none otherwise.
+    pub group: Option<u32>,
 }
 
 /// PID and IPC namespaces of its own and an empty network namespace.
@@ -95,6 +101,8 @@ impl Confine {
         max_file_size: None,
         seccomp: None,
         new_namespaces: 0,
+        user: None,
+        group: None,
     };
 
     /// A device daemon that needs no privilege: descriptors it is given,
@@ -105,6 +113,8 @@ impl Confine {
         max_file_size: Some(64 << 20),
         seccomp: None,
         new_namespaces: 0,
+        user: None,
+        group: None,
     };
 
     /// vhost-device-vsock: unprivileged, under husk's own filter.
@@ -197,6 +207,19 @@ impl Confine {
                     }
                     return fail();
                 }
+            }
+            if let Some(id) = self.user {
+                // The switch from uid 0 empties the permitted and
+                // effective sets; the capset below empties the rest.
+                let groups = [self.group.unwrap_or(id)];
+                let count = usize::from(self.group.is_some());
+                if libc::setgroups(count, groups.as_ptr()) != 0
+                    || libc::setresgid(id, id, id) != 0
+                    || libc::setresuid(id, id, id) != 0
+                {
+                    return fail();
+                }
+                data = [CapData::default(); 2];
             }
             // No inheritable set: with an empty bounding set, exec leaves
             // the permitted and effective sets empty even for uid 0.
@@ -955,6 +978,55 @@ mod tests {
         assert_eq!(st.signal(), Some(libc::SIGKILL));
         for pid in [program, leader] {
             assert!(!Path::new(&format!("/proc/{pid}")).exists(), "{pid} left");
+        }
+    }
+
+    #[test]
+    fn a_child_under_a_sandbox_id_has_that_uid_gid_one_group_and_no_capabilities() {
+        let d = tempfile::tempdir().unwrap();
+        let confine = Confine {
+            user: Some(0x7000_0123),
+            group: Some(4242),
+            new_namespaces: libc::CLONE_NEWPID,
+            ..Confine::UNPRIVILEGED
+        };
+        let spawned = Process::spawn_confined(
+            "sh",
+            Path::new("sh"),
+            [
+                "-c",
+                "echo $(id -u) $(id -g) $(id -G); grep -E '^Cap(Eff|Prm)' /proc/self/status",
+            ],
+            &d.path().join("log"),
+            &[],
+            confine,
+            None,
+        );
+        if !is_root() {
+            assert!(spawned.is_err(), "only root may switch ids");
+            return;
+        }
+        let mut p = spawned.unwrap();
+        let leader = p.child.id();
+        // The waiter outside the PID namespace is under the same ids.
+        let waiter = std::fs::read_to_string(format!("/proc/{leader}/status")).unwrap_or_default();
+        let st = p
+            .wait_timeout(Duration::from_secs(10))
+            .unwrap()
+            .expect("it ends");
+        assert!(st.success(), "{st:?}: {}", p.log_tail(500));
+        let out = p.log_tail(500);
+        let id = 0x7000_0123u32;
+        assert!(out.starts_with(&format!("{id} {id} {id} 4242\n")), "{out}");
+        assert!(
+            out.contains("CapEff:\t0000000000000000") && out.contains("CapPrm:\t0000000000000000"),
+            "{out}"
+        );
+        if !waiter.is_empty() {
+            assert!(
+                waiter.contains(&format!("Uid:\t{id}\t{id}\t{id}\t{id}")),
+                "{waiter}"
+            );
         }
     }
 

@@ -57,10 +57,13 @@ pub struct DaemonPaths {
 /// Where vhost-device-vsock is in [`start`]'s list (virtiofsd is first).
 pub const VSOCK_DAEMON: usize = 1;
 
+/// vhost-device-vsock runs as `id` (the sandbox's uid and gid);
+/// virtiofsd as root, which the files it serves need.
 pub fn start(
     config: &Config,
     paths: &DaemonPaths,
     timeout: Duration,
+    id: u32,
 ) -> Result<Vec<Process>, DaemonError> {
     let fs = Process::spawn_confined(
         "virtiofsd",
@@ -99,7 +102,10 @@ pub fn start(
         ],
         &paths.log_dir.join("vhost-device-vsock.log"),
         &[],
-        Confine::VSOCK_DAEMON,
+        Confine {
+            user: Some(id),
+            ..Confine::VSOCK_DAEMON
+        },
         Some(jail),
     )?;
     let mut procs = vec![fs, vsock];

@@ -20,6 +20,7 @@ use husk_sys::console::{self, ConsoleLog};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::config::Config;
+use crate::confine::ids::{self, IdError, IdLease};
 use crate::confine::process::{tail_of_file, wait_any, Confine, Process, ProcessError};
 use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::host::probe::{self, Backend, ChoiceError};
@@ -64,6 +65,22 @@ pub enum SandboxError {
     Exists { id: String, dir: PathBuf },
     #[error("the VMM's jail")]
     Jail(#[source] crate::confine::jail::JailError),
+    #[error("the sandbox's uid")]
+    Ids(#[source] IdError),
+    #[error("{path} (mode {mode:04o}, owner {uid}:{gid}) gives its group no read and write; a VMM under its sandbox's uid reaches KVM through that group: give the device mode 0660 and a group (udev's rule: GROUP=\"kvm\", MODE=\"0660\")")]
+    KvmAccess {
+        path: PathBuf,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    },
+    #[error("cannot give {path} to the sandbox's uid {id}")]
+    Chown {
+        path: PathBuf,
+        id: u32,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("creating sandbox directory {dir}")]
     StateDir {
         dir: PathBuf,
@@ -288,6 +305,9 @@ pub struct Sandbox {
     /// Copies a piped console into the bounded log, until the VMM exits.
     console: Option<JoinHandle<()>>,
     done: bool,
+    /// The uid and gid the VMM and the vsock daemon run as; released
+    /// last, when they are gone.
+    ids: Option<IdLease>,
 }
 
 /// Who boots a sandbox: the containerd namespace its directory goes in,
@@ -353,7 +373,13 @@ impl Sandbox {
             monitor: None,
             console: None,
             done: false,
+            ids: None,
         }
+    }
+
+    /// The sandbox's own uid (and gid), leased at its start.
+    fn uid(&self) -> u32 {
+        self.ids.as_ref().map_or(0, IdLease::id)
     }
 
     /// Step: the owner record, the socket and share directories, the share
@@ -385,10 +411,25 @@ impl Sandbox {
                     source,
                 })?;
         }
+        let lease = IdLease::take(
+            &ids::lease_dir(&config.state_dir),
+            config.jail.id_base,
+            config.jail.id_count,
+            spread(paths.root()),
+        )
+        .map_err(SandboxError::Ids)?;
+        let id = lease.id();
+        self.ids = Some(lease);
+        // The jailed processes' one writable directory is theirs alone.
+        give(&daemon_paths.sockets, id)?;
         storage::mount_share_root(&daemon_paths.shared_dir).map_err(SandboxError::Share)?;
         let t = Instant::now();
-        self.daemons =
-            daemons::start(config, &daemon_paths, DAEMON_TIMEOUT).map_err(SandboxError::Daemon)?;
+        self.daemons = daemons::start(config, &daemon_paths, DAEMON_TIMEOUT, id)
+            .map_err(SandboxError::Daemon)?;
+        // virtiofsd (root) made its socket for root alone; the VMM connects
+        // under the sandbox's uid. Not followed if the vsock daemon, which
+        // may write in that directory, put a link there.
+        give(&daemon_paths.fs_socket, id)?;
         self.timings.daemons = t.elapsed();
         Ok(())
     }
@@ -422,13 +463,18 @@ impl Sandbox {
         let jail = hv
             .jail(&spec, &self.paths.jail(name))
             .map_err(SandboxError::Jail)?;
+        let confine = Confine {
+            user: Some(self.uid()),
+            group: hv.uses_kvm().then(kvm_group).transpose()?,
+            ..Confine::VMM
+        };
         self.vmm = Some(Process::spawn_confined(
             name,
             &binary,
             args,
             &spec.vmm_log,
             &spec.inherited_fds(),
-            Confine::VMM,
+            confine,
             jail,
         )?);
         // The console's end of file is the VMM's exit.
@@ -853,6 +899,44 @@ fn image(
         Ok(f) if f.metadata().is_ok_and(|m| m.is_file() && m.len() > 0) => Ok(path),
         _ => Err(SandboxError::BadImage { what, key, path }),
     }
+}
+
+/// Where a sandbox starts its search for a free id: a hash of its
+/// directory, so that sandboxes rarely try the same ids.
+fn spread(dir: &Path) -> u32 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    dir.hash(&mut h);
+    h.finish() as u32
+}
+
+/// Makes `path` (not followed if a link) the sandbox id's.
+fn give(path: &Path, id: u32) -> Result<(), SandboxError> {
+    std::os::unix::fs::lchown(path, Some(id), Some(id)).map_err(|source| SandboxError::Chown {
+        path: path.to_path_buf(),
+        id,
+        source,
+    })
+}
+
+/// /dev/kvm's group, if it may read and write the device.
+fn kvm_group() -> Result<u32, SandboxError> {
+    use std::os::unix::fs::MetadataExt;
+    let path = Path::new("/dev/kvm");
+    let m = std::fs::metadata(path).map_err(|source| SandboxError::Chown {
+        path: path.to_path_buf(),
+        id: 0,
+        source,
+    })?;
+    if m.mode() & 0o060 != 0o060 {
+        return Err(SandboxError::KvmAccess {
+            path: path.to_path_buf(),
+            mode: m.mode() & 0o7777,
+            uid: m.uid(),
+            gid: m.gid(),
+        });
+    }
+    Ok(m.gid())
 }
 
 #[cfg(test)]

@@ -91,6 +91,10 @@ impl Hypervisor for HuskVmm {
 
     /// It has no seccomp filter of QEMU's kind for the whole process: each
     /// of its threads installs its own (`husk_vmm::seccomp`).
+    fn uses_kvm(&self) -> bool {
+        true
+    }
+
     fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
         super::vmm_jail(spec, root, true).map(Some)
     }

@@ -141,6 +141,12 @@ pub trait Hypervisor: Send {
         false
     }
 
+    /// Whether the VMM opens /dev/kvm (its jail shows it, and its
+    /// sandbox's uid needs the device's group).
+    fn uses_kvm(&self) -> bool {
+        false
+    }
+
     /// The jail (see [`crate::confine::jail`]) the VMM runs in, rooted at `root`, an
     /// empty directory it makes; None runs it in the host's mounts.
     fn jail(&self, _spec: &VmSpec, _root: &Path) -> Result<Option<Jail>, JailError> {

@@ -194,8 +194,12 @@ impl Hypervisor for Qemu {
 
     /// QEMU's libraries and firmware are in the system's directories,
     /// which every jail has.
+    fn uses_kvm(&self) -> bool {
+        self.accel == ResolvedAccel::Kvm
+    }
+
     fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
-        super::vmm_jail(spec, root, self.accel == ResolvedAccel::Kvm).map(Some)
+        super::vmm_jail(spec, root, self.uses_kvm()).map(Some)
     }
 }
 
