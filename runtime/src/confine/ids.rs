@@ -72,6 +72,7 @@ impl IdLease {
                 dir: dir.to_path_buf(),
                 source,
             })?;
+        sweep(dir);
         let mut step = 0;
         while step < count {
             let id = base + (start.wrapping_add(step)) % count;
@@ -114,6 +115,26 @@ impl IdLease {
     /// The uid, which is also the gid.
     pub fn id(&self) -> u32 {
         self.id
+    }
+}
+
+/// Removes the lease files nobody holds (their holder died without its
+/// drop); each is locked first and removed while locked, as a holder's
+/// drop does, so a sandbox that takes it meanwhile is not robbed.
+pub fn sweep(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(file) = File::options().write(true).open(e.path()) else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0
+            && still_linked(&file, &e.path())
+        {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
 
@@ -177,6 +198,11 @@ mod tests {
         };
         holder.kill().unwrap();
         holder.wait().unwrap();
+        // Its file stays until a sweep (a take sweeps first).
+        assert!(path.exists());
+        sweep(d.path());
+        assert!(!path.exists(), "a file nobody holds is swept");
+        assert!(d.path().join("7001").exists(), "a held one is not");
         assert_eq!(IdLease::take(d.path(), 7000, 2, 0).unwrap().id(), 7000);
         drop(skipped);
     }

@@ -113,6 +113,12 @@ impl SandboxPaths {
         &self.root
     }
 
+    /// The configured state directory this sandbox's is in
+    /// (`<state_dir>/<namespace>/<id>`).
+    pub fn state_dir(&self) -> Option<&Path> {
+        self.root.parent()?.parent()
+    }
+
     /// The directory shared into the guest over virtio-fs.
     pub fn shared(&self) -> PathBuf {
         self.root.join("shared")

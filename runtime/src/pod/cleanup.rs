@@ -131,6 +131,10 @@ pub fn cleanup(paths: &SandboxPaths, container: Option<&str>) -> Cleaned {
     }
     storage::remove_sandbox(paths);
     done.removed = !paths.root().exists();
+    // Its uid lease, which the dead owner's drop did not remove.
+    if let Some(state) = paths.state_dir() {
+        crate::confine::ids::sweep(&crate::confine::ids::lease_dir(state));
+    }
     done
 }
 
@@ -159,6 +163,10 @@ mod tests {
         for c in ["c1", "c2"] {
             std::fs::create_dir_all(paths.container(c).share.join("rootfs")).unwrap();
         }
+        // The uid lease its dead owner left (no holder, file still there).
+        let leases = crate::confine::ids::lease_dir(&config.state_dir);
+        std::fs::create_dir_all(&leases).unwrap();
+        std::fs::write(leases.join("1879048200"), "").unwrap();
         let pods = list(&config);
         assert_eq!(pods.len(), 1, "{pods:?}");
         assert_eq!(
@@ -176,6 +184,7 @@ mod tests {
         let done = cleanup(&paths, Some("c2"));
         assert!(done.removed, "{done:?}");
         assert!(list(&config).is_empty());
+        assert!(!leases.join("1879048200").exists(), "the dead owner's lease stays");
     }
 
     #[test]
