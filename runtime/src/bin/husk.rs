@@ -163,7 +163,7 @@ fn check(config: &Config, source: &str) -> ExitCode {
             f.detail
         );
     }
-    let needed_ok = findings
+    let mut needed_ok = findings
         .iter()
         // What pods need beyond booting: shown, not required.
         .filter(|f| !matches!(f.item, "containerd" | "guest network" | "host network"))
@@ -174,6 +174,10 @@ fn check(config: &Config, source: &str) -> ExitCode {
             println!("because: {why}");
             if backend.is_emulated() {
                 println!("{}", probe::TCG_WARNING);
+            } else if let Err(e) = husk_runtime::vm::sandbox::kvm_group() {
+                // The VMM runs under its sandbox's uid.
+                println!("{:<20} {:<4} {e}", "kvm group", "MISSING");
+                needed_ok = false;
             }
             if needed_ok {
                 ExitCode::SUCCESS

@@ -184,7 +184,10 @@ mod tests {
         let done = cleanup(&paths, Some("c2"));
         assert!(done.removed, "{done:?}");
         assert!(list(&config).is_empty());
-        assert!(!leases.join("1879048200").exists(), "the dead owner's lease stays");
+        assert!(
+            !leases.join("1879048200").exists(),
+            "the dead owner's lease stays"
+        );
     }
 
     #[test]

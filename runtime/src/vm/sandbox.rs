@@ -919,8 +919,9 @@ fn give(path: &Path, id: u32) -> Result<(), SandboxError> {
     })
 }
 
-/// /dev/kvm's group, if it may read and write the device.
-fn kvm_group() -> Result<u32, SandboxError> {
+/// /dev/kvm's group, if it may read and write the device: the one
+/// supplementary group of a VMM under its sandbox's uid.
+pub fn kvm_group() -> Result<u32, SandboxError> {
     use std::os::unix::fs::MetadataExt;
     let path = Path::new("/dev/kvm");
     let m = std::fs::metadata(path).map_err(|source| SandboxError::Chown {
