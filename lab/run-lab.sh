@@ -683,6 +683,11 @@ for kind in vcpu net; do
 done
 grep "LAB: check: husk-vmm: " "$WORK/result" | sed 's/^LAB: check: husk-vmm: /lab: husk check (husk-vmm pod): /'
 grep "LAB: check: husk-vmm: .*husk-vmm: seccomp filter, capabilities none, .*mount ns own" "$WORK/result" > /dev/null || fail "husk check does not show husk-vmm filtered, without capabilities, in its own mount namespace"
+# The same jail as under QEMU: the sandbox's own uid and gid (not root's),
+# pid 1 of its own PID namespace, its own IPC and an empty network one.
+for p in husk-vmm vhost-device-vs; do
+    grep -E "LAB: check: husk-vmm: .* $p: seccomp filter, capabilities none, no_new_privs on, uid [1-9][0-9]*, gid [1-9][0-9]*, mount ns own, pid ns own, ipc ns own, net ns own" "$WORK/result" > /dev/null || fail "husk check does not show $p under its sandbox's uid in its own PID, IPC and network namespaces"
+done
 for p in vhost-device-vs virtiofsd; do
     grep "LAB: check: husk-vmm: .* $p: seccomp filter, .*mount ns own" "$WORK/result" > /dev/null || fail "husk check does not show $p filtered in its own mount namespace"
 done
