@@ -186,6 +186,20 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// The husk shims running: the processes of the shim's command line but
+/// the waiters it forks outside its VMM's and vsock daemon's PID
+/// namespaces (same command line, `comm` husk-nswait).
+pub fn shims() -> Vec<u32> {
+    let waiter = husk_runtime::confine::pidns::WAITER_NAME.to_bytes();
+    processes_mentioning(Path::new("containerd-shim-husk-v2"))
+        .into_iter()
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) != waiter)
+        })
+        .collect()
+}
+
 /// Builds an initramfs whose /init is a static C program, for guests that
 /// misbehave on purpose. Needs gcc with glibc's static libraries.
 pub fn initramfs_with_init(env: &TestEnv, name: &str, c_source: &str) -> PathBuf {

@@ -25,7 +25,7 @@ fn sleeper(cri: &Cri, pod: &str, opts: &PodOpts, name: &str) -> String {
 
 /// Shims and VMMs now running on this host.
 fn shims_and_vmms() -> (Vec<u32>, Vec<u32>) {
-    let shims = processes_mentioning(Path::new("containerd-shim-husk-v2"));
+    let shims = husk_tests::shims();
     let mut vmms = processes_mentioning(Path::new("qemu-system-x86_64"));
     vmms.extend(processes_mentioning(Path::new("husk-vmm ")));
     (shims, vmms)

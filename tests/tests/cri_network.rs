@@ -308,7 +308,7 @@ fn after_a_shim_is_killed_delete_leaves_the_pods_netns_as_cni_made_it() {
         before.contains("htap") && before.contains("husk-port-forward"),
         "before the crash: {before}"
     );
-    let shims = husk_tests::processes_mentioning(Path::new("containerd-shim-husk-v2"));
+    let shims = husk_tests::shims();
     assert_eq!(shims.len(), 1, "{shims:?}");
     // SAFETY: kill(2) on the pod's shim, a process this test started.
     assert_eq!(unsafe { libc::kill(shims[0] as i32, libc::SIGKILL) }, 0);

@@ -41,7 +41,7 @@ fn main() {
             .expect("ExecSync");
         print!("{name:8} {}", r.stdout);
     }
-    let shims = processes_mentioning(Path::new("containerd-shim-husk-v2")).len();
+    let shims = husk_tests::shims().len();
     let vmms = processes_mentioning(Path::new("qemu-system-x86_64")).len()
         + processes_mentioning(Path::new("husk-vmm ")).len();
     println!(
