@@ -195,8 +195,13 @@ impl Confine {
                 return fail();
             }
             // A caller without capabilities has none to lose (and may not
-            // drop from the bounding set; no_new_privs covers setuid).
+            // drop from the bounding set; no_new_privs covers setuid); nor
+            // may it switch ids, which must not pass unnoticed.
             if data.iter().all(|d| d.permitted == 0) {
+                if self.user.is_some() {
+                    *libc::__errno_location() = libc::EPERM;
+                    return fail();
+                }
                 return Ok(());
             }
             // Up to the highest capability any kernel defines; EINVAL ends it.
