@@ -72,8 +72,10 @@ fn idle_pods(cri: &Cri, logs: &Path, handler: &str, n: usize) -> Density {
         by_process: BTreeMap::new(),
     };
     for pod in &pods {
-        let shims =
-            processes_mentioning(Path::new(&format!("{shim} -namespace k8s.io -id {pod} ")));
+        // Its waiters are counted below, as its descendants.
+        let shims = husk_tests::not_waiters(processes_mentioning(Path::new(&format!(
+            "{shim} -namespace k8s.io -id {pod} "
+        ))));
         assert_eq!(shims.len(), 1, "one shim for pod {pod}: {shims:?}");
         for pid in with_descendants(shims[0]) {
             let name = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();

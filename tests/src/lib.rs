@@ -190,9 +190,13 @@ pub fn processes_mentioning(needle: &Path) -> Vec<u32> {
 /// the waiters it forks outside its VMM's and vsock daemon's PID
 /// namespaces (same command line, `comm` husk-nswait).
 pub fn shims() -> Vec<u32> {
+    not_waiters(processes_mentioning(Path::new("containerd-shim-husk-v2")))
+}
+
+/// `pids` but the waiters a shim forks (see [`shims`]).
+pub fn not_waiters(pids: Vec<u32>) -> Vec<u32> {
     let waiter = husk_runtime::confine::pidns::WAITER_NAME.to_bytes();
-    processes_mentioning(Path::new("containerd-shim-husk-v2"))
-        .into_iter()
+    pids.into_iter()
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/comm"))
                 .is_ok_and(|c| c.strip_suffix(b"\n").unwrap_or(&c) != waiter)

@@ -119,9 +119,9 @@ fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
         "ctr run -d: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let shims = husk_tests::processes_mentioning(std::path::Path::new(
+    let shims = husk_tests::not_waiters(husk_tests::processes_mentioning(std::path::Path::new(
         "containerd-shim-husk-v2 -namespace husk-e2e -id doomed ",
-    ));
+    )));
     assert_eq!(shims.len(), 1, "one shim for the container: {shims:?}");
     assert!(
         husk_tests::sandbox_dir(husk_tests::containerd::NAMESPACE, "doomed").exists(),
