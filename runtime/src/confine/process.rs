@@ -460,6 +460,9 @@ impl Process {
             .transpose()
             .map_err(spawn_err)?;
         let report_fd = report.as_ref().map_or(-1, |(_, w)| w.as_raw_fd());
+        // The process whose death ends the child (the keeper thread forks
+        // it, but the parent is this process).
+        let owner = std::process::id() as libc::pid_t;
         let mut cmd = Command::new(&path);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -468,7 +471,9 @@ impl Process {
             .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec; it
         // allocates nothing and calls only prctl(2), fcntl(2), dup2(2),
-        // setrlimit(2), capget/capset(2) and the jail's unshare, mount,
+        // setrlimit(2), capget/capset(2), setgroups/setresgid/setresuid(2),
+        // getppid(2), the PID namespace split's fork, write, close_range,
+        // sigaction, kill and waitpid, and the jail's unshare, mount,
         // mkdir, open, symlink, chdir, pivot_root and chroot, which are
         // async-signal-safe, on descriptors the caller keeps open across
         // the spawn and strings the jail's plan owns.
@@ -496,6 +501,16 @@ impl Process {
                     j.enter()?;
                 }
                 confine.apply()?;
+                if confine.user.is_some() {
+                    // A change of ids clears the parent-death signal: set
+                    // it again, and if the owner died meanwhile, end here.
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    if libc::getppid() != owner {
+                        return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                    }
+                }
                 if let Some(w) = &mut waiter {
                     pidns::split(report_fd, w)?;
                 }
