@@ -74,6 +74,12 @@ pub enum SandboxError {
         uid: u32,
         gid: u32,
     },
+    #[error("cannot read {path}")]
+    KvmStat {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot give {path} to the sandbox's uid {id}")]
     Chown {
         path: PathBuf,
@@ -377,9 +383,10 @@ impl Sandbox {
         }
     }
 
-    /// The sandbox's own uid (and gid), leased at its start.
+    /// The sandbox's own uid (and gid), leased by `start_daemons`, which
+    /// runs before any VMM is spawned (never a fallback to root's).
     fn uid(&self) -> u32 {
-        self.ids.as_ref().map_or(0, IdLease::id)
+        self.ids.as_ref().map(IdLease::id).expect("leased at start")
     }
 
     /// Step: the owner record, the socket and share directories, the share
@@ -924,9 +931,8 @@ fn give(path: &Path, id: u32) -> Result<(), SandboxError> {
 pub fn kvm_group() -> Result<u32, SandboxError> {
     use std::os::unix::fs::MetadataExt;
     let path = Path::new("/dev/kvm");
-    let m = std::fs::metadata(path).map_err(|source| SandboxError::Chown {
+    let m = std::fs::metadata(path).map_err(|source| SandboxError::KvmStat {
         path: path.to_path_buf(),
-        id: 0,
         source,
     })?;
     if m.mode() & 0o060 != 0o060 {
