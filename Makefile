@@ -33,12 +33,18 @@ build: deps
 	$(CARGO) build --release --workspace --bins
 
 # Guest kernel (cached by content hash in /var/cache/husk) and the initramfs
-# with the statically linked agent as /init.
+# with the statically linked agent as /init. A second initramfs has the
+# agent's `test-hooks` (a hostile guest on request, for the end-to-end
+# tests only; never installed). Built first, so the agent binary left in
+# target/ is the plain one.
+AGENT_BUILD := LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
+	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
+	$(CARGO) build --profile guest -p husk-agent --target $(AGENT_TARGET)
 guest-image: deps
 	bash guest-image/build-kernel.sh $(GUEST)
-	LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu \
-	RUSTFLAGS="-C target-feature=+crt-static -C strip=symbols" \
-		$(CARGO) build --profile guest -p husk-agent --target $(AGENT_TARGET)
+	$(AGENT_BUILD) --features test-hooks
+	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs-test-hooks.cpio
+	$(AGENT_BUILD)
 	bash guest-image/build-initramfs.sh $(AGENT_BIN) $(GUEST)/initramfs.cpio
 
 # husk-vmm and husk linked statically, for the nested lab's busybox
@@ -69,6 +75,7 @@ demo: build guest-image
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --release --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --release -p husk-agent --all-targets --features test-hooks -- -D warnings
 	cd fuzz && $(CARGO) +nightly check --locked --bins
 
 # Unit tests only: no root, no KVM, no guest. The CLI's tests run the

@@ -16,6 +16,8 @@ mod reaper;
 mod server;
 mod stdio;
 mod tenant;
+#[cfg(feature = "test-hooks")]
+mod test_hooks;
 mod volumes;
 mod zygote;
 

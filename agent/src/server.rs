@@ -188,6 +188,11 @@ impl containers_ttrpc::Containers for ContainersService {
         _ctx: &TtrpcContext,
         req: SignalRequest,
     ) -> ttrpc::Result<containers::Empty> {
+        #[cfg(feature = "test-hooks")]
+        if crate::test_hooks::drops_signal(req.signal) {
+            tracing::warn!(container = %req.container_id, "test hook: signal {} acknowledged, not sent", req.signal);
+            return Ok(containers::Empty::new());
+        }
         empty(self.manager.signal(
             &req.container_id,
             exec_id(&req.exec_id),
