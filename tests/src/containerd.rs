@@ -53,6 +53,32 @@ fn spawn_containerd(d: &Path) -> Child {
 
 /// Writes CNI network list `conflist` into the conf dir under `d`, its
 /// `@IPAM_DIR@` and `@DIR@` replaced by dirs of this containerd's own.
+/// The CRI handler whose pods boot the agent's test hooks (a hostile
+/// guest; see agent/src/test_hooks.rs), with the config
+/// [`write_hostile_config`] writes.
+pub const HOSTILE_HANDLER: &str = "husk-hostile";
+
+/// How long the hostile handler's guests may sit on a SIGKILL before the
+/// host ends their VM (`agent.kill_timeout_ms`).
+pub const HOSTILE_KILL_GRACE: Duration = Duration::from_millis(1000);
+
+/// A husk config in `d` for guests that swallow SIGKILL
+/// (`husk.test.ignore_sigkill`) with a grace of [`HOSTILE_KILL_GRACE`];
+/// its path. For `ctr run --runtime-config-path` and [`HOSTILE_HANDLER`].
+pub fn write_hostile_config(d: &Path) -> PathBuf {
+    let guest = crate::guest_dir();
+    let path = d.join("husk-hostile.toml");
+    let text = format!(
+        "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\nkernel_params = \"husk.test.ignore_sigkill\"\n\
+         [agent]\nkill_timeout_ms = {}\n",
+        guest.join("vmlinux").display(),
+        guest.join("initramfs-test-hooks.cpio").display(),
+        HOSTILE_KILL_GRACE.as_millis()
+    );
+    std::fs::write(&path, text).expect("write the hostile guest's config");
+    path
+}
+
 fn write_cni(d: &Path, conflist: &str) {
     std::fs::write(
         d.join("cni/10-husk-e2e.conflist"),
@@ -152,7 +178,10 @@ impl Containerd {
              stream_server_address = \"127.0.0.1\"\n  stream_server_port = \"0\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = \"{cni_bin}\"\n  conf_dir = \"{cni}\"\n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n  runtime_type = \"io.containerd.runc.v2\"\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n  pod_annotations = [\"*\"]\n  container_annotations = [\"*\"]\n",
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.husk]\n  runtime_type = \"io.containerd.husk.v2\"\n  pod_annotations = [\"*\"]\n  container_annotations = [\"*\"]\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{HOSTILE_HANDLER}]\n  runtime_type = \"io.containerd.husk.v2\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{HOSTILE_HANDLER}.options]\n  ConfigPath = \"{hostile}\"\n",
+            hostile = write_hostile_config(d).display(),
             root = d.join("root").display(),
             state = d.join("state").display(),
             sock = socket.display(),

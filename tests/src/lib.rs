@@ -35,7 +35,7 @@ pub fn e2e() {
     // SAFETY: geteuid has no preconditions.
     let uid = unsafe { libc::geteuid() };
     assert_eq!(uid, 0, "end-to-end tests run as root (make test)");
-    for f in ["vmlinux", "initramfs.cpio"] {
+    for f in ["vmlinux", "initramfs.cpio", "initramfs-test-hooks.cpio"] {
         let p = guest_dir().join(f);
         assert!(
             p.is_file(),

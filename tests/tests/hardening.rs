@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{assert_clean, run_args, Containerd, Events, NAMESPACE, RUNTIME};
+use husk_tests::containerd::{
+    assert_clean, run_args, write_hostile_config, Containerd, Events, HOSTILE_HANDLER,
+    HOSTILE_KILL_GRACE as KILL_GRACE, NAMESPACE, RUNTIME,
+};
 use husk_tests::{e2e, processes_mentioning, vm_lock};
 
 /// How long a pod's processes may go without their exit once the VM is
@@ -130,10 +133,6 @@ fn every_process_exits_when_the_vmm_gets(signal: libc::c_int, id: &str) {
     assert_clean();
 }
 
-/// How long a guest may sit on a SIGKILL before the host ends its VM, in
-/// the swallowed-kill test's config (`agent.kill_timeout_ms`).
-const KILL_GRACE: Duration = Duration::from_millis(1000);
-
 /// `ctr run --rm` of a `sleep` as `id` on `runtime` (with `flags`), then
 /// `ctr task kill -s SIGKILL`: the run's exit status, how long after the
 /// kill it came, and the VMM that ran it (husk only).
@@ -196,12 +195,6 @@ fn sigkilled_run(
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn a_sigkill_the_guest_swallows_is_enforced_by_the_host_with_runcs_exit_status() {
     e2e();
-    let hostile = husk_tests::guest_dir().join("initramfs-test-hooks.cpio");
-    assert!(
-        hostile.is_file(),
-        "{} is missing: run `make guest-image`",
-        hostile.display()
-    );
     let _vm = vm_lock();
     let ctd = Containerd::start();
     let events = Events::start(&ctd);
@@ -222,18 +215,7 @@ fn a_sigkill_the_guest_swallows_is_enforced_by_the_host_with_runcs_exit_status()
         .prefix("husk-swallow")
         .tempdir_in("/tmp")
         .expect("tempdir");
-    let config = dir.path().join("husk.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\nkernel_params = \"husk.test.ignore_sigkill\"\n\
-             [agent]\nkill_timeout_ms = {}\n",
-            husk_tests::guest_dir().join("vmlinux").display(),
-            hostile.display(),
-            KILL_GRACE.as_millis()
-        ),
-    )
-    .expect("write config");
+    let config = write_hostile_config(dir.path());
     let path = config.to_str().expect("utf-8");
     let (code, took, vmm) = sigkilled_run(
         &ctd,
@@ -254,7 +236,7 @@ fn a_sigkill_the_guest_swallows_is_enforced_by_the_host_with_runcs_exit_status()
         "the exit came {took:?} after SIGKILL, inside the grace: the hook did not run\n{log}"
     );
     assert!(
-        log.contains("did not report the exit within 1000 ms of SIGKILL"),
+        log.contains(&swallowed_note()),
         "no enforcement in containerd's log\n{log}"
     );
     assert_eq!(
@@ -273,6 +255,77 @@ fn a_sigkill_the_guest_swallows_is_enforced_by_the_host_with_runcs_exit_status()
             || std::fs::read_to_string(format!("/proc/{vmm}/stat"))
                 .is_ok_and(|s| s.contains(") Z ")),
         "the VMM {vmm} outlived the enforced kill"
+    );
+    assert_clean();
+}
+
+/// What the shim logs when it enforces a SIGKILL the guest swallowed.
+fn swallowed_note() -> String {
+    format!(
+        "did not report the exit within {} ms of SIGKILL",
+        KILL_GRACE.as_millis()
+    )
+}
+
+/// StopPodSandbox (kubelet deleting a pod: SIGKILL to every container,
+/// then the sandbox) on a pod whose guest swallows SIGKILL: it returns
+/// within the grace and the exit bound, and the container's status is the
+/// one runc gives for the same pod (exited, 137). runc first.
+#[test]
+#[ignore = "end-to-end: root and a guest (make test)"]
+fn stop_pod_sandbox_on_a_guest_that_swallows_sigkill_ends_as_with_runc() {
+    e2e();
+    let _vm = vm_lock();
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::Builder::new()
+        .prefix("husk-swallow-logs")
+        .tempdir_in("/tmp")
+        .expect("tempdir");
+    let mut seen = Vec::new();
+    for handler in ["runc", HOSTILE_HANDLER] {
+        let mut opts = husk_tests::cri::PodOpts::new(&format!("swallow-{handler}"), logs.path());
+        opts.handler = handler.to_owned();
+        let pod = cri.run_pod(&opts).expect("RunPodSandbox");
+        let sleeper = husk_tests::cri::container(
+            "sleeper",
+            husk_tests::containerd::IMAGE,
+            &["sleep", "3600"],
+            false,
+        );
+        let ctr = cri
+            .run_container(&pod, &opts, sleeper)
+            .expect("CreateContainer and StartContainer");
+        let t = Instant::now();
+        if let Err(e) = cri.stop_pod(&pod) {
+            panic!("{handler}: StopPodSandbox: {e}\n{}", ctd.log());
+        }
+        let took = t.elapsed();
+        let status = cri.container_status(&ctr).expect("ContainerStatus");
+        println!(
+            "{handler}: StopPodSandbox took {} ms; container state {} exit {}",
+            took.as_millis(),
+            status.state,
+            status.exit_code
+        );
+        seen.push((status.state, status.exit_code, took));
+        cri.remove_pod(&pod).expect("RemovePodSandbox");
+    }
+    let (runc, husk) = (seen[0], seen[1]);
+    assert_eq!(
+        (husk.0, husk.1),
+        (runc.0, runc.1),
+        "container (state, exit code) after StopPodSandbox: husk {husk:?}, runc {runc:?}"
+    );
+    let log = ctd.log();
+    assert!(
+        log.contains(&swallowed_note()),
+        "the guest's kill was not the host's to enforce: no note in containerd's log\n{log}"
+    );
+    assert!(
+        husk.2 <= KILL_GRACE + EXIT_BOUND,
+        "StopPodSandbox took {:?} (grace {KILL_GRACE:?} + bound {EXIT_BOUND:?})",
+        husk.2
     );
     assert_clean();
 }

@@ -721,13 +721,17 @@ impl<B: Backend> PodService<B> {
         }
     }
 
-    /// After a SIGKILL to the init whose exit ends the VM (a CRI sandbox's,
+    /// After a SIGKILL to a container's init (a CRI sandbox's, a member's,
     /// a pod of one's): if the guest has not reported that exit within the
     /// pod's kill grace, the host kills the VM and reports every process
     /// still running as killed (137) itself, as the kernel guarantees a
     /// SIGKILL under runc. A guest that acknowledges kills and never
-    /// reports the exits cannot pin the pod (and containerd's
-    /// StopPodSandbox) for ever.
+    /// reports the exits cannot pin the pod for ever: not StopContainer,
+    /// and not StopPodSandbox, which SIGKILLs the members first and waits
+    /// for each. The host cannot end one container inside the guest, so a
+    /// member's swallowed kill costs the whole VM: a guest that lies about
+    /// a kill is not trusted with the rest of the pod either. An exec's
+    /// SIGKILL arms nothing: no container or pod stop waits for it.
     fn enforce_kill(&self, id: &str, cell: Arc<ExitCell>) {
         let me = self.clone();
         let grace = self.state().kill_grace;
@@ -859,13 +863,12 @@ impl<B: Backend> PodService<B> {
         all: bool,
     ) -> Result<()> {
         let (id, exec_id) = (id.as_str(), exec_str(exec));
-        let (exited, ends_vm, cell) = self.with_ctr(id, |c| {
-            let ends_vm = exec_id.is_empty() && matches!(c.role, Role::Sandbox | Role::Single);
+        let (exited, cell) = self.with_ctr(id, |c| {
             let p = c.proc(id, exec_id)?;
             if p.exit.is_none() {
                 p.kills_in_flight += 1;
             }
-            Ok((p.exit.is_some(), ends_vm, p.exited.clone()))
+            Ok((p.exit.is_some(), p.exited.clone()))
         })?;
         if exited {
             if exec_id.is_empty() {
@@ -885,7 +888,7 @@ impl<B: Backend> PodService<B> {
             Ok(())
         });
         self.inner.kill_answered.notify_all();
-        if sent.is_ok() && ends_vm && signal == libc::SIGKILL as u32 {
+        if sent.is_ok() && exec_id.is_empty() && signal == libc::SIGKILL as u32 {
             self.enforce_kill(id, cell);
         }
         sent

@@ -697,6 +697,62 @@ fn a_guest_that_never_reports_a_sigkilled_init_has_its_vm_killed_and_every_proce
     assert_eq!(p.pod.delete(&cid("c1"), None).unwrap().1.status, 137);
 }
 
+/// StopPodSandbox SIGKILLs the members first and waits for each: a guest
+/// that swallows a member's kill would pin it, so the member's kill is
+/// enforced too, with the whole VM.
+#[test]
+fn a_guest_that_never_reports_a_sigkilled_member_has_its_vm_killed_and_every_process_137() {
+    let p = pod();
+    let mut config = Config::default();
+    config.agent.kill_timeout_ms = 200;
+    p.pod
+        .create(CreateRequest {
+            id: cid("p1"),
+            bundle: PathBuf::from("/bundles/p1"),
+            spec: spec(
+                &["pause"],
+                json!({ "io.kubernetes.cri.container-type": "sandbox" }),
+            ),
+            rootfs: Vec::new(),
+            io: p.io("p1"),
+            config,
+        })
+        .unwrap();
+    p.pod.start(&cid("p1"), None).unwrap();
+    run_member(
+        &p,
+        "a",
+        spec(
+            &["sleep"],
+            json!({ "io.kubernetes.cri.container-type": "container",
+                    "io.kubernetes.cri.sandbox-id": "p1" }),
+        ),
+    );
+    p.agent.guest().ignore_kills = true;
+    let start = std::time::Instant::now();
+    p.pod.kill(&cid("a"), None, 9, false).unwrap();
+    // Polled, so a missing enforcement fails here instead of hanging.
+    let exit = loop {
+        let state = p.pod.process_state(&cid("a"), None).unwrap();
+        if let Some(exit) = state.exit {
+            break exit;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(3),
+            "no exit 3 s after a SIGKILL the guest swallowed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(exit.status, 137);
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(200) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
+    assert_eq!(p.pod.wait(&cid("p1"), None).unwrap().status, 137);
+    assert!(p.agent.calls().contains(&"kill vm".to_owned()));
+}
+
 #[test]
 fn a_guest_that_reports_the_exit_in_time_keeps_its_vm_and_other_signals_arm_nothing() {
     let p = pod();
