@@ -441,6 +441,9 @@ measure() {
     # What confines the running pod's processes, and husk-vmm's threads
     # one by one (each has a seccomp filter of its own kind).
     husk check 2>&1 | sed "s/^/LAB: check: $2: /"
+    # How the VMM reaches KVM: husk-vmm through the descriptor the shim
+    # opened (no group), QEMU through /dev/kvm's group.
+    [ -n "$measured" ] && echo "LAB: kvm: $2 groups [$(sed -n 's/^Groups:[[:space:]]*//p' /proc/$pid/status | xargs)] kvm fds $(ls -l /proc/$pid/fd 2>/dev/null | grep -c ' -> /dev/kvm$')"
     if [ -n "$measured" ] && [ "$2" = husk-vmm ]; then
         for t in /proc/$pid/task/*; do
             echo "LAB: thread: $(cat $t/comm) seccomp $(awk '/^Seccomp:/ {print $2}' $t/status) filters $(awk '/^Seccomp_filters:/ {print $2}' $t/status)"
@@ -691,6 +694,10 @@ done
 for p in vhost-device-vs virtiofsd; do
     grep "LAB: check: husk-vmm: .* $p: seccomp filter, .*mount ns own" "$WORK/result" > /dev/null || fail "husk check does not show $p filtered in its own mount namespace"
 done
+# husk-vmm runs KVM on the descriptor the shim opened: no supplementary
+# group (L1's /dev/kvm is 0660 root:36, so the node is out of its reach).
+grep "LAB: kvm: " "$WORK/result" | sed 's/^LAB: /lab: /'
+grep -qE "LAB: kvm: husk-vmm groups \[\] kvm fds [1-9]" "$WORK/result" || fail "husk-vmm does not run on a /dev/kvm descriptor without the device's group: $(grep 'LAB: kvm: husk-vmm' "$WORK/result")"
 fpr=$(grep -m1 "LAB: fpr: guest RAM" "$WORK/result" || true)
 [ -n "$fpr" ] || fail "husk-vmm's free page reporting was not measured"
 echo "lab: free page reporting: ${fpr#LAB: fpr: }"

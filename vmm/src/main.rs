@@ -102,6 +102,12 @@ struct Cli {
     /// run, so the caller can tell husk-vmm's start-up from the guest's.
     #[arg(long)]
     ready_fd: Option<std::os::fd::RawFd>,
+    /// /dev/kvm as an inherited descriptor, opened by the caller: husk-vmm
+    /// then needs no access to the device node (husk runs it under a uid
+    /// of the sandbox's own, without /dev/kvm's group or the node in its
+    /// jail). Without it, husk-vmm opens /dev/kvm.
+    #[arg(long)]
+    kvm_fd: Option<std::os::fd::RawFd>,
     /// A call outside a thread's seccomp filter is logged by the kernel
     /// (dmesg, audit type 1326) instead of killing husk-vmm: for finding a
     /// call a filter lacks, never for production.
@@ -230,10 +236,21 @@ fn run(cli: &Cli) -> Result<Exit, Failure> {
         .map(ControlSocket::bind)
         .transpose()
         .map_err(vmm)?;
+    let kvm = cli
+        .kvm_fd
+        .map(|fd| {
+            inherited(fd).map_err(|e| {
+                vmm(format!(
+                    "--kvm-fd {fd}: {e}; pass an open /dev/kvm as that descriptor"
+                ))
+            })
+        })
+        .transpose()?;
     let mut vm = Vm::new(VmConfig {
         memory_mib: cli.memory_mib,
         vcpus: cli.vcpus,
         console,
+        kvm,
     })
     .map_err(vmm)?;
     let t_vm = Instant::now();

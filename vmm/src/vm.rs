@@ -140,6 +140,8 @@ pub enum VmError {
         path: &'static str,
         source: kvm_ioctls::Error,
     },
+    #[error("the KVM descriptor is not /dev/kvm ({0}); pass an open /dev/kvm, or no descriptor")]
+    NotKvm(String),
     #[error("KVM API version {0}, expected {KVM_API_VERSION}")]
     ApiVersion(i32),
     #[error("this KVM lacks {0}, which husk-vmm needs")]
@@ -197,6 +199,9 @@ pub struct VmConfig {
     pub memory_mib: u64,
     pub vcpus: u8,
     pub console: Box<dyn Write + Send>,
+    /// /dev/kvm opened by the caller (so this process needs no access to
+    /// the node); None: opened here.
+    pub kvm: Option<std::fs::File>,
 }
 
 pub struct Vm {
@@ -216,10 +221,13 @@ impl Vm {
         if config.vcpus == 0 || config.vcpus > MAX_VCPUS {
             return Err(VmError::Vcpus(config.vcpus));
         }
-        let kvm = Kvm::new().map_err(|source| VmError::NoKvm {
-            path: "/dev/kvm",
-            source,
-        })?;
+        let kvm = match config.kvm {
+            Some(file) => kvm_of(file)?,
+            None => Kvm::new().map_err(|source| VmError::NoKvm {
+                path: "/dev/kvm",
+                source,
+            })?,
+        };
         check_kvm(&kvm)?;
         let ram = GuestRam::new(config.memory_mib)?;
         let fd = kvm.create_vm().map_err(kvm_err("create the VM"))?;
@@ -782,6 +790,36 @@ fn setup_lapic(vcpu: &VcpuFd) -> Result<(), VmError> {
 }
 
 /// API version and the capabilities husk-vmm relies on.
+/// KVM's misc device number (major 10, minor 232: `KVM_MINOR`).
+const KVM_DEVICE: (u32, u32) = (10, 232);
+
+/// `file` as KVM, once it shows to be the KVM device: any other descriptor
+/// (a file, a tap, another character device) is refused, not ioctl'd.
+fn kvm_of(file: std::fs::File) -> Result<Kvm, VmError> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let meta = file
+        .metadata()
+        .map_err(|e| VmError::NotKvm(format!("fstat: {e}")))?;
+    let rdev = meta.rdev();
+    let dev = (libc::major(rdev), libc::minor(rdev));
+    if !meta.file_type().is_char_device() || dev != KVM_DEVICE {
+        return Err(VmError::NotKvm(format!(
+            "{}device {}:{}",
+            if meta.file_type().is_char_device() {
+                "character "
+            } else {
+                "not a character "
+            },
+            dev.0,
+            dev.1
+        )));
+    }
+    // SAFETY: the descriptor is open, is the KVM device, and is given up
+    // by `file` to the Kvm that now owns it.
+    Ok(unsafe { Kvm::from_raw_fd(file.into_raw_fd()) })
+}
+
 fn check_kvm(kvm: &Kvm) -> Result<(), VmError> {
     let v = kvm.get_api_version();
     if v != KVM_API_VERSION {

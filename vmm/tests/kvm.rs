@@ -36,6 +36,7 @@ fn new_vm(vcpus: u8) -> (Vm, Console) {
         memory_mib: 64,
         vcpus,
         console: Box::new(console.clone()),
+        kvm: None,
     })
     .expect("create VM");
     (vm, console)
@@ -83,6 +84,51 @@ fn a_tiny_guest_prints_on_the_serial_port_and_resets() {
     );
 }
 
+/// `--kvm-fd`: a VM on a /dev/kvm its caller opened runs as one on the
+/// node; any other descriptor is refused before an ioctl reaches it.
+#[test]
+#[ignore = "needs /dev/kvm (make test)"]
+fn a_vm_runs_on_a_kvm_descriptor_from_its_caller_and_no_other_is_taken() {
+    kvm_available();
+    let console = Console::default();
+    let config = |kvm: std::fs::File| VmConfig {
+        memory_mib: 64,
+        vcpus: 1,
+        console: Box::new(console.clone()),
+        kvm: Some(kvm),
+    };
+    let open = |p: &str| {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p)
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+    };
+    let mut vm = Vm::new(config(open("/dev/kvm"))).expect("a VM on the given descriptor");
+    vm.load_long_mode(0, 0x1000, &printer(b"on a given fd\n", RESET))
+        .expect("load");
+    assert_eq!(run(vm).1.expect("run"), Exit::Reset);
+    assert_eq!(
+        String::from_utf8_lossy(&console.0.lock().unwrap()),
+        "on a given fd\n"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("not-kvm");
+    std::fs::write(&file, b"").expect("write");
+    for (what, f) in [
+        ("/dev/null", open("/dev/null")),
+        ("a plain file", open(file.to_str().expect("utf-8"))),
+    ] {
+        match Vm::new(config(f)) {
+            Err(e @ VmError::NotKvm(_)) => {
+                assert!(e.to_string().contains("not /dev/kvm"), "{what}: {e}")
+            }
+            Err(e) => panic!("{what}: refused for another reason: {e}"),
+            Ok(_) => panic!("{what} taken as KVM"),
+        }
+    }
+}
+
 #[test]
 #[ignore = "needs /dev/kvm (make test)"]
 fn a_guest_that_triple_faults_is_told_apart_from_reset() {
@@ -111,6 +157,7 @@ fn bad_memory_sizes_and_vcpu_counts_are_refused_by_name() {
         memory_mib,
         vcpus,
         console: Box::new(std::io::sink()),
+        kvm: None,
     };
     let e = Vm::new(config(8, 1)).err().expect("8 MiB accepted");
     assert!(e.to_string().contains("at least 64 MiB"), "{e}");

@@ -74,6 +74,12 @@ pub enum SandboxError {
         uid: u32,
         gid: u32,
     },
+    #[error("cannot open {path} for the VMM (husk-vmm takes it as a descriptor)")]
+    KvmOpen {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot read {path}")]
     KvmStat {
         path: PathBuf,
@@ -466,6 +472,9 @@ impl Sandbox {
         self.console = Some(pump_console(read, log, mark.clone()).map_err(SandboxError::Console)?);
         spec.console_pipe = Some(write.as_raw_fd());
         let t = Instant::now();
+        // Held until the VMM has its copy.
+        let kvm = hv.takes_kvm_fd().then(open_kvm).transpose()?;
+        spec.kvm = kvm.as_ref().map(|f| f.as_raw_fd());
         let (name, binary, args) = hv.command(&spec);
         let jail = hv
             .jail(&spec, &self.paths.jail(name))
@@ -486,6 +495,7 @@ impl Sandbox {
         )?);
         // The console's end of file is the VMM's exit.
         drop(write);
+        drop(kvm);
         let spawned = Instant::now();
         self.timings.vmm_spawn = spawned - t;
         let ready =
@@ -849,6 +859,7 @@ fn vm_spec(
         console_pipe: None,
         free_page_reporting: config.guest.free_page_reporting,
         ready_socket: None,
+        kvm: None,
     }
 }
 
@@ -924,6 +935,20 @@ fn give(path: &Path, id: u32) -> Result<(), SandboxError> {
         id,
         source,
     })
+}
+
+/// /dev/kvm opened here (as root) for a VMM that takes it as a
+/// descriptor, so the sandbox's uid needs no access to the node.
+fn open_kvm() -> Result<std::fs::File, SandboxError> {
+    let path = Path::new("/dev/kvm");
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|source| SandboxError::KvmOpen {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// /dev/kvm's group, if it may read and write the device: the one

@@ -66,6 +66,10 @@ impl HuskVmm {
             args.push("--ready-fd".into());
             args.push(spec.ready_fd().to_string().into());
         }
+        if spec.kvm.is_some() {
+            args.push("--kvm-fd".into());
+            args.push(spec.kvm_fd().to_string().into());
+        }
         args
     }
 }
@@ -89,14 +93,14 @@ impl Hypervisor for HuskVmm {
         true
     }
 
-    /// It has no seccomp filter of QEMU's kind for the whole process: each
-    /// of its threads installs its own (`husk_vmm::seccomp`).
-    fn uses_kvm(&self) -> bool {
+    /// KVM comes as a descriptor the shim opened: no /dev/kvm in the
+    /// jail, no group for the sandbox's uid.
+    fn takes_kvm_fd(&self) -> bool {
         true
     }
 
     fn jail(&self, spec: &VmSpec, root: &Path) -> Result<Option<Jail>, JailError> {
-        super::vmm_jail(spec, root, true).map(Some)
+        super::vmm_jail(spec, root, false).map(Some)
     }
 }
 
@@ -126,6 +130,7 @@ mod tests {
             console_pipe: None,
             free_page_reporting: true,
             ready_socket: None,
+            kvm: None,
         };
         let args: Vec<String> = HuskVmm::new(Path::new("husk-vmm"))
             .args(&spec)
@@ -172,6 +177,15 @@ mod tests {
         let args = HuskVmm::new(Path::new("husk-vmm")).args(&told);
         let i = args.iter().position(|a| a == "--ready-fd").unwrap();
         assert_eq!(args[i + 1], "5", "the descriptor after the tap and console");
+        assert!(!args.iter().any(|a| a == "--kvm-fd"));
+        let with_kvm = VmSpec {
+            kvm: Some(31),
+            ..told
+        };
+        assert_eq!(with_kvm.inherited_fds(), [21, 9, 30, 31]);
+        let args = HuskVmm::new(Path::new("husk-vmm")).args(&with_kvm);
+        let i = args.iter().position(|a| a == "--kvm-fd").unwrap();
+        assert_eq!(args[i + 1], "6", "the descriptor after the ready socket");
         let plain = VmSpec {
             free_page_reporting: false,
             ..piped

@@ -53,6 +53,10 @@ pub struct VmSpec {
     /// ([`Hypervisor::tells_ready`], [`ReadySocket`]; its number in the VMM
     /// is [`VmSpec::ready_fd`]).
     pub ready_socket: Option<RawFd>,
+    /// /dev/kvm opened by the caller, for a VMM that takes it as a
+    /// descriptor ([`Hypervisor::takes_kvm_fd`]; its number in the VMM is
+    /// [`VmSpec::kvm_fd`]).
+    pub kvm: Option<RawFd>,
 }
 
 impl VmSpec {
@@ -66,6 +70,15 @@ impl VmSpec {
         net_fd(self.nets.len() + usize::from(self.console_pipe.is_some()))
     }
 
+    /// The descriptor number /dev/kvm has in the VMM process.
+    pub fn kvm_fd(&self) -> RawFd {
+        net_fd(
+            self.nets.len()
+                + usize::from(self.console_pipe.is_some())
+                + usize::from(self.ready_socket.is_some()),
+        )
+    }
+
     /// Every descriptor the VMM inherits, in order (see [`net_fd`]).
     pub fn inherited_fds(&self) -> Vec<RawFd> {
         self.nets
@@ -73,6 +86,7 @@ impl VmSpec {
             .map(|n| n.fd)
             .chain(self.console_pipe)
             .chain(self.ready_socket)
+            .chain(self.kvm)
             .collect()
     }
 }
@@ -144,6 +158,12 @@ pub trait Hypervisor: Send {
     /// Whether the VMM opens /dev/kvm (its jail shows it, and its
     /// sandbox's uid needs the device's group).
     fn uses_kvm(&self) -> bool {
+        false
+    }
+
+    /// Whether the VMM takes /dev/kvm as a descriptor the caller opened
+    /// ([`VmSpec::kvm`]): then it needs neither the node nor its group.
+    fn takes_kvm_fd(&self) -> bool {
         false
     }
 

@@ -224,6 +224,7 @@ mod tests {
             console_pipe: None,
             free_page_reporting: true,
             ready_socket: None,
+            kvm: None,
         }
     }
 
