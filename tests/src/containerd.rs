@@ -51,8 +51,6 @@ fn spawn_containerd(d: &Path) -> Child {
         .expect("start containerd (apt-get install containerd)")
 }
 
-/// Writes CNI network list `conflist` into the conf dir under `d`, its
-/// `@IPAM_DIR@` and `@DIR@` replaced by dirs of this containerd's own.
 /// The CRI handler whose pods boot the agent's test hooks (a hostile
 /// guest; see agent/src/test_hooks.rs), with the config
 /// [`write_hostile_config`] writes.
@@ -62,12 +60,18 @@ pub const HOSTILE_HANDLER: &str = "husk-hostile";
 /// host ends their VM (`agent.kill_timeout_ms`).
 pub const HOSTILE_KILL_GRACE: Duration = Duration::from_millis(1000);
 
+/// Where [`write_hostile_config`] puts its file in containerd dir `d`.
+fn hostile_config_in(d: &Path) -> PathBuf {
+    d.join("husk-hostile.toml")
+}
+
 /// A husk config in `d` for guests that swallow SIGKILL
 /// (`husk.test.ignore_sigkill`) with a grace of [`HOSTILE_KILL_GRACE`];
-/// its path. For `ctr run --runtime-config-path` and [`HOSTILE_HANDLER`].
-pub fn write_hostile_config(d: &Path) -> PathBuf {
+/// its path. [`HOSTILE_HANDLER`]'s, and for `ctr run
+/// --runtime-config-path` ([`Containerd::hostile_config`]).
+fn write_hostile_config(d: &Path) -> PathBuf {
     let guest = crate::guest_dir();
-    let path = d.join("husk-hostile.toml");
+    let path = hostile_config_in(d);
     let text = format!(
         "[guest]\nkernel = \"{}\"\ninitramfs = \"{}\"\nkernel_params = \"husk.test.ignore_sigkill\"\n\
          [agent]\nkill_timeout_ms = {}\n",
@@ -79,6 +83,8 @@ pub fn write_hostile_config(d: &Path) -> PathBuf {
     path
 }
 
+/// Writes CNI network list `conflist` into the conf dir under `d`, its
+/// `@IPAM_DIR@` and `@DIR@` replaced by dirs of this containerd's own.
 fn write_cni(d: &Path, conflist: &str) {
     std::fs::write(
         d.join("cni/10-husk-e2e.conflist"),
@@ -345,6 +351,12 @@ impl Containerd {
         let client = containerd_shim_protos::ttrpc::Client::connect(address.trim())
             .unwrap_or_else(|e| panic!("connect to the shim at {address}: {e}"));
         containerd_shim_protos::shim::shim_ttrpc::TaskClient::new(client)
+    }
+
+    /// The husk config of [`HOSTILE_HANDLER`]'s guests (SIGKILL
+    /// swallowed, [`HOSTILE_KILL_GRACE`]), written at start.
+    pub fn hostile_config(&self) -> PathBuf {
+        hostile_config_in(self.dir.path())
     }
 
     pub fn log(&self) -> String {

@@ -9,8 +9,8 @@ use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::{
-    assert_clean, run_args, write_hostile_config, Containerd, Events, HOSTILE_HANDLER,
-    HOSTILE_KILL_GRACE as KILL_GRACE, NAMESPACE, RUNTIME,
+    assert_clean, run_args, Containerd, Events, HOSTILE_HANDLER, HOSTILE_KILL_GRACE as KILL_GRACE,
+    NAMESPACE, RUNTIME,
 };
 use husk_tests::{e2e, processes_mentioning, vm_lock};
 
@@ -43,6 +43,13 @@ fn vmm_of(id: &str) -> u32 {
         .collect();
     assert_eq!(vmms.len(), 1, "one VMM for {id}: {vmms:?}");
     vmms[0]
+}
+
+/// Whether VMM `pid` has ended: dead, or a zombie for its owner to reap.
+fn vmm_gone(pid: u32) -> bool {
+    // SAFETY: kill(2) with signal 0 only checks the pid.
+    let alive = unsafe { libc::kill(pid as i32, 0) } == 0;
+    !alive || std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| s.contains(") Z "))
 }
 
 fn exits(events: &Events, id: &str) -> usize {
@@ -106,13 +113,7 @@ fn every_process_exits_when_the_vmm_gets(signal: libc::c_int, id: &str) {
     // The VM itself is stopped within the same bound (its teardown may
     // still run when the exits are out): dead, or a zombie for its owner to
     // reap.
-    let gone = || {
-        // SAFETY: kill(2) with signal 0 only checks the pid.
-        let alive = unsafe { libc::kill(vmm as i32, 0) } == 0;
-        !alive
-            || std::fs::read_to_string(format!("/proc/{vmm}/stat"))
-                .is_ok_and(|s| s.contains(") Z "))
-    };
+    let gone = || vmm_gone(vmm);
     while !gone() && t.elapsed() < EXIT_BOUND {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -211,11 +212,7 @@ fn a_sigkill_the_guest_swallows_is_enforced_by_the_host_with_runcs_exit_status()
         runc_took.as_millis()
     );
 
-    let dir = tempfile::Builder::new()
-        .prefix("husk-swallow")
-        .tempdir_in("/tmp")
-        .expect("tempdir");
-    let config = write_hostile_config(dir.path());
+    let config = ctd.hostile_config();
     let path = config.to_str().expect("utf-8");
     let (code, took, vmm) = sigkilled_run(
         &ctd,
@@ -248,14 +245,7 @@ fn a_sigkill_the_guest_swallows_is_enforced_by_the_host_with_runcs_exit_status()
         "the exit took {took:?} (grace {KILL_GRACE:?} + bound {EXIT_BOUND:?})"
     );
     let vmm = vmm.expect("husk's VMM");
-    // SAFETY: kill(2) with signal 0 only checks the pid.
-    let alive = unsafe { libc::kill(vmm as i32, 0) } == 0;
-    assert!(
-        !alive
-            || std::fs::read_to_string(format!("/proc/{vmm}/stat"))
-                .is_ok_and(|s| s.contains(") Z ")),
-        "the VMM {vmm} outlived the enforced kill"
-    );
+    assert!(vmm_gone(vmm), "the VMM {vmm} outlived the enforced kill");
     assert_clean();
 }
 
