@@ -231,6 +231,21 @@ pub fn initramfs_with_init(env: &TestEnv, name: &str, c_source: &str) -> PathBuf
     out
 }
 
+/// Builds tests/images/device-flood.c (build-device-flood.sh), a PVH
+/// guest kernel that resets every virtio-mmio device with rings outside
+/// guest memory, for ever; its path in `env`'s dir. Needs gcc and objcopy.
+pub fn device_flood_kernel(env: &TestEnv) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("images/build-device-flood.sh");
+    let out = env.dir.path().join("device-flood.elf");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(&out)
+        .status()
+        .expect("run build-device-flood.sh");
+    assert!(status.success(), "building the device-flood kernel failed");
+    out
+}
+
 /// Fills `rootfs` with Debian's static busybox and links for its applets.
 pub fn busybox_rootfs(rootfs: &Path) {
     let bin = rootfs.join("bin");
