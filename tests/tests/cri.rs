@@ -64,6 +64,9 @@ fn teardown(cri: &Cri, pod: &str) {
     assert_clean();
 }
 
+/// Two containers of a pod share one VM and the pod's network, IPC and UTS
+/// namespaces; then (same pod) `husk ps` and `husk logs` show it as CRI
+/// does.
 #[test]
 #[ignore = "end-to-end: root and a guest (make test)"]
 fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
@@ -71,6 +74,7 @@ fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
     let _vm = vm_lock();
     let (ctd, cri, logs) = cri_env();
     let mut opts = PodOpts::new("pod-a", logs.path());
+    let started = Instant::now();
     opts.sysctls = HashMap::from([
         ("net.ipv4.ip_unprivileged_port_start".into(), "81".into()),
         ("kernel.shm_rmid_forced".into(), "1".into()),
@@ -185,7 +189,111 @@ fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
         "{r:?}"
     );
 
+    operator_commands_show_the_pod_as_cri_does(&cri, &pod, &[&a, &b], vmms[0], started);
     teardown(&cri, &pod);
+}
+
+/// Runs the `husk` binary of this build with the default config (the
+/// shim's); its output, which must be a success unless `fails`.
+fn husk_cli(args: &[&str], fails: bool) -> std::process::Output {
+    let husk = husk_tests::containerd::profile_dir().join("husk");
+    let out = std::process::Command::new(&husk)
+        .args(args)
+        .env_remove("HUSK_CONFIG")
+        .output()
+        .unwrap_or_else(|e| panic!("{}: {e}", husk.display()));
+    assert_eq!(
+        out.status.success(),
+        !fails,
+        "husk {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// `husk ps --json` shows pod `pod` as CRI knows it (PodSandboxStatus's
+/// name, namespace and uid; its containers) and as the host runs it (the
+/// VMM found for it, an uptime no longer than the pod has existed, its
+/// memory); `husk logs` by the Kubernetes name prints its guest console;
+/// an unknown name is refused by name.
+fn operator_commands_show_the_pod_as_cri_does(
+    cri: &Cri,
+    pod: &str,
+    containers: &[&str],
+    vmm: u32,
+    started: Instant,
+) {
+    let out = husk_cli(&["ps", "--json"], false);
+    let all: serde_json::Value = serde_json::from_slice(&out.stdout).expect("ps --json is JSON");
+    let mine: Vec<&serde_json::Value> = all
+        .as_array()
+        .expect("an array")
+        .iter()
+        .filter(|p| p["id"] == pod)
+        .collect();
+    assert_eq!(mine.len(), 1, "pod {pod} once in {all:#}");
+    let p = mine[0];
+    let meta = cri
+        .pod_status(pod)
+        .expect("PodSandboxStatus")
+        .metadata
+        .expect("metadata");
+    assert_eq!(p["namespace"], CRI_NAMESPACE, "{p:#}");
+    assert_eq!(p["pod_name"], meta.name.as_str(), "{p:#}");
+    assert_eq!(p["pod_namespace"], meta.namespace.as_str(), "{p:#}");
+    assert_eq!(p["pod_uid"], meta.uid.as_str(), "{p:#}");
+    assert_eq!(p["state"], "running", "{p:#}");
+    let listed: Vec<&str> = p["containers"]
+        .as_array()
+        .expect("containers")
+        .iter()
+        .filter_map(|c| c.as_str())
+        .collect();
+    for c in containers.iter().chain([&pod]) {
+        assert!(listed.contains(c), "{c} not among {listed:?}");
+    }
+    assert_eq!(p["vmm_pid"], vmm, "{p:#}");
+    let comm = std::fs::read_to_string(format!("/proc/{vmm}/comm")).expect("VMM comm");
+    let backend = p["backend"].as_str().expect("backend");
+    assert_eq!(
+        backend.starts_with("qemu"),
+        comm.starts_with("qemu"),
+        "backend {backend} for a VMM named {comm}"
+    );
+    let uptime = p["uptime_s"].as_u64().expect("uptime_s");
+    assert!(
+        uptime <= started.elapsed().as_secs() + 1,
+        "uptime {uptime} s, but the pod is {:?} old",
+        started.elapsed()
+    );
+    // All of the pod's host processes: at least the VMM's own share.
+    let memory = p["memory_kib"].as_u64().expect("memory_kib");
+    let (own, guest) = pss_kib(vmm);
+    assert!(
+        memory >= (own + guest) / 2 && memory > 0,
+        "memory {memory} KiB, the VMM alone {} KiB",
+        own + guest
+    );
+    let text = String::from_utf8_lossy(&husk_cli(&["ps"], false).stdout).into_owned();
+    let kube = format!("{}/{}", meta.namespace, meta.name);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&kube) && l.contains("running")),
+        "{kube} not in husk ps:\n{text}"
+    );
+    let console = husk_cli(&["logs", &kube], false).stdout;
+    assert!(
+        String::from_utf8_lossy(&console).contains(husk_protocol::READY_MARK),
+        "husk logs {kube} is not the pod's console: {}",
+        String::from_utf8_lossy(&console)
+    );
+    let err = husk_cli(&["logs", "husk-e2e/no-such-pod"], true).stderr;
+    let err = String::from_utf8_lossy(&err);
+    assert!(
+        err.contains("no-such-pod") && err.contains("husk ps"),
+        "{err}"
+    );
 }
 
 #[test]

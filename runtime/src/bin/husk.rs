@@ -46,9 +46,25 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// List the pods on this host (their state directories), with what
-    /// still runs of each: "running", or "dead" when only state is left.
-    Ps,
+    /// List the pods on this host (their state directories): containerd
+    /// namespace, sandbox id, the Kubernetes pod, "running" or "dead"
+    /// (only state left), backend, VMM pid, uptime, host memory (PSS of
+    /// the pod's processes, its guest RAM included) and containers.
+    Ps {
+        /// One JSON array, an object per pod.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a pod's guest console (kernel and agent messages), the
+    /// rotated older half first.
+    Logs {
+        /// The pod: its sandbox id, its Kubernetes name or
+        /// `namespace/name`, or a prefix of its id.
+        pod: String,
+        /// Only pods of this containerd namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+    },
     /// Remove what is left of a pod whose owner (a shim, `husk run`) died:
     /// its processes, mounts and state directory.
     Delete {
@@ -116,10 +132,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             id.unwrap_or_else(|| format!("ping-{}", std::process::id())),
             json,
         ),
-        Command::Ps => {
-            ps(&config);
-            Ok(ExitCode::SUCCESS)
-        }
+        Command::Ps { json } => ps(&config, json),
+        Command::Logs { pod, namespace } => logs(&config, &pod, namespace.as_deref()),
         Command::Delete {
             id,
             namespace,
@@ -195,34 +209,97 @@ fn check(config: &Config, source: &str) -> ExitCode {
     }
 }
 
-fn ps(config: &Config) {
-    use husk_runtime::pod::cleanup;
+fn ps(config: &Config, json: bool) -> Result<ExitCode> {
+    use husk_runtime::pod::inventory;
+    let pods: Vec<_> = inventory::list(config)
+        .iter()
+        .map(inventory::status)
+        .collect();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&pods)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
-        "{:<12} {:<40} {:<8} {:<12} CONTAINERS",
-        "NAMESPACE", "ID", "STATE", "PIDS"
+        "{:<12} {:<24} {:<28} {:<8} {:<12} {:>8} {:>8} {:>9} CONTAINERS",
+        "NAMESPACE", "ID", "POD", "STATE", "BACKEND", "VMM PID", "UPTIME", "MEMORY"
     );
-    for p in cleanup::list(config) {
-        let pids: Vec<String> = p.pids.iter().map(u32::to_string).collect();
+    let dash = || "-".to_owned();
+    for p in pods {
+        let pod = match (&p.pod_namespace, &p.pod_name) {
+            (Some(ns), Some(name)) => format!("{ns}/{name}"),
+            (None, Some(name)) => name.clone(),
+            _ => dash(),
+        };
+        // containerd's ids are 64 hex digits: the first 24 tell them apart
+        // (`husk logs` takes a prefix).
+        let id: String = p.id.chars().take(24).collect();
         println!(
-            "{:<12} {:<40} {:<8} {:<12} {}",
+            "{:<12} {:<24} {:<28} {:<8} {:<12} {:>8} {:>8} {:>9} {}",
             p.namespace,
-            p.id,
-            p.state(),
-            if pids.is_empty() {
-                "-".to_owned()
+            id,
+            pod,
+            p.state,
+            p.backend.clone().unwrap_or_else(dash),
+            p.vmm_pid.map_or_else(dash, |v| v.to_string()),
+            p.uptime_s.map_or_else(dash, uptime),
+            p.memory_kib
+                .map_or_else(dash, |k| format!("{:.1}M", k as f64 / 1024.0)),
+            if p.containers.is_empty() {
+                dash()
             } else {
-                pids.join(",")
-            },
-            p.containers.join(",")
+                p.containers.join(",")
+            }
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `s` seconds as ps(1) would: 42s, 3m12s, 5h03m, 2d04h.
+fn uptime(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        3600..86400 => format!("{}h{:02}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d{:02}h", s / 86400, s % 86400 / 3600),
+    }
+}
+
+fn logs(config: &Config, name: &str, namespace: Option<&str>) -> Result<ExitCode> {
+    use husk_runtime::host::paths::SandboxPaths;
+    use husk_runtime::pod::inventory;
+    use std::io::Write;
+    let pods = inventory::list(config);
+    let pod = inventory::find(&pods, name, namespace)?;
+    let paths = SandboxPaths::new(config, &pod.namespace, &SandboxId::parse(&pod.id)?)?;
+    let mut out = std::io::stdout().lock();
+    let mut any = false;
+    for log in [paths.console_log_rotated(), paths.console_log()] {
+        match std::fs::File::open(&log) {
+            Ok(mut f) => {
+                std::io::copy(&mut f, &mut out)?;
+                any = true;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", log.display())),
+        }
+    }
+    out.flush()?;
+    if !any {
+        bail!(
+            "pod {}/{} has no console log in {} (its VM never started)",
+            pod.namespace,
+            pod.id,
+            pod.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn delete(config: &Config, namespace: &str, id: &SandboxId, force: bool) -> Result<ExitCode> {
     use husk_runtime::host::paths::SandboxPaths;
-    use husk_runtime::pod::cleanup;
+    use husk_runtime::pod::{cleanup, inventory};
     let paths = SandboxPaths::new(config, namespace, id)?;
-    let Some(pod) = cleanup::list(config)
+    let Some(pod) = inventory::list(config)
         .into_iter()
         .find(|p| p.namespace == namespace && p.id == id.as_str())
     else {

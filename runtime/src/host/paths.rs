@@ -27,6 +27,10 @@ const MAX_SOCKET_PATH: usize = 107;
 /// [`SandboxPaths::owner`]).
 const OWNER_FILE: &str = "owner";
 
+/// The file in a sandbox directory naming the pod it serves and its
+/// backend (`crate::pod::inventory::PodRecord`).
+pub const POD_RECORD: &str = "pod.json";
+
 #[derive(Debug, thiserror::Error)]
 pub enum PathsError {
     #[error(transparent)]
@@ -152,6 +156,16 @@ impl SandboxPaths {
 
     pub fn console_log(&self) -> PathBuf {
         self.root.join("console.log")
+    }
+
+    /// The console log's older half, which it rotates to.
+    pub fn console_log_rotated(&self) -> PathBuf {
+        self.root.join("console.log.1")
+    }
+
+    /// The pod record (see [`POD_RECORD`]).
+    pub fn pod_record(&self) -> PathBuf {
+        self.root.join(POD_RECORD)
     }
 
     pub fn vmm_log(&self) -> PathBuf {

@@ -170,6 +170,7 @@ impl Backend for VmBackend {
         let owner = Owner {
             namespace: &self.namespace,
             token: paths::new_owner_token(),
+            pod: crate::pod::inventory::PodRecord::kubernetes(spec),
         };
         // Into the bundle first: a shim that dies while booting leaves a
         // sandbox its task's `delete` may still remove.

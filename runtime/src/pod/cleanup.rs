@@ -1,12 +1,11 @@
 //! What is left of a pod whose owner died (a shim killed with its VM, a
 //! `husk run` killed with SIGKILL), found from its state directory alone,
 //! and removed: the one clean-up the shim's `delete` and `husk delete`
-//! share. And the list of pods on this host (`husk ps`).
+//! share.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
 use crate::confine::process::{pidfd_kill, pidfd_open, wait_any};
 use crate::confine::report;
 use crate::host::paths::SandboxPaths;
@@ -14,62 +13,6 @@ use crate::host::storage;
 
 /// How long killed processes of a pod get to be gone.
 const KILL_WAIT: Duration = Duration::from_secs(5);
-
-/// One pod's state directory on this host, and what still runs of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PodEntry {
-    /// containerd's namespace, or `_husk` for `husk run`'s pods.
-    pub namespace: String,
-    pub id: String,
-    pub dir: PathBuf,
-    /// Containers with state in the pod's share.
-    pub containers: Vec<String>,
-    /// Processes naming the pod's directory: its VMM and device daemons.
-    pub pids: Vec<u32>,
-}
-
-impl PodEntry {
-    /// "running" while a process of the pod is alive; "dead" when only its
-    /// state is left (an owner that died without cleaning up).
-    pub fn state(&self) -> &'static str {
-        if self.pids.is_empty() {
-            "dead"
-        } else {
-            "running"
-        }
-    }
-}
-
-/// Every pod with a state directory under the config's `state_dir`.
-pub fn list(config: &Config) -> Vec<PodEntry> {
-    let pods = report::sandboxes(&config.state_dir);
-    let dirs: Vec<&Path> = pods.iter().map(|(_, _, d)| d.as_path()).collect();
-    let procs = report::processes_naming(&dirs);
-    pods.iter()
-        .enumerate()
-        .map(|(i, (namespace, id, dir))| {
-            let mut containers: Vec<String> = std::fs::read_dir(dir.join("shared"))
-                .map(|d| {
-                    d.flatten()
-                        .filter_map(|e| e.file_name().into_string().ok())
-                        .collect()
-                })
-                .unwrap_or_default();
-            containers.sort();
-            PodEntry {
-                namespace: namespace.clone(),
-                id: id.clone(),
-                dir: dir.clone(),
-                containers,
-                pids: procs
-                    .iter()
-                    .filter(|(_, p)| *p == i)
-                    .map(|(pid, _)| *pid)
-                    .collect(),
-            }
-        })
-        .collect()
-}
 
 /// What [`cleanup`] did.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -150,6 +93,8 @@ fn alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Config;
+    use crate::pod::inventory::list;
     use husk_protocol::SandboxId;
 
     #[test]

@@ -18,6 +18,7 @@ pub mod backend;
 pub mod cleanup;
 pub mod guest;
 pub mod inherit;
+pub mod inventory;
 pub mod portforward;
 pub mod service;
 #[cfg(test)]

@@ -25,6 +25,7 @@ use crate::confine::process::{tail_of_file, wait_any, Confine, Process, ProcessE
 use crate::host::paths::{self, PathsError, SandboxPaths, DIRECT_NAMESPACE};
 use crate::host::probe::{self, Backend, ChoiceError};
 use crate::host::storage;
+use crate::pod::inventory::PodRecord;
 use crate::vm::agent::{self, Agent, AgentError, AgentInfo, HybridSocket};
 use crate::vm::daemons::{self, DaemonError, DaemonPaths};
 use crate::vm::hypervisor::{
@@ -323,11 +324,13 @@ pub struct Sandbox {
 }
 
 /// Who boots a sandbox: the containerd namespace its directory goes in,
-/// and the token of its owner record (see [`SandboxPaths::owner`]).
+/// the token of its owner record (see [`SandboxPaths::owner`]), and the
+/// Kubernetes pod it serves, if any (its pod record gets the backend).
 #[derive(Debug, Clone)]
 pub struct Owner<'a> {
     pub namespace: &'a str,
     pub token: String,
+    pub pod: PodRecord,
 }
 
 impl Sandbox {
@@ -338,6 +341,7 @@ impl Sandbox {
         let owner = Owner {
             namespace: DIRECT_NAMESPACE,
             token: paths::new_owner_token(),
+            pod: PodRecord::default(),
         };
         Self::boot_with_nets(config, &owner, &id, Vec::new())
     }
@@ -400,8 +404,13 @@ impl Sandbox {
     fn start_daemons(&mut self, config: &Config, owner: &Owner<'_>) -> Result<(), SandboxError> {
         let paths = &self.paths;
         let dir = paths.root().to_path_buf();
+        let record = PodRecord {
+            backend: self.backend.clone(),
+            ..owner.pod.clone()
+        };
         paths
             .record_owner(&owner.token)
+            .and_then(|()| record.write(&paths.pod_record()))
             .map_err(|source| SandboxError::StateDir {
                 dir: dir.clone(),
                 source,
