@@ -494,3 +494,129 @@ fn a_husk_run_killed_with_sigkill_is_listed_by_ps_and_removed_by_delete() {
         text(&again)
     );
 }
+
+/// `containerd --config FILE config dump`: the config as containerd itself
+/// reads it.
+fn containerd_dump(file: &std::path::Path) -> String {
+    let out = Command::new("containerd")
+        .arg("--config")
+        .arg(file)
+        .args(["config", "dump"])
+        .output()
+        .expect("run containerd config dump");
+    assert!(
+        out.status.success(),
+        "containerd config dump: {}",
+        text(&out)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `husk install --containerd-config` on the config Debian's containerd
+/// writes by default (`containerd config default`), read back by
+/// containerd itself: the handler is a runtime of type
+/// io.containerd.husk.v2 with the given husk config, runc's entry is as it
+/// was, a second run changes no byte, and `--remove` gives back the
+/// original file byte for byte.
+#[test]
+#[ignore = "end-to-end: containerd (make test)"]
+fn husk_install_adds_a_runtime_containerd_reads_and_removes_it_leaving_the_file_as_it_was() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("config.toml");
+    let default = Command::new("containerd")
+        .args(["config", "default"])
+        .output()
+        .expect("containerd config default");
+    assert!(default.status.success(), "{}", text(&default));
+    std::fs::write(&file, &default.stdout).expect("write the default config");
+    let husk_config = dir.path().join("husk-small.toml");
+    std::fs::write(&husk_config, "[guest]\nmemory_mib = 256\n").expect("husk config");
+    let before = containerd_dump(&file);
+    assert!(!before.contains("io.containerd.husk.v2"), "{before}");
+
+    let install = |args: &[&str]| {
+        let out = husk()
+            .args(["install", "--containerd-config"])
+            .arg(&file)
+            .args(args)
+            .output()
+            .expect("husk install");
+        assert!(
+            out.status.success(),
+            "husk install {args:?}: {}",
+            text(&out)
+        );
+        text(&out)
+    };
+    let said = install(&[
+        "--handler",
+        "husk-small",
+        "--husk-config",
+        husk_config.to_str().expect("utf-8"),
+    ]);
+    assert!(
+        said.contains("added") && said.contains("restart containerd"),
+        "{said}"
+    );
+    let dump = containerd_dump(&file);
+    let section = |handler: &str| {
+        let head = format!("[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{handler}]");
+        let start = dump
+            .find(&head)
+            .unwrap_or_else(|| panic!("no {head} in:\n{dump}"));
+        let rest = &dump[start + head.len()..];
+        let end = rest
+            .find("\n        [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.")
+            .unwrap_or(rest.len());
+        rest[..end].to_owned()
+    };
+    let husk_small = section("husk-small");
+    assert!(
+        husk_small.contains("runtime_type = \"io.containerd.husk.v2\""),
+        "{husk_small}"
+    );
+    assert!(
+        husk_small.contains(&format!("ConfigPath = \"{}\"", husk_config.display())),
+        "{husk_small}"
+    );
+    assert!(
+        section("runc").contains("runtime_type = \"io.containerd.runc.v2\""),
+        "runc's entry changed"
+    );
+    let installed = std::fs::read(&file).expect("read");
+    let said = install(&[
+        "--handler",
+        "husk-small",
+        "--husk-config",
+        husk_config.to_str().expect("utf-8"),
+    ]);
+    assert!(said.contains("already"), "{said}");
+    assert_eq!(
+        std::fs::read(&file).expect("read"),
+        installed,
+        "a second run changed the file"
+    );
+
+    let said = install(&["--handler", "husk-small", "--remove"]);
+    assert!(said.contains("removed"), "{said}");
+    assert_eq!(
+        std::fs::read(&file).expect("read"),
+        default.stdout,
+        "--remove did not give back the original file"
+    );
+    assert_eq!(containerd_dump(&file), before);
+
+    // Bad input is refused by name, the file untouched.
+    let out = husk()
+        .args(["install", "--containerd-config"])
+        .arg(&file)
+        .args(["--handler", "Husk_VM"])
+        .output()
+        .expect("husk install");
+    assert!(
+        !out.status.success() && text(&out).contains("\"Husk_VM\" is not a DNS label"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(std::fs::read(&file).expect("read"), default.stdout);
+}

@@ -77,6 +77,26 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Add husk to containerd's CRI runtimes (the handler a Kubernetes
+    /// RuntimeClass names), bring its entry up to date, or remove it,
+    /// changing nothing else in the file. containerd reads it when
+    /// restarted; running containers keep running through that.
+    Install {
+        /// containerd's config file (version 2: containerd 1.6 and 1.7);
+        /// made if missing.
+        #[arg(long, value_name = "FILE")]
+        containerd_config: PathBuf,
+        /// The runtime handler name (the RuntimeClass's `handler`).
+        #[arg(long, default_value = "husk")]
+        handler: String,
+        /// A husk config for this handler's pods (absolute path); without
+        /// it they get the default (/etc/husk/config.toml).
+        #[arg(long, value_name = "PATH")]
+        husk_config: Option<PathBuf>,
+        /// Remove the handler's entry instead.
+        #[arg(long, conflicts_with = "husk_config")]
+        remove: bool,
+    },
     /// Run a command in a container in its own microVM; exits with the
     /// command's status.
     Run {
@@ -139,6 +159,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             namespace,
             force,
         } => delete(&config, &namespace, &id, force),
+        Command::Install {
+            containerd_config,
+            handler,
+            husk_config,
+            remove,
+        } => install(&containerd_config, &handler, husk_config.as_deref(), remove),
         Command::Run { rootfs, id, args } => run_container(
             &config,
             match id {
@@ -330,6 +356,35 @@ fn delete(config: &Config, namespace: &str, id: &SandboxId, force: bool) -> Resu
         format!(" (killed {:?})", done.killed)
     };
     println!("deleted pod {id} in namespace {namespace}{killed}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn install(
+    file: &Path,
+    handler: &str,
+    husk_config: Option<&Path>,
+    remove: bool,
+) -> Result<ExitCode> {
+    use husk_runtime::host::containerd_config::{apply, Change, Entry, RUNTIME_TYPE};
+    let entry = Entry {
+        handler,
+        husk_config,
+    };
+    let change = apply(file, &entry, remove)?;
+    let file = file.display();
+    let what = match change {
+        Change::Added => format!("runtime handler {handler} ({RUNTIME_TYPE}) added to {file}"),
+        Change::Updated => format!("runtime handler {handler} updated in {file}"),
+        Change::Unchanged => format!("runtime handler {handler} already as asked in {file}"),
+        Change::Removed => format!("runtime handler {handler} removed from {file}"),
+        Change::Absent => format!("{file} has no runtime handler {handler}; nothing to remove"),
+    };
+    println!("{what}");
+    if matches!(change, Change::Added | Change::Updated | Change::Removed) {
+        println!(
+            "restart containerd to load it (running containers and pods keep running: their shims outlive containerd)"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -2,9 +2,11 @@
 //! data), the storage it mounts and shares (rootfs, binds, the share
 //! root), its cgroup, the pod network carried into the VM (taps, the
 //! redirect, the copy of the namespace's state), and what this host can
-//! run (`probe`). Talks to the kernel, never to the guest.
+//! run (`probe`); and husk's entry in containerd's config
+//! (`containerd_config`). Talks to the kernel, never to the guest.
 
 pub mod cgroup;
+pub mod containerd_config;
 pub mod network;
 pub mod paths;
 pub mod probe;
