@@ -49,7 +49,8 @@ enum Command {
     /// List the pods on this host (their state directories): containerd
     /// namespace, sandbox id, the Kubernetes pod, "running" or "dead"
     /// (only state left), backend, VMM pid, uptime, host memory (PSS of
-    /// the pod's processes, its guest RAM included) and containers.
+    /// the pod's VMM and device daemons, the guest RAM they touched
+    /// included; the shim not) and containers.
     Ps {
         /// One JSON array, an object per pod.
         #[arg(long)]

@@ -173,8 +173,9 @@ pub struct PodStatus {
     pub pids: Vec<u32>,
     /// Seconds since the VMM started.
     pub uptime_s: Option<u64>,
-    /// Proportional set size of the pod's host processes together (the
-    /// guest RAM the VMM has touched included), KiB.
+    /// Proportional set size of the pod's VMM and device daemons together
+    /// (the guest RAM they touched included; the shim, which serves
+    /// containerd, not), KiB.
     pub memory_kib: Option<u64>,
     pub dir: PathBuf,
 }
