@@ -252,6 +252,34 @@ mod tests {
             .contains("init_on_alloc"));
     }
 
+    /// QEMU's own seccomp filter, with each option QEMU 10 has (see
+    /// qemu-options.hx: obsolete, elevateprivileges, spawn,
+    /// resourcecontrol) set to deny.
+    #[test]
+    fn qemus_own_sandbox_is_on_with_every_option_denying() {
+        for accel in [ResolvedAccel::Tcg, ResolvedAccel::Kvm] {
+            let args: Vec<String> = Qemu::new(Path::new("q"), accel)
+                .args(&spec())
+                .iter()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            let at = args.iter().position(|a| a == "-sandbox").expect("-sandbox");
+            let mut parts = args[at + 1].split(',');
+            assert_eq!(parts.next(), Some("on"));
+            let mut options: Vec<&str> = parts.collect();
+            options.sort_unstable();
+            assert_eq!(
+                options,
+                [
+                    "elevateprivileges=deny",
+                    "obsolete=deny",
+                    "resourcecontrol=deny",
+                    "spawn=deny"
+                ]
+            );
+        }
+    }
+
     #[test]
     fn tcg_command_line_shares_memfd_memory_with_the_daemons() {
         let line = joined(&Qemu::new(
