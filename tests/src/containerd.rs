@@ -60,6 +60,25 @@ pub const HOSTILE_HANDLER: &str = "husk-hostile";
 /// host ends their VM (`agent.kill_timeout_ms`).
 pub const HOSTILE_KILL_GRACE: Duration = Duration::from_millis(1000);
 
+/// Turns the host's IPv4 forwarding on, as CNI's bridge plugin does at
+/// its first pod. containerd makes a pod's network namespace before CNI
+/// runs, and a new namespace copies IPv4's `conf/all` and `conf/default`
+/// (forwarding, and accept_redirects with it) from the host's
+/// (`net.core.devconf_inherit_init_net` = 0, the default). On a host where
+/// forwarding was off, the first pod's namespace got 0 and every later
+/// one 1: on a fresh machine the CNI matrix's first case compared a runc
+/// pod made before the plugin's first run with a husk pod made after it,
+/// and failed on 5 sysctls no runtime chose (every fresh machine, never a
+/// used one). With it on from the start, both runtimes' pods inherit the
+/// same.
+fn host_forwarding_on() {
+    let knob = Path::new("/proc/sys/net/ipv4/ip_forward");
+    if std::fs::read_to_string(knob).is_ok_and(|v| v.trim() == "0") {
+        std::fs::write(knob, "1").expect("turn on the host's IPv4 forwarding");
+        eprintln!("harness: the host's net.ipv4.ip_forward was 0; now 1, as CNI's bridge plugin sets it at its first pod");
+    }
+}
+
 /// Where [`write_hostile_config`] puts its file in containerd dir `d`.
 fn hostile_config_in(d: &Path) -> PathBuf {
     d.join("husk-hostile.toml")
@@ -158,6 +177,7 @@ impl Containerd {
     /// text `@IPAM_DIR@` in it is replaced by a host-local data dir of this
     /// containerd's own).
     pub fn start_with_cni(conflist: &str) -> Self {
+        host_forwarding_on();
         let shim = profile_dir().join("containerd-shim-husk-v2");
         assert!(
             shim.is_file(),
