@@ -7,7 +7,7 @@
 //! runs them with `cargo test -- --include-ignored`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -270,4 +270,35 @@ pub fn busybox_rootfs(rootfs: &Path) {
 /// A minimal OCI runtime spec like the one `ctr run` generates.
 pub fn oci_spec(container_id: &str, args: &[&str]) -> Vec<u8> {
     husk_runtime::pod::spec::minimal(container_id, args, &format!("/husk-test/{container_id}"))
+}
+
+/// The `husk` CLI of this build's profile (which `cargo test` does not
+/// build; `make test` does), without the caller's HUSK_CONFIG.
+pub fn husk_command() -> Command {
+    let bin = containerd::profile_dir().join("husk");
+    assert!(
+        bin.is_file(),
+        "{} missing: build it with `cargo build --bins` (make test does)",
+        bin.display()
+    );
+    let mut c = Command::new(bin);
+    c.env_remove("HUSK_CONFIG");
+    c
+}
+
+/// Runs `husk args`, which must succeed unless `fails` (then it must
+/// fail); its output.
+pub fn husk_cli(args: &[&str], fails: bool) -> Output {
+    let out = husk_command()
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("husk {args:?}: {e}"));
+    assert_eq!(
+        out.status.success(),
+        !fails,
+        "husk {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }

@@ -12,20 +12,7 @@ use husk_tests::{assert_nothing_left, e2e, guest_dir, processes_mentioning, vm_l
 
 /// The `husk` binary of the same build profile as this test.
 fn husk() -> Command {
-    let exe = std::env::current_exe().expect("test exe");
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("target/<profile>");
-    let bin: PathBuf = profile_dir.join("husk");
-    assert!(
-        bin.is_file(),
-        "{} missing: build it with `cargo build --bins` (make test does)",
-        bin.display()
-    );
-    let mut c = Command::new(bin);
-    c.env_remove("HUSK_CONFIG");
-    c
+    husk_tests::husk_command()
 }
 
 fn text(out: &Output) -> String {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use husk_tests::bench::{pss_kib, with_descendants};
 use husk_tests::containerd::{assert_clean, Containerd, CRI_NAMESPACE, IMAGE};
 use husk_tests::cri::{container, Cri, ExecResult, PodOpts};
-use husk_tests::{e2e, processes_mentioning, vm_lock};
+use husk_tests::{e2e, husk_cli, processes_mentioning, vm_lock};
 
 /// ExecSync that must succeed with exit code 0; returns stdout.
 fn sh(cri: &Cri, id: &str, cmd: &str) -> String {
@@ -191,25 +191,6 @@ fn a_pod_of_two_containers_shares_one_vm_and_its_namespaces() {
 
     operator_commands_show_the_pod_as_cri_does(&cri, &pod, &[&a, &b], vmms[0], started);
     teardown(&cri, &pod);
-}
-
-/// Runs the `husk` binary of this build with the default config (the
-/// shim's); its output, which must be a success unless `fails`.
-fn husk_cli(args: &[&str], fails: bool) -> std::process::Output {
-    let husk = husk_tests::containerd::profile_dir().join("husk");
-    let out = std::process::Command::new(&husk)
-        .args(args)
-        .env_remove("HUSK_CONFIG")
-        .output()
-        .unwrap_or_else(|e| panic!("{}: {e}", husk.display()));
-    assert_eq!(
-        out.status.success(),
-        !fails,
-        "husk {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
 }
 
 /// `husk ps --json` shows pod `pod` as CRI knows it (PodSandboxStatus's

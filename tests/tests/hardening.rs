@@ -546,10 +546,8 @@ fn husk_check_lists_each_process_of_a_running_pod_with_its_confinement() {
 
 /// What `husk check` prints about the running pods.
 fn husk_check() -> String {
-    let husk = husk_tests::containerd::profile_dir().join("husk");
-    let out = std::process::Command::new(&husk)
+    let out = husk_tests::husk_command()
         .arg("check")
-        .env_remove("HUSK_CONFIG")
         .output()
         .expect("husk check");
     text(&out.stdout)

@@ -3,6 +3,8 @@
 //! - `husk check`: what this host can run, and which hypervisor `auto` picks.
 //! - `husk env`: the effective configuration.
 //! - `husk vm-ping`: boot a sandbox VM, wait for the agent, shut it down.
+//! - `husk runtimeclass`: a RuntimeClass whose overhead is this node's
+//!   measured cost of a pod.
 //! - `husk run --rootfs DIR -- CMD...`: run one command in a container in
 //!   its own microVM, without containerd (operators, the nested lab).
 //!   SIGINT, SIGTERM, SIGHUP and SIGQUIT go to the container (a second
@@ -65,6 +67,34 @@ enum Command {
         /// Only pods of this containerd namespace.
         #[arg(long)]
         namespace: Option<String>,
+    },
+    /// Measure running pods' host cost beyond their limits (their cgroups:
+    /// VMM, daemons, shim, guest kernel and agent) and print a RuntimeClass
+    /// whose overhead covers it, the measurement above it.
+    Runtimeclass {
+        /// Measure only this pod (as `husk logs` names pods); default:
+        /// every running pod.
+        #[arg(long)]
+        pod: Option<String>,
+        /// Only pods of this containerd namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Seconds to measure over.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        window: u64,
+        /// The RuntimeClass's name.
+        #[arg(long, default_value = "husk")]
+        name: String,
+        /// The runtime handler it names (containerd's runtime entry).
+        #[arg(long, default_value = "husk")]
+        handler: String,
+        /// A node label KEY=VALUE to schedule on (`none` for no
+        /// scheduling section).
+        #[arg(long, default_value = "node.husk.io/runtime=true")]
+        node_label: String,
+        /// The measurement and the overhead as one JSON object instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Remove what is left of a pod whose owner (a shim, `husk run`) died:
     /// its processes, mounts and state directory.
@@ -155,6 +185,22 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Ps { json } => ps(&config, json),
         Command::Logs { pod, namespace } => logs(&config, &pod, namespace.as_deref()),
+        Command::Runtimeclass {
+            pod,
+            namespace,
+            window,
+            name,
+            handler,
+            node_label,
+            json,
+        } => runtimeclass(
+            &config,
+            pod.as_deref(),
+            namespace.as_deref(),
+            std::time::Duration::from_secs(window),
+            (&name, &handler, &node_label),
+            json,
+        ),
         Command::Delete {
             id,
             namespace,
@@ -317,6 +363,55 @@ fn logs(config: &Config, name: &str, namespace: Option<&str>) -> Result<ExitCode
             pod.namespace,
             pod.id,
             pod.dir.display()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runtimeclass(
+    config: &Config,
+    pod: Option<&str>,
+    namespace: Option<&str>,
+    window: std::time::Duration,
+    (name, handler, node_label): (&str, &str, &str),
+    json: bool,
+) -> Result<ExitCode> {
+    use husk_runtime::pod::{inventory, overhead};
+    for (flag, v) in [("--name", name), ("--handler", handler)] {
+        if !husk_runtime::host::containerd_config::dns_label(v) {
+            bail!(
+                "{flag} {v:?} is not a DNS label (lower-case letters, digits and '-', at most 63)"
+            );
+        }
+    }
+    let label = match node_label {
+        "none" => None,
+        l => Some(
+            l.split_once('=')
+                .with_context(|| format!("--node-label {l:?} is not KEY=VALUE (or `none`)"))?,
+        ),
+    };
+    let pods = inventory::list(config);
+    let chosen: Vec<&inventory::PodEntry> = match pod {
+        Some(p) => vec![inventory::find(&pods, p, namespace)?],
+        None => pods
+            .iter()
+            .filter(|p| namespace.is_none_or(|ns| p.namespace == ns))
+            .collect(),
+    };
+    let measured = overhead::measure(&chosen, window)?;
+    if json {
+        let out = serde_json::json!({
+            "window_s": window.as_secs(),
+            "memory_margin_percent": overhead::MEMORY_MARGIN_PERCENT,
+            "overhead": overhead::overhead(&measured),
+            "pods": measured,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print!(
+            "{}",
+            overhead::manifest(name, handler, &measured, window, label)
         );
     }
     Ok(ExitCode::SUCCESS)

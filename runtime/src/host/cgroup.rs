@@ -74,10 +74,10 @@ pub struct PodCgroup {
 /// A mounted hierarchy: its mount point, the controllers it carries (empty
 /// for v2) and whether it is cgroup2.
 #[derive(Debug, Clone, PartialEq)]
-struct Hierarchy {
-    mount: PathBuf,
-    controllers: Vec<String>,
-    v2: bool,
+pub(crate) struct Hierarchy {
+    pub(crate) mount: PathBuf,
+    pub(crate) controllers: Vec<String>,
+    pub(crate) v2: bool,
 }
 
 /// Turns a spec's `cgroupsPath` into a path relative to each hierarchy's
@@ -210,7 +210,7 @@ fn unescape(s: &str) -> String {
 }
 
 /// The process's cgroup in a hierarchy, from /proc/self/cgroup's text.
-fn own_cgroup(proc_cgroup: &str, h: &Hierarchy) -> Option<PathBuf> {
+pub(crate) fn own_cgroup(proc_cgroup: &str, h: &Hierarchy) -> Option<PathBuf> {
     proc_cgroup.lines().find_map(|line| {
         let mut it = line.splitn(3, ':');
         let (_, list, path) = (it.next()?, it.next()?, it.next()?);
@@ -224,7 +224,7 @@ fn own_cgroup(proc_cgroup: &str, h: &Hierarchy) -> Option<PathBuf> {
     })
 }
 
-fn mounted_hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
+pub(crate) fn mounted_hierarchies() -> Result<Vec<Hierarchy>, CgroupError> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let found = hierarchies(&mountinfo);
     if found.is_empty() {

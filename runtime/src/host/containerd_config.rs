@@ -63,15 +63,8 @@ pub struct Entry<'a> {
 
 impl Entry<'_> {
     fn validate(&self) -> Result<(), InstallError> {
-        let h = self.handler;
-        let label = !h.is_empty()
-            && h.len() <= 63
-            && h.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !h.starts_with('-')
-            && !h.ends_with('-');
-        if !label {
-            return Err(InstallError::Handler(h.to_owned()));
+        if !dns_label(self.handler) {
+            return Err(InstallError::Handler(self.handler.to_owned()));
         }
         match self.husk_config {
             Some(p) if !p.is_absolute() || !p.is_file() => {
@@ -80,6 +73,17 @@ impl Entry<'_> {
             _ => Ok(()),
         }
     }
+}
+
+/// Whether `h` is a DNS label (RFC 1123), as a RuntimeClass's name and
+/// handler must be.
+pub fn dns_label(h: &str) -> bool {
+    !h.is_empty()
+        && h.len() <= 63
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !h.starts_with('-')
+        && !h.ends_with('-')
 }
 
 /// `text` (containerd config file `path`) with `entry` in it, or without

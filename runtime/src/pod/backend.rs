@@ -19,6 +19,7 @@ use crate::host::storage::{self, MountSpec};
 use crate::pod::portforward::{self, PortForward};
 use crate::pod::volumes::VolumeWatch;
 use crate::vm::hypervisor::NetDevice;
+use crate::vm::monitor::Verdict;
 use crate::vm::sandbox::Owner;
 use crate::Sandbox;
 
@@ -64,6 +65,9 @@ pub trait PodVm: Send + 'static {
     /// every call waiting on the guest fails: for a guest not trusted to
     /// end (its state stays for [`PodVm::shutdown`]).
     fn kill(&self);
+    /// Why the VM went down under the pod (its liveness monitor's
+    /// verdict), once it has.
+    fn verdict(&self) -> Option<Verdict>;
     /// Stops the VM and removes its host state.
     fn shutdown(self);
 }
@@ -335,6 +339,10 @@ impl PodVm for PodSandbox {
 
     fn kill(&self) {
         self.sandbox.kill();
+    }
+
+    fn verdict(&self) -> Option<Verdict> {
+        self.sandbox.verdict()
     }
 
     fn release(&self, id: &str) {

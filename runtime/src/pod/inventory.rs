@@ -213,7 +213,7 @@ fn uptime_of(pid: u32) -> Option<u64> {
 }
 
 /// Proportional set size of `pid`, KiB.
-fn pss_kib(pid: u32) -> Option<u64> {
+pub(crate) fn pss_kib(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
         .ok()?
         .lines()

@@ -34,6 +34,8 @@ pub const KILLED_STATUS: u32 = 128 + 9;
 pub const FAILED_START_STATUS: u32 = 255;
 /// How long closing stdin lets the copier drain what the client wrote.
 const CLOSE_STDIN_GRACE: Duration = Duration::from_millis(500);
+/// How long a failed wait waits for the VM's monitor to say why.
+const VERDICT_WAIT: Duration = Duration::from_secs(1);
 /// Least time between two OOM events of one container.
 pub const OOM_EVENT_GAP: Duration = Duration::from_secs(1);
 /// The longest an exit waits for the kills in flight on its process (each
@@ -658,10 +660,9 @@ impl<B: Backend> PodService<B> {
         let name = format!("exit-{id}-{exec_id}");
         self.inner.workers.spawn(name, move || {
             let exec = (!exec_id.is_empty()).then_some(exec_id.as_str());
-            let status = agent.wait_process(&id, exec).unwrap_or_else(|e| {
-                tracing::error!(container = %id, exec = %exec_id, "wait: {}", crate::error_chain(&e));
-                FAILED_START_STATUS
-            });
+            let status = agent
+                .wait_process(&id, exec)
+                .unwrap_or_else(|e| me.lost_with_the_vm(&id, &exec_id, &e));
             let pumps = me
                 .with_proc(&id, &exec_id, |p| Ok(std::mem::take(&mut p.pumps)))
                 .unwrap_or_default();
@@ -682,6 +683,40 @@ impl<B: Backend> PodService<B> {
                 me.kill_members(&id, &agent);
             }
         });
+    }
+
+    /// The status of a process whose wait failed: the VM went down under
+    /// it, or the agent broke. A VM the host's OOM killer brought down
+    /// gives its processes 137 and their containers an OOM event, as a
+    /// kill by the guest's own would, with the reason in the shim's log;
+    /// anything else is a failure (255).
+    fn lost_with_the_vm(&self, id: &str, exec_id: &str, e: &AgentError) -> u32 {
+        // The wait can fail as the VMM dies, a moment before its monitor
+        // sees it and gives its verdict.
+        let deadline = std::time::Instant::now() + VERDICT_WAIT;
+        let verdict = loop {
+            match self.with_vm(PodVm::verdict).flatten() {
+                Some(v) => break Some(v),
+                None if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                None => break None,
+            }
+        };
+        match verdict {
+            Some(v) if v.oom_killed() => {
+                tracing::error!(container = %id, exec = %exec_id, "the process ended with its VM: {v}");
+                if exec_id.is_empty() {
+                    self.emit(Event::Oom { id: id.to_owned() });
+                }
+                KILLED_STATUS
+            }
+            v => {
+                let why = v.map_or_else(|| crate::error_chain(e), |v| v.to_string());
+                tracing::error!(container = %id, exec = %exec_id, "wait: {why}");
+                FAILED_START_STATUS
+            }
+        }
     }
 
     /// Records a process's exit once no kill on it is in flight, and says

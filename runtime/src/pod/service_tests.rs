@@ -27,6 +27,7 @@ use super::{PodError, Role};
 use crate::config::Config;
 use crate::host::storage::MountSpec;
 use crate::vm::agent::AgentError;
+use crate::vm::monitor::Verdict;
 
 /// A process in the fake guest.
 #[derive(Default)]
@@ -55,6 +56,8 @@ struct Guest {
     ignore_kills: bool,
     /// Whether the host killed the VM: every wait fails.
     dead: bool,
+    /// What the VM's monitor said when it went down.
+    verdict: Option<Verdict>,
 }
 
 /// A fake agent: processes exit when a test says so or on SIGKILL/SIGTERM.
@@ -353,6 +356,10 @@ impl PodVm for FakeVm {
         self.agent.call("kill vm".into());
         self.agent.guest().dead = true;
         self.agent.guest.1.notify_all();
+    }
+
+    fn verdict(&self) -> Option<Verdict> {
+        self.agent.guest().verdict.clone()
     }
 
     fn shutdown(self) {
@@ -842,6 +849,52 @@ fn a_guest_reporting_ooms_in_a_loop_gets_one_event_per_gap() {
     );
     p.agent.guest().oom_flood = false;
     p.pod.kill(&cid("c1"), eid("").as_ref(), 9, false).unwrap();
+}
+
+/// The VM's end under a running pod: killed by the host's OOM killer, its
+/// processes end 137 and their containers get an OOM event first (what
+/// CRI turns into `OOMKilled`); died otherwise, they end 255 without one.
+#[test]
+fn processes_lost_with_an_oom_killed_vm_end_137_after_an_oom_event() {
+    for (oom, status) in [(true, 137), (false, FAILED_START_STATUS)] {
+        let p = pod();
+        run_with_exec(&p, 200);
+        while p.events.recv_timeout(Duration::from_millis(100)).is_ok() {}
+        {
+            let mut g = p.agent.guest();
+            let died = Verdict::VmmExited;
+            g.verdict = Some(if oom {
+                Verdict::OomKilled {
+                    cgroup: "/kubepods/pod1/abc".into(),
+                    limit_mib: Some(300),
+                    then: Box::new(died),
+                }
+            } else {
+                died
+            });
+            // The VM's end closes every stream with the agent connection.
+            g.streams.clear();
+            g.dead = true;
+            p.agent.guest.1.notify_all();
+        }
+        assert_eq!(p.pod.wait(&cid("c1"), None).unwrap().status, status);
+        let e1 = eid("e1");
+        assert_eq!(p.pod.wait(&cid("c1"), e1.as_ref()).unwrap().status, status);
+        let events: Vec<Event> =
+            std::iter::from_fn(|| p.events.recv_timeout(Duration::from_millis(200)).ok()).collect();
+        let oom_at = events.iter().position(|e| matches!(e, Event::Oom { .. }));
+        let init_exit_at = events
+            .iter()
+            .position(|e| matches!(e, Event::Exited { exec_id, .. } if exec_id.is_empty()));
+        let ooms = events
+            .iter()
+            .filter(|e| matches!(e, Event::Oom { .. }))
+            .count();
+        assert_eq!(ooms, usize::from(oom), "{events:?}");
+        if oom {
+            assert!(oom_at < init_exit_at, "the OOM comes first: {events:?}");
+        }
+    }
 }
 
 /// Returns once a Wait is blocked on each of `procs` (container, exec).

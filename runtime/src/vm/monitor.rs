@@ -7,11 +7,12 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::confine::process::{pidfd_kill, pidfd_open};
+use crate::host::accounting::{oom_killed_since, Accounting};
 use crate::vm::agent::{Agent, AgentError};
 
 /// What a monitor needs to see: the VMM and the device daemons.
@@ -25,8 +26,27 @@ pub struct Watched {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     VmmExited,
-    AgentSilent { after: Duration, error: String },
-    AgentLying { invalid: u32 },
+    AgentSilent {
+        after: Duration,
+        error: String,
+    },
+    AgentLying {
+        invalid: u32,
+    },
+    /// `then`, after the host's OOM killer killed a process in the pod's
+    /// cgroup (`cgroup`, limited at `limit_mib` there or above).
+    OomKilled {
+        cgroup: String,
+        limit_mib: Option<u64>,
+        then: Box<Verdict>,
+    },
+}
+
+impl Verdict {
+    /// Whether the host's OOM killer brought the pod down.
+    pub fn oom_killed(&self) -> bool {
+        matches!(self, Verdict::OomKilled { .. })
+    }
 }
 
 /// Invalid replies after which a guest is taken for dead: one may be a
@@ -44,6 +64,20 @@ impl std::fmt::Display for Verdict {
             ),
             Verdict::AgentLying { invalid } => {
                 write!(f, "the agent sent {invalid} invalid replies")
+            }
+            Verdict::OomKilled {
+                cgroup,
+                limit_mib,
+                then,
+            } => {
+                let limit = limit_mib.map_or_else(
+                    || "its memory limit".to_owned(),
+                    |m| format!("its memory limit of {m} MiB"),
+                );
+                write!(
+                    f,
+                    "{then} after the host's OOM killer killed a process of the pod: its cgroup {cgroup} reached {limit} (the pod's containers' limits plus the RuntimeClass overhead); raise the overhead (`husk runtimeclass` measures it)"
+                )
             }
         }
     }
@@ -77,6 +111,8 @@ impl Health for Agent {
 pub struct Monitor {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Option<Verdict>>>,
+    /// Its verdict, set before it kills the VM and cuts the agent off.
+    verdict: Arc<Mutex<Option<Verdict>>>,
 }
 
 impl Monitor {
@@ -96,17 +132,38 @@ impl Monitor {
             .map(|&pid| pidfd_open(pid))
             .collect::<std::io::Result<Vec<_>>>()?;
         let stop = Arc::new(AtomicBool::new(false));
+        let verdict_cell = Arc::new(Mutex::new(None));
+        // The OOM kills in the pod's cgroup so far: more at the end means
+        // the host's OOM killer brought the pod down.
+        let oom = Accounting::of(watched.vmm).map(|a| {
+            let before = a.oom_kills();
+            (a, before)
+        });
         let id = id.to_owned();
         let thread = std::thread::Builder::new()
             .name(format!("monitor-{}", short(&id)))
             .spawn({
-                let stop = stop.clone();
+                let (stop, cell) = (stop.clone(), verdict_cell.clone());
                 move || {
-                    let verdict = watch(&vmm, &health, interval, deadline, &stop)?;
+                    let mut verdict = watch(&vmm, &health, interval, deadline, &stop)?;
                     if stop.load(Ordering::SeqCst) {
                         return None;
                     }
-                    tracing::warn!(sandbox = %id, "{verdict}; stopping the VM and its daemons");
+                    if let Some((acc, before)) = oom {
+                        if oom_killed_since(before, acc.oom_kills()) {
+                            verdict = Verdict::OomKilled {
+                                cgroup: acc.path.display().to_string(),
+                                limit_mib: acc.memory_limit().map(|b| b >> 20),
+                                then: Box::new(verdict),
+                            };
+                        }
+                    }
+                    *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(verdict.clone());
+                    if verdict.oom_killed() {
+                        tracing::error!(sandbox = %id, "{verdict}; stopping the VM and its daemons");
+                    } else {
+                        tracing::warn!(sandbox = %id, "{verdict}; stopping the VM and its daemons");
+                    }
                     for fd in std::iter::once(&vmm).chain(&daemons) {
                         pidfd_kill(fd);
                     }
@@ -117,7 +174,16 @@ impl Monitor {
         Ok(Self {
             stop,
             thread: Some(thread),
+            verdict: verdict_cell,
         })
+    }
+
+    /// Why the monitor stopped the VM, once it has.
+    pub fn verdict(&self) -> Option<Verdict> {
+        self.verdict
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stops watching (an orderly shutdown is coming) without waiting.

@@ -693,6 +693,11 @@ impl Sandbox {
         }
     }
 
+    /// Why the liveness monitor stopped the VM, once it has.
+    pub fn verdict(&self) -> Option<crate::vm::monitor::Verdict> {
+        self.monitor.as_ref()?.verdict()
+    }
+
     /// PIDs of every host process of this sandbox (VMM and daemons).
     pub fn pids(&self) -> Vec<u32> {
         let mut pids: Vec<u32> = self.vmm.iter().map(Process::pid).collect();
