@@ -14,20 +14,28 @@ APT_PACKAGES := qemu-system-x86 linux-source-6.1 bc bison flex libelf-dev libssl
 	cpio file gcc g++ libc6-dev make xz-utils pkg-config libseccomp-dev libcap-ng-dev containerd runc busybox-static \
 	protobuf-compiler containernetworking-plugins iproute2 iptables
 DAEMONS := virtiofsd vhost-device-vsock
+# Only the tests need these: Prometheus scrapes `husk monitor`.
+TEST_APT_PACKAGES := prometheus
 
-.PHONY: all deps build guest-image vmm-static lab install demo test unit lint fuzz soak bench clean
+.PHONY: all deps test-deps apt build guest-image vmm-static lab install demo test unit lint fuzz soak bench clean
 
 all: build guest-image
 
 deps:
-	@missing=$$(for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt PACKAGES="$(APT_PACKAGES)"
+	@for d in $(DAEMONS); do \
+		[ -x $(PREFIX)/bin/$$d ] || $(CARGO) install --locked --root $(PREFIX) $$d; done
+
+test-deps:
+	@$(MAKE) --no-print-directory apt PACKAGES="$(TEST_APT_PACKAGES)"
+
+apt:
+	@missing=$$(for p in $(PACKAGES); do \
 		dpkg-query -W -f '$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 		echo "deps: apt-get install $$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
-	@for d in $(DAEMONS); do \
-		[ -x $(PREFIX)/bin/$$d ] || $(CARGO) install --locked --root $(PREFIX) $$d; done
 
 build: deps
 	$(CARGO) build --release --workspace --bins
@@ -92,7 +100,7 @@ fuzz: deps
 
 # Everything: lint, unit tests, each fuzz target briefly (30 s), and
 # end-to-end tests against real guests.
-test: build guest-image lint lab
+test: test-deps build guest-image lint lab
 	bash fuzz/run.sh 30
 	$(CARGO) test --release --workspace --no-fail-fast -- --include-ignored
 

@@ -3,6 +3,7 @@
 //! - `husk check`: what this host can run, and which hypervisor `auto` picks.
 //! - `husk env`: the effective configuration.
 //! - `husk vm-ping`: boot a sandbox VM, wait for the agent, shut it down.
+//! - `husk monitor --listen ADDR`: Prometheus metrics of the node's pods.
 //! - `husk runtimeclass`: a RuntimeClass whose overhead is this node's
 //!   measured cost of a pod.
 //! - `husk run --rootfs DIR -- CMD...`: run one command in a container in
@@ -67,6 +68,14 @@ enum Command {
         /// Only pods of this containerd namespace.
         #[arg(long)]
         namespace: Option<String>,
+    },
+    /// Serve the node's pods as Prometheus metrics (OpenMetrics text) on
+    /// `GET /metrics` until killed: what a systemd unit or DaemonSet runs.
+    Monitor {
+        /// Address and port to listen on, e.g. 127.0.0.1:9760 or
+        /// [::]:9760.
+        #[arg(long, value_name = "ADDR")]
+        listen: std::net::SocketAddr,
     },
     /// Measure running pods' host cost beyond their limits (their cgroups:
     /// VMM, daemons, shim, guest kernel and agent) and print a RuntimeClass
@@ -185,6 +194,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
         ),
         Command::Ps { json } => ps(&config, json),
         Command::Logs { pod, namespace } => logs(&config, &pod, namespace.as_deref()),
+        Command::Monitor { listen } => {
+            let listener = std::net::TcpListener::bind(listen)
+                .with_context(|| format!("listening on --listen {listen} (is the port taken?)"))?;
+            eprintln!("husk monitor: serving http://{listen}/metrics");
+            husk_runtime::pod::metrics::serve(&listener, &config)
+                .with_context(|| format!("accepting on {listen}"))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Runtimeclass {
             pod,
             namespace,

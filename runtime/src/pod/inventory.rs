@@ -4,6 +4,7 @@
 //! and memory. Read from the state directories and /proc alone, so it
 //! works with no shim to ask, and on pods whose shim died.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -29,7 +30,7 @@ const MAX_RECORD: u64 = 16 << 10;
 /// Who a sandbox serves and how it runs: written into its directory when
 /// it boots (`pod.json`), by the shim or `husk run` (root), never by a
 /// process of the pod.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PodRecord {
     /// The Kubernetes pod, from CRI's annotations; none for `ctr run` and
     /// `husk run`.
@@ -43,6 +44,10 @@ pub struct PodRecord {
     /// it ("qemu (TCG)", "husk-vmm").
     #[serde(default)]
     pub backend: String,
+    /// How long each phase of its boot took, seconds (written once the
+    /// agent answered; `husk monitor`'s histograms).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub boot_phases: BTreeMap<String, f64>,
 }
 
 impl PodRecord {
@@ -61,7 +66,7 @@ impl PodRecord {
             pod_name: ann(SANDBOX_NAME),
             pod_namespace: ann(SANDBOX_NAMESPACE),
             pod_uid: ann(SANDBOX_UID),
-            backend: String::new(),
+            ..Self::default()
         }
     }
 
@@ -97,7 +102,7 @@ fn printable(s: &str) -> String {
 }
 
 /// One pod's state directory on this host, and what still runs of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PodEntry {
     /// containerd's namespace, or `_husk` for `husk run`'s pods.
     pub namespace: String,
@@ -329,6 +334,7 @@ mod tests {
                 pod_namespace: Some(ns.to_owned()),
                 pod_uid: None,
                 backend: "qemu (TCG)".to_owned(),
+                ..PodRecord::default()
             }),
         }
     }

@@ -19,6 +19,7 @@ pub mod cleanup;
 pub mod guest;
 pub mod inherit;
 pub mod inventory;
+pub mod metrics;
 pub mod overhead;
 pub mod portforward;
 pub mod service;

@@ -371,8 +371,34 @@ impl Sandbox {
         sb.timings.connect_attempts = attempts;
         sb.timings.total = t0.elapsed();
         tracing::info!(sandbox = %id, backend = %sb.backend, total_ms = sb.timings.total.as_millis() as u64, "sandbox ready");
+        sb.record_boot();
         sb.start_monitor(config, agent)?;
         Ok(sb)
+    }
+
+    /// Adds the boot's phases to the pod record (for `husk monitor`); a
+    /// failure costs only the figures.
+    fn record_boot(&self) {
+        let path = self.paths.pod_record();
+        let Some(mut record) = PodRecord::read(&path) else {
+            return;
+        };
+        let t = &self.timings;
+        record.boot_phases = [
+            ("daemons", t.daemons),
+            ("vmm_spawn", t.vmm_spawn),
+            ("vmm_start", t.vmm_start),
+            ("guest", t.guest_boot()),
+            ("connect", t.connect),
+            ("first_rpc", t.first_rpc),
+            ("total", t.total),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.as_secs_f64()))
+        .collect();
+        if let Err(e) = record.write(&path) {
+            tracing::warn!(sandbox = %self.id, "recording the boot's phases: {e}");
+        }
     }
 
     /// A sandbox that owns its (just made) directory and nothing else yet.

@@ -1,12 +1,16 @@
-//! The measured RuntimeClass (issue 29 item 2): `husk runtimeclass`
-//! measures an idle pod's host cost from its cgroup; with the pod's cgroup
-//! limited as kubelet limits it (its containers' limits plus that
-//! overhead), a container filling its memory limit is OOM-killed inside
-//! the guest, as runc's is on the host, and the VM lives on; a VMM the
-//! host's OOM killer takes anyway is reported in words.
+//! What a node operator runs against live pods (issue 29): `husk
+//! runtimeclass` measures an idle pod's host cost from its cgroup; with
+//! the pod's cgroup limited as kubelet limits it (its containers' limits
+//! plus that overhead), a container filling its memory limit is OOM-killed
+//! inside the guest, as runc's is on the host, and the VM lives on; a VMM
+//! the host's OOM killer takes anyway is reported in words. `husk monitor`
+//! serves the pod's metrics to a real Prometheus server.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
 use husk_tests::cri::{container, Cri, PodOpts};
@@ -245,6 +249,8 @@ fn a_pod_filling_its_memory_limit_is_oom_killed_in_its_guest_within_the_measured
         assert!(manifest.contains(want), "{want:?} missing:\n{manifest}");
     }
 
+    prometheus_scrapes_the_pod(&pod, &sandbox_dir);
+
     // Kubelet's limit on the pod's cgroup: the containers' limits plus
     // the overhead. A container filling its limit: killed in the guest.
     let pod_dir = memory_dir(&husk_parent);
@@ -306,5 +312,181 @@ fn a_pod_filling_its_memory_limit_is_oom_killed_in_its_guest_within_the_measured
         !sandbox_dir.exists(),
         "the pod's cgroup {} is left",
         sandbox_dir.display()
+    );
+}
+
+/// A child killed when the test ends, however it ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A loopback port free now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+/// `GET path` on loopback port `port`: the status line and the body; None
+/// while nothing listens.
+fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_owned(), body.to_owned()))
+}
+
+/// Retries `f` every 250 ms for up to `timeout`.
+fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The cgroup's working set as kubelet computes it, bytes.
+fn working_set(dir: &Path) -> f64 {
+    let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
+    let usage = read("memory.usage_in_bytes") + &read("memory.current");
+    let usage: f64 = usage.trim().parse().expect("the cgroup's usage");
+    let inactive = read("memory.stat")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("total_inactive_file ")
+                .or_else(|| l.strip_prefix("inactive_file "))
+        })
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    usage - inactive
+}
+
+/// `husk monitor` serves pod `pod`'s metrics: `promtool check metrics`
+/// passes its exposition, and Debian's Prometheus server, scraping it on
+/// loopback, answers queries for the pod's series with the figures its
+/// cgroup holds.
+fn prometheus_scrapes_the_pod(pod: &str, sandbox_cgroup: &Path) {
+    let port = free_port();
+    let _monitor = Killed(
+        husk_tests::husk_command()
+            .args(["monitor", "--listen", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("husk monitor"),
+    );
+    let (status, body) = poll(Duration::from_secs(10), || http_get(port, "/metrics"))
+        .expect("husk monitor never answered");
+    assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (apt-get install prometheus)");
+    promtool
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("to promtool");
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}\n{body}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+    assert!(
+        body.contains(&format!("sandbox_id=\"{pod}\"")) && body.contains("pod=\"rc-husk\""),
+        "the pod's labels missing:\n{body}"
+    );
+
+    let dir = tempfile::tempdir().expect("prometheus dir");
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: husk\n    static_configs:\n      - targets: [\"127.0.0.1:{port}\"]\n"
+        ),
+    )
+    .expect("prometheus.yml");
+    let web = free_port();
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).expect("log");
+    let _prometheus = Killed(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{web}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (apt-get install prometheus)"),
+    );
+    // PromQL in a URL: the selector's braces, quotes and equals escaped.
+    let query = |q: &str| -> Option<Vec<serde_json::Value>> {
+        let enc: String = q
+            .bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' => (b as char).to_string(),
+                _ => format!("%{b:02X}"),
+            })
+            .collect();
+        let (_, body) = http_get(web, &format!("/api/v1/query?query={enc}"))?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        let result = v["data"]["result"].as_array()?.clone();
+        (!result.is_empty()).then_some(result)
+    };
+    let value = |r: &Value| -> f64 {
+        r["value"][1]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let selector = format!("{{sandbox_id=\"{pod}\",pod=\"rc-husk\"}}");
+    let ws = poll(Duration::from_secs(90), || {
+        query(&format!("husk_pod_memory_working_set_bytes{selector}"))
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "Prometheus never had the pod's working set:\n{}",
+            std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+        )
+    });
+    let scraped = value(&ws[0]);
+    let now = working_set(sandbox_cgroup);
+    assert!(
+        scraped > now * 0.7 && scraped < now * 1.3,
+        "Prometheus has {scraped} B, the pod's cgroup {now} B"
+    );
+    let cpu = query(&format!("husk_pod_cpu_seconds_total{selector}")).expect("CPU series");
+    assert!(value(&cpu[0]) > 0.0, "{cpu:?}");
+    let boots = query("husk_pod_boot_phase_seconds_count{phase=\"total\"}").expect("boot series");
+    assert!(value(&boots[0]) >= 1.0, "{boots:?}");
+    let procs = query(&format!("husk_pod_process_pss_bytes{selector}")).expect("PSS series");
+    let names: Vec<&str> = procs
+        .iter()
+        .filter_map(|r| r["metric"]["process"].as_str())
+        .collect();
+    assert!(
+        names.iter().any(|n| n.starts_with("qemu")) && names.contains(&"virtiofsd"),
+        "{names:?}"
     );
 }
