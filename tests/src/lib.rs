@@ -302,3 +302,17 @@ pub fn husk_cli(args: &[&str], fails: bool) -> Output {
     );
     out
 }
+
+/// Retries `f` until it returns Some, for up to `timeout`.
+pub fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

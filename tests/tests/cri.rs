@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use husk_tests::bench::{pss_kib, with_descendants};
 use husk_tests::containerd::{assert_clean, Containerd, CRI_NAMESPACE, IMAGE};
 use husk_tests::cri::{container, Cri, ExecResult, PodOpts};
-use husk_tests::{e2e, husk_cli, processes_mentioning, vm_lock};
+use husk_tests::{e2e, eventually, husk_cli, processes_mentioning, vm_lock};
 
 /// ExecSync that must succeed with exit code 0; returns stdout.
 fn sh(cri: &Cri, id: &str, cmd: &str) -> String {
@@ -29,20 +29,6 @@ fn shims_and_vmms() -> (Vec<u32>, Vec<u32>) {
     let mut vmms = processes_mentioning(Path::new("qemu-system-x86_64"));
     vmms.extend(processes_mentioning(Path::new("husk-vmm ")));
     (shims, vmms)
-}
-
-/// Retries `f` until it returns Some, for up to `timeout`.
-fn eventually<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 /// A private containerd with CRI, and a directory for the pod's logs.

@@ -10,11 +10,11 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_tests::containerd::{assert_clean, Containerd, IMAGE};
 use husk_tests::cri::{container, Cri, PodOpts};
-use husk_tests::{e2e, husk_cli, vm_lock};
+use husk_tests::{e2e, eventually, husk_cli, vm_lock};
 use k8s_cri::v1::{ContainerConfig, LinuxContainerResources};
 use serde_json::Value;
 
@@ -345,20 +345,6 @@ fn http_get(port: u16, path: &str) -> Option<(String, String)> {
     Some((head.lines().next()?.to_owned(), body.to_owned()))
 }
 
-/// Retries `f` every 250 ms for up to `timeout`.
-fn poll<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        if Instant::now() > deadline {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
 /// The cgroup's working set as kubelet computes it, bytes.
 fn working_set(dir: &Path) -> f64 {
     let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap_or_default();
@@ -388,7 +374,7 @@ fn prometheus_scrapes_the_pod(pod: &str, sandbox_cgroup: &Path) {
             .spawn()
             .expect("husk monitor"),
     );
-    let (status, body) = poll(Duration::from_secs(10), || http_get(port, "/metrics"))
+    let (status, body) = eventually(Duration::from_secs(10), || http_get(port, "/metrics"))
         .expect("husk monitor never answered");
     assert_eq!(status, "HTTP/1.1 200 OK", "{body}");
     let mut promtool = Command::new("promtool")
@@ -461,7 +447,7 @@ fn prometheus_scrapes_the_pod(pod: &str, sandbox_cgroup: &Path) {
             .unwrap_or(f64::NAN)
     };
     let selector = format!("{{sandbox_id=\"{pod}\",pod=\"rc-husk\"}}");
-    let ws = poll(Duration::from_secs(90), || {
+    let ws = eventually(Duration::from_secs(90), || {
         query(&format!("husk_pod_memory_working_set_bytes{selector}"))
     })
     .unwrap_or_else(|| {
