@@ -156,15 +156,16 @@ fn vmm_pid() -> u32 {
 fn a_pod_filling_its_memory_limit_is_oom_killed_in_its_guest_within_the_measured_overhead() {
     e2e();
     let _vm = vm_lock();
-    let ctd = Containerd::start();
-    let cri = ctd.cri();
-    let logs = tempfile::tempdir().expect("log dir");
+    // Dropped after containerd, which takes a failed test's pods with it.
     let parent = format!("/husk-e2e-rc-{}", std::process::id());
     let _cgroups = Cgroups(vec![
         format!("{parent}/runc-pod"),
         format!("{parent}/husk-pod"),
         parent.clone(),
     ]);
+    let ctd = Containerd::start();
+    let cri = ctd.cri();
+    let logs = tempfile::tempdir().expect("log dir");
 
     // The oracle: runc, the pod's cgroup limited at its containers' sum.
     let runc_parent = format!("{parent}/runc-pod");
