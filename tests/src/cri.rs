@@ -107,6 +107,12 @@ impl PodOpts {
     }
 }
 
+/// RunPodSandbox that must succeed; containerd's log on failure.
+pub fn start_pod(ctd: &crate::containerd::Containerd, cri: &Cri, opts: &PodOpts) -> String {
+    cri.run_pod(opts)
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()))
+}
+
 /// A container of a test pod.
 pub fn container(name: &str, image: &str, args: &[&str], share_pid: bool) -> ContainerConfig {
     ContainerConfig {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use husk_tests::bench::{pss_kib, with_descendants};
 use husk_tests::containerd::{assert_clean, Containerd, CRI_NAMESPACE, IMAGE};
-use husk_tests::cri::{container, Cri, ExecResult, PodOpts};
+use husk_tests::cri::{container, start_pod, Cri, ExecResult, PodOpts};
 use husk_tests::{e2e, eventually, husk_cli, processes_mentioning, vm_lock};
 
 /// ExecSync that must succeed with exit code 0; returns stdout.
@@ -36,12 +36,6 @@ fn cri_env() -> (Containerd, Cri, tempfile::TempDir) {
     let ctd = Containerd::start();
     let cri = ctd.cri();
     (ctd, cri, tempfile::tempdir().expect("log dir"))
-}
-
-/// RunPodSandbox that must succeed; containerd's log on failure.
-fn start_pod(ctd: &Containerd, cri: &Cri, opts: &PodOpts) -> String {
-    cri.run_pod(opts)
-        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}\n{}", ctd.log()))
 }
 
 fn teardown(cri: &Cri, pod: &str) {

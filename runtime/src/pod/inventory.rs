@@ -187,12 +187,41 @@ pub struct PodStatus {
 
 /// The VMM's backend by its process name.
 fn vmm_kind(pid: u32) -> Option<&'static str> {
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
-    match comm.trim_end() {
+    match comm(pid).as_str() {
         c if c.starts_with("qemu") => Some("qemu"),
         "husk-vmm" => Some("husk-vmm"),
         _ => None,
     }
+}
+
+/// Process `pid`'s name, "" once it is gone.
+pub(crate) fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|c| c.trim_end().to_owned())
+        .unwrap_or_default()
+}
+
+/// The pod's VMM (pid and kind), among its processes.
+fn vmm_of(pod: &PodEntry) -> Option<(u32, &'static str)> {
+    pod.pids
+        .iter()
+        .find_map(|&p| vmm_kind(p).map(|kind| (p, kind)))
+}
+
+/// The pod's recorded backend, else what its VMM's name says.
+fn backend_of(pod: &PodEntry, vmm: Option<(u32, &'static str)>) -> Option<String> {
+    pod.record
+        .as_ref()
+        .map(|r| r.backend.clone())
+        .filter(|b| !b.is_empty())
+        .or_else(|| vmm.map(|(_, kind)| kind.to_owned()))
+}
+
+/// The pod's backend and its VMM's uptime in seconds, without the cost of
+/// its memory figures (`husk monitor`'s, which reads memory itself).
+pub(crate) fn backend_and_uptime(pod: &PodEntry) -> (Option<String>, Option<u64>) {
+    let vmm = vmm_of(pod);
+    (backend_of(pod, vmm), vmm.and_then(|(p, _)| uptime_of(p)))
 }
 
 /// Seconds process `pid` has run.
@@ -232,14 +261,9 @@ pub(crate) fn pss_kib(pid: u32) -> Option<u64> {
 
 /// What /proc says now of `pod`'s processes.
 pub fn status(pod: &PodEntry) -> PodStatus {
-    let vmm = pod
-        .pids
-        .iter()
-        .find_map(|&p| vmm_kind(p).map(|kind| (p, kind)));
+    let vmm = vmm_of(pod);
+    let backend = backend_of(pod, vmm);
     let record = pod.record.clone().unwrap_or_default();
-    let backend = Some(record.backend)
-        .filter(|b| !b.is_empty())
-        .or_else(|| vmm.map(|(_, kind)| kind.to_owned()));
     let memory: Vec<u64> = pod.pids.iter().filter_map(|&p| pss_kib(p)).collect();
     PodStatus {
         namespace: pod.namespace.clone(),

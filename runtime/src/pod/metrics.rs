@@ -19,7 +19,8 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::config::Config;
 use crate::host::accounting::Accounting;
-use crate::pod::inventory::{self, pss_kib, PodEntry};
+use crate::pod::inventory::{self, PodEntry};
+use crate::pod::overhead::cgroup_processes;
 
 /// The content type of the OpenMetrics text format, which Prometheus
 /// servers ask for.
@@ -79,14 +80,14 @@ pub fn exposition(config: &Config) -> String {
     for p in &pods {
         *states.entry(p.state()).or_default() += 1;
         let labels = pod_labels(p);
-        let status = inventory::status(p);
-        let backend = status.backend.clone().unwrap_or_default();
+        let (backend, uptime) = inventory::backend_and_uptime(p);
+        let backend = backend.unwrap_or_default();
         f.up.get_or_create(&with(labels.clone(), "backend", &backend))
             .set(i64::from(!p.pids.is_empty()));
         f.containers
             .get_or_create(&labels)
             .set(p.containers.len() as i64);
-        if let Some(up) = status.uptime_s {
+        if let Some(up) = uptime {
             f.uptime.get_or_create(&labels).set(up as f64);
         }
         for (phase, secs) in p.record.iter().flat_map(|r| &r.boot_phases) {
@@ -111,13 +112,11 @@ pub fn exposition(config: &Config) -> String {
         if let Some(n) = acc.oom_kills()[0] {
             f.oom.get_or_create(&labels).inc_by(n);
         }
-        for pid in acc.processes() {
-            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-            if let Some(kib) = pss_kib(pid) {
-                f.pss
-                    .get_or_create(&with(labels.clone(), "process", comm.trim_end()))
-                    .inc_by(kib as f64 * 1024.0);
-            }
+        // Processes of one name (virtiofsd's two) add up.
+        for proc in cgroup_processes(&acc) {
+            f.pss
+                .get_or_create(&with(labels.clone(), "process", &proc.name))
+                .inc_by(proc.pss_kib as f64 * 1024.0);
         }
     }
     for (state, n) in states {

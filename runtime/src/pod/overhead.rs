@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use crate::host::accounting::Accounting;
-use crate::pod::inventory::{pss_kib, PodEntry};
+use crate::pod::inventory::{comm, pss_kib, PodEntry};
 
 /// Memory margin over the largest measured working set, percent: the
 /// guest's slab and page tables grow with use, the VMM's buffers with I/O.
@@ -171,26 +171,22 @@ pub fn measure(pods: &[&PodEntry], window: Duration) -> Result<Vec<Measured>, Me
                 working_set_kib: s.peak / 1024,
                 cpu_millicores: cpu_ns as f64 / 1e6 / secs,
                 limit_kib: s.acc.memory_limit().map(|b| b / 1024),
-                processes: s
-                    .acc
-                    .processes()
-                    .into_iter()
-                    .map(|pid| ProcessCost {
-                        pid,
-                        name: comm(pid),
-                        pss_kib: pss_kib(pid).unwrap_or(0),
-                    })
-                    .collect(),
+                processes: cgroup_processes(&s.acc),
             }
         })
         .collect())
 }
 
-/// The process's name, "" once it is gone.
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|c| c.trim_end().to_owned())
-        .unwrap_or_default()
+/// Every process in the cgroup, with its name and PSS.
+pub fn cgroup_processes(acc: &Accounting) -> Vec<ProcessCost> {
+    acc.processes()
+        .into_iter()
+        .map(|pid| ProcessCost {
+            pid,
+            name: comm(pid),
+            pss_kib: pss_kib(pid).unwrap_or(0),
+        })
+        .collect()
 }
 
 /// The overhead that covers every measured pod: the largest working set
