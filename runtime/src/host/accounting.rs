@@ -22,6 +22,10 @@ pub struct Accounting {
     v2: bool,
 }
 
+/// How close to its limit a cgroup's usage counts as at it: v1's usage
+/// lags by per-CPU charge batches.
+pub const AT_LIMIT: u64 = 8 << 20;
+
 /// A process's OOM-kill counts: its cgroup's and its parent's (kubelet
 /// limits a pod at the parent; cgroup v1 counts a kill where the limit
 /// was hit).
@@ -58,6 +62,19 @@ impl Accounting {
         (acc.memory.is_some() || acc.cpu.is_some()).then_some(acc)
     }
 
+    /// Accounting read from a cgroup v1 directory `dir` below mount
+    /// `root`, for tests that write the files themselves.
+    #[cfg(test)]
+    pub(crate) fn v1_at(dir: &Path, root: &Path) -> Self {
+        Accounting {
+            path: PathBuf::from("/").join(dir.strip_prefix(root).unwrap_or(dir)),
+            memory: Some(dir.to_path_buf()),
+            cpu: Some(dir.to_path_buf()),
+            memory_root: Some(root.to_path_buf()),
+            v2: false,
+        }
+    }
+
     fn memory_file(&self, name: &str) -> Option<String> {
         fs::read_to_string(self.memory.as_ref()?.join(name)).ok()
     }
@@ -91,6 +108,30 @@ impl Accounting {
     /// (kubelet's pod cgroup is the parent of the sandbox's): `None` for
     /// none.
     pub fn memory_limit(&self) -> Option<u64> {
+        self.limited().map(|(limit, _)| limit)
+    }
+
+    /// Whether the cgroup that limits this one is within [`AT_LIMIT`] of
+    /// its limit now: its processes are reclaiming, or about to be
+    /// OOM-killed.
+    pub fn at_memory_limit(&self) -> bool {
+        let Some((limit, dir)) = self.limited() else {
+            return false;
+        };
+        let f = if self.v2 {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
+        let usage = fs::read_to_string(dir.join(f)).ok();
+        usage
+            .and_then(|u| u.trim().parse::<u64>().ok())
+            .is_some_and(|u| u.saturating_add(AT_LIMIT) >= limit)
+    }
+
+    /// The nearest limit at or above the cgroup, and the directory it is
+    /// set on.
+    fn limited(&self) -> Option<(u64, PathBuf)> {
         let (mut dir, root) = (self.memory.clone()?, self.memory_root.clone()?);
         let file = if self.v2 {
             "memory.max"
@@ -102,7 +143,7 @@ impl Accounting {
             // v1's "no limit" is the largest page-aligned i64.
             if let Some(v) = limit.and_then(|l| l.trim().parse::<u64>().ok()) {
                 if v < (1 << 62) {
-                    return Some(v);
+                    return Some((v, dir));
                 }
             }
             dir.pop();
@@ -186,6 +227,41 @@ mod tests {
         assert!(oom_killed_since([Some(0), Some(2)], [Some(0), Some(3)]));
         assert!(!oom_killed_since([Some(1), None], [Some(1), Some(5)]));
         assert!(!oom_killed_since([None, None], [Some(1), Some(1)]));
+    }
+
+    #[test]
+    fn the_nearest_limit_is_the_parents_and_at_limit_is_within_8_mib_of_it() {
+        let root = tempfile::tempdir().unwrap();
+        let pod = root.path().join("kubepods/pod1");
+        let sandbox = pod.join("abc");
+        std::fs::create_dir_all(&sandbox).unwrap();
+        let w = |d: &Path, f: &str, v: &str| std::fs::write(d.join(f), v).unwrap();
+        // v1's "unlimited" on the sandbox; kubelet's limit on the pod.
+        w(&sandbox, "memory.limit_in_bytes", "9223372036854771712\n");
+        w(
+            &pod,
+            "memory.limit_in_bytes",
+            &format!("{}\n", 200u64 << 20),
+        );
+        w(
+            &pod,
+            "memory.usage_in_bytes",
+            &format!("{}\n", 150u64 << 20),
+        );
+        let acc = Accounting::v1_at(&sandbox, root.path());
+        assert_eq!(acc.path, PathBuf::from("/kubepods/pod1/abc"));
+        assert_eq!(acc.memory_limit(), Some(200 << 20));
+        assert!(!acc.at_memory_limit());
+        w(
+            &pod,
+            "memory.usage_in_bytes",
+            &format!("{}\n", (193u64 << 20) + 1),
+        );
+        assert!(acc.at_memory_limit());
+        // No limit anywhere below the mount: never at it.
+        std::fs::remove_file(pod.join("memory.limit_in_bytes")).unwrap();
+        assert_eq!(acc.memory_limit(), None);
+        assert!(!acc.at_memory_limit());
     }
 
     #[test]

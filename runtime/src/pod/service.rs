@@ -686,10 +686,11 @@ impl<B: Backend> PodService<B> {
     }
 
     /// The status of a process whose wait failed: the VM went down under
-    /// it, or the agent broke. A VM the host's OOM killer brought down
-    /// gives its processes 137 and their containers an OOM event, as a
-    /// kill by the guest's own would, with the reason in the shim's log;
-    /// anything else is a failure (255).
+    /// it, or the agent broke. A VM its memory limit brought down (the
+    /// host's OOM killer took it, or it stalled at the limit) gives its
+    /// processes 137 and their containers an OOM event, as a kill by the
+    /// guest's own would, with the reason in the shim's log; anything else
+    /// is a failure (255).
     fn lost_with_the_vm(&self, id: &str, exec_id: &str, e: &AgentError) -> u32 {
         // The wait can fail as the VMM dies, a moment before its monitor
         // sees it and gives its verdict.
@@ -704,7 +705,7 @@ impl<B: Backend> PodService<B> {
             }
         };
         match verdict {
-            Some(v) if v.oom_killed() => {
+            Some(v) if v.out_of_memory() => {
                 tracing::error!(container = %id, exec = %exec_id, "the process ended with its VM: {v}");
                 if exec_id.is_empty() {
                     self.emit(Event::Oom { id: id.to_owned() });

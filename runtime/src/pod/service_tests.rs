@@ -851,27 +851,40 @@ fn a_guest_reporting_ooms_in_a_loop_gets_one_event_per_gap() {
     p.pod.kill(&cid("c1"), eid("").as_ref(), 9, false).unwrap();
 }
 
-/// The VM's end under a running pod: killed by the host's OOM killer, its
-/// processes end 137 and their containers get an OOM event first (what
-/// CRI turns into `OOMKilled`); died otherwise, they end 255 without one.
+/// The VM's end under a running pod: killed by the host's OOM killer or
+/// stalled at its cgroup's memory limit, its processes end 137 and their
+/// containers get an OOM event first (what CRI turns into `OOMKilled`);
+/// died otherwise, they end 255 without one.
 #[test]
 fn processes_lost_with_an_oom_killed_vm_end_137_after_an_oom_event() {
-    for (oom, status) in [(true, 137), (false, FAILED_START_STATUS)] {
+    let (cgroup, limit_mib) = ("/kubepods/pod1/abc".to_owned(), Some(300));
+    let silent = Verdict::AgentSilent {
+        after: Duration::from_secs(3),
+        error: "timed out".into(),
+    };
+    let cases = [
+        Verdict::OomKilled {
+            cgroup: cgroup.clone(),
+            limit_mib,
+            then: Box::new(Verdict::VmmExited),
+        },
+        Verdict::AtMemoryLimit {
+            cgroup,
+            limit_mib,
+            then: Box::new(silent.clone()),
+        },
+        Verdict::VmmExited,
+        silent,
+    ];
+    for verdict in cases {
+        let oom = verdict.out_of_memory();
+        let status = if oom { 137 } else { FAILED_START_STATUS };
         let p = pod();
         run_with_exec(&p, 200);
         while p.events.recv_timeout(Duration::from_millis(100)).is_ok() {}
         {
             let mut g = p.agent.guest();
-            let died = Verdict::VmmExited;
-            g.verdict = Some(if oom {
-                Verdict::OomKilled {
-                    cgroup: "/kubepods/pod1/abc".into(),
-                    limit_mib: Some(300),
-                    then: Box::new(died),
-                }
-            } else {
-                died
-            });
+            g.verdict = Some(verdict);
             // The VM's end closes every stream with the agent connection.
             g.streams.clear();
             g.dead = true;

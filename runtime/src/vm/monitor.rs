@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::confine::process::{pidfd_kill, pidfd_open};
-use crate::host::accounting::{oom_killed_since, Accounting};
+use crate::host::accounting::{oom_killed_since, Accounting, OomCounts};
 use crate::vm::agent::{Agent, AgentError};
 
 /// What a monitor needs to see: the VMM and the device daemons.
@@ -40,13 +40,59 @@ pub enum Verdict {
         limit_mib: Option<u64>,
         then: Box<Verdict>,
     },
+    /// `then`, with the pod's cgroup at its memory limit: its processes
+    /// stalled in reclaim before the kernel chose a victim.
+    AtMemoryLimit {
+        cgroup: String,
+        limit_mib: Option<u64>,
+        then: Box<Verdict>,
+    },
 }
 
 impl Verdict {
-    /// Whether the host's OOM killer brought the pod down.
-    pub fn oom_killed(&self) -> bool {
-        matches!(self, Verdict::OomKilled { .. })
+    /// Whether the pod's memory limit brought it down: the host's OOM
+    /// killer took a process of it, or the VM stalled at the limit.
+    pub fn out_of_memory(&self) -> bool {
+        matches!(
+            self,
+            Verdict::OomKilled { .. } | Verdict::AtMemoryLimit { .. }
+        )
     }
+
+    /// `self` with what the pod's cgroup says of memory since `before`
+    /// (its OOM-kill counts when the monitor started).
+    fn with_memory(self, acc: &Accounting, before: OomCounts) -> Self {
+        let (cgroup, limit_mib) = (
+            acc.path.display().to_string(),
+            acc.memory_limit().map(|b| b >> 20),
+        );
+        let then = Box::new(self);
+        if oom_killed_since(before, acc.oom_kills()) {
+            Verdict::OomKilled {
+                cgroup,
+                limit_mib,
+                then,
+            }
+        } else if acc.at_memory_limit() {
+            Verdict::AtMemoryLimit {
+                cgroup,
+                limit_mib,
+                then,
+            }
+        } else {
+            *then
+        }
+    }
+}
+
+/// The advice both memory verdicts end with.
+const RAISE_THE_OVERHEAD: &str = "(the pod's containers' limits plus the RuntimeClass overhead); raise the overhead (`husk runtimeclass` measures it)";
+
+fn limit_words(limit_mib: &Option<u64>) -> String {
+    limit_mib.map_or_else(
+        || "its memory limit".to_owned(),
+        |m| format!("its memory limit of {m} MiB"),
+    )
 }
 
 /// Invalid replies after which a guest is taken for dead: one may be a
@@ -69,16 +115,20 @@ impl std::fmt::Display for Verdict {
                 cgroup,
                 limit_mib,
                 then,
-            } => {
-                let limit = limit_mib.map_or_else(
-                    || "its memory limit".to_owned(),
-                    |m| format!("its memory limit of {m} MiB"),
-                );
-                write!(
-                    f,
-                    "{then} after the host's OOM killer killed a process of the pod: its cgroup {cgroup} reached {limit} (the pod's containers' limits plus the RuntimeClass overhead); raise the overhead (`husk runtimeclass` measures it)"
-                )
-            }
+            } => write!(
+                f,
+                "{then} after the host's OOM killer killed a process of the pod: its cgroup {cgroup} reached {} {RAISE_THE_OVERHEAD}",
+                limit_words(limit_mib)
+            ),
+            Verdict::AtMemoryLimit {
+                cgroup,
+                limit_mib,
+                then,
+            } => write!(
+                f,
+                "{then} while the pod's cgroup {cgroup} was at {}, the VM stalled in the host's memory reclaim {RAISE_THE_OVERHEAD}",
+                limit_words(limit_mib)
+            ),
         }
     }
 }
@@ -149,17 +199,11 @@ impl Monitor {
                     if stop.load(Ordering::SeqCst) {
                         return None;
                     }
-                    if let Some((acc, before)) = oom {
-                        if oom_killed_since(before, acc.oom_kills()) {
-                            verdict = Verdict::OomKilled {
-                                cgroup: acc.path.display().to_string(),
-                                limit_mib: acc.memory_limit().map(|b| b >> 20),
-                                then: Box::new(verdict),
-                            };
-                        }
+                    if let Some((acc, before)) = &oom {
+                        verdict = verdict.with_memory(acc, *before);
                     }
                     *cell.lock().unwrap_or_else(|e| e.into_inner()) = Some(verdict.clone());
-                    if verdict.oom_killed() {
+                    if verdict.out_of_memory() {
                         tracing::error!(sandbox = %id, "{verdict}; stopping the VM and its daemons");
                     } else {
                         tracing::warn!(sandbox = %id, "{verdict}; stopping the VM and its daemons");
@@ -385,5 +429,48 @@ mod tests {
         daemon.kill().unwrap();
         vmm.wait().unwrap();
         daemon.wait().unwrap();
+    }
+
+    /// What the pod's cgroup says turns a verdict into a memory one: more
+    /// OOM kills than at the start, else usage at the limit; neither, the
+    /// verdict stands.
+    #[test]
+    fn a_verdict_names_the_memory_limit_when_the_cgroup_shows_it() {
+        use crate::host::accounting::Accounting;
+        let root = tempfile::tempdir().unwrap();
+        let pod = root.path().join("pod1");
+        let sandbox = pod.join("abc");
+        std::fs::create_dir_all(&sandbox).unwrap();
+        let w = |d: &std::path::Path, f: &str, v: String| std::fs::write(d.join(f), v).unwrap();
+        let oom = |n: u32| format!("oom_kill_disable 0\nunder_oom 0\noom_kill {n}\n");
+        w(&pod, "memory.limit_in_bytes", format!("{}", 100u64 << 20));
+        w(&pod, "memory.usage_in_bytes", format!("{}", 50u64 << 20));
+        w(&sandbox, "memory.oom_control", oom(0));
+        w(&pod, "memory.oom_control", oom(0));
+        let acc = Accounting::v1_at(&sandbox, root.path());
+        let before = acc.oom_kills();
+        let silent = Verdict::AgentSilent {
+            after: Duration::from_secs(3),
+            error: "timed out".into(),
+        };
+        assert_eq!(silent.clone().with_memory(&acc, before), silent);
+
+        w(&pod, "memory.usage_in_bytes", format!("{}", 99u64 << 20));
+        let stalled = silent.clone().with_memory(&acc, before);
+        assert!(
+            matches!(&stalled, Verdict::AtMemoryLimit { limit_mib: Some(100), then, .. } if **then == silent),
+            "{stalled:?}"
+        );
+        let words = stalled.to_string();
+        assert!(
+            words.contains("was at its memory limit of 100 MiB")
+                && words.contains("husk runtimeclass"),
+            "{words}"
+        );
+
+        w(&sandbox, "memory.oom_control", oom(1));
+        let killed = Verdict::VmmExited.with_memory(&acc, before);
+        assert!(matches!(killed, Verdict::OomKilled { .. }), "{killed:?}");
+        assert!(killed.out_of_memory() && stalled.out_of_memory() && !silent.out_of_memory());
     }
 }
